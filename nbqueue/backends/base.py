@@ -1,0 +1,229 @@
+"""The storage contract: bytes in, bytes out.
+
+A backend stores task payloads, leases, results, job records and function blobs as opaque
+bytes. It never unpickles anything and never checks signatures: that happens one layer up
+(`serialize.py`). Every verb below is atomic per call unless said otherwise, and every verb
+that changes a task's state is fenced by the lease token: a stale token changes nothing.
+
+Task ids are ``"<job_id>-<index>"``; a backend may rely on that to find a task's job
+(`job_of`). Task and job ids use only ``[A-Za-z0-9_-]``.
+
+One contract test suite (``tests/test_backend_contract.py``) runs unchanged against every
+backend; it is the executable form of this docstring.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_]+(-[0-9]+)?$")
+
+
+class TaskStatus(str, enum.Enum):
+    """Where a task is in its life: queued → leased → completed, or leased → dead."""
+
+    QUEUED = "queued"
+    LEASED = "leased"
+    COMPLETED = "completed"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A task handed to one worker until its deadline.
+
+    ``attempt`` counts leases of this task that were not released, this one included (1 on the
+    first run). Only ``token`` may renew, complete, fail or release the task.
+    """
+
+    task_id: str
+    token: str
+    attempt: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A task that will not be retried by itself: its payload and the error that put it here."""
+
+    task_id: str
+    attempts: int
+    payload: bytes
+    error: bytes | None
+
+
+COUNT_FIELDS = ("inserted", "queued", "leased", "completed", "failed", "dead")
+
+
+@dataclass
+class Counts:
+    """Queue or job counters, read in O(1).
+
+    ``queued``, ``leased``, ``completed`` and ``dead`` are tasks in that state now; ``inserted``
+    counts tasks ever inserted and ``failed`` counts failed attempts (retried or not).
+    """
+
+    inserted: int = 0
+    queued: int = 0
+    leased: int = 0
+    completed: int = 0
+    failed: int = 0
+    dead: int = 0
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def finished(self) -> int:
+        """Tasks that will not run again by themselves: completed plus dead."""
+        return self.completed + self.dead
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a plain dict (no ``extra``)."""
+        d = asdict(self)
+        d.pop("extra")
+        return d
+
+
+def job_of(task_id: str) -> str:
+    """The job id a task id belongs to."""
+    return task_id.rsplit("-", 1)[0]
+
+
+def index_of(task_id: str) -> int:
+    """The insertion index of a task within its job."""
+    return int(task_id.rsplit("-", 1)[1])
+
+
+def check_id(value: str, what: str = "id") -> str:
+    """Refuse ids that could escape a directory or a key namespace."""
+    if not isinstance(value, str) or not ID_PATTERN.match(value):
+        raise ValueError(f"invalid {what} {value!r}: use letters, digits and '_' (task ids end in -N)")
+    return value
+
+
+class Backend(ABC):
+    """Abstract storage. Subclasses register a URL scheme in ``nbqueue.backends``."""
+
+    #: URL this backend was opened with, safe to show (no password).
+    url: str
+
+    # -- function blobs: stored once per job, keyed by the SHA-256 of their bytes ---------------
+    @abstractmethod
+    def put_function(self, digest: str, blob: bytes) -> None:
+        """Store a function blob under its digest; storing the same digest twice is a no-op."""
+
+    @abstractmethod
+    def get_function(self, digest: str) -> bytes:
+        """Return the blob stored under ``digest``; raise KeyError if there is none."""
+
+    # -- job records ----------------------------------------------------------------------------
+    @abstractmethod
+    def put_job(self, job_id: str, meta: bytes) -> None:
+        """Create or replace a job's record."""
+
+    @abstractmethod
+    def get_job(self, job_id: str) -> bytes | None:
+        """A job's record, or None if unknown."""
+
+    @abstractmethod
+    def list_jobs(self) -> list[str]:
+        """Ids of the jobs this queue knows, oldest first."""
+
+    # -- tasks ----------------------------------------------------------------------------------
+    @abstractmethod
+    def insert(self, job_id: str, tasks: Sequence[tuple[str, bytes]]) -> None:
+        """Queue many tasks of one job in one call: all of them become visible, or none."""
+
+    @abstractmethod
+    def lease(self, n: int, seconds: float, wait: float = 0.0) -> list[Lease]:
+        """Lease up to ``n`` ready tasks for ``seconds``.
+
+        Expired leases are returned to the queue first (no daemon needed). With ``wait`` > 0
+        the call may block up to that long for work to arrive.
+        """
+
+    @abstractmethod
+    def renew(self, task_id: str, token: str, seconds: float) -> bool:
+        """Push the lease deadline to now + ``seconds``; False if the token is no longer current."""
+
+    @abstractmethod
+    def complete(self, items: Sequence[tuple[str, str, bytes]]) -> list[bool]:
+        """Commit results ``(task_id, token, result)``; one bool per item, False for stale tokens.
+
+        Exactly one result is ever committed per task.
+        """
+
+    @abstractmethod
+    def fail(self, task_id: str, token: str, error: bytes, retry_in: float | None) -> TaskStatus | None:
+        """Record a failed attempt.
+
+        With ``retry_in`` the task is queued again, ready after that many seconds (QUEUED);
+        with None it goes to the dead letters with ``error`` as its record (DEAD). Returns None
+        and changes nothing when the token is stale.
+        """
+
+    @abstractmethod
+    def release(self, task_id: str, token: str) -> bool:
+        """Give an unstarted task back to the queue; the attempt does not count."""
+
+    # -- reads ----------------------------------------------------------------------------------
+    @abstractmethod
+    def counts(self) -> Counts:
+        """Queue counters, O(1) in the number of tasks."""
+
+    @abstractmethod
+    def job_counts(self, job_id: str) -> Counts:
+        """One job's counters, O(1) in the number of tasks."""
+
+    @abstractmethod
+    def results(self, job_id: str) -> dict[str, bytes]:
+        """Committed result records of a job (completed tasks, and dead ones' error records)."""
+
+    def exact_job_finished(self, job_id: str) -> int:
+        """Finished tasks of a job counted from the records themselves, not counters.
+
+        Backends whose counters can drift (a process killed between two writes) override this
+        with a direct count; ``Job.wait`` uses it to confirm the end of a job.
+        """
+        return len(self.results(job_id))
+
+    # -- admin ----------------------------------------------------------------------------------
+    @abstractmethod
+    def release_all(self, force: bool = False) -> int:
+        """Return expired leases (every lease with ``force``) to the queue; how many moved."""
+
+    @abstractmethod
+    def purge(self) -> None:
+        """Delete everything: tasks, leases, dead letters, results, jobs, functions, counters."""
+
+    @abstractmethod
+    def rezero(self) -> Counts:
+        """Reset the event counters (inserted, failed) and recount the state counters exactly."""
+
+    @abstractmethod
+    def dead(self) -> list[DeadLetter]:
+        """The dead letters."""
+
+    @abstractmethod
+    def redrive(self, task_ids: Sequence[str] | None = None) -> int:
+        """Queue dead letters again (all, or those named) with a fresh attempt count."""
+
+    @abstractmethod
+    def purge_dead(self, task_ids: Sequence[str] | None = None) -> int:
+        """Delete dead letters (all, or those named)."""
+
+    @abstractmethod
+    def iter_queued(self) -> Iterator[tuple[str, bytes]]:
+        """Every queued task as ``(task_id, payload)``, for copying between queues."""
+
+    def close(self) -> None:
+        """Release connections and flush anything buffered."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,647 @@
+"""fq:// — the storage contract on a plain directory (local disk or a shared file system).
+
+No server: every state change is an atomic ``rename``/``link``/``unlink`` of a name, and data is
+written once, as immutable *segment* files (temp file + fsync + rename), so no reader ever sees
+half a file and one batch costs one fsync however many tasks it holds.
+
+Layout (every name is a hard link to a segment; a segment's bytes live while any link does)::
+
+    nbqueue.json                              marks the directory as a queue (format version)
+    queue/<ready_ms>.<attempts>.<job>.<seg>.<lo>-<hi>   tasks lo..hi-1 of a segment, queued
+    claim/<claim_ms>.<token>.<queue name>     a range being split into leases (milliseconds)
+    leased/<deadline_ms>.<attempt>.<token>.<job>.<seg>.<k>   task k leased until the deadline
+    completing/<leased name>                  a lease whose result is being linked (fenced)
+    done/<job>/<task_id>                      the committed result (link to a result segment)
+    dead/<attempts>.<job>.<seg>.<k>           a dead letter; its error record is in done/
+    quarantine/<name>, quarantine/<name>.why  files that are not ours or do not parse
+    fn/<digest>, jobs/<job_id>, joborder/<ns>.<job_id>, counters/<process>, tmp/
+
+A lease is won by the one ``rename`` out of ``queue/`` that succeeds; renew, complete, fail,
+release and expiry each rename the lease name, so exactly one of them wins (the token fence).
+
+Deadlines come from the leasing machine's clock. On a shared file system, clock skew between
+machines shortens or stretches leases by the skew: keep leases much longer than the skew
+(minutes, with NTP-synced clocks, is safe).
+
+Counters are per-process files of cumulative deltas, written after every state change and
+summed on read: O(number of processes), never a listing of tasks. A process killed between a
+rename and its counter write leaves the counters off by that change; ``rezero()`` recounts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import random
+import shutil
+import socket
+import stat
+import time
+from collections.abc import Iterator, Sequence
+
+from ..errors import QueueURLError, UnsafeQueueError
+from . import segments
+from .base import COUNT_FIELDS, Backend, Counts, DeadLetter, Lease, TaskStatus, check_id, job_of
+
+FORMAT = 1
+MARKER = "nbqueue.json"
+AREAS = ("queue", "claim", "leased", "completing", "done", "dead", "quarantine", "fn", "jobs",
+         "joborder", "counters", "tmp")
+#: An orphaned claim or completing entry older than this was left by a killed process.
+ORPHAN_SECONDS = 30.0
+#: How often one process scans leased/ for expired leases while leasing.
+RECLAIM_INTERVAL = 0.1
+#: A worker picks among this many of the oldest ready ranges, so workers rarely collide.
+PICK_WINDOW = 8
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def open_file(url: str) -> FileBackend:
+    """``fq://PATH`` → a FileBackend on PATH (relative paths are from the working directory)."""
+    path = url.split("://", 1)[1]
+    if not path:
+        raise QueueURLError(f"{url!r} names no directory: use fq://PATH")
+    return FileBackend(path)
+
+
+class FileBackend(Backend):
+    """A queue in a directory. Safe for many processes on many machines sharing the directory."""
+
+    def __init__(self, path: str) -> None:
+        self.root = os.path.abspath(os.path.expanduser(path))
+        self.url = f"fq://{self.root}"
+        self._open_root()
+        self._dirs = {area: os.path.join(self.root, area) for area in AREAS}
+        self._lease_names: dict[str, str] = {}  # token -> current leased/ name
+        self._ranges: list[str] = []  # cached listing of queue/
+        self._last_reclaim = 0.0
+        self._counter_pid = -1
+        self._deltas: dict[str, dict[str, int]] = {}
+
+    # -- opening and safety ---------------------------------------------------------------------
+    def _open_root(self) -> None:
+        root = self.root
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise QueueURLError(f"queue path {root!r} is a file, not a directory")
+        if not os.path.exists(root):
+            try:
+                os.makedirs(root, mode=0o700)
+            except OSError as exc:
+                raise QueueURLError(f"cannot create queue directory {root!r}: {exc.strerror}") from exc
+        st = os.stat(root)
+        if st.st_uid != os.geteuid():
+            raise UnsafeQueueError(f"queue directory {root!r} belongs to another user (uid {st.st_uid})")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise UnsafeQueueError(
+                f"queue directory {root!r} is writable by group or others "
+                f"(mode {stat.S_IMODE(st.st_mode):o}); run: chmod 700 {root}"
+            )
+        marker = os.path.join(root, MARKER)
+        if not os.path.exists(marker):
+            if os.listdir(root):
+                raise QueueURLError(f"{root!r} is not empty and is not an nbqueue queue directory")
+            self._write_atomic(marker, json.dumps({"format": FORMAT}).encode(), tmp_dir=root)
+        for area in AREAS:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(os.path.join(root, area), 0o700)
+
+    def _write_atomic(self, path: str, data: bytes, tmp_dir: str | None = None, sync: bool = True) -> None:
+        tmp = self._write_tmp(data, tmp_dir, sync)
+        os.rename(tmp, path)
+
+    def _write_tmp(self, data: bytes, tmp_dir: str | None = None, sync: bool = True) -> str:
+        tmp = os.path.join(tmp_dir or self._dirs["tmp"], f".{os.getpid()}.{os.urandom(6).hex()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if sync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+        return tmp
+
+    def _path(self, area: str, *names: str) -> str:
+        return os.path.join(self._dirs[area], *names)
+
+    # -- counters -------------------------------------------------------------------------------
+    def _counter_file(self) -> str:
+        return self._path("counters", f"{socket.gethostname()}.{os.getpid()}.{id(self):x}")
+
+    def _bump(self, job_id: str, **delta: int) -> None:
+        if self._counter_pid != os.getpid():  # forked: start our own file
+            self._counter_pid, self._deltas = os.getpid(), {}
+        for key in {"", job_id}:
+            row = self._deltas.setdefault(key, {})
+            for name, d in delta.items():
+                row[name] = row.get(name, 0) + d
+
+    def _flush(self) -> None:
+        if self._counter_pid != os.getpid() or not self._deltas:
+            return
+        self._write_atomic(self._counter_file(), json.dumps(self._deltas).encode(), sync=False)
+
+    def _read_counters(self) -> list[dict]:
+        rows = []
+        try:
+            names = os.listdir(self._dirs["counters"])
+        except FileNotFoundError:
+            return rows
+        for name in names:
+            if name.startswith("."):
+                continue
+            try:
+                with open(self._path("counters", name), "rb") as f:
+                    rows.append(json.loads(f.read()))
+            except (OSError, ValueError):
+                continue  # folded away meanwhile, or not ours
+        return rows
+
+    def _sum(self, key: str) -> Counts:
+        counts = Counts()
+        for row in self._read_counters():
+            for name, value in row.get(key, {}).items():
+                if name in COUNT_FIELDS:
+                    setattr(counts, name, getattr(counts, name) + value)
+        return counts
+
+    def close(self) -> None:
+        """Fold this process's counter deltas into the shared base file."""
+        if self._counter_pid != os.getpid() or not self._deltas or not os.path.isdir(self.root):
+            return
+        lock_path = self._path("counters", ".lock")
+        with open(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600), "r+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            base_path = self._path("counters", "base")
+            try:
+                with open(base_path, "rb") as f:
+                    base = json.loads(f.read())
+            except (OSError, ValueError):
+                base = {}
+            for key, row in self._deltas.items():
+                target = base.setdefault(key, {})
+                for name, value in row.items():
+                    target[name] = target.get(name, 0) + value
+            self._write_atomic(base_path, json.dumps(base).encode(), sync=False)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._counter_file())
+        self._deltas = {}
+
+    # -- names ----------------------------------------------------------------------------------
+    @staticmethod
+    def _parse_queued(name: str) -> tuple[int, int, str, str, int, int]:
+        ready, attempts, job, seg, span = name.split(".")
+        lo, hi = span.split("-")
+        return int(ready), int(attempts), job, seg, int(lo), int(hi)
+
+    @staticmethod
+    def _parse_leased(name: str) -> tuple[int, int, str, str, str, int]:
+        deadline, attempt, token, job, seg, k = name.split(".")
+        return int(deadline), int(attempt), token, job, seg, int(k)
+
+    def _find_lease(self, token: str) -> str | None:
+        name = self._lease_names.get(token)
+        if name is not None and os.path.exists(self._path("leased", name)):
+            return name
+        marker = f".{token}."
+        for name in os.listdir(self._dirs["leased"]):
+            if marker in name:
+                self._lease_names[token] = name
+                return name
+        return None
+
+    def _read_frames(self, path: str) -> list[tuple[str, bytes]]:
+        with open(path, "rb") as f:
+            return segments.decode(f.read())
+
+    def _quarantine(self, area: str, name: str, why: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self._path(area, name), self._path("quarantine", name))
+            self._write_atomic(self._path("quarantine", name + ".why"), why.encode(), sync=False)
+
+    # -- functions and jobs ---------------------------------------------------------------------
+    def put_function(self, digest: str, blob: bytes) -> None:
+        check_id(digest, "digest")
+        path = self._path("fn", digest)
+        if not os.path.exists(path):
+            self._write_atomic(path, blob)
+
+    def get_function(self, digest: str) -> bytes:
+        check_id(digest, "digest")
+        try:
+            with open(self._path("fn", digest), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise KeyError(digest) from None
+
+    def put_job(self, job_id: str, meta: bytes) -> None:
+        check_id(job_id, "job id")
+        path = self._path("jobs", job_id)
+        new = not os.path.exists(path)
+        self._write_atomic(path, meta)
+        if new:
+            order = self._path("joborder", f"{time.time_ns():020d}.{job_id}")
+            os.close(os.open(order, os.O_WRONLY | os.O_CREAT, 0o600))
+
+    def get_job(self, job_id: str) -> bytes | None:
+        check_id(job_id, "job id")
+        try:
+            with open(self._path("jobs", job_id), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def list_jobs(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for name in sorted(os.listdir(self._dirs["joborder"])):
+            seen.setdefault(name.split(".", 1)[1], None)
+        return list(seen)
+
+    # -- tasks ----------------------------------------------------------------------------------
+    def insert(self, job_id: str, tasks: Sequence[tuple[str, bytes]]) -> None:
+        check_id(job_id, "job id")
+        for task_id, _ in tasks:
+            check_id(task_id, "task id")
+            if job_of(task_id) != job_id:
+                raise ValueError(f"task {task_id!r} does not belong to job {job_id!r}")
+        if not tasks:
+            return
+        tmp = self._write_tmp(segments.encode(tasks))
+        seg = os.urandom(8).hex()
+        os.rename(tmp, self._path("queue", f"{_now_ms():013d}.0.{job_id}.{seg}.0-{len(tasks)}"))
+        self._bump(job_id, inserted=len(tasks), queued=len(tasks))
+        self._flush()
+
+    def lease(self, n: int, seconds: float, wait: float = 0.0) -> list[Lease]:
+        end = time.monotonic() + wait
+        sleep = 0.01
+        while True:
+            leases = self._lease_once(n, seconds)
+            if leases or time.monotonic() >= end:
+                return leases
+            time.sleep(min(sleep, max(end - time.monotonic(), 0)))
+            sleep = min(sleep * 2, 0.2)
+
+    def _lease_once(self, n: int, seconds: float) -> list[Lease]:
+        if time.monotonic() - self._last_reclaim >= RECLAIM_INTERVAL:
+            self._reclaim()
+        leases: list[Lease] = []
+        relisted = False
+        while len(leases) < n:
+            if not self._ranges:
+                if relisted:
+                    break
+                self._ranges = sorted(os.listdir(self._dirs["queue"]))
+                relisted = True
+            now = _now_ms()
+            ready = [i for i, name in enumerate(self._ranges[:PICK_WINDOW * 4]) if name[:13] <= f"{now:013d}"]
+            if not ready:
+                if relisted:
+                    break
+                self._ranges = []
+                continue
+            name = self._ranges.pop(random.choice(ready[:PICK_WINDOW]))
+            leases += self._claim(name, n - len(leases), seconds)
+        if leases:
+            self._flush()
+        return leases
+
+    def _claim(self, name: str, want: int, seconds: float) -> list[Lease]:
+        try:
+            ready, attempts, job, seg, lo, hi = self._parse_queued(name)
+            check_id(job, "job id")
+        except ValueError:
+            self._quarantine("queue", name, "foreign file in queue/: its name is not an nbqueue task range")
+            return []
+        claim = f"{_now_ms():013d}.{os.urandom(8).hex()}.{name}"
+        try:
+            os.rename(self._path("queue", name), self._path("claim", claim))
+        except FileNotFoundError:
+            return []  # another worker won it
+        claim_path = self._path("claim", claim)
+        try:
+            frames = self._read_frames(claim_path)
+            if hi > len(frames) or lo >= hi:
+                raise segments.CorruptSegment(f"range {lo}-{hi} is outside a {len(frames)}-task segment")
+        except (segments.CorruptSegment, OSError) as exc:
+            self._quarantine("claim", claim, f"unreadable task segment {name}: {exc}")
+            return []
+        take = min(want, hi - lo)
+        if take < hi - lo:  # give the rest back before taking ours, so a crash loses nothing
+            rest = f"{ready:013d}.{attempts}.{job}.{seg}.{lo + take}-{hi}"
+            os.link(claim_path, self._path("queue", rest))
+        deadline = f"{_now_ms() + int(seconds * 1000):013d}"
+        leases = []
+        for k in range(lo, lo + take):
+            token = os.urandom(8).hex()
+            leased = f"{deadline}.{attempts + 1}.{token}.{job}.{seg}.{k}"
+            os.link(claim_path, self._path("leased", leased))
+            self._lease_names[token] = leased
+            task_id, payload = frames[k]
+            leases.append(Lease(task_id, token, attempts + 1, payload))
+        os.unlink(claim_path)
+        self._bump(job, queued=-take, leased=take)
+        return leases
+
+    def _move_lease(self, token: str, area: str, new_name: str | None = None) -> str | None:
+        """Rename a lease out of leased/ (the fence); returns its old name, or None if stale."""
+        name = self._find_lease(token)
+        if name is None:
+            return None
+        try:
+            os.rename(self._path("leased", name), self._path(area, new_name or name))
+        except FileNotFoundError:
+            return None
+        finally:
+            self._lease_names.pop(token, None)
+        return name
+
+    def renew(self, task_id: str, token: str, seconds: float) -> bool:
+        name = self._find_lease(token)
+        if name is None:
+            return False
+        _, attempt, _, job, seg, k = self._parse_leased(name)
+        renewed = f"{_now_ms() + int(seconds * 1000):013d}.{attempt}.{token}.{job}.{seg}.{k}"
+        if self._move_lease(token, "leased", renewed) is None:
+            return False
+        self._lease_names[token] = renewed
+        return True
+
+    def complete(self, items: Sequence[tuple[str, str, bytes]]) -> list[bool]:
+        if not items:
+            return []
+        tmp = self._write_tmp(segments.encode([(task_id, result) for task_id, _, result in items]))
+        out = []
+        try:
+            for task_id, token, _ in items:
+                name = self._move_lease(token, "completing")
+                if name is None:
+                    out.append(False)
+                    continue
+                out.append(self._commit(task_id, tmp, name))
+        finally:
+            os.unlink(tmp)
+        self._flush()
+        return out
+
+    def _commit(self, task_id: str, record_path: str, completing_name: str) -> bool:
+        """Link a fenced task's record into done/ and drop its completing/ entry."""
+        job = job_of(task_id)
+        done_dir = self._path("done", job)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(done_dir, 0o700)
+        try:
+            os.link(record_path, os.path.join(done_dir, task_id))
+            committed = True
+        except FileExistsError:
+            committed = False  # a result is already committed: never a second one
+        os.unlink(self._path("completing", completing_name))
+        self._bump(job, leased=-1, completed=1 if committed else 0)
+        return committed
+
+    def fail(self, task_id: str, token: str, error: bytes, retry_in: float | None) -> TaskStatus | None:
+        name = self._find_lease(token)
+        if name is None:
+            return None
+        _, attempt, _, job, seg, k = self._parse_leased(name)
+        if retry_in is not None:
+            again = f"{_now_ms() + int(retry_in * 1000):013d}.{attempt}.{job}.{seg}.{k}-{k + 1}"
+            if self._move_lease(token, "queue", again) is None:
+                return None
+            self._bump(job, leased=-1, failed=1, queued=1)
+            self._flush()
+            return TaskStatus.QUEUED
+        tmp = self._write_tmp(segments.encode([(task_id, error)]))
+        try:
+            if self._move_lease(token, "completing") is None:
+                return None
+            done_dir = self._path("done", job)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(done_dir, 0o700)
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, os.path.join(done_dir, task_id))
+            os.rename(self._path("completing", name), self._path("dead", f"{attempt}.{job}.{seg}.{k}"))
+        finally:
+            os.unlink(tmp)
+        self._bump(job, leased=-1, failed=1, dead=1)
+        self._flush()
+        return TaskStatus.DEAD
+
+    def release(self, task_id: str, token: str) -> bool:
+        name = self._find_lease(token)
+        if name is None:
+            return False
+        _, attempt, _, job, seg, k = self._parse_leased(name)
+        back = f"{_now_ms():013d}.{attempt - 1}.{job}.{seg}.{k}-{k + 1}"
+        if self._move_lease(token, "queue", back) is None:
+            return False
+        self._bump(job, leased=-1, queued=1)
+        self._flush()
+        return True
+
+    def _reclaim(self, force: bool = False) -> int:
+        """Return expired leases to the queue and repair what killed processes left behind."""
+        self._last_reclaim = time.monotonic()
+        now = _now_ms()
+        moved = 0
+        for name in sorted(os.listdir(self._dirs["leased"])):
+            try:
+                deadline, attempt, _, job, seg, k = self._parse_leased(name)
+            except ValueError:
+                self._quarantine("leased", name, "foreign file in leased/")
+                continue
+            if deadline > now and not force:
+                break  # sorted by deadline: the rest are live
+            try:
+                os.rename(self._path("leased", name),
+                          self._path("queue", f"{now:013d}.{attempt}.{job}.{seg}.{k}-{k + 1}"))
+            except FileNotFoundError:
+                continue
+            self._bump(job, leased=-1, queued=1)
+            moved += 1
+        orphan_before = now - int(ORPHAN_SECONDS * 1000)
+        for name in os.listdir(self._dirs["claim"]):
+            claimed_ms, _, original = name.split(".", 2)
+            if int(claimed_ms) < orphan_before:  # a process died splitting a range: queue it again
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(self._path("claim", name), self._path("queue", original))
+        for name in os.listdir(self._dirs["completing"]):
+            self._repair_completing(name, orphan_before)
+        if moved:
+            self._flush()
+        return moved
+
+    def _repair_completing(self, name: str, orphan_before: int) -> None:
+        deadline, attempt, _, job, seg, k = self._parse_leased(name)
+        if deadline >= orphan_before:
+            return
+        path = self._path("completing", name)
+        try:
+            task_id = self._read_frames(path)[k][0]
+        except (OSError, segments.CorruptSegment, IndexError):
+            return
+        if os.path.exists(self._path("done", job, task_id)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                self._bump(job, leased=-1, completed=1)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(path, self._path("queue", f"{_now_ms():013d}.{attempt}.{job}.{seg}.{k}-{k + 1}"))
+                self._bump(job, leased=-1, queued=1)
+
+    # -- reads ----------------------------------------------------------------------------------
+    def counts(self) -> Counts:
+        return self._sum("")
+
+    def job_counts(self, job_id: str) -> Counts:
+        return self._sum(job_id)
+
+    def results(self, job_id: str) -> dict[str, bytes]:
+        check_id(job_id, "job id")
+        done_dir = self._path("done", job_id)
+        try:
+            names = os.listdir(done_dir)
+        except FileNotFoundError:
+            return {}
+        by_inode: dict[int, dict[str, bytes]] = {}
+        out = {}
+        for task_id in names:
+            path = os.path.join(done_dir, task_id)
+            try:
+                ino = os.stat(path).st_ino
+                if ino not in by_inode:
+                    by_inode[ino] = dict(self._read_frames(path))
+                out[task_id] = by_inode[ino][task_id]
+            except (OSError, KeyError, segments.CorruptSegment):
+                continue
+        return out
+
+    def exact_job_finished(self, job_id: str) -> int:
+        try:
+            return len(os.listdir(self._path("done", check_id(job_id, "job id"))))
+        except FileNotFoundError:
+            return 0
+
+    # -- admin ----------------------------------------------------------------------------------
+    def release_all(self, force: bool = False) -> int:
+        return self._reclaim(force=force)
+
+    def purge(self) -> None:
+        for area in AREAS:
+            shutil.rmtree(self._dirs[area], ignore_errors=True)
+            os.mkdir(self._dirs[area], 0o700)
+        self._deltas, self._ranges, self._lease_names = {}, [], {}
+
+    def rezero(self) -> Counts:
+        self._reclaim()
+        rows: dict[str, dict[str, int]] = {}
+
+        def add(job: str, field: str, n: int) -> None:
+            for key in ("", job):
+                row = rows.setdefault(key, dict.fromkeys(COUNT_FIELDS, 0))
+                row[field] += n
+
+        for name in os.listdir(self._dirs["queue"]):
+            with contextlib.suppress(ValueError):
+                _, _, job, _, lo, hi = self._parse_queued(name)
+                add(job, "queued", hi - lo)
+        for area in ("leased", "completing"):
+            for name in os.listdir(self._dirs[area]):
+                with contextlib.suppress(ValueError):
+                    add(self._parse_leased(name)[3], "leased", 1)
+        dead_by_job: dict[str, int] = {}
+        for name in os.listdir(self._dirs["dead"]):
+            job = name.split(".")[1]
+            dead_by_job[job] = dead_by_job.get(job, 0) + 1
+            add(job, "dead", 1)
+        for job in os.listdir(self._dirs["done"]):
+            add(job, "completed", len(os.listdir(self._path("done", job))) - dead_by_job.get(job, 0))
+        counters = self._dirs["counters"]
+        for name in os.listdir(counters):
+            if not name.startswith("."):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(counters, name))
+        self._write_atomic(os.path.join(counters, "base"), json.dumps(rows).encode(), sync=False)
+        self._deltas = {}
+        return self.counts()
+
+    def _dead_entries(self) -> Iterator[tuple[str, str, int, bytes]]:
+        """(dead/ name, task_id, attempts, payload) for each dead letter."""
+        for name in sorted(os.listdir(self._dirs["dead"])):
+            try:
+                attempts, _, _, k = name.split(".")
+                task_id, payload = self._read_frames(self._path("dead", name))[int(k)]
+            except (OSError, ValueError, IndexError, segments.CorruptSegment):
+                continue
+            yield name, task_id, int(attempts), payload
+
+    def dead(self) -> list[DeadLetter]:
+        letters = []
+        for _, task_id, attempts, payload in self._dead_entries():
+            error = self.results(job_of(task_id)).get(task_id)
+            letters.append(DeadLetter(task_id, attempts, payload, error))
+        for name in sorted(os.listdir(self._dirs["quarantine"])):
+            if name.endswith(".why"):
+                continue
+            why_path = self._path("quarantine", name + ".why")
+            why = open(why_path, "rb").read() if os.path.exists(why_path) else b"quarantined"
+            with open(self._path("quarantine", name), "rb") as f:
+                letters.append(DeadLetter(f"quarantine/{name}", 0, f.read(), why))
+        return letters
+
+    def redrive(self, task_ids: Sequence[str] | None = None) -> int:
+        wanted = None if task_ids is None else set(task_ids)
+        moved = 0
+        for name, task_id, _, _ in list(self._dead_entries()):
+            if wanted is not None and task_id not in wanted:
+                continue
+            _, job, seg, k = name.split(".")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path("done", job, task_id))
+            try:
+                again = f"{_now_ms():013d}.0.{job}.{seg}.{k}-{int(k) + 1}"
+                os.rename(self._path("dead", name), self._path("queue", again))
+            except FileNotFoundError:
+                continue
+            self._bump(job, dead=-1, queued=1)
+            moved += 1
+        self._flush()
+        return moved
+
+    def purge_dead(self, task_ids: Sequence[str] | None = None) -> int:
+        wanted = None if task_ids is None else set(task_ids)
+        removed = 0
+        for name, task_id, _, _ in list(self._dead_entries()):
+            if wanted is not None and task_id not in wanted:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path("dead", name))
+                # The job keeps counting it as dead: its error record stays with the job.
+                self._bump("", dead=-1)
+                removed += 1
+        for name in os.listdir(self._dirs["quarantine"]):
+            if wanted is None or f"quarantine/{name}" in wanted:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._path("quarantine", name))
+        self._flush()
+        return removed
+
+    def iter_queued(self) -> Iterator[tuple[str, bytes]]:
+        for name in sorted(os.listdir(self._dirs["queue"])):
+            try:
+                _, _, _, _, lo, hi = self._parse_queued(name)
+                frames = self._read_frames(self._path("queue", name))
+            except (OSError, ValueError, segments.CorruptSegment):
+                continue
+            yield from frames[lo:hi]

@@ -1,0 +1,266 @@
+"""mem:// — the storage contract in process memory, for tests and in-process queues.
+
+Every ``mem://NAME`` opened in one process is the same store, so a producer and worker threads
+share it. Nothing survives the process.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+
+from .base import Backend, Counts, DeadLetter, Lease, TaskStatus, check_id, job_of
+
+_stores: dict[str, MemoryBackend] = {}
+_stores_lock = threading.Lock()
+
+
+def open_memory(name: str) -> MemoryBackend:
+    """The process-wide store called ``name``, created on first use."""
+    with _stores_lock:
+        store = _stores.get(name)
+        if store is None:
+            store = _stores[name] = MemoryBackend(name)
+        return store
+
+
+class MemoryBackend(Backend):
+    """A thread-safe in-memory queue. Use ``open_memory`` to share one by name."""
+
+    def __init__(self, name: str = "default") -> None:
+        self.url = f"mem://{name}"
+        self._cond = threading.Condition()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._functions: dict[str, bytes] = {}
+        self._jobs: dict[str, bytes] = {}
+        self._payloads: dict[str, bytes] = {}
+        self._attempts: dict[str, int] = {}
+        self._ready: deque[str] = deque()
+        self._delayed: list[tuple[float, str]] = []  # (ready_at, task_id)
+        self._leases: dict[str, tuple[str, float]] = {}  # task_id -> (token, deadline)
+        self._results: dict[str, dict[str, bytes]] = {}
+        self._dead: dict[str, DeadLetter] = {}
+        self._counts = Counts()
+        self._job_counts: dict[str, Counts] = {}
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _bump(self, job_id: str, **delta: int) -> None:
+        jc = self._job_counts.setdefault(job_id, Counts())
+        for name, d in delta.items():
+            setattr(self._counts, name, getattr(self._counts, name) + d)
+            setattr(jc, name, getattr(jc, name) + d)
+
+    def _current(self, task_id: str, token: str) -> bool:
+        held = self._leases.get(task_id)
+        return held is not None and held[0] == token and held[1] > time.monotonic()
+
+    def _requeue(self, task_id: str, delay: float = 0.0) -> None:
+        if delay > 0:
+            heapq.heappush(self._delayed, (time.monotonic() + delay, task_id))
+        else:
+            self._ready.append(task_id)
+        self._cond.notify_all()
+
+    def _reclaim_expired(self, force: bool = False) -> int:
+        now = time.monotonic()
+        expired = [t for t, (_, deadline) in self._leases.items() if force or deadline <= now]
+        for task_id in expired:
+            del self._leases[task_id]
+            self._bump(job_of(task_id), leased=-1, queued=1)
+            self._ready.append(task_id)
+        while self._delayed and self._delayed[0][0] <= now:
+            self._ready.append(heapq.heappop(self._delayed)[1])
+        return len(expired)
+
+    # -- functions and jobs ---------------------------------------------------------------------
+    def put_function(self, digest: str, blob: bytes) -> None:
+        with self._cond:
+            self._functions.setdefault(digest, bytes(blob))
+
+    def get_function(self, digest: str) -> bytes:
+        with self._cond:
+            return self._functions[digest]
+
+    def put_job(self, job_id: str, meta: bytes) -> None:
+        check_id(job_id, "job id")
+        with self._cond:
+            self._jobs[job_id] = bytes(meta)
+
+    def get_job(self, job_id: str) -> bytes | None:
+        with self._cond:
+            return self._jobs.get(job_id)
+
+    def list_jobs(self) -> list[str]:
+        with self._cond:
+            return list(self._jobs)
+
+    # -- tasks ----------------------------------------------------------------------------------
+    def insert(self, job_id: str, tasks: Sequence[tuple[str, bytes]]) -> None:
+        check_id(job_id, "job id")
+        for task_id, _ in tasks:
+            check_id(task_id, "task id")
+            if job_of(task_id) != job_id:
+                raise ValueError(f"task {task_id!r} does not belong to job {job_id!r}")
+        with self._cond:
+            for task_id, payload in tasks:
+                if task_id in self._payloads:
+                    raise ValueError(f"task {task_id!r} already exists")
+            for task_id, payload in tasks:
+                self._payloads[task_id] = bytes(payload)
+                self._attempts[task_id] = 0
+                self._ready.append(task_id)
+            self._bump(job_id, inserted=len(tasks), queued=len(tasks))
+            self._cond.notify_all()
+
+    def lease(self, n: int, seconds: float, wait: float = 0.0) -> list[Lease]:
+        end = time.monotonic() + wait
+        with self._cond:
+            while True:
+                self._reclaim_expired()
+                if self._ready or wait <= 0 or time.monotonic() >= end:
+                    break
+                timeout = end - time.monotonic()
+                if self._delayed:
+                    timeout = min(timeout, self._delayed[0][0] - time.monotonic())
+                if self._leases:
+                    timeout = min(timeout, min(d for _, d in self._leases.values()) - time.monotonic())
+                self._cond.wait(max(timeout, 0.001))
+            leases = []
+            deadline = time.monotonic() + seconds
+            while self._ready and len(leases) < n:
+                task_id = self._ready.popleft()
+                if task_id not in self._payloads:  # purged or dead meanwhile
+                    continue
+                self._attempts[task_id] += 1
+                token = os.urandom(8).hex()
+                self._leases[task_id] = (token, deadline)
+                self._bump(job_of(task_id), queued=-1, leased=1)
+                leases.append(Lease(task_id, token, self._attempts[task_id], self._payloads[task_id]))
+            return leases
+
+    def renew(self, task_id: str, token: str, seconds: float) -> bool:
+        with self._cond:
+            if not self._current(task_id, token):
+                return False
+            self._leases[task_id] = (token, time.monotonic() + seconds)
+            return True
+
+    def complete(self, items: Sequence[tuple[str, str, bytes]]) -> list[bool]:
+        out = []
+        with self._cond:
+            for task_id, token, result in items:
+                if not self._current(task_id, token):
+                    out.append(False)
+                    continue
+                del self._leases[task_id]
+                del self._payloads[task_id]
+                del self._attempts[task_id]
+                self._results.setdefault(job_of(task_id), {})[task_id] = bytes(result)
+                self._bump(job_of(task_id), leased=-1, completed=1)
+                out.append(True)
+            self._cond.notify_all()
+        return out
+
+    def fail(self, task_id: str, token: str, error: bytes, retry_in: float | None) -> TaskStatus | None:
+        with self._cond:
+            if not self._current(task_id, token):
+                return None
+            del self._leases[task_id]
+            job_id = job_of(task_id)
+            if retry_in is not None:
+                self._bump(job_id, leased=-1, failed=1, queued=1)
+                self._requeue(task_id, retry_in)
+                return TaskStatus.QUEUED
+            self._dead[task_id] = DeadLetter(
+                task_id, self._attempts.pop(task_id), self._payloads.pop(task_id), bytes(error)
+            )
+            self._results.setdefault(job_id, {})[task_id] = bytes(error)
+            self._bump(job_id, leased=-1, failed=1, dead=1)
+            self._cond.notify_all()
+            return TaskStatus.DEAD
+
+    def release(self, task_id: str, token: str) -> bool:
+        with self._cond:
+            if not self._current(task_id, token):
+                return False
+            del self._leases[task_id]
+            self._attempts[task_id] -= 1
+            self._bump(job_of(task_id), leased=-1, queued=1)
+            self._requeue(task_id)
+            return True
+
+    # -- reads ----------------------------------------------------------------------------------
+    def counts(self) -> Counts:
+        with self._cond:
+            return Counts(**self._counts.as_dict())
+
+    def job_counts(self, job_id: str) -> Counts:
+        with self._cond:
+            return Counts(**self._job_counts.get(job_id, Counts()).as_dict())
+
+    def results(self, job_id: str) -> dict[str, bytes]:
+        with self._cond:
+            return dict(self._results.get(job_id, {}))
+
+    # -- admin ----------------------------------------------------------------------------------
+    def release_all(self, force: bool = False) -> int:
+        with self._cond:
+            moved = self._reclaim_expired(force=force)
+            self._cond.notify_all()
+            return moved
+
+    def purge(self) -> None:
+        with self._cond:
+            self._reset()
+
+    def rezero(self) -> Counts:
+        with self._cond:
+            self._reclaim_expired()
+            self._counts.inserted = self._counts.failed = 0
+            for jc in self._job_counts.values():
+                jc.inserted = jc.failed = 0
+            return Counts(**self._counts.as_dict())
+
+    def dead(self) -> list[DeadLetter]:
+        with self._cond:
+            return list(self._dead.values())
+
+    def redrive(self, task_ids: Sequence[str] | None = None) -> int:
+        with self._cond:
+            chosen = list(self._dead) if task_ids is None else [t for t in task_ids if t in self._dead]
+            for task_id in chosen:
+                letter = self._dead.pop(task_id)
+                job_id = job_of(task_id)
+                self._results.get(job_id, {}).pop(task_id, None)
+                self._payloads[task_id] = letter.payload
+                self._attempts[task_id] = 0
+                self._bump(job_id, dead=-1, queued=1)
+                self._requeue(task_id)
+            return len(chosen)
+
+    def purge_dead(self, task_ids: Sequence[str] | None = None) -> int:
+        with self._cond:
+            chosen = list(self._dead) if task_ids is None else [t for t in task_ids if t in self._dead]
+            for task_id in chosen:
+                del self._dead[task_id]
+                # The job keeps counting it as dead: its error record stays with the job.
+                self._counts.dead -= 1
+            return len(chosen)
+
+    def iter_queued(self) -> Iterator[tuple[str, bytes]]:
+        with self._cond:
+            ids = list(self._ready) + [t for _, t in self._delayed]
+            snapshot = [(t, self._payloads[t]) for t in ids if t in self._payloads]
+        return iter(snapshot)
+
+
+def open_memory_url(url: str) -> MemoryBackend:
+    """``mem://NAME`` → the shared store NAME (``mem://`` alone is ``default``)."""
+    name = url.split("://", 1)[1].strip("/") or "default"
+    return open_memory(name)

@@ -1,0 +1,46 @@
+"""Every tunable default of nbqueue, in one place."""
+
+from __future__ import annotations
+
+import os
+
+#: Seconds a worker holds a task before another worker may take it.
+LEASE_SECONDS = 60.0
+#: Attempts before a failing task goes to the dead letters.
+MAX_ATTEMPTS = 3
+#: First retry delay; doubles per attempt up to RETRY_MAX_SECONDS.
+RETRY_BASE_SECONDS = 1.0
+RETRY_MAX_SECONDS = 60.0
+#: Tasks encoded and written per storage call when inserting.
+INSERT_BATCH_SIZE = 500
+#: Upper bound on the bytes of one insert batch (a segment file on fq://).
+INSERT_BATCH_BYTES = 4 * 1024 * 1024
+#: Largest number of tasks a worker leases at once (it adapts below this).
+LEASE_BATCH_MAX = 64
+#: A worker aims to hold about this many seconds of work per lease batch.
+LEASE_BATCH_TARGET_SECONDS = 0.5
+#: Idle worker backoff: starts here, doubles with jitter, stops at the max.
+IDLE_SLEEP_MIN = 0.01
+IDLE_SLEEP_MAX = 1.0
+#: How long a worker blocks on a backend that can notify (redis) per call.
+BLOCK_SECONDS = 1.0
+#: How often per-process counter deltas are flushed on fq:// (seconds).
+COUNTER_FLUSH_SECONDS = 0.1
+#: Results and job records on redis:// expire after this many seconds.
+RESULT_TTL_SECONDS = 7 * 24 * 3600
+#: Job.wait() poll interval bounds.
+WAIT_POLL_MIN = 0.02
+WAIT_POLL_MAX = 0.5
+#: Environment variables.
+ENV_SECRET = "NBQUEUE_SECRET"
+ENV_URL = "NBQUEUE_URL"
+ENV_KEY_FILE = "NBQUEUE_KEY_FILE"
+
+
+def key_file_path() -> str:
+    """Where the per-user signing key lives unless NBQUEUE_SECRET is set."""
+    explicit = os.environ.get(ENV_KEY_FILE)
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "nbqueue", "secret.key")

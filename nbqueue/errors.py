@@ -1,0 +1,51 @@
+"""Exception types raised by nbqueue. Every failure a user can meet is one of these."""
+
+from __future__ import annotations
+
+
+class NbQueueError(Exception):
+    """Base class of every nbqueue error."""
+
+
+class QueueURLError(NbQueueError, ValueError):
+    """A queue URL is malformed, names an unknown scheme, or points somewhere unusable."""
+
+
+class UnsafeQueueError(NbQueueError, PermissionError):
+    """A queue directory others may write to, or owned by another user."""
+
+
+class SerializationError(NbQueueError, TypeError):
+    """A task or its function cannot be serialized (raised at insert; nothing is queued)."""
+
+
+class NotQueueableError(NbQueueError, TypeError):
+    """The callable is not marked @queueable, so no worker would run it."""
+
+
+class BindError(NbQueueError, TypeError):
+    """A task's arguments do not fit its function's signature."""
+
+
+class BadSignature(NbQueueError):
+    """Bytes failed their HMAC check; they were never unpickled."""
+
+
+class DecodeError(NbQueueError):
+    """Bytes are not a valid nbqueue envelope, or could not be decoded."""
+
+
+class Terminal(NbQueueError):
+    """Raise inside a task to fail it at once, without retries (it goes to the dead letters)."""
+
+
+class TaskFailed(NbQueueError):
+    """Raised by Job.results() when tasks of the job failed for good."""
+
+    def __init__(self, message: str, errors: list) -> None:
+        super().__init__(message)
+        self.errors = errors
+
+
+class BackendUnavailable(NbQueueError, ConnectionError):
+    """The storage server could not be reached (the URL is named without its password)."""
