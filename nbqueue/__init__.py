@@ -1,1 +1,31 @@
-"""nbqueue."""
+"""nbqueue: fan notebook functions and cells out to worker processes and machines.
+
+``import nbqueue`` stays light: no Jupyter, ipywidgets, redis or gevent is imported here.
+"""
+
+from __future__ import annotations
+
+from .backends.base import Counts, DeadLetter, TaskStatus
+from .errors import (
+    BadSignature,
+    BindError,
+    NbQueueError,
+    NotQueueableError,
+    QueueURLError,
+    SerializationError,
+    TaskFailed,
+    Terminal,
+    UnsafeQueueError,
+)
+from .jobs import Job
+from .queue import LocalTaskQueue, TaskQueue
+from .records import TaskError
+from .tasks import RegisteredTask, queueable
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BadSignature", "BindError", "Counts", "DeadLetter", "Job", "LocalTaskQueue", "NbQueueError",
+    "NotQueueableError", "QueueURLError", "RegisteredTask", "SerializationError", "TaskError",
+    "TaskFailed", "TaskQueue", "TaskStatus", "Terminal", "UnsafeQueueError", "queueable",
+]

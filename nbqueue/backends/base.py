@@ -109,6 +109,9 @@ class Backend(ABC):
 
     #: URL this backend was opened with, safe to show (no password).
     url: str
+    #: True when ``lease(wait=...)`` waits on a notification; False when it would only poll, so
+    #: a worker does its own idle backoff instead.
+    blocking_lease: bool = False
 
     # -- function blobs: stored once per job, keyed by the SHA-256 of their bytes ---------------
     @abstractmethod

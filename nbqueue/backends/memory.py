@@ -31,6 +31,8 @@ def open_memory(name: str) -> MemoryBackend:
 class MemoryBackend(Backend):
     """A thread-safe in-memory queue. Use ``open_memory`` to share one by name."""
 
+    blocking_lease = True
+
     def __init__(self, name: str = "default") -> None:
         self.url = f"mem://{name}"
         self._cond = threading.Condition()

@@ -1,0 +1,567 @@
+"""redis:// — the storage contract on a Redis server (6.0 or newer).
+
+URL: ``redis://[user:pass@]host:port/db?queue=NAME`` or ``rediss://`` for TLS. Query options:
+``queue`` (default ``default``; letters, digits, ``_ . -``), ``result_ttl`` (seconds a finished
+job's results and record are kept, default ``RESULT_TTL_SECONDS``), and these passed on to
+redis-py: ``ssl_cert_reqs``, ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``,
+``ssl_check_hostname``, ``socket_timeout``, ``socket_connect_timeout``, ``health_check_interval``,
+``client_name``.
+
+Every state change is one Lua script (``redis_scripts/*.lua``), so it is atomic and needs one
+round trip. Deadlines and retry times come from the server's clock (``TIME`` inside the
+scripts), never a client's. Key layout, all under one prefix ``nbq:{NAME}:`` whose hash tag
+puts a queue's keys in one Redis Cluster slot:
+
+======================  ======  =============================================================
+``ready``               list    task ids ready to lease, FIFO
+``delayed``             zset    task id -> ms when a retry becomes ready
+``leases``              zset    task id -> ms lease deadline
+``tokens``              hash    task id -> token of its current lease
+``payload``             hash    task id -> payload, for every queued or leased task
+``attempts``            hash    task id -> leases that counted (see ``Lease.attempt``)
+``counts``              hash    queue counters (``COUNT_FIELDS``), changed with HINCRBY
+``dead``                hash    task id -> error record of a dead letter
+``dead_payload``        hash    task id -> payload of a dead letter
+``dead_attempts``       hash    task id -> attempts of a dead letter
+``notify``              list    wake-up tokens for blocked ``lease`` calls (trimmed)
+``jobs``                zset    job id -> µs first seen: the index of every job's keys
+``functions``           set     digests of the stored function blobs
+``inserts``             zset    nonce -> ms of recent insert calls (makes retries idempotent)
+``jc:<job>``            hash    one job's counters
+``results:<job>``       hash    task id -> result (or dead letter's error) record
+``job:<job>``           string  the job's record
+``fn:<digest>``         string  a function blob (no TTL: see ``put_function.lua``)
+======================  ======  =============================================================
+
+The queue structures never expire. The three per-job keys stay while the job has tasks queued
+or leased, and expire ``result_ttl`` seconds after the last change once it has none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import re
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from importlib import resources
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+
+from .. import defaults
+from ..errors import BackendUnavailable, QueueURLError
+from .base import Backend, Counts, DeadLetter, Lease, TaskStatus, check_id, index_of, job_of
+
+try:
+    import redis
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import (
+        AuthenticationError,
+        NoPermissionError,
+        ResponseError,
+    )
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+    from redis.retry import Retry
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("redis:// queues need redis-py: pip install 'nbqueue[redis]'") from exc
+
+KEY_PREFIX = "nbq"
+#: Fixed keys of a queue; each is ``nbq:{NAME}:<name>``.
+QUEUE_KEYS = (
+    "ready",
+    "delayed",
+    "leases",
+    "tokens",
+    "payload",
+    "attempts",
+    "counts",
+    "dead",
+    "dead_payload",
+    "dead_attempts",
+    "notify",
+    "jobs",
+    "functions",
+    "inserts",
+)
+#: Kinds of per-job keys, ``nbq:{NAME}:<kind>:<job_id>``.
+JOB_KINDS = ("jc", "results", "job")
+#: Kind of function keys, ``nbq:{NAME}:fn:<digest>``.
+FUNCTION_KIND = "fn"
+
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+#: URL query options handed to redis-py, with their parsers.
+_CLIENT_OPTIONS: dict[str, Callable[[str], Any]] = {
+    "ssl_cert_reqs": str,
+    "ssl_ca_certs": str,
+    "ssl_certfile": str,
+    "ssl_keyfile": str,
+    "ssl_check_hostname": lambda v: v.lower() in ("1", "true", "yes", "on"),
+    "socket_timeout": float,
+    "socket_connect_timeout": float,
+    "health_check_interval": int,
+    "client_name": str,
+}
+_SOCKET_TIMEOUT = 10.0
+_CONNECT_TIMEOUT = 3.0
+_HEALTH_CHECK_SECONDS = 30
+# Four tries 0.2, 0.4, 0.8 s apart: a refused connection fails in under two seconds, and a
+# server restarting with its data is usually back within that.
+_RETRIES = 3
+_BACKOFF = ExponentialBackoff(cap=2.0, base=0.1)
+# One BLPOP blocks at most this long (and well under the socket timeout), then lease looks again.
+_MAX_BLOCK_SECONDS = 5.0
+_MIN_BLOCK_SECONDS = 0.01  # BLPOP treats 0 as "forever"
+
+# Constants the Lua scripts share with this module, written into their preamble.
+_NOTIFY_MAX = 64  # wake-up tokens kept: more waiters than this rarely block on one queue
+_RECLAIM_LIMIT = 1000  # expired leases a lease call returns at once, so it stays short
+_INSERT_MEMORY_MS = 600_000  # how long an insert's nonce is remembered for retries
+_SCRIPT_NAMES = (
+    "insert",
+    "lease",
+    "renew",
+    "complete",
+    "fail",
+    "release",
+    "release_all",
+    "redrive",
+    "purge_dead",
+    "rezero",
+    "purge",
+    "put_job",
+    "put_function",
+    "list_jobs",
+)
+_IDS_PER_READ = 500  # task ids per HMGET in iter_queued
+
+_policy_lock = threading.Lock()
+_policy_checked: set[tuple[str, int]] = set()
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _lua_preamble() -> str:
+    """Lua that defines the key names and constants the scripts use, from this module's."""
+    names = ", ".join(f"{name} = P .. '{name}'" for name in QUEUE_KEYS)
+    return "\n".join(
+        [
+            "local P = KEYS[1]",
+            "local TTL = tonumber(ARGV[1])",
+            f"local K = {{{names}}}",
+            "local function JK(kind, id) return P .. kind .. ':' .. id end",
+            f"local FN_KIND = '{FUNCTION_KIND}'",
+            f"local NOTIFY_MAX = {_NOTIFY_MAX}",
+            f"local RECLAIM_LIMIT = {_RECLAIM_LIMIT}",
+            f"local INSERT_MEMORY_MS = {_INSERT_MEMORY_MS}",
+            "",
+        ]
+    )
+
+
+@functools.cache
+def _script_sources() -> dict[str, str]:
+    folder = resources.files(__package__) / "redis_scripts"
+    common = _lua_preamble() + (folder / "common.lua").read_text(encoding="utf-8")
+    return {name: common + (folder / f"{name}.lua").read_text(encoding="utf-8") for name in _SCRIPT_NAMES}
+
+
+def _redact(url: str) -> str:
+    """The URL with its password replaced by ``***``."""
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _translated(method: F) -> F:
+    """Turn redis-py connection trouble inside ``method`` into BackendUnavailable."""
+
+    @functools.wraps(method)
+    def wrapper(self: RedisBackend, *args: Any, **kwargs: Any) -> Any:
+        with self._translate_errors():
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class RedisBackend(Backend):
+    """A queue stored on a Redis server. Open it with ``open_redis(url)``.
+
+    One object is safe to share between threads: each call takes a connection from a pool,
+    and a blocking ``lease`` holds only its own connection while it waits.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        queue: str,
+        client: redis.Redis,
+        result_ttl: int = defaults.RESULT_TTL_SECONDS,
+        password: str | None = None,
+        max_block: float = _MAX_BLOCK_SECONDS,
+    ) -> None:
+        """Use ``open_redis``; this takes an already configured client.
+
+        Args:
+            url: the URL to show, already without its password.
+            queue: the queue name (validated by the caller).
+            client: a redis-py client with ``decode_responses=False``.
+            result_ttl: seconds a finished job's keys are kept.
+            password: only so it can be scrubbed from error messages.
+            max_block: longest single BLPOP, below the client's socket timeout.
+        """
+        self.url = url
+        self.queue = queue
+        self._client = client
+        self._ttl = int(result_ttl)
+        self._password = password
+        self._max_block = max_block
+        self._prefix = f"{KEY_PREFIX}:{{{queue}}}:"
+        self._scripts = {name: client.register_script(src) for name, src in _script_sources().items()}
+
+    def __repr__(self) -> str:
+        return f"RedisBackend({self.url!r})"
+
+    # -- key names and plumbing -----------------------------------------------------------------
+    def key(self, name: str, ident: str | None = None) -> str:
+        """The full key of a queue structure, or with ``ident`` of a per-job/function key."""
+        if ident is None:
+            if name not in QUEUE_KEYS:
+                raise KeyError(name)
+            return self._prefix + name
+        if name not in JOB_KINDS and name != FUNCTION_KIND:
+            raise KeyError(name)
+        return f"{self._prefix}{name}:{ident}"
+
+    def _run(self, script: str, *args: Any) -> Any:
+        # Every script gets the prefix as its one key (it routes the call to the queue's slot on
+        # a cluster) and the TTL as ARGV[1].
+        return self._scripts[script](keys=[self._prefix], args=[self._ttl, *args])
+
+    @contextlib.contextmanager
+    def _translate_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except AuthenticationError as exc:
+            raise BackendUnavailable(f"redis refused the credentials of {self.url}: {self._scrub(exc)}") from None
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise BackendUnavailable(f"cannot reach redis at {self.url}: {self._scrub(exc)}") from None
+        except NoPermissionError as exc:
+            raise BackendUnavailable(
+                f"the redis user of {self.url} lacks a permission nbqueue needs: {self._scrub(exc)}"
+            ) from None
+
+    def _scrub(self, exc: BaseException) -> str:
+        message = _one_line(exc)
+        return message.replace(self._password, "***") if self._password else message
+
+    def check_server(self) -> None:
+        """Connect once, and warn if the server may evict keys (it would lose tasks).
+
+        Raises:
+            BackendUnavailable: the server cannot be reached or refuses the credentials.
+        """
+        with self._translate_errors():
+            try:
+                config = self._client.config_get("maxmemory-policy")
+            except ResponseError:
+                # CONFIG denied by an ACL or renamed by a managed service: nothing to check.
+                self._client.ping()
+                return
+        policy = config.get(b"maxmemory-policy", config.get("maxmemory-policy", b""))
+        policy = policy.decode() if isinstance(policy, bytes) else str(policy)
+        kwargs = self._client.get_connection_kwargs()
+        server = (str(kwargs.get("host")), int(kwargs.get("port") or 0))
+        with _policy_lock:
+            if policy == "noeviction" or server in _policy_checked:
+                return
+            _policy_checked.add(server)
+        warnings.warn(
+            f"redis at {self.url} has maxmemory-policy {policy!r}: under memory pressure it may "
+            "evict queue keys and lose tasks; set maxmemory-policy noeviction",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    # -- functions and jobs ---------------------------------------------------------------------
+    @_translated
+    def put_function(self, digest: str, blob: bytes) -> None:
+        self._run("put_function", digest, bytes(blob))
+
+    @_translated
+    def get_function(self, digest: str) -> bytes:
+        blob = self._client.get(self.key(FUNCTION_KIND, digest))
+        if blob is None:
+            raise KeyError(digest)
+        return blob
+
+    @_translated
+    def put_job(self, job_id: str, meta: bytes) -> None:
+        check_id(job_id, "job id")
+        self._run("put_job", job_id, bytes(meta))
+
+    @_translated
+    def get_job(self, job_id: str) -> bytes | None:
+        return self._client.get(self.key("job", job_id))
+
+    @_translated
+    def list_jobs(self) -> list[str]:
+        return [job.decode() for job in self._run("list_jobs")]
+
+    # -- tasks ----------------------------------------------------------------------------------
+    @_translated
+    def insert(self, job_id: str, tasks: Sequence[tuple[str, bytes]]) -> None:
+        check_id(job_id, "job id")
+        seen: set[str] = set()
+        args: list[Any] = []
+        for task_id, payload in tasks:
+            check_id(task_id, "task id")
+            if job_of(task_id) != job_id:
+                raise ValueError(f"task {task_id!r} does not belong to job {job_id!r}")
+            if task_id in seen:
+                raise ValueError(f"task {task_id!r} appears twice in one insert")
+            seen.add(task_id)
+            args += (task_id, bytes(payload))
+        if not args:
+            return
+        duplicate = self._run("insert", job_id, os.urandom(16).hex(), *args)
+        if duplicate is not None:
+            raise ValueError(f"task {duplicate.decode()!r} already exists")
+
+    @_translated
+    def lease(self, n: int, seconds: float, wait: float = 0.0) -> list[Lease]:
+        if n <= 0:
+            return []
+        end = time.monotonic() + wait
+        while True:
+            leases, next_event_ms = self._lease_once(n, seconds)
+            remaining = end - time.monotonic()
+            if leases or remaining <= 0:
+                return leases
+            # Sleep on the server until an insert or requeue pushes a wake-up token, or until a
+            # delayed task is due or a lease expires (the script said when, by the server clock).
+            block = min(remaining, self._max_block)
+            if next_event_ms >= 0:
+                block = min(block, next_event_ms / 1000)
+            self._client.blpop([self.key("notify")], timeout=max(block, _MIN_BLOCK_SECONDS))
+
+    def _lease_once(self, n: int, seconds: float) -> tuple[list[Lease], int]:
+        tokens = [os.urandom(8).hex() for _ in range(n)]
+        out = self._run("lease", _ms(seconds), *tokens)
+        leases = [
+            Lease(task.decode(), token.decode(), int(attempt), payload)
+            for task, token, attempt, payload in zip(out[1::4], out[2::4], out[3::4], out[4::4])
+        ]
+        return leases, int(out[0])
+
+    @_translated
+    def renew(self, task_id: str, token: str, seconds: float) -> bool:
+        return bool(self._run("renew", task_id, token, _ms(seconds)))
+
+    @_translated
+    def complete(self, items: Sequence[tuple[str, str, bytes]]) -> list[bool]:
+        args: list[Any] = []
+        for task_id, token, result in items:
+            args += (task_id, token, bytes(result))
+        if not args:
+            return []
+        return [bool(ok) for ok in self._run("complete", *args)]
+
+    @_translated
+    def fail(self, task_id: str, token: str, error: bytes, retry_in: float | None) -> TaskStatus | None:
+        retry = "" if retry_in is None else _ms(max(retry_in, 0.0))
+        state = self._run("fail", task_id, token, bytes(error), retry)
+        return None if state is None else TaskStatus(state.decode())
+
+    @_translated
+    def release(self, task_id: str, token: str) -> bool:
+        return bool(self._run("release", task_id, token))
+
+    # -- reads ----------------------------------------------------------------------------------
+    @_translated
+    def counts(self) -> Counts:
+        return _counts(self._client.hgetall(self.key("counts")))
+
+    @_translated
+    def job_counts(self, job_id: str) -> Counts:
+        return _counts(self._client.hgetall(self.key("jc", job_id)))
+
+    @_translated
+    def results(self, job_id: str) -> dict[str, bytes]:
+        return {task.decode(): value for task, value in self._client.hgetall(self.key("results", job_id)).items()}
+
+    @_translated
+    def exact_job_finished(self, job_id: str) -> int:
+        return self._client.hlen(self.key("results", job_id))
+
+    # -- admin ----------------------------------------------------------------------------------
+    @_translated
+    def release_all(self, force: bool = False) -> int:
+        return int(self._run("release_all", "1" if force else "0"))
+
+    @_translated
+    def purge(self) -> None:
+        self._run("purge")
+
+    @_translated
+    def rezero(self) -> Counts:
+        flat = self._run("rezero")
+        return _counts(dict(zip(flat[::2], flat[1::2])))
+
+    @_translated
+    def dead(self) -> list[DeadLetter]:
+        pipe = self._client.pipeline(transaction=True)
+        for name in ("dead", "dead_payload", "dead_attempts"):
+            pipe.hgetall(self.key(name))
+        errors, payloads, attempts = pipe.execute()
+        letters = [
+            DeadLetter(task.decode(), int(attempts.get(task, 0)), payloads.get(task, b""), error)
+            for task, error in errors.items()
+        ]
+        return sorted(letters, key=lambda d: (job_of(d.task_id), index_of(d.task_id)))
+
+    @_translated
+    def redrive(self, task_ids: Sequence[str] | None = None) -> int:
+        return int(self._run("redrive", *_selection(task_ids)))
+
+    @_translated
+    def purge_dead(self, task_ids: Sequence[str] | None = None) -> int:
+        return int(self._run("purge_dead", *_selection(task_ids)))
+
+    @_translated
+    def iter_queued(self) -> Iterator[tuple[str, bytes]]:
+        """Every queued task as ``(task_id, payload)``.
+
+        The ids are read at once, atomically; payloads follow in chunks as the iterator is
+        consumed, skipping tasks completed meanwhile.
+        """
+        pipe = self._client.pipeline(transaction=True)
+        pipe.lrange(self.key("ready"), 0, -1)
+        pipe.zrange(self.key("delayed"), 0, -1)
+        ready, delayed = pipe.execute()
+        return self._payloads_of(ready + delayed)
+
+    def _payloads_of(self, ids: list[bytes]) -> Iterator[tuple[str, bytes]]:
+        for start in range(0, len(ids), _IDS_PER_READ):
+            chunk = ids[start : start + _IDS_PER_READ]
+            with self._translate_errors():
+                payloads = self._client.hmget(self.key("payload"), chunk)
+            for task, payload in zip(chunk, payloads):
+                if payload is not None:
+                    yield task.decode(), payload
+
+    def close(self) -> None:
+        """Disconnect every pooled connection; the object reconnects if used again."""
+        self._client.close()
+
+
+def _ms(seconds: float) -> int:
+    return math.ceil(seconds * 1000)
+
+
+def _selection(task_ids: Sequence[str] | None) -> list[str]:
+    return ["all"] if task_ids is None else ["some", *task_ids]
+
+
+def _counts(raw: dict[bytes, bytes]) -> Counts:
+    known = {field.decode(): int(value) for field, value in raw.items()}
+    return Counts(**{f: known.get(f, 0) for f in Counts().as_dict()})
+
+
+def parse_redis_url(url: str) -> dict[str, Any]:
+    """Split a redis:// or rediss:// queue URL into its parts.
+
+    Returns:
+        A dict with ``queue``, ``result_ttl``, ``redacted`` (the URL to show), ``password`` and
+        ``client`` (keyword arguments for ``redis.Redis``).
+
+    Raises:
+        QueueURLError: the URL is malformed; the message never contains the password.
+    """
+    shown = _redact(url)
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise QueueURLError(f"not a redis:// or rediss:// URL: {shown!r}")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise QueueURLError(f"bad port in {shown!r}") from None
+    db_text = parts.path.strip("/") or "0"
+    if not db_text.isdigit():
+        raise QueueURLError(f"the path of {shown!r} must be a database number, like /0")
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    queue = query.pop("queue", "default")
+    if not QUEUE_NAME.match(queue):
+        raise QueueURLError(f"invalid queue name {queue!r} in {shown!r}: use letters, digits, '_', '.', '-'")
+    result_ttl_text = query.pop("result_ttl", str(defaults.RESULT_TTL_SECONDS))
+    if not result_ttl_text.isdigit() or int(result_ttl_text) <= 0:
+        raise QueueURLError(f"result_ttl must be a positive number of seconds in {shown!r}")
+    password = unquote(parts.password) if parts.password is not None else None
+    client: dict[str, Any] = {
+        "host": parts.hostname or "localhost",
+        "port": port,
+        "db": int(db_text),
+        "username": unquote(parts.username) if parts.username else None,
+        "password": password,
+        "ssl": parts.scheme == "rediss",
+        "socket_timeout": _SOCKET_TIMEOUT,
+        "socket_connect_timeout": _CONNECT_TIMEOUT,
+        "health_check_interval": _HEALTH_CHECK_SECONDS,
+    }
+    for name, text in query.items():
+        parse = _CLIENT_OPTIONS.get(name)
+        if parse is None:
+            known = ", ".join(["queue", "result_ttl", *_CLIENT_OPTIONS])
+            raise QueueURLError(f"unknown option {name!r} in {shown!r}; known: {known}")
+        try:
+            client[name] = parse(text)
+        except ValueError:
+            raise QueueURLError(f"bad value for {name!r} in {shown!r}") from None
+    return {
+        "queue": queue,
+        "result_ttl": int(result_ttl_text),
+        "redacted": shown,
+        "password": password,
+        "client": client,
+    }
+
+
+def open_redis(url: str) -> RedisBackend:
+    """Open the queue a redis:// or rediss:// URL names, checking the server is reachable.
+
+    Raises:
+        QueueURLError: the URL is malformed.
+        BackendUnavailable: the server cannot be reached or refuses the credentials.
+    """
+    parsed = parse_redis_url(url)
+    client = redis.Redis(
+        **parsed["client"],
+        retry=Retry(_BACKOFF, _RETRIES),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+    socket_timeout = parsed["client"]["socket_timeout"]
+    backend = RedisBackend(
+        parsed["redacted"],
+        parsed["queue"],
+        client,
+        result_ttl=parsed["result_ttl"],
+        password=parsed["password"],
+        max_block=min(_MAX_BLOCK_SECONDS, socket_timeout / 2),
+    )
+    try:
+        backend.check_server()
+    except BaseException:
+        backend.close()
+        raise
+    return backend

@@ -1,0 +1,135 @@
+-- Helpers shared by every script. The preamble redis.py puts before this file defines:
+--   P        the queue's key prefix, "nbq:{NAME}:" (KEYS[1]); every key shares its hash tag
+--   K        the queue's fixed key names, K.ready, K.leases, ...
+--   JK       JK(kind, job_id), a per-job key name
+--   TTL      seconds a finished job's keys live (ARGV[1] of every script)
+--   NOTIFY_MAX, RECLAIM_LIMIT, INSERT_MEMORY_MS, FN_KIND
+
+-- Milliseconds from the server's clock: deadlines never depend on a client's clock.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Microseconds as a string: a number this large would lose digits on its way to ZADD.
+local function now_us()
+  local t = redis.call('TIME')
+  return t[1] .. string.format('%06d', tonumber(t[2]))
+end
+
+-- Same as base.job_of: everything before the last '-'.
+local function job_of(task)
+  return string.match(task, '^(.*)%-') or task
+end
+
+-- Counter changes are summed per job and written once at the end of a script (flush).
+local deltas = {}
+
+local function bump(job, field, d)
+  local jd = deltas[job]
+  if not jd then
+    jd = {}
+    deltas[job] = jd
+  end
+  jd[field] = (jd[field] or 0) + d
+end
+
+-- A job's keys live while it has tasks queued or leased; once none are left they expire
+-- TTL seconds after the last change, so a long-running job never loses its record.
+local function touch_job(job)
+  local live = redis.call('HMGET', JK('jc', job), 'queued', 'leased')
+  local alive = (tonumber(live[1]) or 0) + (tonumber(live[2]) or 0) > 0
+  for _, kind in ipairs({'jc', 'results', 'job'}) do
+    if alive then
+      redis.call('PERSIST', JK(kind, job))
+    else
+      redis.call('EXPIRE', JK(kind, job), TTL)
+    end
+  end
+end
+
+local function flush()
+  local total = {}
+  for job, jd in pairs(deltas) do
+    for field, d in pairs(jd) do
+      if d ~= 0 then
+        redis.call('HINCRBY', JK('jc', job), field, d)
+        total[field] = (total[field] or 0) + d
+      end
+    end
+    touch_job(job)
+  end
+  for field, d in pairs(total) do
+    if d ~= 0 then
+      redis.call('HINCRBY', K.counts, field, d)
+    end
+  end
+  deltas = {}
+end
+
+-- Wake up to n blocked lease calls. Each waiter pops one element, so one per ready task;
+-- the list is trimmed because tokens nobody pops only cause one spare lease attempt each.
+local function notify(n)
+  n = math.min(n, NOTIFY_MAX)
+  if n <= 0 then
+    return
+  end
+  for _ = 1, n do
+    redis.call('LPUSH', K.notify, 1)
+  end
+  redis.call('LTRIM', K.notify, 0, NOTIFY_MAX - 1)
+end
+
+-- The current lease of a task: the token matches and the deadline has not passed.
+local function current(task, token, now)
+  if redis.call('HGET', K.tokens, task) ~= token then
+    return false
+  end
+  local deadline = redis.call('ZSCORE', K.leases, task)
+  return deadline ~= false and tonumber(deadline) > now
+end
+
+local function drop_lease(task)
+  redis.call('ZREM', K.leases, task)
+  redis.call('HDEL', K.tokens, task)
+end
+
+-- Return expired leases (all of them with force) to the queue and promote delayed retries
+-- that are due. At most `limit` of each per call (-1: no limit). Returns the leases moved.
+local function reclaim(now, force, limit)
+  local expired
+  if force then
+    expired = redis.call('ZRANGE', K.leases, 0, -1)
+  else
+    expired = redis.call('ZRANGEBYSCORE', K.leases, '-inf', now, 'LIMIT', 0, limit)
+  end
+  for _, task in ipairs(expired) do
+    drop_lease(task)
+    redis.call('RPUSH', K.ready, task)
+    bump(job_of(task), 'leased', -1)
+    bump(job_of(task), 'queued', 1)
+  end
+  local due = redis.call('ZRANGEBYSCORE', K.delayed, '-inf', now, 'LIMIT', 0, limit)
+  for _, task in ipairs(due) do
+    redis.call('ZREM', K.delayed, task)
+    redis.call('RPUSH', K.ready, task)
+  end
+  notify(#expired + #due)
+  return #expired
+end
+
+-- Task ids a dead-letter verb works on: ARGV[2] is 'all', or 'some' followed by the ids.
+local function chosen_dead()
+  if ARGV[2] == 'all' then
+    return redis.call('HKEYS', K.dead)
+  end
+  local ids, seen = {}, {}
+  for i = 3, #ARGV do
+    local task = ARGV[i]
+    if not seen[task] and redis.call('HEXISTS', K.dead, task) == 1 then
+      seen[task] = true
+      ids[#ids + 1] = task
+    end
+  end
+  return ids
+end

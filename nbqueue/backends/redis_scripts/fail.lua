@@ -1,0 +1,32 @@
+-- fail(task, token, error, retry_ms): 'queued' (retry_ms given, '' for none: dead letter),
+-- 'dead', or nil when the token is stale.
+local task, token, err, retry = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local now = now_ms()
+if not current(task, token, now) then
+  return nil
+end
+local job = job_of(task)
+drop_lease(task)
+bump(job, 'leased', -1)
+bump(job, 'failed', 1)
+if retry ~= '' then
+  local delay = tonumber(retry)
+  if delay > 0 then
+    redis.call('ZADD', K.delayed, now + delay, task)
+  else
+    redis.call('RPUSH', K.ready, task)
+    notify(1)
+  end
+  bump(job, 'queued', 1)
+  flush()
+  return 'queued'
+end
+redis.call('HSET', K.dead, task, err)
+redis.call('HSET', K.dead_payload, task, redis.call('HGET', K.payload, task))
+redis.call('HSET', K.dead_attempts, task, redis.call('HGET', K.attempts, task))
+redis.call('HDEL', K.payload, task)
+redis.call('HDEL', K.attempts, task)
+redis.call('HSET', JK('results', job), task, err)
+bump(job, 'dead', 1)
+flush()
+return 'dead'

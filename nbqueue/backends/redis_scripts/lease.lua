@@ -1,0 +1,39 @@
+-- lease(lease_ms, token_1, ..., token_n): lease up to n ready tasks.
+-- Returns {wait_ms, task, token, attempt, payload, ...}; wait_ms is how long until the next
+-- delayed task is due or lease expires (-1: neither), so a blocking caller knows when to retry.
+local now = now_ms()
+local deadline = now + tonumber(ARGV[2])
+reclaim(now, false, RECLAIM_LIMIT)
+local out = {-1}
+for i = 3, #ARGV do
+  local task = redis.call('LPOP', K.ready)
+  if not task then
+    break
+  end
+  local token = ARGV[i]
+  local attempt = redis.call('HINCRBY', K.attempts, task, 1)
+  redis.call('HSET', K.tokens, task, token)
+  redis.call('ZADD', K.leases, deadline, task)
+  bump(job_of(task), 'queued', -1)
+  bump(job_of(task), 'leased', 1)
+  out[#out + 1] = task
+  out[#out + 1] = token
+  out[#out + 1] = attempt
+  out[#out + 1] = redis.call('HGET', K.payload, task)
+end
+flush()
+-- Wake-up tokens only say "there is ready work"; with none left they would wake waiters
+-- for nothing.
+if redis.call('LLEN', K.ready) == 0 then
+  redis.call('DEL', K.notify)
+end
+for _, key in ipairs({K.delayed, K.leases}) do
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if first[2] then
+    local wait = math.max(tonumber(first[2]) - now, 0)
+    if out[1] < 0 or wait < out[1] then
+      out[1] = wait
+    end
+  end
+end
+return out

@@ -1,0 +1,149 @@
+"""Jobs: the tasks of one insert, read back as counts, results and errors.
+
+A job outlives the process that made it: ``TaskQueue.job(id)`` reattaches from anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, Any, Literal
+
+from . import defaults
+from .backends.base import Counts, index_of
+from .errors import TaskFailed
+from .progress import JobBar, describe
+from .records import TaskError, TaskRecord, open_record
+
+if TYPE_CHECKING:
+    from .queue import TaskQueue
+
+#: Seconds of unchanged counters after which wait() confirms the end by an exact count.
+_STALL_CHECK_SECONDS = 5.0
+
+
+def _process_gone(producer: dict | None) -> bool:
+    """True when the process that was inserting ran on this host and is gone."""
+    if not producer or producer.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(producer["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, ValueError, TypeError):
+        return False
+    return False
+
+
+class Job:
+    """The tasks of one ``insert()``: progress, results in insertion order, errors."""
+
+    def __init__(self, queue: TaskQueue, job_id: str, meta: dict | None = None) -> None:
+        self.queue = queue
+        self.id = job_id
+        self._meta = meta
+
+    # -- record -----------------------------------------------------------------------------
+    @property
+    def meta(self) -> dict:
+        """The job record (re-read while the job is still being inserted)."""
+        if self._meta is None or self._meta.get("state") == "inserting":
+            raw = self.queue.backend.get_job(self.id)
+            if raw is None:
+                raise KeyError(f"no job {self.id!r} in {self.queue.url}")
+            self._meta = json.loads(raw)
+        return self._meta
+
+    @property
+    def name(self) -> str:
+        return self.meta.get("name") or self.id
+
+    @property
+    def total(self) -> int | None:
+        """Tasks in the job; None while an insert is still streaming them."""
+        meta = self.meta
+        if meta.get("state") == "inserting":
+            if _process_gone(meta.get("producer")):
+                return self.counts().inserted
+            return None
+        return meta.get("total")
+
+    def counts(self) -> Counts:
+        """The job's counters (O(1))."""
+        return self.queue.backend.job_counts(self.id)
+
+    def done(self) -> bool:
+        """True when every task completed or is dead."""
+        total = self.total
+        return total is not None and self.counts().finished >= total
+
+    # -- waiting ----------------------------------------------------------------------------
+    def wait(self, timeout: float | None = None, progress: bool = True) -> Job:
+        """Block until every task is finished (completed or dead), showing progress.
+
+        Raises:
+            TimeoutError: ``timeout`` seconds passed first.
+        """
+        start = time.monotonic()
+        bar = JobBar(self.total, f"job {self.name}", enabled=progress)
+        sleep = defaults.WAIT_POLL_MIN
+        last_finished, last_change = -1, start
+        try:
+            while True:
+                total = self.total
+                counts = self.counts()
+                bar.show(counts, total)
+                if counts.finished != last_finished:
+                    last_finished, last_change = counts.finished, time.monotonic()
+                    sleep = defaults.WAIT_POLL_MIN
+                if total is not None and (counts.finished >= total or time.monotonic() - last_change
+                                          > _STALL_CHECK_SECONDS):
+                    # Counters can lag a killed process: the records themselves decide.
+                    if self.queue.backend.exact_job_finished(self.id) >= total:
+                        return self
+                    last_change = time.monotonic()
+                if timeout is not None and time.monotonic() - start > timeout:
+                    raise TimeoutError(f"job {self.name} not finished after {timeout:g}s: {describe(counts, total)}")
+                time.sleep(sleep)
+                sleep = min(sleep * 1.5, defaults.WAIT_POLL_MAX)
+        finally:
+            bar.close()
+
+    # -- results ----------------------------------------------------------------------------
+    def records(self) -> list[TaskRecord]:
+        """Every committed record, in insertion order (unfinished tasks are absent)."""
+        q = self.queue
+        raw = q.backend.results(self.id)
+        ordered = sorted(raw.items(), key=lambda item: index_of(item[0]))
+        return [open_record(q.signer, q.serializer, task_id, blob, self.id) for task_id, blob in ordered]
+
+    def results(self, on_error: Literal["raise", "none", "exception"] = "raise") -> list[Any]:
+        """Task values in insertion order.
+
+        Args:
+            on_error: ``"raise"`` raises TaskFailed if any task failed for good; ``"none"``
+                puts None in its place; ``"exception"`` puts its TaskError there.
+
+        Raises:
+            RuntimeError: some tasks are not finished yet (call ``wait()`` first).
+            TaskFailed: tasks failed and ``on_error="raise"``.
+        """
+        records = self.records()
+        total = self.total
+        if total is None or len(records) < total:
+            raise RuntimeError(f"job {self.name} is not finished ({len(records)}/{total} tasks); call wait() first")
+        errors = [r.error for r in records if not r.ok]
+        if errors and on_error == "raise":
+            raise TaskFailed(f"{len(errors)} of {total} tasks failed; first: {errors[0]}", errors)
+        if on_error == "exception":
+            return [r.value if r.ok else r.error for r in records]
+        return [r.value if r.ok else None for r in records]
+
+    def errors(self) -> list[TaskError]:
+        """The tasks that failed for good, with type, message, traceback and attempts."""
+        return [r.error for r in self.records() if not r.ok and r.error is not None]
+
+    def __repr__(self) -> str:
+        return f"<Job {self.name} {describe(self.counts(), self.total)} on {self.queue.url}>"

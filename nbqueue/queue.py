@@ -1,0 +1,242 @@
+"""``TaskQueue``: the one object a user holds. Opens a backend by URL and offers insert, workers,
+jobs, status and the admin verbs; ``LocalTaskQueue`` runs tasks in local processes at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from typing import Any
+
+from . import defaults
+from .backends import open_backend
+from .backends.base import Counts, DeadLetter
+from .errors import QueueURLError
+from .insert import insert_tasks
+from .jobs import Job
+from .serialize import Serializer, Signer, get_serializer
+from .worker import Outcome, Worker, WorkerProcesses, WorkerStats, execute, worker_command, worker_id
+
+
+class TaskQueue:
+    """A queue reached by URL: ``fq://PATH``, ``redis://host:port/db?queue=NAME``, ``mem://NAME``.
+
+    Args:
+        url: the queue; defaults to ``$NBQUEUE_URL``. A bare path means fq://.
+        insecure: neither sign nor check signatures (only for queues no one else can write).
+        serializer: name of the serializer for tasks and results.
+    """
+
+    def __init__(self, url: str | None = None, *, insecure: bool = False, serializer: str = "dill") -> None:
+        url = url or os.environ.get(defaults.ENV_URL)
+        if not url:
+            raise QueueURLError(f"no queue URL given and ${defaults.ENV_URL} is not set")
+        self.backend = open_backend(url)
+        self.url = self.backend.url
+        self._open_url = url
+        self.insecure = insecure
+        self.signer = Signer.default(insecure)
+        self.serializer: Serializer = get_serializer(serializer)
+
+    # -- inserting ------------------------------------------------------------------------------
+    def insert(
+        self,
+        tasks: Iterable[Any],
+        total: int | None = None,
+        *,
+        name: str | None = None,
+        batch_size: int = defaults.INSERT_BATCH_SIZE,
+        progress: bool = True,
+        source: str | None = None,
+    ) -> Job:
+        """Queue every task of ``tasks`` as one job and return the Job.
+
+        ``tasks`` may be any iterable (a generator streams in constant memory) of
+        ``partial(fn, ...)`` of ``@queueable`` functions, bare queueable functions, or
+        registered-task objects. Each task is checked (queueable, arguments fit the signature,
+        serializable) as it is read; a bad one raises before its batch is written.
+
+        Args:
+            total: number of tasks, for the progress bar when ``tasks`` has no ``len()``.
+            name: a name for the job (defaults to its id).
+            batch_size: tasks per storage write.
+            progress: show a bar counting uploaded tasks.
+            source: text recorded with the job (e.g. a notebook cell).
+        """
+        return insert_tasks(self, tasks, total=total, name=name, batch_size=batch_size,
+                            progress=progress, source=source)
+
+    def _put_meta(self, job_id: str, meta: dict) -> None:
+        self.backend.put_job(job_id, json.dumps(meta).encode())
+
+    # -- jobs -----------------------------------------------------------------------------------
+    def job(self, job_id: str) -> Job:
+        """Reattach to a job by id (from any process)."""
+        raw = self.backend.get_job(job_id)
+        if raw is None:
+            raise KeyError(f"no job {job_id!r} in {self.url}")
+        return Job(self, job_id, json.loads(raw))
+
+    def jobs(self) -> list[Job]:
+        """Every job of this queue, oldest first."""
+        return [self.job(job_id) for job_id in self.backend.list_jobs()]
+
+    # -- workers --------------------------------------------------------------------------------
+    def poll(
+        self,
+        *,
+        lease_seconds: float = defaults.LEASE_SECONDS,
+        max_attempts: int = defaults.MAX_ATTEMPTS,
+        burst: bool = True,
+        max_tasks: int | None = None,
+        stop_event: threading.Event | None = None,
+    ) -> WorkerStats:
+        """Run tasks in this process until the queue is empty (``burst``) or ``max_tasks`` ran."""
+        worker = Worker(self, lease_seconds=lease_seconds, max_attempts=max_attempts, burst=burst,
+                        max_tasks=max_tasks)
+        if stop_event is not None:
+            worker.stop_event = stop_event
+        return worker.run()
+
+    def spawn_workers(
+        self,
+        n: int = 1,
+        *,
+        lease_seconds: float | None = None,
+        max_attempts: int | None = None,
+        burst: bool = False,
+        idle_exit: float | None = 300.0,
+    ) -> WorkerProcesses:
+        """Start ``n`` worker processes on this queue (fresh interpreters, not forks of the kernel).
+
+        They keep running if the kernel restarts; they exit after ``idle_exit`` idle seconds, when
+        the queue is empty with ``burst``, or on ``.stop()``.
+        """
+        if self.url.startswith("mem://"):
+            raise QueueURLError("mem:// lives in this process only: use poll(), LocalTaskQueue, or fq://")
+        cmd = worker_command(self._open_url, lease_seconds=lease_seconds, burst=burst,
+                             max_attempts=max_attempts, idle_exit=idle_exit, insecure=self.insecure)
+        return WorkerProcesses(cmd, n, restart=False)
+
+    # -- status and admin -----------------------------------------------------------------------
+    def status(self) -> Counts:
+        """inserted / queued / leased / completed / failed / dead, read in O(1)."""
+        return self.backend.counts()
+
+    @property
+    def inserted(self) -> int:
+        return self.status().inserted
+
+    @property
+    def enqueued(self) -> int:
+        """Tasks waiting to run (python-task-queue's name)."""
+        return self.status().queued
+
+    @property
+    def leased(self) -> int:
+        return self.status().leased
+
+    @property
+    def completed(self) -> int:
+        return self.status().completed
+
+    def release_all(self, force: bool = False) -> int:
+        """Return expired leases to the queue (every lease with ``force``)."""
+        return self.backend.release_all(force=force)
+
+    def rezero(self) -> Counts:
+        """Reset the inserted/failed counters and recount the rest exactly."""
+        return self.backend.rezero()
+
+    def purge(self) -> None:
+        """Delete everything in the queue: tasks, leases, results, jobs, dead letters."""
+        self.backend.purge()
+
+    def dead(self) -> list[DeadLetter]:
+        """Tasks that failed for good."""
+        return self.backend.dead()
+
+    def redrive(self, task_ids: Sequence[str] | None = None) -> int:
+        """Queue dead letters again with a fresh attempt count."""
+        return self.backend.redrive(task_ids)
+
+    def purge_dead(self, task_ids: Sequence[str] | None = None) -> int:
+        """Delete dead letters."""
+        return self.backend.purge_dead(task_ids)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> TaskQueue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TaskQueue({self.url!r})"
+
+
+# -- local execution ------------------------------------------------------------------------------
+_child_codec = None
+_child_functions: dict[str, bytes] = {}
+
+
+def _child_init(insecure: bool, serializer: str, functions: dict[str, bytes]) -> None:
+    global _child_codec, _child_functions
+    from .tasks import TaskCodec
+
+    _child_codec = TaskCodec(Signer.default(insecure), get_serializer(serializer))
+    _child_functions = functions
+
+
+def _child_execute(lease, max_attempts: int) -> Outcome:
+    return execute(_child_codec, lease, _child_functions.__getitem__, max_attempts, worker_id())
+
+
+class LocalTaskQueue(TaskQueue):
+    """Runs inserted tasks at once, in ``parallel`` local processes (0 or 1: in this process).
+
+    Uses the same envelopes, leases, retries and completion store as any queue (an in-process
+    mem:// one), so a task behaves here as it will on remote workers.
+    """
+
+    def __init__(self, parallel: int = 1, *, max_attempts: int = defaults.MAX_ATTEMPTS,
+                 progress: bool = True) -> None:
+        super().__init__(f"mem://local-{uuid.uuid4().hex}")
+        self.parallel = parallel
+        self.max_attempts = max_attempts
+        self.progress = progress
+
+    def insert(self, tasks: Iterable[Any], total: int | None = None, **kwargs: Any) -> Job:
+        """Insert, run every task, and return the finished Job."""
+        kwargs.setdefault("progress", self.progress)
+        job = super().insert(tasks, total, **kwargs)
+        if self.parallel <= 1:
+            self.poll(max_attempts=self.max_attempts, lease_seconds=3600)
+        else:
+            self._run_in_processes()
+        return job
+
+    def _run_in_processes(self) -> None:
+        backend = self.backend
+        # Function blobs go to each child once, not with every task.
+        functions = dict(backend._functions)  # our own mem:// store, in this process
+        ctx = get_context("spawn")  # never fork a kernel
+        with ProcessPoolExecutor(self.parallel, mp_context=ctx, initializer=_child_init,
+                                 initargs=(self.insecure, self.serializer.name, functions)) as pool:
+            while True:
+                leases = backend.lease(self.parallel * 8, 3600, wait=0.5)
+                if not leases:
+                    if backend.counts().queued <= 0:
+                        return
+                    continue  # retries are waiting out their backoff
+                outcomes = list(pool.map(_child_execute, leases, [self.max_attempts] * len(leases)))
+                backend.complete([(o.lease.task_id, o.lease.token, o.record) for o in outcomes if o.ok])
+                for o in outcomes:
+                    if not o.ok:
+                        backend.fail(o.lease.task_id, o.lease.token, o.record, o.retry_in)

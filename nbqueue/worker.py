@@ -1,0 +1,349 @@
+"""Workers: lease tasks, run them, commit results, retry failures, renew long leases.
+
+``Worker`` is the in-process loop (``TaskQueue.poll``); ``WorkerProcesses`` starts and stops
+worker processes (``TaskQueue.spawn_workers``, ``nbqueue worker -p N``). A worker process is
+started fresh (never forked from a kernel) and runs only queueable code.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from . import defaults
+from .backends.base import Lease, TaskStatus, job_of
+from .errors import BadSignature, DecodeError, Terminal
+from .records import error_info, seal_record
+from .tasks import TaskCodec
+
+if TYPE_CHECKING:
+    from .queue import TaskQueue
+
+TERMINAL_ERRORS = (BadSignature, DecodeError, Terminal)
+
+
+def worker_id() -> str:
+    """``host:pid`` of this process, recorded with every result."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def retry_delay(attempt: int) -> float:
+    """Exponential backoff with jitter before attempt ``attempt + 1``."""
+    base = min(defaults.RETRY_BASE_SECONDS * 2 ** (attempt - 1), defaults.RETRY_MAX_SECONDS)
+    return base * random.uniform(0.5, 1.0)
+
+
+@dataclass
+class Outcome:
+    """What running one lease produced: a record to commit, or a failure to report."""
+
+    lease: Lease
+    record: bytes
+    ok: bool
+    retry_in: float | None = None  # for failures: None means dead
+
+
+def execute(codec: TaskCodec, lease: Lease, fetch_function, max_attempts: int, who: str) -> Outcome:
+    """Decode and run one leased task; never raises for the task's own errors."""
+    started = time.time()
+    job_id = job_of(lease.task_id)
+    try:
+        call = codec.decode(lease.task_id, lease.payload, fetch_function)
+        value = call.run()
+    except Exception as exc:
+        terminal = isinstance(exc, TERMINAL_ERRORS) or lease.attempt >= max_attempts
+        record = seal_record(codec.signer, codec.serializer, lease.task_id, job_id, error=error_info(exc),
+                             attempt=lease.attempt, started=started, finished=time.time(), worker=who)
+        return Outcome(lease, record, False, None if terminal else retry_delay(lease.attempt))
+    record = seal_record(codec.signer, codec.serializer, lease.task_id, job_id, value=value,
+                         attempt=lease.attempt, started=started, finished=time.time(), worker=who)
+    return Outcome(lease, record, True)
+
+
+class Renewer(threading.Thread):
+    """Renews every held lease each ``lease_seconds / 3``; records leases it lost."""
+
+    def __init__(self, backend, lease_seconds: float) -> None:
+        super().__init__(name="nbqueue-renewer", daemon=True)
+        self.backend = backend
+        self.lease_seconds = lease_seconds
+        self.held: dict[str, str] = {}  # task_id -> token
+        self.lost: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop_event = threading.Event()
+
+    def hold(self, leases: list[Lease]) -> None:
+        with self._lock:
+            self.held.update((l.task_id, l.token) for l in leases)
+
+    def drop(self, task_id: str) -> None:
+        with self._lock:
+            self.held.pop(task_id, None)
+            self.lost.discard(task_id)
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.lease_seconds / 3):
+            with self._lock:
+                held = list(self.held.items())
+            for task_id, token in held:
+                try:
+                    ok = self.backend.renew(task_id, token, self.lease_seconds)
+                except Exception:
+                    continue  # a passing storage error: try again next round
+                if not ok:
+                    with self._lock:
+                        if task_id in self.held:
+                            self.lost.add(task_id)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        if self.is_alive():
+            self.join()
+
+
+@dataclass
+class WorkerStats:
+    """What one worker did."""
+
+    completed: int = 0
+    failed: int = 0
+    dead: int = 0
+    abandoned: int = 0
+    released: int = 0
+    refused: int = 0
+    elapsed: float = 0.0
+    by_status: dict = field(default_factory=dict)
+
+
+class Worker:
+    """The lease loop of one process or thread.
+
+    Leases in batches sized to hold about ``LEASE_BATCH_TARGET_SECONDS`` of work, renews leases
+    from a thread, commits a batch's results together (at least every half second), retries
+    failures with backoff and sends terminal ones to the dead letters.
+    """
+
+    def __init__(
+        self,
+        queue: TaskQueue,
+        *,
+        lease_seconds: float = defaults.LEASE_SECONDS,
+        max_attempts: int = defaults.MAX_ATTEMPTS,
+        burst: bool = False,
+        max_tasks: int | None = None,
+        idle_exit: float | None = None,
+        batch_max: int = defaults.LEASE_BATCH_MAX,
+    ) -> None:
+        self.queue = queue
+        self.backend = queue.backend
+        self.codec = TaskCodec(queue.signer, queue.serializer)
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+        self.burst = burst
+        self.max_tasks = max_tasks
+        self.idle_exit = idle_exit
+        self.batch_max = max(1, batch_max)
+        self.stats = WorkerStats()
+        self.stop_event = threading.Event()
+        self.who = worker_id()
+        self._task_seconds = 0.05  # running estimate of one task's duration
+
+    # -- control --------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Finish the running task, give back the rest, then return from run()."""
+        self.stop_event.set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT stop gracefully; a second SIGINT interrupts at once."""
+
+        def graceful(signum, frame):
+            if self.stop_event.is_set() and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stop()
+
+        signal.signal(signal.SIGTERM, graceful)
+        signal.signal(signal.SIGINT, graceful)
+
+    # -- loop -----------------------------------------------------------------------------------
+    def _batch_size(self) -> int:
+        want = int(defaults.LEASE_BATCH_TARGET_SECONDS / max(self._task_seconds, 1e-4))
+        if self.max_tasks is not None:
+            want = min(want, self.max_tasks - self._done())
+        return max(1, min(self.batch_max, want))
+
+    def _done(self) -> int:
+        s = self.stats
+        return s.completed + s.failed + s.abandoned
+
+    def run(self) -> WorkerStats:
+        """Work until stopped, ``max_tasks`` ran, or (with ``burst``) the queue is empty."""
+        start = time.monotonic()
+        renewer = Renewer(self.backend, self.lease_seconds)
+        renewer.start()
+        idle_since = None
+        sleep = defaults.IDLE_SLEEP_MIN
+        try:
+            while not self.stop_event.is_set():
+                if self.max_tasks is not None and self._done() >= self.max_tasks:
+                    break
+                block = getattr(self.backend, "blocking_lease", False)
+                leases = self.backend.lease(self._batch_size(), self.lease_seconds,
+                                            wait=defaults.BLOCK_SECONDS if block else 0.0)
+                if not leases:
+                    idle_since = idle_since or time.monotonic()
+                    idle = time.monotonic() - idle_since
+                    if self.burst and (self.backend.counts().queued <= 0 or idle > 2 * defaults.RETRY_MAX_SECONDS):
+                        break
+                    if self.idle_exit is not None and idle > self.idle_exit:
+                        break
+                    if not block:
+                        self.stop_event.wait(sleep * random.uniform(0.5, 1.0))
+                        sleep = min(sleep * 2, defaults.IDLE_SLEEP_MAX)
+                    continue
+                idle_since, sleep = None, defaults.IDLE_SLEEP_MIN
+                renewer.hold(leases)
+                self._run_batch(leases, renewer)
+        finally:
+            renewer.stop()
+            self.stats.elapsed = time.monotonic() - start
+        return self.stats
+
+    def _run_batch(self, leases: list[Lease], renewer: Renewer) -> None:
+        pending: list[Outcome] = []
+        first_pending = 0.0
+        for i, lease in enumerate(leases):
+            if self.stop_event.is_set():
+                for rest in leases[i:]:
+                    self.stats.released += self.backend.release(rest.task_id, rest.token)
+                    renewer.drop(rest.task_id)
+                break
+            t = time.monotonic()
+            outcome = execute(self.codec, lease, self.backend.get_function, self.max_attempts, self.who)
+            self._task_seconds = 0.8 * self._task_seconds + 0.2 * (time.monotonic() - t)
+            if lease.task_id in renewer.lost:  # another worker has it now: our result is void
+                self.stats.abandoned += 1
+                renewer.drop(lease.task_id)
+                continue
+            if outcome.ok:
+                pending.append(outcome)
+                first_pending = first_pending or time.monotonic()
+                if time.monotonic() - first_pending > 0.5:
+                    self._commit(pending, renewer)
+                    pending, first_pending = [], 0.0
+            else:
+                self._report_failure(outcome, renewer)
+        self._commit(pending, renewer)
+
+    def _commit(self, outcomes: list[Outcome], renewer: Renewer) -> None:
+        if not outcomes:
+            return
+        accepted = self.backend.complete([(o.lease.task_id, o.lease.token, o.record) for o in outcomes])
+        for outcome, ok in zip(outcomes, accepted):
+            renewer.drop(outcome.lease.task_id)
+            if ok:
+                self.stats.completed += 1
+            else:
+                self.stats.refused += 1
+
+    def _report_failure(self, outcome: Outcome, renewer: Renewer) -> None:
+        lease = outcome.lease
+        state = self.backend.fail(lease.task_id, lease.token, outcome.record, outcome.retry_in)
+        renewer.drop(lease.task_id)
+        if state is None:
+            self.stats.refused += 1
+            return
+        self.stats.failed += 1
+        if state == TaskStatus.DEAD:
+            self.stats.dead += 1
+
+
+# -- processes ------------------------------------------------------------------------------------
+def worker_command(url: str, *, lease_seconds: float | None = None, burst: bool = False,
+                   max_tasks: int | None = None, max_attempts: int | None = None,
+                   idle_exit: float | None = None, insecure: bool = False) -> list[str]:
+    """The command line of one worker process."""
+    cmd = [sys.executable, "-m", "nbqueue", "worker", url, "-p", "1"]
+    if lease_seconds is not None:
+        cmd += ["--lease", str(lease_seconds)]
+    if burst:
+        cmd.append("--burst")
+    if max_tasks is not None:
+        cmd += ["--max-tasks", str(max_tasks)]
+    if max_attempts is not None:
+        cmd += ["--max-attempts", str(max_attempts)]
+    if idle_exit is not None:
+        cmd += ["--idle-exit", str(idle_exit)]
+    if insecure:
+        cmd.append("--insecure")
+    return cmd
+
+
+class WorkerProcesses:
+    """A set of worker processes started fresh (not forked), in their own session so a kernel
+    interrupt does not reach them."""
+
+    def __init__(self, command: list[str], n: int, restart: bool = False, quiet: bool = False) -> None:
+        self.command = command
+        self.restart = restart
+        self._out = subprocess.DEVNULL if quiet else None
+        self.procs = [self._start() for _ in range(n)]
+
+    def _start(self) -> subprocess.Popen:
+        return subprocess.Popen(self.command, start_new_session=True, stdin=subprocess.DEVNULL,
+                                stdout=self._out, stderr=self._out)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def alive(self) -> int:
+        """How many are still running."""
+        return sum(p.poll() is None for p in self.procs)
+
+    def supervise(self, stop: threading.Event) -> int:
+        """Wait for all to exit, restarting crashed ones (nonzero exit) if ``restart``; returns the
+        number of crashes seen. Restarts back off so a poison task cannot spin the machine."""
+        crashes = 0
+        backoff = 0.5
+        while not stop.is_set():
+            running = False
+            for i, p in enumerate(self.procs):
+                code = p.poll()
+                if code is None:
+                    running = True
+                elif code != 0 and self.restart:
+                    crashes += 1
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, 10.0)
+                    if not stop.is_set():
+                        self.procs[i] = self._start()
+                        running = True
+            if not running:
+                break
+            stop.wait(0.2)
+        return crashes
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM each (they finish their running task), then SIGKILL what is left."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def wait(self, timeout: float | None = None) -> list[int]:
+        """Wait for every process to exit; their exit codes."""
+        return [p.wait(timeout) for p in self.procs]
