@@ -150,11 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def add_url(p: argparse.ArgumentParser) -> None:
+        p.add_argument("url", help="queue URL (fq://PATH, redis://..., or a path)")
+        p.add_argument("--insecure", action="store_true", help="do not sign or check signatures")
+
     def command(name: str, fn: Callable, help: str, url: bool = True, json_flag: bool = True):
         p = sub.add_parser(name, help=help, description=help)
         if url:
-            p.add_argument("url", help="queue URL (fq://PATH, redis://..., or a path)")
-            p.add_argument("--insecure", action="store_true", help="do not sign or check signatures")
+            add_url(p)
         if json_flag:
             p.add_argument("--json", action="store_true", help="print JSON")
         p.set_defaults(fn=fn)
@@ -171,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("status", cmd_status, "show the queue's counters")
     command("jobs", cmd_jobs, "list the queue's jobs")
-    d = command("dlq", cmd_dlq, "list, redrive or purge dead letters")
+    d = command("dlq", cmd_dlq, "list, redrive or purge dead letters", url=False)
     d.add_argument("action", choices=["list", "redrive", "purge"], help="what to do")
+    add_url(d)
     d.add_argument("task_ids", nargs="*", help="only these tasks (default: all)")
     r = command("release", cmd_release, "return expired leases to the queue")
     r.add_argument("--all", action="store_true", help="release every lease, live or not")

@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import io
 import json
 import os
 import pickle
+import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -53,6 +55,33 @@ def _is_plain(obj: Any, depth: int = 0) -> bool:
     return cls.__module__ == "numpy" and cls.__name__ == "ndarray" and not obj.dtype.hasobject
 
 
+def _process_local_types() -> tuple[type, ...]:
+    """Objects that mean nothing in another process. dill would copy them (a lock arrives as a
+    fresh lock that guards nothing), so they are refused instead."""
+    return (type(threading.Lock()), type(threading.RLock()), threading.Condition, threading.Thread,
+            io.FileIO, io.BufferedReader, io.BufferedWriter, io.BufferedRandom, io.TextIOWrapper)
+
+
+_dill_pickler = None
+
+
+def _refusing_pickler() -> type:
+    global _dill_pickler
+    if _dill_pickler is None:
+        import dill
+
+        local = _process_local_types()
+
+        class RefusingPickler(dill.Pickler):
+            def reducer_override(self, obj: Any) -> Any:
+                if isinstance(obj, local):
+                    raise TypeError(f"a {type(obj).__name__} belongs to this process and cannot travel to a worker")
+                return NotImplemented
+
+        _dill_pickler = RefusingPickler
+    return _dill_pickler
+
+
 class DillSerializer:
     """dill by value (``recurse=True``): notebook functions, closures and lambdas survive a fresh
     interpreter. Plain data takes a pickle fast path (40× cheaper); dill loads both."""
@@ -62,9 +91,9 @@ class DillSerializer:
     def dumps(self, obj: Any) -> bytes:
         if _is_plain(obj):
             return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        import dill
-
-        return dill.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, recurse=True)
+        buf = io.BytesIO()
+        _refusing_pickler()(buf, protocol=pickle.HIGHEST_PROTOCOL, recurse=True).dump(obj)
+        return buf.getvalue()
 
     def loads(self, data: bytes) -> Any:
         import dill

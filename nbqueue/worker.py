@@ -183,6 +183,13 @@ class Worker:
         s = self.stats
         return s.completed + s.failed + s.abandoned
 
+    def _nothing_left(self, idle: float) -> bool:
+        """Burst mode ends when nothing is queued or leased anywhere: a lease held by a worker
+        that died comes back to us when it expires. Counters that drifted (a process killed
+        mid-write) cannot keep us forever: past the longest wait that can matter, we stop."""
+        counts = self.backend.counts()
+        return counts.queued + counts.leased <= 0 or idle > 2 * max(defaults.RETRY_MAX_SECONDS, self.lease_seconds)
+
     def run(self) -> WorkerStats:
         """Work until stopped, ``max_tasks`` ran, or (with ``burst``) the queue is empty."""
         start = time.monotonic()
@@ -200,7 +207,7 @@ class Worker:
                 if not leases:
                     idle_since = idle_since or time.monotonic()
                     idle = time.monotonic() - idle_since
-                    if self.burst and (self.backend.counts().queued <= 0 or idle > 2 * defaults.RETRY_MAX_SECONDS):
+                    if self.burst and self._nothing_left(idle):
                         break
                     if self.idle_exit is not None and idle > self.idle_exit:
                         break

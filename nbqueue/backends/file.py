@@ -594,8 +594,11 @@ class FileBackend(Backend):
         for name in sorted(os.listdir(self._dirs["quarantine"])):
             if name.endswith(".why"):
                 continue
-            why_path = self._path("quarantine", name + ".why")
-            why = open(why_path, "rb").read() if os.path.exists(why_path) else b"quarantined"
+            try:
+                with open(self._path("quarantine", name + ".why"), "rb") as f:
+                    why = f.read()
+            except FileNotFoundError:
+                why = b"quarantined"
             with open(self._path("quarantine", name), "rb") as f:
                 letters.append(DeadLetter(f"quarantine/{name}", 0, f.read(), why))
         return letters

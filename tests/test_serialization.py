@@ -1,0 +1,212 @@
+"""Notebook functions survive a fresh interpreter: produced in one process, run by a worker
+process, read back in a third."""
+
+from __future__ import annotations
+
+import functools
+import socket
+import threading
+
+import pytest
+
+from nbqueue import (
+    BadSignature,
+    BindError,
+    NotQueueableError,
+    QueueURLError,
+    SerializationError,
+    TaskQueue,
+    UnsafeQueueError,
+    queueable,
+)
+from nbqueue.serialize import Signer, open_envelope, seal
+
+from .helpers import notebook, run_python, start_workers, wait_all
+
+PRODUCER = """
+import functools, sys
+import numpy as np
+from nbqueue import RegisteredTask, TaskQueue, queueable
+
+OFFSET = 100
+
+def helper(x):
+    return x * 3
+
+@queueable
+def uses_global(x):
+    return x + OFFSET
+
+@queueable
+def calls_helper(x):
+    return helper(x) + 1
+
+def make_closure():
+    arr = np.arange(131072, dtype=np.float64)   # 1 MiB
+    @queueable
+    def total(scale):
+        return float(arr.sum() * scale)
+    return total
+
+square = queueable(lambda x: x * x)
+
+@queueable
+def add3(a, b, c):
+    return a + b + c
+
+class Multiply(RegisteredTask):
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+    def execute(self):
+        return helper(self.a) * self.b
+
+tq = TaskQueue(sys.argv[1])
+job = tq.insert([
+    functools.partial(uses_global, 1),
+    functools.partial(calls_helper, 2),
+    functools.partial(make_closure(), 2.0),
+    functools.partial(square, 7),
+    functools.partial(functools.partial(add3, 1), 2, c=3),
+    Multiply(2, 5),
+], progress=False)
+print(job.id)
+"""
+
+
+def test_notebook_functions_run_in_a_fresh_worker_process(tmp_path):
+    url = f"fq://{tmp_path / 'q'}"
+    made = run_python(PRODUCER, url)
+    assert made.returncode == 0, made.stderr
+    job_id = made.stdout.strip()
+    (code,) = wait_all(start_workers(url, 1, "--burst"), timeout=60)
+    assert code == 0
+    job = TaskQueue(url).job(job_id)  # reattached from a third process
+    assert job.wait(timeout=30, progress=False).results() == [
+        101, 7, 2.0 * 131072 * 131071 / 2, 49, 6, 30,
+    ]
+    assert job.errors() == []
+
+
+def test_function_is_stored_once_per_job(tmp_path):
+    nb = notebook("""
+        from nbqueue import queueable
+        BIG = list(range(100_000))
+        @queueable
+        def pick(i):
+            return BIG[i]
+    """)
+    tq = TaskQueue(f"fq://{tmp_path / 'q'}")
+    tq.insert((functools.partial(nb.pick, i) for i in range(50)), progress=False)
+    assert len(list((tmp_path / "q" / "fn").iterdir())) == 1
+    segment_bytes = sum(p.stat().st_size for p in (tmp_path / "q" / "queue").iterdir())
+    assert segment_bytes < 50 * 400  # each task carries its digest and arguments only
+
+
+@pytest.mark.parametrize("bad,culprit", [(threading.Lock(), "lock"), (socket.socket(), "socket")])
+def test_unserializable_argument_names_it_and_queues_nothing(tmp_path, bad, culprit):
+    nb = notebook("""
+        from nbqueue import queueable
+        @queueable
+        def use(x):
+            return x
+    """)
+    tq = TaskQueue(f"fq://{tmp_path / 'q'}")
+    with pytest.raises(SerializationError, match=culprit) as info:
+        tq.insert([functools.partial(nb.use, 1), functools.partial(nb.use, bad)], progress=False)
+    assert "argument 0" in str(info.value)
+    assert tq.status().queued == 0 and tq.jobs() == []
+    if isinstance(bad, socket.socket):
+        bad.close()
+
+
+def test_unserializable_global_of_a_function_is_named(tmp_path):
+    nb = notebook("""
+        import threading
+        from nbqueue import queueable
+        GUARD = threading.Lock()
+        @queueable
+        def locked(x):
+            with GUARD:
+                return x
+    """)
+    tq = TaskQueue(f"fq://{tmp_path / 'q'}")
+    with pytest.raises(SerializationError, match="global 'GUARD'"):
+        tq.insert([functools.partial(nb.locked, 1)], progress=False)
+    assert tq.status().inserted == 0
+
+
+def test_wrong_arguments_fail_at_insert_with_the_function_name(tmp_path):
+    @queueable
+    def scale(x, factor=2):
+        return x * factor
+
+    tq = TaskQueue(f"fq://{tmp_path / 'q'}")
+    with pytest.raises(BindError, match=r"scale\(\).*factr"):
+        tq.insert([functools.partial(scale, 1, factr=3)], progress=False)
+    with pytest.raises(BindError, match=r"scale\(\)"):
+        tq.insert([scale], progress=False)  # x missing
+    assert tq.status().inserted == 0 and tq.jobs() == []
+
+
+def test_non_queueable_callables_are_refused(tmp_path):
+    def plain(x):
+        return x
+
+    tq = TaskQueue(f"fq://{tmp_path / 'q'}")
+    with pytest.raises(NotQueueableError, match=r"plain\(\) is not marked @queueable"):
+        tq.insert([functools.partial(plain, 1)], progress=False)
+    with pytest.raises(NotQueueableError):
+        tq.insert([print], progress=False)
+    with pytest.raises(NotQueueableError):
+        tq.insert([42], progress=False)
+    assert tq.status().inserted == 0
+
+
+def test_bad_urls_and_unsafe_directories_are_refused(tmp_path):
+    with pytest.raises(QueueURLError, match="unknown queue scheme 'sqs://'"):
+        TaskQueue("sqs://bucket")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(QueueURLError, match="is a file"):
+        TaskQueue(f"fq://{a_file}")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(UnsafeQueueError, match="writable by group or others"):
+        TaskQueue(f"fq://{shared}")
+    assert list(shared.iterdir()) == []
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(QueueURLError, match="not an nbqueue queue"):
+        TaskQueue(f"fq://{busy}")
+
+
+def test_created_queue_files_are_private(tmp_path):
+    nb = notebook("""
+        from nbqueue import queueable
+        @queueable
+        def one():
+            return 1
+    """)
+    tq = TaskQueue(f"fq://{tmp_path / 'q'}")
+    tq.insert([nb.one], progress=False)
+    for path in (tmp_path / "q").rglob("*"):
+        mode = path.stat().st_mode & 0o777
+        assert mode == (0o700 if path.is_dir() else 0o600), path
+
+
+def test_envelopes_refuse_other_keys_flipped_bytes_and_other_task_ids():
+    signer = Signer(b"k1")
+    blob = seal(signer, {"kind": "task", "t": "j-1", "j": "j"}, b"payload")
+    assert open_envelope(signer, blob, "task", t="j-1")[1] == b"payload"
+    with pytest.raises(BadSignature):
+        open_envelope(Signer(b"k2"), blob, "task")
+    for i in range(len(blob)):
+        flipped = bytearray(blob)
+        flipped[i] ^= 0x01
+        with pytest.raises((BadSignature, Exception)) as info:
+            open_envelope(signer, bytes(flipped), "task", t="j-1")
+        assert type(info.value).__module__ == "nbqueue.errors"
+    with pytest.raises(BadSignature, match="made for t='j-1'"):
+        open_envelope(signer, blob, "task", t="j-2")

@@ -1,0 +1,275 @@
+"""Real worker processes: exactly-once audit, kills, retries, dead letters, tampering."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nbqueue import LocalTaskQueue, TaskFailed, TaskQueue
+from nbqueue.backends.base import TaskStatus
+
+from .helpers import notebook, start_workers, wait_all, wait_for
+
+NOTEBOOK = """
+import os, time
+from nbqueue import queueable, Terminal
+
+@queueable
+def record(i, log_dir):
+    # One line per execution, in a file per worker process: duplicates would show.
+    with open(os.path.join(log_dir, str(os.getpid())), "a") as f:
+        f.write(f"{i}\\n")
+    return i * 2
+
+@queueable
+def slow(seconds, marker):
+    with open(marker, "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    time.sleep(seconds)
+    return os.getpid()
+
+@queueable
+def flaky(flag_path):
+    if not os.path.exists(flag_path):
+        raise ValueError(f"no flag at {flag_path}")
+    return "fixed"
+
+@queueable
+def refuse():
+    raise Terminal("this input can never work")
+
+class Canary:
+    # Unpickling this object creates the canary file: proof that bytes were loaded.
+    def __init__(self, path):
+        self.path = path
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+@queueable
+def touch(obj):
+    return "ran"
+"""
+
+
+@pytest.fixture(params=["fq", "redis"])
+def worker_url(request, tmp_path):
+    """A queue that worker processes can share."""
+    if request.param == "fq":
+        return f"fq://{tmp_path / 'queue'}"
+    return request.getfixturevalue("redis_url")
+
+
+@pytest.fixture(scope="module")
+def nb():
+    return notebook(NOTEBOOK)
+
+
+def read_log(log_dir) -> list[int]:
+    return [int(line) for f in log_dir.iterdir() for line in f.read_text().split()]
+
+
+@pytest.mark.slow
+def test_four_workers_run_5000_tasks_exactly_once(worker_url, nb, tmp_path):
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    tq = TaskQueue(worker_url)
+    job = tq.insert((functools.partial(nb.record, i, str(log_dir)) for i in range(5000)), total=5000,
+                    progress=False)
+    codes = wait_all(start_workers(worker_url, 4, "--burst"), timeout=240)
+    assert codes == [0, 0, 0, 0]
+    assert job.wait(timeout=30, progress=False).results() == [i * 2 for i in range(5000)]
+    executions = read_log(log_dir)
+    assert sorted(executions) == list(range(5000))  # every side effect exactly once
+    assert len(list(log_dir.iterdir())) >= 2  # the work really was shared
+    counts = tq.status()
+    assert (counts.inserted, counts.queued, counts.leased, counts.completed, counts.dead) == (5000, 0, 0, 5000, 0)
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_loses_nothing(worker_url, nb, tmp_path):
+    marker = tmp_path / "started"
+    tq = TaskQueue(worker_url)
+    job = tq.insert([functools.partial(nb.slow, 1.5, str(marker))], progress=False)
+    (victim,) = start_workers(worker_url, 1, "--lease", "2")
+    wait_for(lambda: marker.exists(), what="the task to start")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    (rescuer,) = start_workers(worker_url, 1, "--lease", "2", "--burst")
+    assert wait_all([rescuer], timeout=60) == [0]
+    (record,) = job.wait(timeout=30, progress=False).records()
+    assert record.ok and record.attempt == 2 and record.value == rescuer.pid
+    assert len(marker.read_text().split()) == 2
+    assert tq.status().leased == 0 and tq.status().queued == 0
+
+
+@pytest.mark.slow
+def test_failing_task_retries_then_dead_letters_then_redrives(worker_url, nb, tmp_path):
+    flag = tmp_path / "flag"
+    tq = TaskQueue(worker_url)
+    job = tq.insert([functools.partial(nb.flaky, str(flag))], progress=False)
+    assert wait_all(start_workers(worker_url, 1, "--burst", "--max-attempts", "3"), timeout=60) == [0]
+    (error,) = job.wait(timeout=30, progress=False).errors()
+    assert error.type == "ValueError" and "no flag" in error.message and error.attempts == 3
+    assert "Traceback" in error.traceback and "flaky" in error.traceback
+    with pytest.raises(TaskFailed, match="1 of 1 tasks failed"):
+        job.results()
+    assert job.results(on_error="none") == [None]
+    (letter,) = tq.dead()
+    assert letter.attempts == 3
+    assert tq.status().failed == 3 and tq.status().dead == 1
+    flag.write_text("now it works")
+    assert tq.redrive() == 1
+    assert wait_all(start_workers(worker_url, 1, "--burst"), timeout=60) == [0]
+    assert job.wait(timeout=30, progress=False).results() == ["fixed"]
+    assert tq.dead() == [] and tq.status().dead == 0
+
+
+def test_terminal_errors_skip_retries(worker_url, nb):
+    tq = TaskQueue(worker_url)
+    job = tq.insert([nb.refuse], progress=False)
+    assert wait_all(start_workers(worker_url, 1, "--burst"), timeout=60) == [0]
+    (error,) = job.wait(timeout=30, progress=False).errors()
+    assert error.type == "Terminal" and error.attempts == 1
+
+
+def test_tampered_task_is_never_unpickled(tmp_path, nb):
+    url = f"fq://{tmp_path / 'queue'}"
+    tq = TaskQueue(url)
+    good_canary, bad_canary = tmp_path / "good", tmp_path / "bad"
+    tq.insert([functools.partial(nb.touch, nb.Canary(str(bad_canary)))], progress=False)
+    (segment,) = (tmp_path / "queue" / "queue").iterdir()
+    blob = bytearray(segment.read_bytes())
+    blob[-40] ^= 0x01  # one bit inside the signed envelope
+    segment.write_bytes(bytes(blob))
+    control = tq.insert([functools.partial(nb.touch, nb.Canary(str(good_canary)))], progress=False)
+    assert wait_all(start_workers(url, 1, "--burst"), timeout=60) == [0]
+    assert control.wait(timeout=10, progress=False).results() == ["ran"]
+    assert good_canary.exists(), "the canary works when the bytes are genuine"
+    assert not bad_canary.exists(), "tampered bytes were unpickled"
+    (letter,) = tq.dead()
+    [error] = [e for j in tq.jobs() for e in j.errors()]
+    assert error.type == "BadSignature" and "bad signature" in error.message
+    assert letter.attempts == 1
+
+
+def test_foreign_file_in_queue_directory_is_quarantined(tmp_path, nb):
+    url = f"fq://{tmp_path / 'queue'}"
+    tq = TaskQueue(url)
+    (tmp_path / "queue" / "queue" / "0000000000000.notes.txt").write_text("not a task")
+    (tmp_path / "queue" / "queue" / "0000000000000.0.jx.bad.0-1").write_bytes(b"garbage")
+    job = tq.insert([functools.partial(nb.record, 1, str(tmp_path))], progress=False)
+    assert wait_all(start_workers(url, 1, "--burst"), timeout=60) == [0]
+    assert job.wait(timeout=10, progress=False).results() == [2]
+    reasons = {d.task_id: d.error.decode() for d in tq.dead()}
+    assert len(reasons) == 2
+    assert any("not an nbqueue task range" in r for r in reasons.values())
+    assert any("unreadable task segment" in r for r in reasons.values())
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_running_task_and_releases_the_rest(worker_url, nb, tmp_path):
+    marker = tmp_path / "started"
+    tq = TaskQueue(worker_url)
+    job = tq.insert([functools.partial(nb.slow, 1.0, str(marker)) for _ in range(3)], progress=False)
+    (worker,) = start_workers(worker_url, 1)
+    wait_for(lambda: marker.exists(), what="the first task to start")
+    worker.send_signal(signal.SIGTERM)
+    assert wait_all([worker], timeout=30) == [0]
+    counts = job.counts()
+    assert counts.completed == 1 and counts.leased == 0 and counts.queued == 2
+
+
+def test_producer_failure_part_way_leaves_an_exact_total(tmp_path, nb):
+    tq = TaskQueue(f"fq://{tmp_path / 'queue'}")
+
+    def tasks():
+        for i in range(1200):
+            if i == 700:
+                raise RuntimeError("producer broke")
+            yield functools.partial(nb.record, i, str(tmp_path))
+
+    with pytest.raises(RuntimeError, match="producer broke") as info:
+        tq.insert(tasks(), batch_size=500, progress=False)
+    assert "500 task(s) of job" in "".join(getattr(info.value, "__notes__", []))
+    (job,) = tq.jobs()
+    assert job.total == 500 and job.meta["state"] == "insert_failed"
+    assert job.counts().inserted == 500 and tq.status().queued == 500
+
+
+def test_poll_runs_in_process_on_memory_queue(nb):
+    tq = TaskQueue("mem://poll-test")
+    job = tq.insert((functools.partial(nb.record, i, "/dev/null") for i in range(0)), progress=False)
+    assert job.total == 0 and job.wait(timeout=1, progress=False).results() == []
+    job = tq.insert([nb.refuse, functools.partial(nb.slow, 0, os.devnull)], progress=False)
+    stats = tq.poll(max_attempts=1)
+    assert stats.completed == 1 and stats.dead == 1
+    values = job.results(on_error="exception")
+    assert values[0].type == "Terminal" and values[1] == os.getpid()
+
+
+def test_local_task_queue_runs_in_local_processes(nb):
+    ltq = LocalTaskQueue(parallel=2, progress=False)
+    job = ltq.insert(functools.partial(nb.slow, 0, os.devnull) for _ in range(8))
+    pids = job.results()
+    assert len(pids) == 8 and os.getpid() not in pids
+
+
+def test_worker_refuses_unmarked_functions_even_if_queued(tmp_path):
+    """A payload naming a function that is not @queueable is dead-lettered, not run."""
+    from nbqueue.serialize import Signer, get_serializer
+    from nbqueue.tasks import TaskCall, TaskCodec
+
+    url = f"fq://{tmp_path / 'queue'}"
+    tq = TaskQueue(url)
+    codec = TaskCodec(Signer.default(), get_serializer())
+    digest, blob, _ = codec.function_digest(os.getcwd)
+    tq.backend.put_function(digest, blob)
+    tq.backend.insert("jx", [("jx-0", codec.encode("jx-0", "jx", TaskCall(os.getcwd), digest))])
+    assert wait_all(start_workers(url, 1, "--burst"), timeout=60) == [0]
+    (letter,) = tq.dead()
+    assert b"not marked @queueable" in letter.error
+
+
+def test_cli_status_jobs_and_dlq(tmp_path, nb):
+    url = f"fq://{tmp_path / 'queue'}"
+    tq = TaskQueue(url)
+    tq.insert([nb.refuse, nb.refuse], name="doomed", progress=False)
+
+    def cli(*args):
+        out = subprocess.run([sys.executable, "-m", "nbqueue", *args], capture_output=True, text=True, timeout=60)
+        return out.returncode, out.stdout, out.stderr
+
+    assert cli("worker", url, "--burst")[0] == 0
+    code, out, _ = cli("status", url, "--json")
+    assert code == 0 and json.loads(out)["dead"] == 2
+    code, out, _ = cli("jobs", url, "--json")
+    assert json.loads(out)[0]["name"] == "doomed" and json.loads(out)[0]["dead"] == 2
+    code, out, _ = cli("dlq", "list", url, "--json")
+    rows = json.loads(out)
+    assert [r["type"] for r in rows] == ["Terminal", "Terminal"]
+    assert cli("dlq", "redrive", url, rows[0]["task_id"])[0] == 0
+    assert tq.status().queued == 1 and tq.status().dead == 1
+    assert cli("dlq", "purge", url)[0] == 0
+    assert tq.dead() == []
+    code, _, err = cli("status", "nope://x")
+    assert code == 2 and err.count("\n") == 1 and "unknown queue scheme" in err
+
+
+def test_lease_loss_is_detected_and_result_discarded(tmp_path, nb):
+    """A worker whose lease was taken over gets its complete refused (token fencing)."""
+    tq = TaskQueue(f"fq://{tmp_path / 'queue'}")
+    tq.insert([functools.partial(nb.record, 5, str(tmp_path))], progress=False)
+    (first,) = tq.backend.lease(1, 0.2)
+    time.sleep(0.3)
+    (second,) = tq.backend.lease(1, 30)
+    assert tq.backend.complete([(first.task_id, first.token, b"late")]) == [False]
+    assert tq.backend.fail(first.task_id, first.token, b"late", None) is None
+    assert tq.backend.complete([(second.task_id, second.token, b"x")]) == [True]
+    assert TaskStatus.COMPLETED.value == "completed"
