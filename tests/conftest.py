@@ -10,10 +10,27 @@ import pytest
 from nbqueue.backends import open_backend
 from nbqueue.backends.memory import MemoryBackend
 
+from .redis_server import RedisServer
+
 # Tests sign with a fixed key so child processes (workers) agree without a key file.
 os.environ.setdefault("NBQUEUE_SECRET", "nbqueue-test-secret")
 
-BACKEND_KINDS = ["mem", "fq"]
+BACKEND_KINDS = ["mem", "fq", "redis"]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One private redis-server for the whole session (fails, never skips, without one)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """A redis:// URL of a fresh queue on the private server."""
+    return redis_server.url(uuid.uuid4().hex)
 
 
 @pytest.fixture(params=BACKEND_KINDS)

@@ -59,11 +59,7 @@ from .base import Backend, Counts, DeadLetter, Lease, TaskStatus, check_id, inde
 try:
     import redis
     from redis.backoff import ExponentialBackoff
-    from redis.exceptions import (
-        AuthenticationError,
-        NoPermissionError,
-        ResponseError,
-    )
+    from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
     from redis.retry import Retry
@@ -94,6 +90,15 @@ JOB_KINDS = ("jc", "results", "job")
 FUNCTION_KIND = "fn"
 
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # 0 would make sockets non-blocking; NaN fails this too
+        raise ValueError(text)
+    return value
+
+
 #: URL query options handed to redis-py, with their parsers.
 _CLIENT_OPTIONS: dict[str, Callable[[str], Any]] = {
     "ssl_cert_reqs": str,
@@ -101,8 +106,8 @@ _CLIENT_OPTIONS: dict[str, Callable[[str], Any]] = {
     "ssl_certfile": str,
     "ssl_keyfile": str,
     "ssl_check_hostname": lambda v: v.lower() in ("1", "true", "yes", "on"),
-    "socket_timeout": float,
-    "socket_connect_timeout": float,
+    "socket_timeout": _seconds,
+    "socket_connect_timeout": _seconds,
     "health_check_interval": int,
     "client_name": str,
 }
@@ -202,6 +207,8 @@ class RedisBackend(Backend):
     and a blocking ``lease`` holds only its own connection while it waits.
     """
 
+    blocking_lease = True
+
     def __init__(
         self,
         url: str,
@@ -254,7 +261,9 @@ class RedisBackend(Backend):
         try:
             yield
         except AuthenticationError as exc:
-            raise BackendUnavailable(f"redis refused the credentials of {self.url}: {self._scrub(exc)}") from None
+            raise BackendUnavailable(
+                f"redis refused the credentials of {self.url}: {self._scrub(exc)}"
+            ) from None
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise BackendUnavailable(f"cannot reach redis at {self.url}: {self._scrub(exc)}") from None
         except NoPermissionError as exc:
@@ -279,12 +288,11 @@ class RedisBackend(Backend):
                 # CONFIG denied by an ACL or renamed by a managed service: nothing to check.
                 self._client.ping()
                 return
-        policy = config.get(b"maxmemory-policy", config.get("maxmemory-policy", b""))
-        policy = policy.decode() if isinstance(policy, bytes) else str(policy)
+        policy = config.get("maxmemory-policy", "")  # redis-py decodes CONFIG GET replies
         kwargs = self._client.get_connection_kwargs()
         server = (str(kwargs.get("host")), int(kwargs.get("port") or 0))
         with _policy_lock:
-            if policy == "noeviction" or server in _policy_checked:
+            if policy in ("", "noeviction") or server in _policy_checked:
                 return
             _policy_checked.add(server)
         warnings.warn(
@@ -361,7 +369,7 @@ class RedisBackend(Backend):
         out = self._run("lease", _ms(seconds), *tokens)
         leases = [
             Lease(task.decode(), token.decode(), int(attempt), payload)
-            for task, token, attempt, payload in zip(out[1::4], out[2::4], out[3::4], out[4::4])
+            for task, token, attempt, payload in zip(out[1::4], out[2::4], out[3::4], out[4::4], strict=True)
         ]
         return leases, int(out[0])
 
@@ -399,7 +407,9 @@ class RedisBackend(Backend):
 
     @_translated
     def results(self, job_id: str) -> dict[str, bytes]:
-        return {task.decode(): value for task, value in self._client.hgetall(self.key("results", job_id)).items()}
+        return {
+            task.decode(): value for task, value in self._client.hgetall(self.key("results", job_id)).items()
+        }
 
     @_translated
     def exact_job_finished(self, job_id: str) -> int:
@@ -417,7 +427,7 @@ class RedisBackend(Backend):
     @_translated
     def rezero(self) -> Counts:
         flat = self._run("rezero")
-        return _counts(dict(zip(flat[::2], flat[1::2])))
+        return _counts(dict(zip(flat[::2], flat[1::2], strict=True)))
 
     @_translated
     def dead(self) -> list[DeadLetter]:
@@ -457,7 +467,7 @@ class RedisBackend(Backend):
             chunk = ids[start : start + _IDS_PER_READ]
             with self._translate_errors():
                 payloads = self._client.hmget(self.key("payload"), chunk)
-            for task, payload in zip(chunk, payloads):
+            for task, payload in zip(chunk, payloads, strict=True):
                 if payload is not None:
                     yield task.decode(), payload
 
