@@ -25,7 +25,22 @@ from .tasks import RegisteredTask, queueable
 __version__ = "0.1.0"
 
 __all__ = [
-    "BadSignature", "BindError", "Counts", "DeadLetter", "Job", "LocalTaskQueue", "NbQueueError",
-    "NotQueueableError", "QueueURLError", "RegisteredTask", "SerializationError", "TaskError",
-    "TaskFailed", "TaskQueue", "TaskStatus", "Terminal", "UnsafeQueueError", "queueable",
+    "BadSignature",
+    "BindError",
+    "Counts",
+    "DeadLetter",
+    "Job",
+    "LocalTaskQueue",
+    "NbQueueError",
+    "NotQueueableError",
+    "QueueURLError",
+    "RegisteredTask",
+    "SerializationError",
+    "TaskError",
+    "TaskFailed",
+    "TaskQueue",
+    "TaskStatus",
+    "Terminal",
+    "UnsafeQueueError",
+    "queueable",
 ]

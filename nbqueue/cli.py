@@ -33,8 +33,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from .worker import Worker, WorkerProcesses, worker_command
 
     if args.processes > 1:
-        cmd = worker_command(args.url, lease_seconds=args.lease, burst=args.burst, max_tasks=args.max_tasks,
-                             max_attempts=args.max_attempts, idle_exit=args.idle_exit, insecure=args.insecure)
+        cmd = worker_command(
+            args.url,
+            lease_seconds=args.lease,
+            burst=args.burst,
+            max_tasks=args.max_tasks,
+            max_attempts=args.max_attempts,
+            idle_exit=args.idle_exit,
+            insecure=args.insecure,
+        )
         pool = WorkerProcesses(cmd, args.processes, restart=True)
         stop = threading.Event()
 
@@ -48,14 +55,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
         pool.supervise(stop)
         pool.stop()
         return EXIT_OK
-    worker = Worker(_queue(args), lease_seconds=args.lease, max_attempts=args.max_attempts, burst=args.burst,
-                    max_tasks=args.max_tasks, idle_exit=args.idle_exit)
+    worker = Worker(
+        _queue(args),
+        lease_seconds=args.lease,
+        max_attempts=args.max_attempts,
+        burst=args.burst,
+        max_tasks=args.max_tasks,
+        idle_exit=args.idle_exit,
+    )
     worker.install_signal_handlers()
     stats = worker.run()
     worker.backend.close()
     if args.verbose:
-        print(f"worker {worker.who}: {stats.completed} completed, {stats.failed} failed "
-              f"({stats.dead} dead), {stats.abandoned} abandoned in {stats.elapsed:.1f}s", file=sys.stderr)
+        print(
+            f"worker {worker.who}: {stats.completed} completed, {stats.failed} failed "
+            f"({stats.dead} dead), {stats.abandoned} abandoned in {stats.elapsed:.1f}s",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -74,8 +90,16 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     rows, lines = [], []
     for job in tq.jobs():
         counts = job.counts()
-        rows.append({"id": job.id, "name": job.name, "total": job.total, "state": job.meta.get("state"),
-                     "created": job.meta.get("created"), **counts.as_dict()})
+        rows.append(
+            {
+                "id": job.id,
+                "name": job.name,
+                "total": job.total,
+                "state": job.meta.get("state"),
+                "created": job.meta.get("created"),
+                **counts.as_dict(),
+            }
+        )
         lines.append(f"{job.id}  {job.name:<24.24}  {describe(counts, job.total)}")
     _print(args, rows, "\n".join(lines) or "no jobs")
     return EXIT_OK
@@ -100,14 +124,26 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         error = {"type": "?", "message": "", "traceback": ""}
         if letter.error is not None and not letter.task_id.startswith("quarantine/"):
             try:
-                rec = open_record(tq.signer, tq.serializer, letter.task_id, letter.error, job_of(letter.task_id))
+                rec = open_record(
+                    tq.signer, tq.serializer, letter.task_id, letter.error, job_of(letter.task_id)
+                )
                 if rec.error is not None:
-                    error = {"type": rec.error.type, "message": rec.error.message, "traceback": rec.error.traceback}
+                    error = {
+                        "type": rec.error.type,
+                        "message": rec.error.message,
+                        "traceback": rec.error.traceback,
+                    }
             except NbQueueError as exc:
                 error = {"type": type(exc).__name__, "message": str(exc), "traceback": ""}
         elif letter.error is not None:
-            error = {"type": "Quarantined", "message": letter.error.decode("utf-8", "replace"), "traceback": ""}
-        rows.append({"task_id": letter.task_id, "attempts": letter.attempts, "bytes": len(letter.payload), **error})
+            error = {
+                "type": "Quarantined",
+                "message": letter.error.decode("utf-8", "replace"),
+                "traceback": "",
+            }
+        rows.append(
+            {"task_id": letter.task_id, "attempts": letter.attempts, "bytes": len(letter.payload), **error}
+        )
     text = "\n".join(f"{r['task_id']}  attempts={r['attempts']}  {r['type']}: {r['message']}" for r in rows)
     _print(args, rows, text or "no dead letters")
     return EXIT_OK
@@ -188,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tasks", type=int, default=3000, help="tasks to run (default 3000)")
     demo.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     demo.add_argument("--dir", default=None, help="queue directory (default: a new temporary one)")
-    demo.add_argument("--fail-every", type=int, default=0, help="make every Nth task fail (shows dead letters)")
+    demo.add_argument(
+        "--fail-every", type=int, default=0, help="make every Nth task fail (shows dead letters)"
+    )
     return parser
 
 

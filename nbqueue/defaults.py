@@ -21,7 +21,7 @@ LEASE_BATCH_MAX = 64
 LEASE_BATCH_TARGET_SECONDS = 0.5
 #: Idle worker backoff: starts here, doubles with jitter, stops at the max.
 IDLE_SLEEP_MIN = 0.01
-IDLE_SLEEP_MAX = 1.0
+IDLE_SLEEP_MAX = 0.2  # bounds how long an idle fq:// worker takes to notice new work
 #: How long a worker blocks on a backend that can notify (redis) per call.
 BLOCK_SECONDS = 1.0
 #: How often per-process counter deltas are flushed on fq:// (seconds).

@@ -14,7 +14,7 @@ import time
 import types
 
 #: What a user would type into notebook cells.
-NOTEBOOK_SOURCE = '''
+NOTEBOOK_SOURCE = """
 import math
 import random
 from nbqueue import queueable, Terminal
@@ -34,7 +34,7 @@ def simulate(seed, fail_every=0):
         raise Terminal(f"seed {seed} is a planted failure")
     rng = random.Random(seed)
     return estimate_pi(rng, SAMPLES) - math.pi
-'''
+"""
 
 
 def notebook_namespace() -> types.ModuleType:
@@ -53,8 +53,9 @@ def run_demo(tasks: int = 3000, workers: int = 2, directory: str | None = None, 
     nb = notebook_namespace()
     print(f"nbqueue demo: {tasks} tasks on fq://{path} with {workers} worker processes")
     t0 = time.perf_counter()
-    job = tq.insert((functools.partial(nb.simulate, seed, fail_every) for seed in range(tasks)),
-                    total=tasks, name="demo")
+    job = tq.insert(
+        (functools.partial(nb.simulate, seed, fail_every) for seed in range(tasks)), total=tasks, name="demo"
+    )
     inserted = time.perf_counter() - t0
     t1 = time.perf_counter()
     pool = tq.spawn_workers(workers, burst=True)
@@ -70,10 +71,15 @@ def run_demo(tasks: int = 3000, workers: int = 2, directory: str | None = None, 
     mean_error = sum(good) / len(good) if good else float("nan")
     print(f"  tasks       {tasks}")
     print(f"  completed   {counts.completed}")
-    print(f"  failed      {len(failures)}" + (f"  (first: {failures[0].type}: {failures[0].message})" if failures else ""))
+    print(
+        f"  failed      {len(failures)}"
+        + (f"  (first: {failures[0].type}: {failures[0].message})" if failures else "")
+    )
     print(f"  insert      {tasks / inserted:,.0f} tasks/s ({inserted:.2f}s)")
-    print(f"  drain       {tasks / drained:,.0f} tasks/s with {workers} workers ({drained:.2f}s, "
-          "including worker start-up)")
+    print(
+        f"  drain       {tasks / drained:,.0f} tasks/s with {workers} workers ({drained:.2f}s, "
+        "including worker start-up)"
+    )
     print(f"  result      mean(pi estimate - pi) = {mean_error:+.5f}")
     print(f"  queue       fq://{path}  (inspect: nbqueue status fq://{path})")
     return 1 if failures and not fail_every else 0

@@ -32,8 +32,13 @@ def new_job_id() -> str:
 def job_meta(job_id: str, name: str | None, source: str | None) -> dict[str, Any]:
     """A fresh job record."""
     return {
-        "id": job_id, "name": name or job_id, "created": time.time(), "total": None,
-        "state": "inserting", "error": None, "source": source,
+        "id": job_id,
+        "name": name or job_id,
+        "created": time.time(),
+        "total": None,
+        "state": "inserting",
+        "error": None,
+        "source": source,
         "producer": {"host": socket.gethostname(), "pid": os.getpid()},
     }
 
@@ -97,8 +102,10 @@ def insert_tasks(
             meta.update(total=queued, state="insert_failed", error=f"{type(exc).__name__}: {exc}")
             queue._put_meta(job_id, meta)
             if hasattr(exc, "add_note"):
-                exc.add_note(f"nbqueue: {queued} task(s) of job {job_id} were queued before this error; "
-                             f"the job's total is {queued}.")
+                exc.add_note(
+                    f"nbqueue: {queued} task(s) of job {job_id} were queued before this error; "
+                    f"the job's total is {queued}."
+                )
         raise
     finally:
         bar.close()

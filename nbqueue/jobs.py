@@ -98,14 +98,17 @@ class Job:
                 if counts.finished != last_finished:
                     last_finished, last_change = counts.finished, time.monotonic()
                     sleep = defaults.WAIT_POLL_MIN
-                if total is not None and (counts.finished >= total or time.monotonic() - last_change
-                                          > _STALL_CHECK_SECONDS):
+                if total is not None and (
+                    counts.finished >= total or time.monotonic() - last_change > _STALL_CHECK_SECONDS
+                ):
                     # Counters can lag a killed process: the records themselves decide.
                     if self.queue.backend.exact_job_finished(self.id) >= total:
                         return self
                     last_change = time.monotonic()
                 if timeout is not None and time.monotonic() - start > timeout:
-                    raise TimeoutError(f"job {self.name} not finished after {timeout:g}s: {describe(counts, total)}")
+                    raise TimeoutError(
+                        f"job {self.name} not finished after {timeout:g}s: {describe(counts, total)}"
+                    )
                 time.sleep(sleep)
                 sleep = min(sleep * 1.5, defaults.WAIT_POLL_MAX)
         finally:
@@ -133,7 +136,9 @@ class Job:
         records = self.records()
         total = self.total
         if total is None or len(records) < total:
-            raise RuntimeError(f"job {self.name} is not finished ({len(records)}/{total} tasks); call wait() first")
+            raise RuntimeError(
+                f"job {self.name} is not finished ({len(records)}/{total} tasks); call wait() first"
+            )
         errors = [r.error for r in records if not r.ok]
         if errors and on_error == "raise":
             raise TaskFailed(f"{len(errors)} of {total} tasks failed; first: {errors[0]}", errors)

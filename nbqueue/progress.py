@@ -40,8 +40,10 @@ def insert_bar(total: int | None, desc: str, enabled: bool = True) -> Any:
 def describe(counts: Counts, total: int | None) -> str:
     """One line: ``done/total, failed, running, queued``."""
     of = "?" if total is None else str(total)
-    return (f"{counts.completed + counts.dead}/{of} done · {counts.dead} failed · "
-            f"{counts.leased} running · {counts.queued} queued")
+    return (
+        f"{counts.completed + counts.dead}/{of} done · {counts.dead} failed · "
+        f"{counts.leased} running · {counts.queued} queued"
+    )
 
 
 class JobBar:
@@ -54,16 +56,18 @@ class JobBar:
 
             # Off a terminal (papermill, logs) every redraw is a new line: redraw rarely there.
             interval = 0.25 if sys.stderr.isatty() else 2.0
-            self._bar = tqdm(total=total, desc=desc, unit="task", file=sys.stderr, dynamic_ncols=True,
-                             mininterval=interval)
+            self._bar = tqdm(
+                total=total, desc=desc, unit="task", file=sys.stderr, dynamic_ncols=True, mininterval=interval
+            )
 
     def show(self, counts: Counts, total: int | None) -> None:
         if self._bar is None:
             return
         if total is not None and self._bar.total != total:
             self._bar.total = total
-        self._bar.set_postfix_str(f"failed={counts.dead} running={counts.leased} queued={counts.queued}",
-                                  refresh=False)
+        self._bar.set_postfix_str(
+            f"failed={counts.dead} running={counts.leased} queued={counts.queued}", refresh=False
+        )
         self._bar.update(counts.finished - self._bar.n)  # tqdm rate-limits the redraw
 
     def close(self) -> None:

@@ -67,8 +67,9 @@ class TaskQueue:
             progress: show a bar counting uploaded tasks.
             source: text recorded with the job (e.g. a notebook cell).
         """
-        return insert_tasks(self, tasks, total=total, name=name, batch_size=batch_size,
-                            progress=progress, source=source)
+        return insert_tasks(
+            self, tasks, total=total, name=name, batch_size=batch_size, progress=progress, source=source
+        )
 
     def _put_meta(self, job_id: str, meta: dict) -> None:
         self.backend.put_job(job_id, json.dumps(meta).encode())
@@ -96,8 +97,9 @@ class TaskQueue:
         stop_event: threading.Event | None = None,
     ) -> WorkerStats:
         """Run tasks in this process until the queue is empty (``burst``) or ``max_tasks`` ran."""
-        worker = Worker(self, lease_seconds=lease_seconds, max_attempts=max_attempts, burst=burst,
-                        max_tasks=max_tasks)
+        worker = Worker(
+            self, lease_seconds=lease_seconds, max_attempts=max_attempts, burst=burst, max_tasks=max_tasks
+        )
         if stop_event is not None:
             worker.stop_event = stop_event
         return worker.run()
@@ -118,8 +120,14 @@ class TaskQueue:
         """
         if self.url.startswith("mem://"):
             raise QueueURLError("mem:// lives in this process only: use poll(), LocalTaskQueue, or fq://")
-        cmd = worker_command(self._open_url, lease_seconds=lease_seconds, burst=burst,
-                             max_attempts=max_attempts, idle_exit=idle_exit, insecure=self.insecure)
+        cmd = worker_command(
+            self._open_url,
+            lease_seconds=lease_seconds,
+            burst=burst,
+            max_attempts=max_attempts,
+            idle_exit=idle_exit,
+            insecure=self.insecure,
+        )
         return WorkerProcesses(cmd, n, restart=False)
 
     # -- status and admin -----------------------------------------------------------------------
@@ -205,8 +213,9 @@ class LocalTaskQueue(TaskQueue):
     mem:// one), so a task behaves here as it will on remote workers.
     """
 
-    def __init__(self, parallel: int = 1, *, max_attempts: int = defaults.MAX_ATTEMPTS,
-                 progress: bool = True) -> None:
+    def __init__(
+        self, parallel: int = 1, *, max_attempts: int = defaults.MAX_ATTEMPTS, progress: bool = True
+    ) -> None:
         super().__init__(f"mem://local-{uuid.uuid4().hex}")
         self.parallel = parallel
         self.max_attempts = max_attempts
@@ -227,8 +236,12 @@ class LocalTaskQueue(TaskQueue):
         # Function blobs go to each child once, not with every task.
         functions = dict(backend._functions)  # our own mem:// store, in this process
         ctx = get_context("spawn")  # never fork a kernel
-        with ProcessPoolExecutor(self.parallel, mp_context=ctx, initializer=_child_init,
-                                 initargs=(self.insecure, self.serializer.name, functions)) as pool:
+        with ProcessPoolExecutor(
+            self.parallel,
+            mp_context=ctx,
+            initializer=_child_init,
+            initargs=(self.insecure, self.serializer.name, functions),
+        ) as pool:
             while True:
                 leases = backend.lease(self.parallel * 8, 3600, wait=0.5)
                 if not leases:

@@ -75,8 +75,15 @@ def seal_record(
             error = error_info(exc)
             error["message"] = f"the task's return value cannot be serialized: {error['message']}"
     header = {
-        "kind": "result", "t": task_id, "j": job_id, "ok": error is None, "a": attempt,
-        "s": started, "e": finished, "w": worker, "err": error,
+        "kind": "result",
+        "t": task_id,
+        "j": job_id,
+        "ok": error is None,
+        "a": attempt,
+        "s": started,
+        "e": finished,
+        "w": worker,
+        "err": error,
     }
     return seal(signer, header, payload)
 
@@ -101,7 +108,21 @@ def open_record(signer: Signer, serializer: Serializer, task_id: str, blob: byte
         if not isinstance(err, dict):
             raise BadSignature(f"record of {task_id} has no error description")
         value = None
-        error = TaskError(task_id, err.get("type", "?"), err.get("message", ""), err.get("traceback", ""),
-                          header.get("a", 0), header.get("w"))
-    return TaskRecord(task_id, bool(header.get("ok")), value, error, header.get("a", 0),
-                      header.get("s"), header.get("e"), header.get("w"))
+        error = TaskError(
+            task_id,
+            err.get("type", "?"),
+            err.get("message", ""),
+            err.get("traceback", ""),
+            header.get("a", 0),
+            header.get("w"),
+        )
+    return TaskRecord(
+        task_id,
+        bool(header.get("ok")),
+        value,
+        error,
+        header.get("a", 0),
+        header.get("s"),
+        header.get("e"),
+        header.get("w"),
+    )

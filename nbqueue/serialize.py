@@ -13,6 +13,7 @@ valid envelope copied to another task or job is refused by the id check.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
 import io
@@ -50,7 +51,9 @@ def _is_plain(obj: Any, depth: int = 0) -> bool:
     if type(obj) in (tuple, list, set, frozenset):
         return len(obj) <= 64 and all(_is_plain(x, depth + 1) for x in obj)
     if type(obj) is dict:
-        return len(obj) <= 64 and all(_is_plain(k, depth + 1) and _is_plain(v, depth + 1) for k, v in obj.items())
+        return len(obj) <= 64 and all(
+            _is_plain(k, depth + 1) and _is_plain(v, depth + 1) for k, v in obj.items()
+        )
     cls = type(obj)
     return cls.__module__ == "numpy" and cls.__name__ == "ndarray" and not obj.dtype.hasobject
 
@@ -58,8 +61,17 @@ def _is_plain(obj: Any, depth: int = 0) -> bool:
 def _process_local_types() -> tuple[type, ...]:
     """Objects that mean nothing in another process. dill would copy them (a lock arrives as a
     fresh lock that guards nothing), so they are refused instead."""
-    return (type(threading.Lock()), type(threading.RLock()), threading.Condition, threading.Thread,
-            io.FileIO, io.BufferedReader, io.BufferedWriter, io.BufferedRandom, io.TextIOWrapper)
+    return (
+        type(threading.Lock()),
+        type(threading.RLock()),
+        threading.Condition,
+        threading.Thread,
+        io.FileIO,
+        io.BufferedReader,
+        io.BufferedWriter,
+        io.BufferedRandom,
+        io.TextIOWrapper,
+    )
 
 
 _dill_pickler = None
@@ -75,7 +87,9 @@ def _refusing_pickler() -> type:
         class RefusingPickler(dill.Pickler):
             def reducer_override(self, obj: Any) -> Any:
                 if isinstance(obj, local):
-                    raise TypeError(f"a {type(obj).__name__} belongs to this process and cannot travel to a worker")
+                    raise TypeError(
+                        f"a {type(obj).__name__} belongs to this process and cannot travel to a worker"
+                    )
                 return NotImplemented
 
         _dill_pickler = RefusingPickler
@@ -149,7 +163,7 @@ class Signer:
         """The user's signer (or an insecure one, which neither signs nor checks)."""
         return cls(None if insecure else load_key())
 
-    @property
+    @functools.cached_property
     def key_id(self) -> str | None:
         return None if self.key is None else hashlib.sha256(self.key).hexdigest()[:8]
 
@@ -187,7 +201,9 @@ def open_envelope(signer: Signer, blob: bytes, kind: str, **expect: Any) -> tupl
         raise BadSignature(f"envelope is not a {kind}")
     for field, value in expect.items():
         if header.get(field) != value:
-            raise BadSignature(f"bad signature: envelope was made for {field}={header.get(field)!r}, not {value!r}")
+            raise BadSignature(
+                f"bad signature: envelope was made for {field}={header.get(field)!r}, not {value!r}"
+            )
     return header, body[8 + size :]
 
 
@@ -199,7 +215,7 @@ def blame(obj: Any, serializer: Serializer) -> list[str]:
     if code is not None:
         globs = getattr(obj, "__globals__", {})
         parts += [(f"global {n!r}", globs[n]) for n in code.co_names if n in globs]
-        for name, cell in zip(code.co_freevars, getattr(obj, "__closure__", None) or ()):
+        for name, cell in zip(code.co_freevars, getattr(obj, "__closure__", None) or (), strict=False):
             with contextlib.suppress(ValueError):
                 parts.append((f"closure variable {name!r}", cell.cell_contents))
     elif isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[1], dict):

@@ -11,13 +11,22 @@ from __future__ import annotations
 import functools
 import inspect
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .backends.base import TaskStatus, job_of
 from .errors import BadSignature, BindError, DecodeError, NotQueueableError
-from .serialize import Serializer, Signer, check_function_blob, dumps_checked, function_blob, open_envelope, seal
+from .serialize import (
+    Serializer,
+    Signer,
+    check_function_blob,
+    dumps_checked,
+    function_blob,
+    open_envelope,
+    seal,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 _MARK = "__nbqueue_queueable__"
@@ -71,6 +80,9 @@ class TaskCall:
         return self.fn(*self.args, **self.kwargs)
 
 
+_signatures: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _name(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
@@ -97,7 +109,10 @@ def to_call(task: Any) -> TaskCall:
     if not is_queueable(fn):
         raise NotQueueableError(f"{_name(fn)}() is not marked @queueable, so no worker would run it")
     try:
-        inspect.signature(fn).bind(*args, **kwargs)
+        signature = _signatures.get(fn)
+        if signature is None:  # computing it costs more than the rest of an insert
+            signature = _signatures[fn] = inspect.signature(fn)
+        signature.bind(*args, **kwargs)
     except TypeError as exc:
         raise BindError(f"{_name(fn)}(): {exc}") from None
     return TaskCall(fn, tuple(args), kwargs)
@@ -131,7 +146,9 @@ class TaskCodec:
         if call.fn is None:
             payload = dumps_checked(call.obj, self.serializer, f"task object {call.obj!r:.60}")
         else:
-            payload = dumps_checked((call.args, call.kwargs), self.serializer, f"arguments of {_name(call.fn)}()")
+            payload = dumps_checked(
+                (call.args, call.kwargs), self.serializer, f"arguments of {_name(call.fn)}()"
+            )
         header = {"kind": "task", "t": task_id, "j": job_id, "f": digest, "c": round(time.time(), 3)}
         return seal(self.signer, header, payload)
 

@@ -60,11 +60,29 @@ def execute(codec: TaskCodec, lease: Lease, fetch_function, max_attempts: int, w
         value = call.run()
     except Exception as exc:
         terminal = isinstance(exc, TERMINAL_ERRORS) or lease.attempt >= max_attempts
-        record = seal_record(codec.signer, codec.serializer, lease.task_id, job_id, error=error_info(exc),
-                             attempt=lease.attempt, started=started, finished=time.time(), worker=who)
+        record = seal_record(
+            codec.signer,
+            codec.serializer,
+            lease.task_id,
+            job_id,
+            error=error_info(exc),
+            attempt=lease.attempt,
+            started=started,
+            finished=time.time(),
+            worker=who,
+        )
         return Outcome(lease, record, False, None if terminal else retry_delay(lease.attempt))
-    record = seal_record(codec.signer, codec.serializer, lease.task_id, job_id, value=value,
-                         attempt=lease.attempt, started=started, finished=time.time(), worker=who)
+    record = seal_record(
+        codec.signer,
+        codec.serializer,
+        lease.task_id,
+        job_id,
+        value=value,
+        attempt=lease.attempt,
+        started=started,
+        finished=time.time(),
+        worker=who,
+    )
     return Outcome(lease, record, True)
 
 
@@ -82,7 +100,7 @@ class Renewer(threading.Thread):
 
     def hold(self, leases: list[Lease]) -> None:
         with self._lock:
-            self.held.update((l.task_id, l.token) for l in leases)
+            self.held.update((lease.task_id, lease.token) for lease in leases)
 
     def drop(self, task_id: str) -> None:
         with self._lock:
@@ -188,7 +206,9 @@ class Worker:
         that died comes back to us when it expires. Counters that drifted (a process killed
         mid-write) cannot keep us forever: past the longest wait that can matter, we stop."""
         counts = self.backend.counts()
-        return counts.queued + counts.leased <= 0 or idle > 2 * max(defaults.RETRY_MAX_SECONDS, self.lease_seconds)
+        return counts.queued + counts.leased <= 0 or idle > 2 * max(
+            defaults.RETRY_MAX_SECONDS, self.lease_seconds
+        )
 
     def run(self) -> WorkerStats:
         """Work until stopped, ``max_tasks`` ran, or (with ``burst``) the queue is empty."""
@@ -202,8 +222,9 @@ class Worker:
                 if self.max_tasks is not None and self._done() >= self.max_tasks:
                     break
                 block = getattr(self.backend, "blocking_lease", False)
-                leases = self.backend.lease(self._batch_size(), self.lease_seconds,
-                                            wait=defaults.BLOCK_SECONDS if block else 0.0)
+                leases = self.backend.lease(
+                    self._batch_size(), self.lease_seconds, wait=defaults.BLOCK_SECONDS if block else 0.0
+                )
                 if not leases:
                     idle_since = idle_since or time.monotonic()
                     idle = time.monotonic() - idle_since
@@ -253,7 +274,7 @@ class Worker:
         if not outcomes:
             return
         accepted = self.backend.complete([(o.lease.task_id, o.lease.token, o.record) for o in outcomes])
-        for outcome, ok in zip(outcomes, accepted):
+        for outcome, ok in zip(outcomes, accepted, strict=True):
             renewer.drop(outcome.lease.task_id)
             if ok:
                 self.stats.completed += 1
@@ -273,9 +294,16 @@ class Worker:
 
 
 # -- processes ------------------------------------------------------------------------------------
-def worker_command(url: str, *, lease_seconds: float | None = None, burst: bool = False,
-                   max_tasks: int | None = None, max_attempts: int | None = None,
-                   idle_exit: float | None = None, insecure: bool = False) -> list[str]:
+def worker_command(
+    url: str,
+    *,
+    lease_seconds: float | None = None,
+    burst: bool = False,
+    max_tasks: int | None = None,
+    max_attempts: int | None = None,
+    idle_exit: float | None = None,
+    insecure: bool = False,
+) -> list[str]:
     """The command line of one worker process."""
     cmd = [sys.executable, "-m", "nbqueue", "worker", url, "-p", "1"]
     if lease_seconds is not None:
@@ -304,8 +332,9 @@ class WorkerProcesses:
         self.procs = [self._start() for _ in range(n)]
 
     def _start(self) -> subprocess.Popen:
-        return subprocess.Popen(self.command, start_new_session=True, stdin=subprocess.DEVNULL,
-                                stdout=self._out, stderr=self._out)
+        return subprocess.Popen(
+            self.command, start_new_session=True, stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._out
+        )
 
     @property
     def pids(self) -> list[int]:

@@ -40,8 +40,13 @@ def wait_all(procs: list[subprocess.Popen], timeout: float = 120) -> list[int]:
 
 def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``code`` as a fresh interpreter's ``__main__``."""
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ})
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ},
+    )
 
 
 def wait_for(predicate, timeout: float = 30, interval: float = 0.05, what: str = "condition"):

@@ -19,10 +19,10 @@ def test_insert_then_lease_hands_out_payloads(backend):
     c = backend.counts()
     assert (c.inserted, c.queued, c.leased) == (3, 3, 0)
     leases = backend.lease(10, 30)
-    assert sorted(l.task_id for l in leases) == ["j1-0", "j1-1", "j1-2"]
-    assert {l.payload for l in leases} == {b"payload 0", b"payload 1", b"payload 2"}
-    assert all(l.attempt == 1 for l in leases)
-    assert len({l.token for l in leases}) == 3
+    assert sorted(lease.task_id for lease in leases) == ["j1-0", "j1-1", "j1-2"]
+    assert {lease.payload for lease in leases} == {b"payload 0", b"payload 1", b"payload 2"}
+    assert all(lease.attempt == 1 for lease in leases)
+    assert len({lease.token for lease in leases}) == 3
     c = backend.counts()
     assert (c.queued, c.leased) == (0, 3)
 
@@ -38,7 +38,7 @@ def test_lease_respects_n_and_empty_queue_returns_quickly(backend):
 
 def test_complete_commits_exactly_once_and_refuses_stale_tokens(backend):
     backend.insert("j1", tasks_of("j1", 2))
-    a, b = sorted(backend.lease(2, 30), key=lambda l: l.task_id)
+    a, b = sorted(backend.lease(2, 30), key=lambda lease: lease.task_id)
     assert backend.complete([(a.task_id, "not-the-token", b"bad")]) == [False]
     assert backend.complete([(a.task_id, a.token, b"ra"), (b.task_id, b.token, b"rb")]) == [True, True]
     assert backend.complete([(a.task_id, a.token, b"again")]) == [False]
@@ -50,13 +50,13 @@ def test_complete_commits_exactly_once_and_refuses_stale_tokens(backend):
 
 def test_renew_extends_and_is_fenced(backend):
     backend.insert("j1", tasks_of("j1", 1))
-    (l,) = backend.lease(1, 0.6)
-    assert backend.renew(l.task_id, "wrong", 5) is False
+    (lease,) = backend.lease(1, 0.6)
+    assert backend.renew(lease.task_id, "wrong", 5) is False
     time.sleep(0.3)
-    assert backend.renew(l.task_id, l.token, 5) is True
+    assert backend.renew(lease.task_id, lease.token, 5) is True
     time.sleep(0.5)  # past the first deadline, inside the renewed one
     assert backend.lease(1, 30) == []
-    assert backend.complete([(l.task_id, l.token, b"ok")]) == [True]
+    assert backend.complete([(lease.task_id, lease.token, b"ok")]) == [True]
 
 
 def test_expired_lease_returns_task_and_fences_the_late_worker(backend):
@@ -77,20 +77,23 @@ def test_expired_lease_returns_task_and_fences_the_late_worker(backend):
 
 def test_fail_with_retry_requeues_after_the_delay(backend):
     backend.insert("j1", tasks_of("j1", 1))
-    (l,) = backend.lease(1, 30)
-    assert backend.fail(l.task_id, l.token, b"boom", 0.4) == TaskStatus.QUEUED
+    (lease,) = backend.lease(1, 30)
+    assert backend.fail(lease.task_id, lease.token, b"boom", 0.4) == TaskStatus.QUEUED
     c = backend.counts()
     assert (c.queued, c.leased, c.failed) == (1, 0, 1)
     assert backend.lease(1, 30) == []  # not ready yet
     time.sleep(0.6)
     (again,) = backend.lease(1, 30)
-    assert again.task_id == l.task_id and again.attempt == 2
+    assert again.task_id == lease.task_id and again.attempt == 2
 
 
 def test_fail_without_retry_goes_to_dead_letters_and_redrives(backend):
     backend.insert("j1", tasks_of("j1", 2))
-    for l in backend.lease(2, 30):
-        assert backend.fail(l.task_id, l.token, b"err " + l.task_id.encode(), None) == TaskStatus.DEAD
+    for lease in backend.lease(2, 30):
+        assert (
+            backend.fail(lease.task_id, lease.token, b"err " + lease.task_id.encode(), None)
+            == TaskStatus.DEAD
+        )
     c = backend.counts()
     assert (c.queued, c.leased, c.dead, c.failed) == (0, 0, 2, 2)
     dead = sorted(backend.dead(), key=lambda d: d.task_id)
@@ -101,9 +104,9 @@ def test_fail_without_retry_goes_to_dead_letters_and_redrives(backend):
     assert backend.results("j1") == {"j1-0": b"err j1-0", "j1-1": b"err j1-1"}
     assert backend.redrive(["j1-0"]) == 1
     assert backend.counts().dead == 1 and backend.counts().queued == 1
-    (l,) = backend.lease(5, 30)
-    assert (l.task_id, l.attempt, l.payload) == ("j1-0", 1, b"payload 0")
-    assert backend.complete([(l.task_id, l.token, b"fixed")]) == [True]
+    (lease,) = backend.lease(5, 30)
+    assert (lease.task_id, lease.attempt, lease.payload) == ("j1-0", 1, b"payload 0")
+    assert backend.complete([(lease.task_id, lease.token, b"fixed")]) == [True]
     assert backend.results("j1")["j1-0"] == b"fixed"
     assert backend.purge_dead() == 1
     assert backend.dead() == [] and backend.counts().dead == 0
@@ -111,10 +114,10 @@ def test_fail_without_retry_goes_to_dead_letters_and_redrives(backend):
 
 def test_release_gives_back_without_counting_an_attempt(backend):
     backend.insert("j1", tasks_of("j1", 1))
-    (l,) = backend.lease(1, 30)
-    assert backend.release(l.task_id, "wrong") is False
-    assert backend.release(l.task_id, l.token) is True
-    assert backend.release(l.task_id, l.token) is False
+    (lease,) = backend.lease(1, 30)
+    assert backend.release(lease.task_id, "wrong") is False
+    assert backend.release(lease.task_id, lease.token) is True
+    assert backend.release(lease.task_id, lease.token) is False
     (again,) = backend.lease(1, 30)
     assert again.attempt == 1
     c = backend.counts()
@@ -148,7 +151,9 @@ def test_job_records_and_per_job_counts(backend):
     backend.insert("ja", tasks_of("ja", 2))
     backend.insert("jb", tasks_of("jb", 3))
     leases = backend.lease(10, 30)
-    backend.complete([(l.task_id, l.token, b"r") for l in leases if l.task_id.startswith("jb")])
+    backend.complete(
+        [(lease.task_id, lease.token, b"r") for lease in leases if lease.task_id.startswith("jb")]
+    )
     a, b = backend.job_counts("ja"), backend.job_counts("jb")
     assert (a.inserted, a.leased, a.completed) == (2, 2, 0)
     assert (b.inserted, b.leased, b.completed) == (3, 0, 3)
@@ -169,8 +174,8 @@ def test_insert_refuses_bad_ids_and_queues_nothing(backend):
 def test_purge_and_rezero(backend):
     backend.insert("j1", tasks_of("j1", 4))
     backend.put_job("j1", b"m")
-    (l, *_rest) = backend.lease(1, 30)
-    backend.fail(l.task_id, l.token, b"e", 0)
+    (lease, *_rest) = backend.lease(1, 30)
+    backend.fail(lease.task_id, lease.token, b"e", 0)
     c = backend.rezero()
     assert (c.inserted, c.failed, c.queued) == (0, 0, 4)
     backend.purge()
@@ -190,9 +195,9 @@ def test_iter_queued_lists_waiting_tasks(backend):
 def test_large_payload_round_trips(backend):
     big = bytes(range(256)) * 4096  # 1 MiB, every byte value
     backend.insert("j1", [("j1-0", big)])
-    (l,) = backend.lease(1, 30)
-    assert l.payload == big
-    backend.complete([(l.task_id, l.token, big)])
+    (lease,) = backend.lease(1, 30)
+    assert lease.payload == big
+    backend.complete([(lease.task_id, lease.token, big)])
     assert backend.results("j1")["j1-0"] == big
 
 
@@ -208,8 +213,8 @@ def test_concurrent_leases_never_hand_out_a_task_twice(backend, backend_factory)
             if not got:
                 return
             with lock:
-                seen.extend(l.task_id for l in got)
-            other.complete([(l.task_id, l.token, b"r") for l in got])
+                seen.extend(lease.task_id for lease in got)
+            other.complete([(lease.task_id, lease.token, b"r") for lease in got])
 
     threads = [threading.Thread(target=drain) for _ in range(4)]
     for t in threads:
@@ -228,5 +233,5 @@ def test_lease_with_wait_wakes_when_work_arrives(backend, backend_factory):
     threading.Thread(target=later).start()
     t = time.monotonic()
     got = backend.lease(1, 30, wait=5)
-    assert [l.task_id for l in got] == ["j1-0"]
+    assert [lease.task_id for lease in got] == ["j1-0"]
     assert time.monotonic() - t < 2.5

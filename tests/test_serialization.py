@@ -82,7 +82,12 @@ def test_notebook_functions_run_in_a_fresh_worker_process(tmp_path):
     assert code == 0
     job = TaskQueue(url).job(job_id)  # reattached from a third process
     assert job.wait(timeout=30, progress=False).results() == [
-        101, 7, 2.0 * 131072 * 131071 / 2, 49, 6, 30,
+        101,
+        7,
+        2.0 * 131072 * 131071 / 2,
+        49,
+        6,
+        30,
     ]
     assert job.errors() == []
 

@@ -80,8 +80,9 @@ def test_four_workers_run_5000_tasks_exactly_once(worker_url, nb, tmp_path):
     log_dir = tmp_path / "log"
     log_dir.mkdir()
     tq = TaskQueue(worker_url)
-    job = tq.insert((functools.partial(nb.record, i, str(log_dir)) for i in range(5000)), total=5000,
-                    progress=False)
+    job = tq.insert(
+        (functools.partial(nb.record, i, str(log_dir)) for i in range(5000)), total=5000, progress=False
+    )
     codes = wait_all(start_workers(worker_url, 4, "--burst"), timeout=240)
     assert codes == [0, 0, 0, 0]
     assert job.wait(timeout=30, progress=False).results() == [i * 2 for i in range(5000)]
@@ -89,7 +90,13 @@ def test_four_workers_run_5000_tasks_exactly_once(worker_url, nb, tmp_path):
     assert sorted(executions) == list(range(5000))  # every side effect exactly once
     assert len(list(log_dir.iterdir())) >= 2  # the work really was shared
     counts = tq.status()
-    assert (counts.inserted, counts.queued, counts.leased, counts.completed, counts.dead) == (5000, 0, 0, 5000, 0)
+    assert (counts.inserted, counts.queued, counts.leased, counts.completed, counts.dead) == (
+        5000,
+        0,
+        0,
+        5000,
+        0,
+    )
 
 
 @pytest.mark.slow
@@ -243,7 +250,9 @@ def test_cli_status_jobs_and_dlq(tmp_path, nb):
     tq.insert([nb.refuse, nb.refuse], name="doomed", progress=False)
 
     def cli(*args):
-        out = subprocess.run([sys.executable, "-m", "nbqueue", *args], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-m", "nbqueue", *args], capture_output=True, text=True, timeout=60
+        )
         return out.returncode, out.stdout, out.stderr
 
     assert cli("worker", url, "--burst")[0] == 0

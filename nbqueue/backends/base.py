@@ -6,7 +6,13 @@ bytes. It never unpickles anything and never checks signatures: that happens one
 that changes a task's state is fenced by the lease token: a stale token changes nothing.
 
 Task ids are ``"<job_id>-<index>"``; a backend may rely on that to find a task's job
-(`job_of`). Task and job ids use only ``[A-Za-z0-9_-]``.
+(`job_of`). Task and job ids use only ``[A-Za-z0-9_-]``. Ids are never reused: the queue layer
+makes a new job id for every insert, and a backend refuses a batch that repeats an id.
+
+Counters: a job's counters keep a purged dead letter as dead (its error record stays with the
+job), while the queue's ``dead`` counts only letters still held. ``rezero`` recounts what the
+backend still holds; results that have expired (redis:// keeps finished jobs' records for
+``result_ttl``) are no longer counted, and a job whose records expired is no longer listed.
 
 One contract test suite (``tests/test_backend_contract.py``) runs unchanged against every
 backend; it is the executable form of this docstring.
@@ -222,7 +228,7 @@ class Backend(ABC):
     def iter_queued(self) -> Iterator[tuple[str, bytes]]:
         """Every queued task as ``(task_id, payload)``, for copying between queues."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing to close
         """Release connections and flush anything buffered."""
 
     def __enter__(self) -> Backend:

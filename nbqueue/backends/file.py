@@ -31,7 +31,6 @@ rename and its counter write leaves the counters off by that change; ``rezero()`
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -48,8 +47,20 @@ from .base import COUNT_FIELDS, Backend, Counts, DeadLetter, Lease, TaskStatus, 
 
 FORMAT = 1
 MARKER = "nbqueue.json"
-AREAS = ("queue", "claim", "leased", "completing", "done", "dead", "quarantine", "fn", "jobs",
-         "joborder", "counters", "tmp")
+AREAS = (
+    "queue",
+    "claim",
+    "leased",
+    "completing",
+    "done",
+    "dead",
+    "quarantine",
+    "fn",
+    "jobs",
+    "joborder",
+    "counters",
+    "tmp",
+)
 #: An orphaned claim or completing entry older than this was left by a killed process.
 ORPHAN_SECONDS = 30.0
 #: How often one process scans leased/ for expired leases while leasing.
@@ -121,7 +132,7 @@ class FileBackend(Backend):
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             if sync:
                 os.fsync(fd)
         except BaseException:
@@ -305,7 +316,9 @@ class FileBackend(Backend):
                 self._ranges = sorted(os.listdir(self._dirs["queue"]))
                 relisted = True
             now = _now_ms()
-            ready = [i for i, name in enumerate(self._ranges[:PICK_WINDOW * 4]) if name[:13] <= f"{now:013d}"]
+            ready = [
+                i for i, name in enumerate(self._ranges[: PICK_WINDOW * 4]) if name[:13] <= f"{now:013d}"
+            ]
             if not ready:
                 if relisted:
                     break
@@ -464,8 +477,10 @@ class FileBackend(Backend):
             if deadline > now and not force:
                 break  # sorted by deadline: the rest are live
             try:
-                os.rename(self._path("leased", name),
-                          self._path("queue", f"{now:013d}.{attempt}.{job}.{seg}.{k}-{k + 1}"))
+                os.rename(
+                    self._path("leased", name),
+                    self._path("queue", f"{now:013d}.{attempt}.{job}.{seg}.{k}-{k + 1}"),
+                )
             except FileNotFoundError:
                 continue
             self._bump(job, leased=-1, queued=1)

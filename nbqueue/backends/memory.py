@@ -109,8 +109,10 @@ class MemoryBackend(Backend):
             check_id(task_id, "task id")
             if job_of(task_id) != job_id:
                 raise ValueError(f"task {task_id!r} does not belong to job {job_id!r}")
+        if len({task_id for task_id, _ in tasks}) != len(tasks):
+            raise ValueError("an insert batch repeats a task id")
         with self._cond:
-            for task_id, payload in tasks:
+            for task_id, _ in tasks:
                 if task_id in self._payloads:
                     raise ValueError(f"task {task_id!r} already exists")
             for task_id, payload in tasks:

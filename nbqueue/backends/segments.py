@@ -24,9 +24,9 @@ def encode(frames: Sequence[tuple[str, bytes]]) -> bytes:
     """Pack frames into one segment."""
     ids = [task_id.encode() for task_id, _ in frames]
     head = [MAGIC, _COUNT.pack(len(frames))]
-    head += [_ENTRY.pack(len(i), len(data)) for i, (_, data) in zip(ids, frames)]
+    head += [_ENTRY.pack(len(i), len(data)) for i, (_, data) in zip(ids, frames, strict=True)]
     body = []
-    for i, (_, data) in zip(ids, frames):
+    for i, (_, data) in zip(ids, frames, strict=True):
         body.append(i)
         body.append(data)
     return b"".join(head + body)

@@ -1,0 +1,331 @@
+"""nbqueue benchmarks: insert and drain rates, round trips, memory, beside the peers.
+
+    python benchmarks/run.py            # full sizes (a few minutes on 2 cores)
+    python benchmarks/run.py --quick    # tiny sizes: proves the scripts work (CI)
+    python benchmarks/run.py --only insert_fq,rss
+
+Prints a table and one JSON line per figure. Peers run in the same process and run when
+installed: python-task-queue (``pip install task-queue``) for fq://, raw redis-py pipelined
+LPUSH of the same payload bytes for redis://. Redis figures start a private redis-server on a
+free port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from nbqueue import TaskQueue  # noqa: E402
+from tests.helpers import notebook  # noqa: E402
+
+NOTEBOOK = """
+from nbqueue import queueable
+import numpy as np
+
+@queueable
+def noop(i):
+    return i
+
+def closure_over(nbytes):
+    data = np.zeros(nbytes // 8)
+    @queueable
+    def big(i):
+        return i + data.size
+    return big
+"""
+
+FULL = {"insert": 100_000, "drain": 20_000, "roundtrip": 50, "rss": 1_000_000, "closure": 10_000}
+QUICK = {"insert": 2_000, "drain": 1_000, "roundtrip": 5, "rss": 20_000, "closure": 200}
+
+ROWS: list[dict] = []
+
+
+def report(
+    figure: str, value: float, unit: str, peer: float | None = None, peer_name: str = "", note: str = ""
+) -> None:
+    row = {"figure": figure, "value": round(value, 2), "unit": unit}
+    if peer is not None:
+        row.update(peer=peer_name, peer_value=round(peer, 2), ratio=round(value / peer, 2) if peer else None)
+    if note:
+        row["note"] = note
+    ROWS.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def fresh_dir() -> str:
+    return tempfile.mkdtemp(prefix="nbqueue-bench-")
+
+
+def has_ptq() -> bool:
+    try:
+        import taskqueue  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# -- python-task-queue (peer) ---------------------------------------------------------------------
+def ptq_insert_rate(n: int) -> float:
+    from taskqueue import TaskQueue as PTQ
+
+    from benchmarks.ptq_tasks import noop
+
+    tq = PTQ(f"fq://{fresh_dir()}/ptq")
+    seconds = timed(lambda: tq.insert((functools.partial(noop, i) for i in range(n)), total=n))
+    return n / seconds
+
+
+def ptq_poll_rate(n: int) -> float:
+    from taskqueue import TaskQueue as PTQ
+
+    from benchmarks.ptq_tasks import noop
+
+    tq = PTQ(f"fq://{fresh_dir()}/ptq")
+    tq.insert((functools.partial(noop, i) for i in range(n)), total=n)
+    seconds = timed(lambda: tq.poll(lease_seconds=600, stop_fn=lambda executed: executed >= n))
+    return n / seconds
+
+
+# -- figures --------------------------------------------------------------------------------------
+def bench_insert(nb, sizes, redis_server) -> None:
+    n = sizes["insert"]
+
+    def insert_rate(url: str) -> float:
+        tq = TaskQueue(url)
+        return n / timed(
+            lambda: tq.insert((functools.partial(nb.noop, i) for i in range(n)), total=n, progress=False)
+        )
+
+    peer = ptq_insert_rate(n) if has_ptq() else None
+    report("insert_fq", insert_rate(f"fq://{fresh_dir()}/q"), "tasks/s", peer, "python-task-queue fq")
+    report("insert_mem", insert_rate(f"mem://bench-{os.getpid()}-{time.time_ns()}"), "tasks/s")
+    if redis_server is not None:
+        url = redis_server.url(f"bench{time.time_ns()}")
+        rate = insert_rate(url)
+        report("insert_redis", rate, "tasks/s", raw_lpush_rate(redis_server, url, n), "raw redis-py LPUSH")
+
+
+def raw_lpush_rate(redis_server, url: str, n: int) -> float:
+    """Pipelined LPUSH of the same payload bytes nbqueue queued, in batches of the same size."""
+    from nbqueue import defaults
+
+    tq = TaskQueue(url)
+    payloads = [payload for _, payload in tq.backend.iter_queued()][:n]
+    client = redis_server.client()
+    batch = defaults.INSERT_BATCH_SIZE
+
+    def push() -> None:
+        for start in range(0, len(payloads), batch):
+            pipe = client.pipeline(transaction=False)
+            for payload in payloads[start : start + batch]:
+                pipe.lpush("raw-bench", payload)
+            pipe.execute()
+
+    seconds = timed(push)
+    client.delete("raw-bench")
+    client.close()
+    return len(payloads) / seconds
+
+
+def drain_with_processes(nb, url: str, n: int, workers: int) -> float:
+    tq = TaskQueue(url)
+    job = tq.insert((functools.partial(nb.noop, i) for i in range(n)), total=n, progress=False)
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", url, "--burst"]) for _ in range(workers)
+    ]
+    job.wait(progress=False)
+    seconds = time.perf_counter() - start
+    for p in procs:
+        p.wait()
+    return n / seconds
+
+
+def bench_drain(nb, sizes, redis_server) -> None:
+    n = sizes["drain"]
+    tq = TaskQueue(f"fq://{fresh_dir()}/q")
+    tq.insert((functools.partial(nb.noop, i) for i in range(n)), total=n, progress=False)
+    in_process = n / timed(lambda: tq.poll())
+    peer = ptq_poll_rate(n) if has_ptq() else None
+    report("drain_fq_in_process", in_process, "tasks/s", peer, "python-task-queue poll")
+    for workers in (1, 2):
+        report(
+            f"drain_fq_{workers}_workers",
+            drain_with_processes(nb, f"fq://{fresh_dir()}/q", n, workers),
+            "tasks/s",
+            note="includes worker start-up",
+        )
+    if redis_server is not None:
+        for workers in (1, 2):
+            url = redis_server.url(f"bench{time.time_ns()}")
+            report(
+                f"drain_redis_{workers}_workers",
+                drain_with_processes(nb, url, n, workers),
+                "tasks/s",
+                note="includes worker start-up",
+            )
+
+
+def bench_roundtrip(nb, sizes, redis_server) -> None:
+    urls = {"fq": f"fq://{fresh_dir()}/q"}
+    if redis_server is not None:
+        urls["redis"] = redis_server.url(f"bench{time.time_ns()}")
+    for kind, url in urls.items():
+        tq = TaskQueue(url)
+        worker = subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", url])
+        try:
+            tq.insert([functools.partial(nb.noop, -1)], progress=False).wait(timeout=60, progress=False)
+            times = []
+            for i in range(sizes["roundtrip"]):
+                time.sleep(0.3)  # let the worker go idle, as a user's next cell would find it
+                start = time.perf_counter()
+                job = tq.insert([functools.partial(nb.noop, i)], progress=False)
+                while tq.backend.exact_job_finished(job.id) < 1:
+                    time.sleep(0.001)
+                times.append(time.perf_counter() - start)
+        finally:
+            worker.terminate()
+            worker.wait()
+        times.sort()
+        report(f"roundtrip_{kind}_median", statistics.median(times) * 1000, "ms")
+        report(
+            f"roundtrip_{kind}_p90", times[int(len(times) * 0.9) - 1 if len(times) > 1 else 0] * 1000, "ms"
+        )
+
+
+RSS_CHILD = """
+import functools, resource, sys
+sys.path.insert(0, sys.argv[3])
+which, n, root = sys.argv[1], int(sys.argv[2]), sys.argv[4]
+if which == "nbqueue":
+    from nbqueue import TaskQueue
+    from tests.helpers import notebook
+    nb = notebook("from nbqueue import queueable\\n@queueable\\ndef noop(i):\\n    return i\\n")
+    tasks = (functools.partial(nb.noop, i) for i in range(n))
+    TaskQueue(f"fq://{root}/q").insert(tasks, total=n, progress=False)
+else:
+    from taskqueue import TaskQueue
+    from benchmarks.ptq_tasks import noop
+    TaskQueue(f"fq://{root}/q").insert((functools.partial(noop, i) for i in range(n)), total=n)
+# ru_maxrss survives fork+exec on Linux (it would report the parent's peak): VmHWM does not.
+try:
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+    print(int(hwm.split()[1]) / 1024)
+except OSError:
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def peak_rss_mb(which: str, n: int) -> float:
+    root = fresh_dir()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", RSS_CHILD, which, str(n), str(ROOT), root],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "NBQUEUE_PROGRESS": "off"},
+        )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def bench_rss(nb, sizes, redis_server) -> None:
+    n = sizes["rss"]
+    # The peer inserts ~1k tasks/s here, so it is compared at 200k tasks (20 minutes at 1M).
+    compared = min(n, 200_000)
+    peer = peak_rss_mb("ptq", compared) if has_ptq() else None
+    report(f"peak_rss_insert_{compared}", peak_rss_mb("nbqueue", compared), "MB", peer, "python-task-queue")
+    if n > compared:
+        report(f"peak_rss_insert_{n}", peak_rss_mb("nbqueue", n), "MB")
+
+
+def bench_closure(nb, sizes, redis_server) -> None:
+    n = sizes["closure"]
+    big = nb.closure_over(10 * 1024 * 1024)
+
+    def rate(fn) -> float:
+        tq = TaskQueue(f"fq://{fresh_dir()}/q")
+        return n / timed(
+            lambda: tq.insert((functools.partial(fn, i) for i in range(n)), total=n, progress=False)
+        )
+
+    tiny, large = rate(nb.noop), rate(big)
+    report(
+        "insert_10MB_closure",
+        large,
+        "tasks/s",
+        tiny,
+        "tiny function",
+        note="ratio = closure rate / tiny rate; the blob is stored once per job",
+    )
+
+
+FIGURES = {
+    "insert": bench_insert,
+    "drain": bench_drain,
+    "roundtrip": bench_roundtrip,
+    "rss": bench_rss,
+    "closure": bench_closure,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the scripts run")
+    parser.add_argument("--only", default="", help="comma-separated figure groups: " + ",".join(FIGURES))
+    parser.add_argument("--no-redis", action="store_true", help="skip redis:// figures")
+    args = parser.parse_args()
+    os.environ.setdefault("NBQUEUE_PROGRESS", "off")
+    sizes = QUICK if args.quick else FULL
+    chosen = [name for name in (args.only.split(",") if args.only else FIGURES) if name]
+    unknown = set(chosen) - set(FIGURES)
+    if unknown:
+        parser.error(f"unknown figure group(s): {', '.join(sorted(unknown))}")
+    nb = notebook(NOTEBOOK)
+    redis_server = None
+    if not args.no_redis and shutil.which("redis-server"):
+        from tests.redis_server import RedisServer
+
+        redis_server = RedisServer(Path(fresh_dir()))
+        redis_server.start()
+    try:
+        for name in chosen:
+            FIGURES[name](nb, sizes, redis_server)
+    finally:
+        if redis_server is not None:
+            redis_server.stop()
+    print()
+    print(f"{'figure':<28}{'nbqueue':>14}  {'unit':<8}{'peer':>14}  {'ratio':>7}  peer")
+    for row in ROWS:
+        peer = f"{row['peer_value']:>14,.1f}" if "peer_value" in row else " " * 14
+        ratio = f"{row['ratio']:>7.2f}" if row.get("ratio") is not None else " " * 7
+        name, value, unit = row["figure"], row["value"], row["unit"]
+        print(f"{name:<28}{value:>14,.1f}  {unit:<8}{peer}  {ratio}  {row.get('peer', '')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
