@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import threading
 from collections.abc import Callable
@@ -55,6 +56,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         pool.supervise(stop)
         pool.stop()
         return EXIT_OK
+    logging.basicConfig(level=logging.WARNING, format="nbqueue worker %(process)d: %(message)s")
     worker = Worker(
         _queue(args),
         lease_seconds=args.lease,
@@ -69,7 +71,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.verbose:
         print(
             f"worker {worker.who}: {stats.completed} completed, {stats.failed} failed "
-            f"({stats.dead} dead), {stats.abandoned} abandoned in {stats.elapsed:.1f}s",
+            f"({stats.dead} dead), {stats.abandoned} abandoned, {stats.refused} refused, "
+            f"{stats.released} released in {stats.elapsed:.1f}s",
             file=sys.stderr,
         )
     return EXIT_OK

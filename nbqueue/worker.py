@@ -7,6 +7,8 @@ started fresh (never forked from a kernel) and runs only queueable code.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import random
 import signal
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from . import defaults
 from .backends.base import Lease, TaskStatus, job_of
-from .errors import BadSignature, DecodeError, Terminal
+from .errors import BackendUnavailable, BadSignature, DecodeError, Terminal
 from .records import error_info, seal_record
 from .tasks import TaskCodec
 
@@ -28,6 +30,14 @@ if TYPE_CHECKING:
     from .queue import TaskQueue
 
 TERMINAL_ERRORS = (BadSignature, DecodeError, Terminal)
+#: Reconnect backoff while the storage is unreachable: first wait and cap, in seconds.
+RECONNECT_FIRST, RECONNECT_MAX = 0.1, 5.0
+
+log = logging.getLogger("nbqueue.worker")
+
+
+class _GaveUp(Exception):
+    """The storage stayed unreachable past the point where the call could still matter."""
 
 
 def worker_id() -> str:
@@ -58,6 +68,8 @@ def execute(codec: TaskCodec, lease: Lease, fetch_function, max_attempts: int, w
     try:
         call = codec.decode(lease.task_id, lease.payload, fetch_function)
         value = call.run()
+    except (BackendUnavailable, _GaveUp):
+        raise  # the storage is down, not the task: the worker decides what to do
     except Exception as exc:
         terminal = isinstance(exc, TERMINAL_ERRORS) or lease.attempt >= max_attempts
         record = seal_record(
@@ -190,6 +202,34 @@ class Worker:
         signal.signal(signal.SIGTERM, graceful)
         signal.signal(signal.SIGINT, graceful)
 
+    # -- storage calls that survive outages ------------------------------------------------------
+    def _call(self, fn, *args, give_up_after: float | None = None, **kwargs):
+        """Call the backend, reconnecting with capped exponential backoff while it is unreachable.
+
+        Gives up (``_GaveUp``) after ``give_up_after`` seconds of outage, or when the worker is
+        told to stop during one.
+        """
+        delay, started = RECONNECT_FIRST, None
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+            except BackendUnavailable as exc:
+                now = time.monotonic()
+                if started is None:
+                    started = now
+                    log.warning("%s; retrying", exc)
+                if (give_up_after is not None and now - started > give_up_after) or self.stop_event.is_set():
+                    raise _GaveUp(str(exc)) from exc
+                self.stop_event.wait(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, RECONNECT_MAX)
+                continue
+            if started is not None:
+                log.warning("storage reachable again after %.1fs", time.monotonic() - started)
+            return result
+
+    def _fetch_function(self, digest: str) -> bytes:
+        return self._call(self.backend.get_function, digest, give_up_after=self.lease_seconds)
+
     # -- loop -----------------------------------------------------------------------------------
     def _batch_size(self) -> int:
         want = int(defaults.LEASE_BATCH_TARGET_SECONDS / max(self._task_seconds, 1e-4))
@@ -205,7 +245,7 @@ class Worker:
         """Burst mode ends when nothing is queued or leased anywhere: a lease held by a worker
         that died comes back to us when it expires. Counters that drifted (a process killed
         mid-write) cannot keep us forever: past the longest wait that can matter, we stop."""
-        counts = self.backend.counts()
+        counts = self._call(self.backend.counts)
         return counts.queued + counts.leased <= 0 or idle > 2 * max(
             defaults.RETRY_MAX_SECONDS, self.lease_seconds
         )
@@ -222,9 +262,15 @@ class Worker:
                 if self.max_tasks is not None and self._done() >= self.max_tasks:
                     break
                 block = getattr(self.backend, "blocking_lease", False)
-                leases = self.backend.lease(
-                    self._batch_size(), self.lease_seconds, wait=defaults.BLOCK_SECONDS if block else 0.0
-                )
+                try:
+                    leases = self._call(
+                        self.backend.lease,
+                        self._batch_size(),
+                        self.lease_seconds,
+                        wait=defaults.BLOCK_SECONDS if block else 0.0,
+                    )
+                except _GaveUp:
+                    break  # told to stop while the storage was down: nothing is held
                 if not leases:
                     idle_since = idle_since or time.monotonic()
                     idle = time.monotonic() - idle_since
@@ -250,11 +296,19 @@ class Worker:
         for i, lease in enumerate(leases):
             if self.stop_event.is_set():
                 for rest in leases[i:]:
-                    self.stats.released += self.backend.release(rest.task_id, rest.token)
+                    with contextlib.suppress(_GaveUp):  # unreleased, it comes back when it expires
+                        self.stats.released += self._call(
+                            self.backend.release, rest.task_id, rest.token, give_up_after=5.0
+                        )
                     renewer.drop(rest.task_id)
                 break
             t = time.monotonic()
-            outcome = execute(self.codec, lease, self.backend.get_function, self.max_attempts, self.who)
+            try:
+                outcome = execute(self.codec, lease, self._fetch_function, self.max_attempts, self.who)
+            except _GaveUp:  # could not even load the task: its lease will expire and it runs again
+                self.stats.abandoned += 1
+                renewer.drop(lease.task_id)
+                continue
             self._task_seconds = 0.8 * self._task_seconds + 0.2 * (time.monotonic() - t)
             if lease.task_id in renewer.lost:  # another worker has it now: our result is void
                 self.stats.abandoned += 1
@@ -273,7 +327,12 @@ class Worker:
     def _commit(self, outcomes: list[Outcome], renewer: Renewer) -> None:
         if not outcomes:
             return
-        accepted = self.backend.complete([(o.lease.task_id, o.lease.token, o.record) for o in outcomes])
+        items = [(o.lease.task_id, o.lease.token, o.record) for o in outcomes]
+        try:
+            # Hold the results through an outage for as long as the leases can still be ours.
+            accepted = self._call(self.backend.complete, items, give_up_after=self.lease_seconds)
+        except _GaveUp:
+            accepted = [False] * len(outcomes)
         for outcome, ok in zip(outcomes, accepted, strict=True):
             renewer.drop(outcome.lease.task_id)
             if ok:
@@ -283,7 +342,17 @@ class Worker:
 
     def _report_failure(self, outcome: Outcome, renewer: Renewer) -> None:
         lease = outcome.lease
-        state = self.backend.fail(lease.task_id, lease.token, outcome.record, outcome.retry_in)
+        try:
+            state = self._call(
+                self.backend.fail,
+                lease.task_id,
+                lease.token,
+                outcome.record,
+                outcome.retry_in,
+                give_up_after=self.lease_seconds,
+            )
+        except _GaveUp:
+            state = None
         renewer.drop(lease.task_id)
         if state is None:
             self.stats.refused += 1

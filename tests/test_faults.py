@@ -1,0 +1,110 @@
+"""Faults injected for real: a paused worker, a Redis server killed and restarted mid-run."""
+
+from __future__ import annotations
+
+import functools
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nbqueue import TaskQueue
+
+from .helpers import notebook, start_workers, wait_all, wait_for
+from .redis_server import RedisServer
+
+NOTEBOOK = """
+import os, time
+from nbqueue import queueable
+
+@queueable
+def logged(i, log_dir, seconds=0.0):
+    with open(os.path.join(log_dir, str(os.getpid())), "a") as f:
+        f.write(f"{i}\\n")
+    time.sleep(seconds)
+    return i
+"""
+
+
+@pytest.fixture(scope="module")
+def nb():
+    return notebook(NOTEBOOK)
+
+
+@pytest.fixture(params=["fq", "redis"])
+def worker_url(request, tmp_path):
+    if request.param == "fq":
+        return f"fq://{tmp_path / 'queue'}"
+    return request.getfixturevalue("redis_url")
+
+
+def executions(log_dir) -> dict[int, list[int]]:
+    """index -> pids that ran it."""
+    runs: dict[int, list[int]] = {}
+    for f in log_dir.iterdir():
+        for line in f.read_text().split():
+            runs.setdefault(int(line), []).append(int(f.name))
+    return runs
+
+
+@pytest.mark.slow
+def test_paused_worker_loses_its_task_and_its_late_result_is_refused(worker_url, nb, tmp_path):
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    tq = TaskQueue(worker_url)
+    job = tq.insert([functools.partial(nb.logged, 7, str(log_dir), 1.5)], progress=False)
+    paused = subprocess.Popen(
+        [sys.executable, "-m", "nbqueue", "worker", worker_url, "--lease", "1", "--burst", "-v"],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(lambda: executions(log_dir), what="the first run to start")
+    paused.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(3.0)  # three leases
+        (rescuer,) = start_workers(worker_url, 1, "--lease", "1", "--burst")
+        assert wait_all([rescuer], timeout=60) == [0]
+    finally:
+        paused.send_signal(signal.SIGCONT)
+    _, summary = paused.communicate(timeout=60)
+    assert paused.returncode == 0
+    (record,) = job.wait(timeout=10, progress=False).records()
+    assert record.ok and record.worker.endswith(f":{rescuer.pid}") and record.attempt == 2
+    assert sorted(executions(log_dir)[7]) == sorted([paused.pid, rescuer.pid])
+    # The paused worker noticed: its lease was gone, so its result was dropped or refused.
+    assert "0 completed" in summary and ("1 abandoned" in summary or "1 refused" in summary), summary
+    assert tq.status().leased == 0 and tq.status().completed == 1
+
+
+@pytest.mark.slow
+def test_redis_killed_and_restarted_mid_run_loses_nothing(nb, tmp_path):
+    server = RedisServer(tmp_path / "aof", ["--appendonly", "yes", "--appendfsync", "always"])
+    server.start()
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    url = server.url("restarts")
+    n = 600
+    try:
+        tq = TaskQueue(url)
+        job = tq.insert(
+            (functools.partial(nb.logged, i, str(log_dir), 0.01) for i in range(n)), progress=False
+        )
+        workers = start_workers(url, 2, "--lease", "5", "--burst")
+        for _ in range(3):
+            wait_for(lambda: sum(map(len, executions(log_dir).values())) > 0, what="progress")
+            time.sleep(0.7)
+            server.kill()
+            time.sleep(2.0)
+            server.start()
+        assert wait_all(workers, timeout=120) == [0, 0]
+        assert job.wait(timeout=60, progress=False).results() == list(range(n))
+        runs = executions(log_dir)
+        assert sorted(runs) == list(range(n))  # every task ran; re-runs only after a lost lease
+        counts = tq.status()
+        assert (counts.queued, counts.leased, counts.completed) == (0, 0, n)
+        tq.close()
+    finally:
+        server.stop()
