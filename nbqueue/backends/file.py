@@ -94,6 +94,7 @@ class FileBackend(Backend):
         self._last_reclaim = 0.0
         self._counter_pid = -1
         self._deltas: dict[str, dict[str, int]] = {}
+        self._done_dirs: set[str] = set()  # done/<job> directories known to exist
 
     # -- opening and safety ---------------------------------------------------------------------
     def _open_root(self) -> None:
@@ -144,7 +145,8 @@ class FileBackend(Backend):
         return tmp
 
     def _path(self, area: str, *names: str) -> str:
-        return os.path.join(self._dirs[area], *names)
+        # Names are our own (never absolute, never '..'): plain joining is safe and much cheaper.
+        return "/".join((self._dirs[area], *names))
 
     # -- counters -------------------------------------------------------------------------------
     def _counter_file(self) -> str:
@@ -222,9 +224,14 @@ class FileBackend(Backend):
         return int(deadline), int(attempt), token, job, seg, int(k)
 
     def _find_lease(self, token: str) -> str | None:
+        """The leased/ name of a token: this process's record of it, else a scan of leased/.
+        A recorded name may be stale; the rename that uses it then fails and we scan."""
         name = self._lease_names.get(token)
-        if name is not None and os.path.exists(self._path("leased", name)):
+        if name is not None:
             return name
+        return self._scan_lease(token)
+
+    def _scan_lease(self, token: str) -> str | None:
         marker = f".{token}."
         for name in os.listdir(self._dirs["leased"]):
             if marker in name:
@@ -232,9 +239,17 @@ class FileBackend(Backend):
                 return name
         return None
 
-    def _read_frames(self, path: str) -> list[tuple[str, bytes]]:
+    def _read_frames(self, path: str, lo: int = 0, hi: int | None = None) -> list[tuple[str, bytes]]:
         with open(path, "rb") as f:
-            return segments.decode(f.read())
+            return segments.decode(f.read(), lo, hi)
+
+    def _done_path(self, job: str, task_id: str) -> str:
+        """Where a task's record is committed; makes the job's directory once per process."""
+        if job not in self._done_dirs:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(self._path("done", job), 0o700)
+            self._done_dirs.add(job)
+        return self._path("done", job, task_id)
 
     def _quarantine(self, area: str, name: str, why: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -343,14 +358,14 @@ class FileBackend(Backend):
         except FileNotFoundError:
             return []  # another worker won it
         claim_path = self._path("claim", claim)
+        take = min(want, hi - lo)
         try:
-            frames = self._read_frames(claim_path)
-            if hi > len(frames) or lo >= hi:
-                raise segments.CorruptSegment(f"range {lo}-{hi} is outside a {len(frames)}-task segment")
+            frames = self._read_frames(claim_path, lo, lo + take) if lo < hi else []
+            if len(frames) != take:
+                raise segments.CorruptSegment(f"range {lo}-{hi} is outside the segment")
         except (segments.CorruptSegment, OSError) as exc:
             self._quarantine("claim", claim, f"unreadable task segment {name}: {exc}")
             return []
-        take = min(want, hi - lo)
         if take < hi - lo:  # give the rest back before taking ours, so a crash loses nothing
             rest = f"{ready:013d}.{attempts}.{job}.{seg}.{lo + take}-{hi}"
             os.link(claim_path, self._path("queue", rest))
@@ -361,7 +376,7 @@ class FileBackend(Backend):
             leased = f"{deadline}.{attempts + 1}.{token}.{job}.{seg}.{k}"
             os.link(claim_path, self._path("leased", leased))
             self._lease_names[token] = leased
-            task_id, payload = frames[k]
+            task_id, payload = frames[k - lo]
             leases.append(Lease(task_id, token, attempts + 1, payload))
         os.unlink(claim_path)
         self._bump(job, queued=-take, leased=take)
@@ -375,7 +390,15 @@ class FileBackend(Backend):
         try:
             os.rename(self._path("leased", name), self._path(area, new_name or name))
         except FileNotFoundError:
-            return None
+            # Our record was stale (another process renewed it) or the lease is gone: look again.
+            self._lease_names.pop(token, None)
+            name = self._scan_lease(token)
+            if name is None:
+                return None
+            try:
+                os.rename(self._path("leased", name), self._path(area, new_name or name))
+            except FileNotFoundError:
+                return None
         finally:
             self._lease_names.pop(token, None)
         return name
@@ -392,35 +415,45 @@ class FileBackend(Backend):
         return True
 
     def complete(self, items: Sequence[tuple[str, str, bytes]]) -> list[bool]:
+        """Commit a batch: one result segment (one fsync), then per task three metadata calls.
+
+        Per task: the lease must still exist; the result is linked into done/ (the link fails
+        if a result is already there, so at most one is ever committed); then the lease is
+        unlinked. A lease reclaimed in the microseconds between the check and the link still
+        commits exactly one result: the re-run finds done/ taken and only drops its lease.
+        """
         if not items:
             return []
         tmp = self._write_tmp(segments.encode([(task_id, result) for task_id, _, result in items]))
         out = []
         try:
             for task_id, token, _ in items:
-                name = self._move_lease(token, "completing")
-                if name is None:
-                    out.append(False)
-                    continue
-                out.append(self._commit(task_id, tmp, name))
+                out.append(self._commit(task_id, token, tmp))
         finally:
             os.unlink(tmp)
         self._flush()
         return out
 
-    def _commit(self, task_id: str, record_path: str, completing_name: str) -> bool:
-        """Link a fenced task's record into done/ and drop its completing/ entry."""
+    def _commit(self, task_id: str, token: str, record_path: str) -> bool:
+        name = self._find_lease(token)
+        if name is not None and not os.path.exists(self._path("leased", name)):
+            self._lease_names.pop(token, None)
+            name = self._scan_lease(token)
+        if name is None:
+            return False  # stale token: changes nothing
         job = job_of(task_id)
-        done_dir = self._path("done", job)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(done_dir, 0o700)
         try:
-            os.link(record_path, os.path.join(done_dir, task_id))
+            os.link(record_path, self._done_path(job, task_id))
             committed = True
         except FileExistsError:
             committed = False  # a result is already committed: never a second one
-        os.unlink(self._path("completing", completing_name))
-        self._bump(job, leased=-1, completed=1 if committed else 0)
+        self._lease_names.pop(token, None)
+        try:
+            os.unlink(self._path("leased", name))
+            held = True
+        except FileNotFoundError:
+            held = False  # reclaimed meanwhile: the reclaimer moved it out of "leased"
+        self._bump(job, leased=-1 if held else 0, completed=1 if committed else 0)
         return committed
 
     def fail(self, task_id: str, token: str, error: bytes, retry_in: float | None) -> TaskStatus | None:
@@ -439,11 +472,8 @@ class FileBackend(Backend):
         try:
             if self._move_lease(token, "completing") is None:
                 return None
-            done_dir = self._path("done", job)
             with contextlib.suppress(FileExistsError):
-                os.mkdir(done_dir, 0o700)
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, os.path.join(done_dir, task_id))
+                os.link(tmp, self._done_path(job, task_id))
             os.rename(self._path("completing", name), self._path("dead", f"{attempt}.{job}.{seg}.{k}"))
         finally:
             os.unlink(tmp)
@@ -503,7 +533,7 @@ class FileBackend(Backend):
             return
         path = self._path("completing", name)
         try:
-            task_id = self._read_frames(path)[k][0]
+            task_id = self._read_frames(path, k, k + 1)[0][0]
         except (OSError, segments.CorruptSegment, IndexError):
             return
         if os.path.exists(self._path("done", job, task_id)):
@@ -596,7 +626,7 @@ class FileBackend(Backend):
         for name in sorted(os.listdir(self._dirs["dead"])):
             try:
                 attempts, _, _, k = name.split(".")
-                task_id, payload = self._read_frames(self._path("dead", name))[int(k)]
+                task_id, payload = self._read_frames(self._path("dead", name), int(k), int(k) + 1)[0]
             except (OSError, ValueError, IndexError, segments.CorruptSegment):
                 continue
             yield name, task_id, int(attempts), payload
@@ -659,7 +689,7 @@ class FileBackend(Backend):
         for name in sorted(os.listdir(self._dirs["queue"])):
             try:
                 _, _, _, _, lo, hi = self._parse_queued(name)
-                frames = self._read_frames(self._path("queue", name))
+                frames = self._read_frames(self._path("queue", name), lo, hi)
             except (OSError, ValueError, segments.CorruptSegment):
                 continue
-            yield from frames[lo:hi]
+            yield from frames

@@ -32,8 +32,9 @@ def encode(frames: Sequence[tuple[str, bytes]]) -> bytes:
     return b"".join(head + body)
 
 
-def decode(blob: bytes) -> list[tuple[str, bytes]]:
-    """Unpack a segment; raise CorruptSegment on anything malformed (never anything else)."""
+def decode(blob: bytes, lo: int = 0, hi: int | None = None) -> list[tuple[str, bytes]]:
+    """Unpack frames ``lo..hi-1`` of a segment (all by default); raise CorruptSegment on anything
+    malformed (never anything else). The whole index is checked; only wanted frames are copied."""
     view = memoryview(blob)
     if view[: len(MAGIC)] != MAGIC or len(view) < len(MAGIC) + _COUNT.size:
         raise CorruptSegment("not a segment file (bad magic)")
@@ -44,17 +45,16 @@ def decode(blob: bytes) -> list[tuple[str, bytes]]:
         raise CorruptSegment("segment index runs past the end of the file")
     sizes = list(_ENTRY.iter_unpack(view[pos:end_index]))
     pos = end_index
+    if pos + sum(i + d for i, d in sizes) != len(view):
+        raise CorruptSegment("segment frames do not fill the file exactly")
+    hi = len(sizes) if hi is None else min(hi, len(sizes))
     frames = []
-    for id_len, data_len in sizes:
-        if pos + id_len + data_len > len(view):
-            raise CorruptSegment("segment frame runs past the end of the file")
-        try:
-            task_id = bytes(view[pos : pos + id_len]).decode("ascii")
-        except UnicodeDecodeError as exc:
-            raise CorruptSegment("segment holds a non-ASCII task id") from exc
-        pos += id_len
-        frames.append((task_id, bytes(view[pos : pos + data_len])))
-        pos += data_len
-    if pos != len(view):
-        raise CorruptSegment("segment has trailing bytes")
+    for k, (id_len, data_len) in enumerate(sizes):
+        if lo <= k < hi:
+            try:
+                task_id = bytes(view[pos : pos + id_len]).decode("ascii")
+            except UnicodeDecodeError as exc:
+                raise CorruptSegment("segment holds a non-ASCII task id") from exc
+            frames.append((task_id, bytes(view[pos + id_len : pos + id_len + data_len])))
+        pos += id_len + data_len
     return frames
