@@ -39,6 +39,19 @@ import numpy as np
 def noop(i):
     return i
 
+class NoopTasks:
+    # A python-task-queue-style task iterator: len() and slices, built lazily.
+    def __init__(self, start, stop):
+        self.start, self.stop = start, stop
+    def __len__(self):
+        return self.stop - self.start
+    def __getitem__(self, part):
+        lo, hi, _ = part.indices(len(self))
+        return NoopTasks(self.start + lo, self.start + hi)
+    def __iter__(self):
+        from functools import partial
+        return (partial(noop, i) for i in range(self.start, self.stop))
+
 def closure_over(nbytes):
     data = np.zeros(nbytes // 8)
     @queueable
@@ -117,11 +130,34 @@ def bench_insert(nb, sizes, redis_server) -> None:
 
     peer = ptq_insert_rate(n) if has_ptq() else None
     report("insert_fq", insert_rate(f"fq://{fresh_dir()}/q"), "tasks/s", peer, "python-task-queue fq")
+    one = n / timed(lambda: TaskQueue(f"fq://{fresh_dir()}/q").insert(nb.NoopTasks(0, n), progress=False))
+    two = n / timed(
+        lambda: TaskQueue(f"fq://{fresh_dir()}/q").insert(nb.NoopTasks(0, n), parallel=2, progress=False)
+    )
+    report(
+        "insert_fq_parallel_2",
+        two,
+        "tasks/s",
+        one,
+        "nbqueue parallel=1",
+        note="a sliceable task iterator; includes starting 2 processes",
+    )
     report("insert_mem", insert_rate(f"mem://bench-{os.getpid()}-{time.time_ns()}"), "tasks/s")
     if redis_server is not None:
         url = redis_server.url(f"bench{time.time_ns()}")
         rate = insert_rate(url)
-        report("insert_redis", rate, "tasks/s", raw_lpush_rate(redis_server, url, n), "raw redis-py LPUSH")
+        raw = raw_lpush_rate(redis_server, url, n)
+        report(
+            "insert_redis",
+            rate,
+            "tasks/s",
+            raw,
+            "raw redis-py LPUSH",
+            note="raw LPUSH pushes bytes made beforehand; nbqueue also builds, pickles and signs each task",
+        )
+        url2 = redis_server.url(f"bench{time.time_ns()}")
+        two = n / timed(lambda: TaskQueue(url2).insert(nb.NoopTasks(0, n), parallel=2, progress=False))
+        report("insert_redis_parallel_2", two, "tasks/s", raw, "raw redis-py LPUSH")
 
 
 def raw_lpush_rate(redis_server, url: str, n: int) -> float:

@@ -1,18 +1,32 @@
 """The insert pipeline: any iterable of tasks → signed envelopes → batched backend writes.
 
-Streams in constant memory: one batch of envelopes is held at a time. Nothing is written
-before the first batch is complete, so a bad task among the first ``batch_size`` leaves the
-queue untouched; a failure later leaves a job whose total is exactly what was queued, and the
-error says so.
+Streams in constant memory: one batch of envelopes is held at a time (a few with a pipeline).
+Nothing is written before the first batch is complete, so a bad task among the first
+``batch_size`` leaves the queue untouched; a failure later leaves a job whose total is exactly
+what was queued, and the error says so.
+
+Three ways to upload, chosen by ``parallel`` and ``green``:
+
+- one process, one thread: encode a batch, write it, repeat;
+- ``parallel=N`` with an iterable that has ``len()`` and slice ``__getitem__``: N spawned
+  processes each build and upload one slice (the parent never holds the tasks);
+- ``parallel=N`` with a plain generator: this process encodes while N writer threads upload,
+  through a queue of at most N batches, so storage round trips overlap the encoding;
+- ``green=True``: the writers are gevent greenlets (the caller must have monkey-patched).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue as queue_module
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterable
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from multiprocessing import get_context
 from typing import TYPE_CHECKING, Any
 
 from . import defaults
@@ -22,6 +36,8 @@ from .tasks import TaskCodec, to_call
 if TYPE_CHECKING:
     from .jobs import Job
     from .queue import TaskQueue
+
+GREEN_FIX = "from gevent import monkey; monkey.patch_all()"
 
 
 def new_job_id() -> str:
@@ -43,6 +59,172 @@ def job_meta(job_id: str, name: str | None, source: str | None) -> dict[str, Any
     }
 
 
+def sliceable(tasks: Any) -> bool:
+    """True for iterables that can be cut into slices without being read (``len`` + slicing)."""
+    return hasattr(tasks, "__len__") and hasattr(tasks, "__getitem__") and not isinstance(tasks, (str, bytes))
+
+
+# -- writing batches ------------------------------------------------------------------------------
+class _Writer:
+    """Writes encoded batches (and a job's new function blobs before its first task)."""
+
+    def __init__(self, backend, job_id: str) -> None:
+        self.backend = backend
+        self.job_id = job_id
+        self.written = 0
+        self._lock = threading.Lock()
+
+    def write(self, functions: list[tuple[str, bytes]], batch: list[tuple[str, bytes]]) -> None:
+        for digest, blob in functions:
+            self.backend.put_function(digest, blob)
+        self.backend.insert(self.job_id, batch)
+        with self._lock:
+            self.written += len(batch)
+
+    def submit(self, functions: list[tuple[str, bytes]], batch: list[tuple[str, bytes]]) -> None:
+        self.write(functions, batch)
+
+    def close(self) -> None:
+        """Wait for every submitted batch; raise the first write error."""
+
+
+class _PipelinedWriter(_Writer):
+    """Writes from background threads (or greenlets) through a bounded queue of batches."""
+
+    def __init__(self, backend, job_id: str, writers: int, green: bool = False) -> None:
+        super().__init__(backend, job_id)
+        self._queue: queue_module.Queue = queue_module.Queue(maxsize=writers)
+        self._error: BaseException | None = None
+        if green:
+            import gevent
+
+            self._workers = [gevent.spawn(self._drain) for _ in range(writers)]
+        else:
+            self._workers = [
+                threading.Thread(target=self._drain, name="nbqueue-insert", daemon=True)
+                for _ in range(writers)
+            ]
+            for t in self._workers:
+                t.start()
+        self._green = green
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is None:
+                try:
+                    self.write(*item)
+                except BaseException as exc:  # reported to the producer at its next submit
+                    self._error = exc
+
+    def submit(self, functions: list[tuple[str, bytes]], batch: list[tuple[str, bytes]]) -> None:
+        if self._error is not None:
+            raise self._error
+        # Function blobs must land before any task that names them: write them here, in order.
+        for digest, blob in functions:
+            self.backend.put_function(digest, blob)
+        self._queue.put(([], batch))
+
+    def close(self) -> None:
+        for _ in self._workers:
+            self._queue.put(None)
+        if self._green:
+            import gevent
+
+            gevent.joinall(self._workers)
+        else:
+            for t in self._workers:
+                t.join()
+        if self._error is not None:
+            raise self._error
+
+
+def upload(
+    queue: TaskQueue,
+    job_id: str,
+    tasks: Iterable[Any],
+    offset: int,
+    batch_size: int,
+    writer: _Writer,
+    on_batch=None,
+) -> None:
+    """Encode ``tasks`` (ids from ``offset``) into batches and hand them to ``writer``."""
+    codec = TaskCodec(queue.signer, queue.serializer)
+    batch: list[tuple[str, bytes]] = []
+    batch_bytes = 0
+    functions: list[tuple[str, bytes]] = []
+    for index, task in enumerate(tasks, offset):
+        call = to_call(task)
+        digest = None
+        if call.fn is not None:
+            digest, blob, new = codec.function_digest(call.fn)
+            if new:
+                functions.append((digest, blob))
+        task_id = f"{job_id}-{index}"
+        envelope = codec.encode(task_id, job_id, call, digest)
+        batch.append((task_id, envelope))
+        batch_bytes += len(envelope)
+        if len(batch) >= batch_size or batch_bytes >= defaults.INSERT_BATCH_BYTES:
+            if on_batch is not None:
+                on_batch()
+            writer.submit(functions, batch)
+            functions, batch, batch_bytes = [], [], 0
+    if batch or functions:
+        if on_batch is not None:
+            on_batch()
+        writer.submit(functions, batch)
+
+
+# -- parallel slices ------------------------------------------------------------------------------
+def _insert_slice(
+    url: str, insecure: bool, serializer: str, job_id: str, offset: int, blob: bytes, batch_size: int
+) -> int:
+    """Child process: load one slice and upload it. Returns how many tasks it queued."""
+    from .queue import TaskQueue
+
+    tq = TaskQueue(url, insecure=insecure, serializer=serializer)
+    writer = _Writer(tq.backend, job_id)
+    try:
+        upload(tq, job_id, tq.serializer.loads(blob), offset, batch_size, writer)
+    finally:
+        tq.close()
+    return writer.written
+
+
+def _insert_sliced(queue: TaskQueue, job_id: str, tasks: Any, parallel: int, batch_size: int, bar) -> int:
+    """Cut ``tasks`` into ``parallel`` slices uploaded by as many spawned processes."""
+    from .serialize import dumps_checked
+
+    n = len(tasks)
+    bounds = [(n * k // parallel, n * (k + 1) // parallel) for k in range(parallel)]
+    ctx = get_context("spawn")  # an explicit context: never change the global start method
+    with ProcessPoolExecutor(parallel, mp_context=ctx) as pool:
+        futures = [
+            pool.submit(
+                _insert_slice,
+                queue._open_url,
+                queue.insecure,
+                queue.serializer.name,
+                job_id,
+                lo,
+                dumps_checked(tasks[lo:hi], queue.serializer, f"slice {lo}:{hi} of the tasks"),
+                batch_size,
+            )
+            for lo, hi in bounds
+            if hi > lo
+        ]
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.25, return_when=FIRST_EXCEPTION)
+            bar.update(queue.backend.job_counts(job_id).inserted - bar.n)
+            for future in done:
+                future.result()  # a child's exception (or a dead child) surfaces here
+    return sum(f.result() for f in futures)
+
+
+# -- the entry point ------------------------------------------------------------------------------
 def insert_tasks(
     queue: TaskQueue,
     tasks: Iterable[Any],
@@ -52,53 +234,55 @@ def insert_tasks(
     batch_size: int = defaults.INSERT_BATCH_SIZE,
     progress: bool = True,
     source: str | None = None,
+    parallel: int = 1,
+    green: bool = False,
 ) -> Job:
     """Insert every task of ``tasks`` as one job; see ``TaskQueue.insert``."""
     from .jobs import Job
 
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
+    if parallel < 1:
+        raise ValueError("parallel must be at least 1")
+    if green:
+        _check_green()
     if total is None and hasattr(tasks, "__len__"):
         total = len(tasks)  # type: ignore[arg-type]
-    backend = queue.backend
-    codec = TaskCodec(queue.signer, queue.serializer)
     job_id = new_job_id()
     meta = job_meta(job_id, name, source)
-    queued = 0
-    batch: list[tuple[str, bytes]] = []
-    batch_bytes = 0
-    new_functions: list[tuple[str, bytes]] = []
     bar = insert_bar(total, f"insert {meta['name']}", enabled=progress)
+    sliced = parallel > 1 and not green and sliceable(tasks)
+    if green:
+        writer: _Writer = _PipelinedWriter(queue.backend, job_id, max(parallel, 8), green=True)
+    elif parallel > 1 and not sliced:
+        writer = _PipelinedWriter(queue.backend, job_id, parallel)
+    else:
+        writer = _Writer(queue.backend, job_id)
+    started = False
 
-    def flush() -> None:
-        nonlocal queued, batch, batch_bytes
-        if queued == 0:
-            queue._put_meta(job_id, meta)
-        for digest, blob in new_functions:
-            backend.put_function(digest, blob)
-        new_functions.clear()
-        backend.insert(job_id, batch)
-        queued += len(batch)
-        bar.update(len(batch))
-        batch, batch_bytes = [], 0
+    def before_first_batch() -> None:
+        nonlocal started
+        if not started:
+            queue._put_meta(job_id, meta)  # only now: a bad first batch leaves nothing behind
+            started = True
+        bar.update(writer.written - bar.n)
 
     try:
-        for index, task in enumerate(tasks):
-            call = to_call(task)
-            digest = None
-            if call.fn is not None:
-                digest, blob, new = codec.function_digest(call.fn)
-                if new:
-                    new_functions.append((digest, blob))
-            envelope = codec.encode(f"{job_id}-{index}", job_id, call, digest)
-            batch.append((f"{job_id}-{index}", envelope))
-            batch_bytes += len(envelope)
-            if len(batch) >= batch_size or batch_bytes >= defaults.INSERT_BATCH_BYTES:
-                flush()
-        if batch or queued == 0:
-            flush()
+        if sliced:
+            before_first_batch()  # children write directly: the job must exist first
+            queued = _insert_sliced(queue, job_id, tasks, parallel, batch_size, bar)
+        else:
+            upload(queue, job_id, tasks, 0, batch_size, writer, on_batch=before_first_batch)
+            writer.close()
+            queued = writer.written
+        if not started:
+            before_first_batch()  # an empty job is still a job
     except BaseException as exc:
-        if queued:
+        if not sliced:
+            with contextlib.suppress(BaseException):  # the first error is the one to report
+                writer.close()
+        if started:
+            queued = queue.backend.job_counts(job_id).inserted if sliced else writer.written
             meta.update(total=queued, state="insert_failed", error=f"{type(exc).__name__}: {exc}")
             queue._put_meta(job_id, meta)
             if hasattr(exc, "add_note"):
@@ -108,7 +292,23 @@ def insert_tasks(
                 )
         raise
     finally:
+        bar.update(max(0, (queue.backend.job_counts(job_id).inserted if sliced else writer.written) - bar.n))
         bar.close()
     meta.update(total=queued, state="inserted")
     queue._put_meta(job_id, meta)
     return Job(queue, job_id, meta)
+
+
+def _check_green() -> None:
+    """green=True needs gevent and a monkey-patched socket module; nbqueue never patches."""
+    try:
+        from gevent import monkey
+    except ImportError:
+        raise ImportError("green=True needs gevent: pip install 'nbqueue[green]'") from None
+    if not monkey.is_module_patched("socket"):
+        raise RuntimeError(
+            "green=True needs the socket module patched by gevent, and nbqueue never patches it "
+            f"for you. Run `{GREEN_FIX}` first thing in your program, before other imports. "
+            "In IPython/Jupyter the kernel's own event loop does not tolerate patch_all: use "
+            "parallel=N there instead, or a script."
+        )

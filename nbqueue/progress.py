@@ -21,6 +21,8 @@ def progress_mode() -> str:
 
 
 class _NullBar:
+    n = 0
+
     def update(self, n: int = 1) -> None:
         pass
 

@@ -52,6 +52,8 @@ class TaskQueue:
         batch_size: int = defaults.INSERT_BATCH_SIZE,
         progress: bool = True,
         source: str | None = None,
+        parallel: int = 1,
+        green: bool = False,
     ) -> Job:
         """Queue every task of ``tasks`` as one job and return the Job.
 
@@ -66,9 +68,24 @@ class TaskQueue:
             batch_size: tasks per storage write.
             progress: show a bar counting uploaded tasks.
             source: text recorded with the job (e.g. a notebook cell).
+            parallel: with an iterable that has ``len()`` and slice ``__getitem__`` (a range-like
+                task iterator, a list), N spawned processes each build and upload one slice;
+                the parent never reads the tasks. With a plain generator, this process encodes
+                while N threads write batches through a bounded queue (storage round trips
+                overlap the encoding; memory stays bounded).
+            green: write batches from gevent greenlets, for network backends. You must run
+                ``from gevent import monkey; monkey.patch_all()`` first; nbqueue never patches.
         """
         return insert_tasks(
-            self, tasks, total=total, name=name, batch_size=batch_size, progress=progress, source=source
+            self,
+            tasks,
+            total=total,
+            name=name,
+            batch_size=batch_size,
+            progress=progress,
+            source=source,
+            parallel=parallel,
+            green=green,
         )
 
     def _put_meta(self, job_id: str, meta: dict) -> None:
