@@ -245,7 +245,10 @@ class Worker:
         """Burst mode ends when nothing is queued or leased anywhere: a lease held by a worker
         that died comes back to us when it expires. Counters that drifted (a process killed
         mid-write) cannot keep us forever: past the longest wait that can matter, we stop."""
-        counts = self._call(self.backend.counts)
+        try:
+            counts = self._call(self.backend.counts)
+        except _GaveUp:  # told to stop during an outage
+            return True
         return counts.queued + counts.leased <= 0 or idle > 2 * max(
             defaults.RETRY_MAX_SECONDS, self.lease_seconds
         )

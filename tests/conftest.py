@@ -67,3 +67,11 @@ def backend_factory(backend_url):
 def backend(backend_factory):
     """A fresh empty backend of each kind."""
     return backend_factory()
+
+
+@pytest.fixture(params=["fq", "redis"])
+def worker_url(request, tmp_path):
+    """A fresh queue that separate worker processes can share (not mem://)."""
+    if request.param == "fq":
+        return f"fq://{tmp_path / 'queue'}"
+    return request.getfixturevalue("redis_url")

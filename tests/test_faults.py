@@ -33,13 +33,6 @@ def nb():
     return notebook(NOTEBOOK)
 
 
-@pytest.fixture(params=["fq", "redis"])
-def worker_url(request, tmp_path):
-    if request.param == "fq":
-        return f"fq://{tmp_path / 'queue'}"
-    return request.getfixturevalue("redis_url")
-
-
 def executions(log_dir) -> dict[int, list[int]]:
     """index -> pids that ran it."""
     runs: dict[int, list[int]] = {}

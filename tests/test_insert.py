@@ -50,17 +50,10 @@ def nb():
     return notebook(NOTEBOOK)
 
 
-@pytest.fixture(params=["fq", "redis"])
-def url(request, tmp_path):
-    if request.param == "fq":
-        return f"fq://{tmp_path / 'queue'}"
-    return request.getfixturevalue("redis_url")
-
-
-def test_parallel_slices_are_built_and_uploaded_by_child_processes(url, nb, tmp_path):
+def test_parallel_slices_are_built_and_uploaded_by_child_processes(worker_url, nb, tmp_path):
     log = tmp_path / "log"
     log.mkdir()
-    tq = TaskQueue(url)
+    tq = TaskQueue(worker_url)
     job = tq.insert(nb.SquareTasks(0, 3000, log=str(log)), parallel=2, batch_size=400, progress=False)
     assert job.total == 3000 and job.counts().inserted == 3000
     builders = {name.split("-")[0] for name in os.listdir(log)}
@@ -89,8 +82,8 @@ def test_parallel_dead_child_raises_instead_of_hanging(nb, tmp_path):
     assert job.total == job.counts().inserted
 
 
-def test_parallel_generator_streams_through_writer_threads(url, nb):
-    tq = TaskQueue(url)
+def test_parallel_generator_streams_through_writer_threads(worker_url, nb):
+    tq = TaskQueue(worker_url)
     job = tq.insert(
         (functools.partial(nb.square, i) for i in range(2500)), parallel=3, batch_size=100, progress=False
     )

@@ -58,14 +58,6 @@ def touch(obj):
 """
 
 
-@pytest.fixture(params=["fq", "redis"])
-def worker_url(request, tmp_path):
-    """A queue that worker processes can share."""
-    if request.param == "fq":
-        return f"fq://{tmp_path / 'queue'}"
-    return request.getfixturevalue("redis_url")
-
-
 @pytest.fixture(scope="module")
 def nb():
     return notebook(NOTEBOOK)

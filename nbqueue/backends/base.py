@@ -110,6 +110,20 @@ def check_id(value: str, what: str = "id") -> str:
     return value
 
 
+def check_batch(job_id: str, tasks: Sequence[tuple[str, bytes]]) -> None:
+    """Refuse an insert batch with a bad job id, a foreign or malformed task id, or a repeat,
+    before anything is written."""
+    check_id(job_id, "job id")
+    seen: set[str] = set()
+    for task_id, _ in tasks:
+        check_id(task_id, "task id")
+        if job_of(task_id) != job_id:
+            raise ValueError(f"task {task_id!r} does not belong to job {job_id!r}")
+        if task_id in seen:
+            raise ValueError(f"task {task_id!r} appears twice in one insert")
+        seen.add(task_id)
+
+
 class Backend(ABC):
     """Abstract storage. Subclasses register a URL scheme in ``nbqueue.backends``."""
 

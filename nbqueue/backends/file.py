@@ -43,7 +43,7 @@ from collections.abc import Iterator, Sequence
 
 from ..errors import QueueURLError, UnsafeQueueError
 from . import segments
-from .base import COUNT_FIELDS, Backend, Counts, DeadLetter, Lease, TaskStatus, check_id, job_of
+from .base import COUNT_FIELDS, Backend, Counts, DeadLetter, Lease, TaskStatus, check_batch, check_id, job_of
 
 FORMAT = 1
 MARKER = "nbqueue.json"
@@ -67,6 +67,15 @@ ORPHAN_SECONDS = 30.0
 RECLAIM_INTERVAL = 0.1
 #: A worker picks among this many of the oldest ready ranges, so workers rarely collide.
 PICK_WINDOW = 8
+
+
+#: A process folds its counter file into the shared base once it grows past this.
+COUNTER_FILE_FOLD_BYTES = 64 * 1024
+
+
+def _subtract(a: dict[str, dict[str, int]], b: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Per-key, per-field ``a - b`` of two counter delta tables."""
+    return {key: {f: v - b.get(key, {}).get(f, 0) for f, v in row.items()} for key, row in a.items()}
 
 
 def _now_ms() -> int:
@@ -94,6 +103,7 @@ class FileBackend(Backend):
         self._last_reclaim = 0.0
         self._counter_pid = -1
         self._deltas: dict[str, dict[str, int]] = {}
+        self._flushed: dict[str, dict[str, int]] = {}  # the deltas as last written
         self._done_dirs: set[str] = set()  # done/<job> directories known to exist
 
     # -- opening and safety ---------------------------------------------------------------------
@@ -154,7 +164,7 @@ class FileBackend(Backend):
 
     def _bump(self, job_id: str, **delta: int) -> None:
         if self._counter_pid != os.getpid():  # forked: start our own file
-            self._counter_pid, self._deltas = os.getpid(), {}
+            self._counter_pid, self._deltas, self._flushed = os.getpid(), {}, {}
         for key in {"", job_id}:
             row = self._deltas.setdefault(key, {})
             for name, d in delta.items():
@@ -163,7 +173,16 @@ class FileBackend(Backend):
     def _flush(self) -> None:
         if self._counter_pid != os.getpid() or not self._deltas:
             return
-        self._write_atomic(self._counter_file(), json.dumps(self._deltas).encode(), sync=False)
+        path = self._counter_file()
+        if self._flushed and not os.path.exists(path):
+            # rezero() recounted and removed our file: keep only what changed since we wrote it.
+            self._deltas = _subtract(self._deltas, self._flushed)
+        data = json.dumps(self._deltas).encode()
+        if len(data) > COUNTER_FILE_FOLD_BYTES:  # a long-lived worker that touched many jobs
+            self.close()
+            return
+        self._write_atomic(path, data, sync=False)
+        self._flushed = {key: dict(row) for key, row in self._deltas.items()}
 
     def _read_counters(self) -> list[dict]:
         rows = []
@@ -209,7 +228,7 @@ class FileBackend(Backend):
             self._write_atomic(base_path, json.dumps(base).encode(), sync=False)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._counter_file())
-        self._deltas = {}
+        self._deltas, self._flushed = {}, {}
 
     # -- names ----------------------------------------------------------------------------------
     @staticmethod
@@ -296,11 +315,7 @@ class FileBackend(Backend):
 
     # -- tasks ----------------------------------------------------------------------------------
     def insert(self, job_id: str, tasks: Sequence[tuple[str, bytes]]) -> None:
-        check_id(job_id, "job id")
-        for task_id, _ in tasks:
-            check_id(task_id, "task id")
-            if job_of(task_id) != job_id:
-                raise ValueError(f"task {task_id!r} does not belong to job {job_id!r}")
+        check_batch(job_id, tasks)
         if not tasks:
             return
         tmp = self._write_tmp(segments.encode(tasks))
@@ -586,7 +601,7 @@ class FileBackend(Backend):
         for area in AREAS:
             shutil.rmtree(self._dirs[area], ignore_errors=True)
             os.mkdir(self._dirs[area], 0o700)
-        self._deltas, self._ranges, self._lease_names = {}, [], {}
+        self._deltas, self._flushed, self._ranges, self._lease_names = {}, {}, [], {}
 
     def rezero(self) -> Counts:
         self._reclaim()
@@ -618,7 +633,7 @@ class FileBackend(Backend):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(counters, name))
         self._write_atomic(os.path.join(counters, "base"), json.dumps(rows).encode(), sync=False)
-        self._deltas = {}
+        self._deltas, self._flushed = {}, {}
         return self.counts()
 
     def _dead_entries(self) -> Iterator[tuple[str, str, int, bytes]]:

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 
-from .base import Backend, Counts, DeadLetter, Lease, TaskStatus, check_id, job_of
+from .base import Backend, Counts, DeadLetter, Lease, TaskStatus, check_batch, check_id, job_of
 
 _stores: dict[str, MemoryBackend] = {}
 _stores_lock = threading.Lock()
@@ -104,13 +104,7 @@ class MemoryBackend(Backend):
 
     # -- tasks ----------------------------------------------------------------------------------
     def insert(self, job_id: str, tasks: Sequence[tuple[str, bytes]]) -> None:
-        check_id(job_id, "job id")
-        for task_id, _ in tasks:
-            check_id(task_id, "task id")
-            if job_of(task_id) != job_id:
-                raise ValueError(f"task {task_id!r} does not belong to job {job_id!r}")
-        if len({task_id for task_id, _ in tasks}) != len(tasks):
-            raise ValueError("an insert batch repeats a task id")
+        check_batch(job_id, tasks)
         with self._cond:
             for task_id, _ in tasks:
                 if task_id in self._payloads:

@@ -54,7 +54,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from .. import defaults
 from ..errors import BackendUnavailable, QueueURLError
-from .base import Backend, Counts, DeadLetter, Lease, TaskStatus, check_id, index_of, job_of
+from .base import Backend, Counts, DeadLetter, Lease, TaskStatus, check_batch, check_id, index_of, job_of
 
 try:
     import redis
@@ -330,16 +330,9 @@ class RedisBackend(Backend):
     # -- tasks ----------------------------------------------------------------------------------
     @_translated
     def insert(self, job_id: str, tasks: Sequence[tuple[str, bytes]]) -> None:
-        check_id(job_id, "job id")
-        seen: set[str] = set()
+        check_batch(job_id, tasks)
         args: list[Any] = []
         for task_id, payload in tasks:
-            check_id(task_id, "task id")
-            if job_of(task_id) != job_id:
-                raise ValueError(f"task {task_id!r} does not belong to job {job_id!r}")
-            if task_id in seen:
-                raise ValueError(f"task {task_id!r} appears twice in one insert")
-            seen.add(task_id)
             args += (task_id, bytes(payload))
         if not args:
             return

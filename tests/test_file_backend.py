@@ -1,0 +1,67 @@
+"""fq:// specifics beyond the shared contract: counters, layout, orphan repair."""
+
+from __future__ import annotations
+
+import os
+
+from nbqueue.backends import file as file_backend
+from nbqueue.backends.file import FileBackend
+
+
+def tasks_of(job: str, n: int) -> list[tuple[str, bytes]]:
+    return [(f"{job}-{i}", b"p") for i in range(n)]
+
+
+def test_status_reads_counters_without_listing_tasks(tmp_path, monkeypatch):
+    q = FileBackend(str(tmp_path / "q"))
+    for b in range(20):
+        q.insert(f"j{b}", tasks_of(f"j{b}", 500))
+    listed: list[str] = []
+    real_listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda p=".": listed.append(str(p)) or real_listdir(p))
+    assert q.counts().queued == 10_000 and q.job_counts("j3").queued == 500
+    assert all(p.endswith("counters") for p in listed), listed
+    monkeypatch.undo()
+    # One queue/ entry per insert batch: a listing stays short as tasks grow.
+    assert len(os.listdir(tmp_path / "q" / "queue")) == 20
+
+
+def test_rezero_while_another_process_holds_counters(tmp_path):
+    producer = FileBackend(str(tmp_path / "q"))
+    admin = FileBackend(str(tmp_path / "q"))
+    producer.insert("j", tasks_of("j", 10))
+    c = admin.rezero()
+    assert (c.inserted, c.queued) == (0, 10)
+    producer.lease(3, 30)  # the producer's next counter write must not bring back old deltas
+    c = admin.counts()
+    assert (c.inserted, c.queued, c.leased) == (0, 7, 3)
+
+
+def test_counter_file_folds_when_it_grows(tmp_path, monkeypatch):
+    monkeypatch.setattr(file_backend, "COUNTER_FILE_FOLD_BYTES", 2_000)
+    q = FileBackend(str(tmp_path / "q"))
+    for b in range(60):
+        q.insert(f"job{b}", tasks_of(f"job{b}", 2))
+    files = [n for n in os.listdir(tmp_path / "q" / "counters") if not n.startswith(".")]
+    assert len(files) <= 2  # the base file and at most one live file
+    assert q.counts().inserted == 120 and q.job_counts("job0").inserted == 2
+    assert q.job_counts("job59").queued == 2
+
+
+def test_close_folds_counts_into_the_base_file(tmp_path):
+    q = FileBackend(str(tmp_path / "q"))
+    q.insert("j", tasks_of("j", 5))
+    q.close()
+    assert sorted(os.listdir(tmp_path / "q" / "counters")) == [".lock", "base"]
+    assert FileBackend(str(tmp_path / "q")).counts().queued == 5
+
+
+def test_orphaned_claim_from_a_killed_process_is_queued_again(tmp_path, monkeypatch):
+    q = FileBackend(str(tmp_path / "q"))
+    q.insert("j", tasks_of("j", 4))
+    (name,) = os.listdir(tmp_path / "q" / "queue")
+    # A process renamed the range into claim/ and died before splitting it into leases.
+    os.rename(tmp_path / "q" / "queue" / name, tmp_path / "q" / "claim" / f"0000000000001.dead.{name}")
+    monkeypatch.setattr(file_backend, "ORPHAN_SECONDS", 0.0)
+    got = q.lease(10, 30)
+    assert sorted(lease.task_id for lease in got) == [f"j-{i}" for i in range(4)]
