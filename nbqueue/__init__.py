@@ -44,3 +44,10 @@ __all__ = [
     "UnsafeQueueError",
     "queueable",
 ]
+
+
+def load_ipython_extension(ipython) -> None:  # noqa: ANN001 - IPython's shell
+    """``%load_ext nbqueue``: the ``%%queue`` and ``%queue`` magics (IPython is imported only here)."""
+    from .magics import load_ipython_extension as load
+
+    load(ipython)

@@ -30,7 +30,7 @@ from multiprocessing import get_context
 from typing import TYPE_CHECKING, Any
 
 from . import defaults
-from .progress import insert_bar
+from .progress import insert_progress
 from .tasks import TaskCodec, to_call
 
 if TYPE_CHECKING:
@@ -218,7 +218,7 @@ def _insert_sliced(queue: TaskQueue, job_id: str, tasks: Any, parallel: int, bat
         pending = set(futures)
         while pending:
             done, pending = wait(pending, timeout=0.25, return_when=FIRST_EXCEPTION)
-            bar.update(queue.backend.job_counts(job_id).inserted - bar.n)
+            bar.set(queue.backend.job_counts(job_id).inserted)
             for future in done:
                 future.result()  # a child's exception (or a dead child) surfaces here
     return sum(f.result() for f in futures)
@@ -250,7 +250,8 @@ def insert_tasks(
         total = len(tasks)  # type: ignore[arg-type]
     job_id = new_job_id()
     meta = job_meta(job_id, name, source)
-    bar = insert_bar(total, f"insert {meta['name']}", enabled=progress)
+    job = Job(queue, job_id, meta)
+    bar = insert_progress(job, total, enabled=progress)
     sliced = parallel > 1 and not green and sliceable(tasks)
     if green:
         writer: _Writer = _PipelinedWriter(queue.backend, job_id, max(parallel, 8), green=True)
@@ -265,7 +266,7 @@ def insert_tasks(
         if not started:
             queue._put_meta(job_id, meta)  # only now: a bad first batch leaves nothing behind
             started = True
-        bar.update(writer.written - bar.n)
+        bar.set(writer.written)
 
     try:
         if sliced:
@@ -277,6 +278,8 @@ def insert_tasks(
             queued = writer.written
         if not started:
             before_first_batch()  # an empty job is still a job
+        meta.update(total=queued, state="inserted")
+        queue._put_meta(job_id, meta)
     except BaseException as exc:
         if not sliced:
             with contextlib.suppress(BaseException):  # the first error is the one to report
@@ -292,11 +295,9 @@ def insert_tasks(
                 )
         raise
     finally:
-        bar.update(max(0, (queue.backend.job_counts(job_id).inserted if sliced else writer.written) - bar.n))
+        bar.set(queue.backend.job_counts(job_id).inserted if sliced else writer.written)
         bar.close()
-    meta.update(total=queued, state="inserted")
-    queue._put_meta(job_id, meta)
-    return Job(queue, job_id, meta)
+    return job
 
 
 def _check_green() -> None:

@@ -9,12 +9,13 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import defaults
 from .backends.base import Counts, index_of
-from .errors import TaskFailed
-from .progress import JobBar, describe
+from .errors import NbQueueError, TaskFailed
+from .progress import JobBar, JobView, describe, progress_mode
 from .records import TaskError, TaskRecord, open_record
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class Job:
         self.queue = queue
         self.id = job_id
         self._meta = meta
+        self._view: JobView | None = None
 
     # -- record -----------------------------------------------------------------------------
     @property
@@ -51,9 +53,10 @@ class Job:
         """The job record (re-read while the job is still being inserted)."""
         if self._meta is None or self._meta.get("state") == "inserting":
             raw = self.queue.backend.get_job(self.id)
-            if raw is None:
+            if raw is not None:
+                self._meta = json.loads(raw)
+            elif self._meta is None:
                 raise KeyError(f"no job {self.id!r} in {self.queue.url}")
-            self._meta = json.loads(raw)
         return self._meta
 
     @property
@@ -79,13 +82,66 @@ class Job:
         total = self.total
         return total is not None and self.counts().finished >= total
 
+    # -- display ----------------------------------------------------------------------------
+    @property
+    def view(self) -> JobView:
+        """The job's progress view (one per Job object)."""
+        if self._view is None:
+            self._view = JobView(self)
+        return self._view
+
+    def latest_error(self) -> TaskError | None:
+        """The most recently failed task's error, from the dead letters (not a scan of results)."""
+        q = self.queue
+        prefix = f"{self.id}-"
+        newest: TaskError | None = None
+        newest_at = -1.0
+        for letter in q.backend.dead():
+            if not letter.task_id.startswith(prefix) or letter.error is None:
+                continue
+            try:
+                record = open_record(q.signer, q.serializer, letter.task_id, letter.error, self.id)
+            except NbQueueError:
+                continue
+            if record.error is not None and (record.finished or 0) >= newest_at:
+                newest, newest_at = record.error, record.finished or 0
+        return newest
+
+    def workers_seen(self) -> int | None:
+        """Workers the queue has heard from recently, where the backend keeps track."""
+        workers = getattr(self.queue.backend, "workers", None)
+        if workers is None:
+            return None
+        try:
+            return len(workers())
+        except Exception:
+            return None
+
+    def _ipython_display_(self) -> None:
+        """In a notebook: the live widget (or its text where widgets are off)."""
+        if progress_mode() == "widget":
+            self.view.show()
+        else:
+            from IPython.display import display
+
+            display({"text/plain": self.view.refresh_text()}, raw=True)
+
     # -- waiting ----------------------------------------------------------------------------
-    def wait(self, timeout: float | None = None, progress: bool = True) -> Job:
+    def wait(
+        self, timeout: float | None = None, progress: bool = True, check: Callable[[], None] | None = None
+    ) -> Job:
         """Block until every task is finished (completed or dead), showing progress.
+
+        Args:
+            timeout: give up after this many seconds.
+            progress: show the widget (in a notebook) or a text bar.
+            check: called at every poll; raise from it to stop waiting (e.g. workers died).
 
         Raises:
             TimeoutError: ``timeout`` seconds passed first.
         """
+        if progress and progress_mode() == "widget":
+            return self._wait_with_widget(timeout, check)
         start = time.monotonic()
         bar = JobBar(self.total, f"job {self.name}", enabled=progress)
         sleep = defaults.WAIT_POLL_MIN
@@ -95,6 +151,8 @@ class Job:
                 total = self.total
                 counts = self.counts()
                 bar.show(counts, total)
+                if check is not None:
+                    check()
                 if counts.finished != last_finished:
                     last_finished, last_change = counts.finished, time.monotonic()
                     sleep = defaults.WAIT_POLL_MIN
@@ -113,6 +171,22 @@ class Job:
                 sleep = min(sleep * 1.5, defaults.WAIT_POLL_MAX)
         finally:
             bar.close()
+
+    def _wait_with_widget(self, timeout: float | None, check: Callable[[], None] | None) -> Job:
+        """Wait while redrawing the widget from this (the cell's) thread; end on the final state."""
+        view = self.view
+        if view._handle is None:
+            view.show()
+
+        def poll() -> None:
+            view.refresh()
+            if check is not None:
+                check()
+
+        try:
+            return self.wait(timeout=timeout, progress=False, check=poll)
+        finally:
+            view.finish()
 
     # -- results ----------------------------------------------------------------------------
     def records(self) -> list[TaskRecord]:

@@ -1,59 +1,154 @@
-"""Progress displays. The text view (tqdm) works everywhere: terminals, papermill, nbclient.
+"""Progress displays: one view of a job, drawn as a live widget in a notebook or as text.
 
-``NBQUEUE_PROGRESS=off`` silences every bar; ``text`` is the default.
+The environment is detected once: inside a Jupyter kernel with ipywidgets the view is a widget,
+anywhere else (terminals, scripts, a kernel without ipywidgets) it is text.
+``NBQUEUE_PROGRESS=widget|text|off`` overrides the detection.
+
+A widget's ``text/plain`` is the text view, so a saved notebook reads correctly anywhere. A
+background thread updates the widget's traits at most four times a second and never prints or
+displays (output from a thread lands in whatever cell is running). Whoever waits (``insert``,
+``Job.wait``) refreshes the view from its own thread and, at the end, re-sends the display by
+its display id: papermill and nbclient keep only what the running cell emits, and they apply
+that update to the output where the view was first shown, so the saved notebook ends with the
+final state.
 """
 
 from __future__ import annotations
 
+import functools
+import html
 import os
 import sys
-from typing import Any
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from .backends.base import Counts
 
+if TYPE_CHECKING:
+    from .jobs import Job
+    from .records import TaskError
+
 ENV_PROGRESS = "NBQUEUE_PROGRESS"
+#: The widget thread's refresh interval (≤ 4 Hz) and the interval for reading the newest error.
+REFRESH_SECONDS = 0.25
+ERROR_REFRESH_SECONDS = 1.0
+COLORS = {"completed": "#2e7d32", "failed": "#c62828", "running": "#1565c0", "queued": "#bdbdbd"}
+
+_detected: str | None = None
+
+
+def detect_mode() -> str:
+    """``widget`` inside a Jupyter kernel that has ipywidgets, else ``text`` (detected once)."""
+    global _detected
+    if _detected is None:
+        _detected = "text"
+        shell = _ipython()
+        if shell is not None and hasattr(shell, "kernel"):
+            try:
+                import ipywidgets  # noqa: F401
+            except ImportError:
+                pass
+            else:
+                _detected = "widget"
+    return _detected
 
 
 def progress_mode() -> str:
-    """``text`` or ``off`` (read once per display)."""
-    mode = os.environ.get(ENV_PROGRESS, "text").strip().lower()
-    return mode if mode in ("text", "off", "widget") else "text"
+    """``widget``, ``text`` or ``off``: the override if set, else the detected environment."""
+    mode = os.environ.get(ENV_PROGRESS, "").strip().lower()
+    if mode in ("widget", "text", "off"):
+        return "text" if mode == "widget" and detect_mode() != "widget" else mode
+    return detect_mode()
 
 
-class _NullBar:
-    n = 0
+def _ipython() -> Any:
+    if "IPython" not in sys.modules:  # never import IPython just to ask
+        return None
+    from IPython import get_ipython
 
-    def update(self, n: int = 1) -> None:
+    return get_ipython()
+
+
+# -- text ----------------------------------------------------------------------------------------
+def describe(counts: Counts, total: int | None) -> str:
+    """One line: ``done/total, failed, running, queued``."""
+    of = "?" if total is None else f"{total:,}"
+    return (
+        f"{counts.completed + counts.dead:,}/{of} done · {counts.dead:,} failed · "
+        f"{counts.leased:,} running · {counts.queued:,} queued"
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class InsertProgress:
+    """Shows how many tasks an insert has queued: ``set(count)`` as it goes, ``close()`` at the end.
+    This base class shows nothing (``progress=False`` or ``NBQUEUE_PROGRESS=off``)."""
+
+    def set(self, count: int) -> None:
         pass
 
     def close(self) -> None:
         pass
 
 
-def insert_bar(total: int | None, desc: str, enabled: bool = True) -> Any:
-    """A bar counting uploaded tasks (a no-op when disabled)."""
-    if not enabled or progress_mode() == "off":
-        return _NullBar()
-    from tqdm import tqdm
+class _TextInsertProgress(InsertProgress):
+    def __init__(self, total: int | None, desc: str) -> None:
+        from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="task", file=sys.stderr, dynamic_ncols=True, leave=True)
+        self._bar = tqdm(total=total, desc=desc, unit="task", file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    def set(self, count: int) -> None:
+        self._bar.update(count - self._bar.n)
+
+    def close(self) -> None:
+        self._bar.close()
 
 
-def describe(counts: Counts, total: int | None) -> str:
-    """One line: ``done/total, failed, running, queued``."""
-    of = "?" if total is None else str(total)
-    return (
-        f"{counts.completed + counts.dead}/{of} done · {counts.dead} failed · "
-        f"{counts.leased} running · {counts.queued} queued"
-    )
+class _WidgetInsertProgress(InsertProgress):
+    """The job's own widget, shown once the job exists and redrawn by the inserting thread."""
+
+    def __init__(self, job: Job) -> None:
+        self._job = job
+        self._last = 0.0
+
+    def set(self, count: int) -> None:
+        view = self._job.view
+        if view._handle is None:
+            view.show()
+        elif time.monotonic() - self._last >= REFRESH_SECONDS:
+            self._last = time.monotonic()
+            view.refresh()
+
+    def close(self) -> None:
+        if self._job.view._handle is not None:
+            self._job.view.finish()
+
+
+def insert_progress(job: Job, total: int | None, enabled: bool = True) -> InsertProgress:
+    """The right display for an insert: the job's widget in a notebook, a tqdm bar elsewhere."""
+    mode = progress_mode() if enabled else "off"
+    if mode == "widget":
+        return _WidgetInsertProgress(job)
+    if mode == "text":
+        return _TextInsertProgress(total, f"insert {job.name}")
+    return InsertProgress()
 
 
 class JobBar:
-    """A text bar of a job's finished tasks, driven by whoever polls the counters."""
+    """A tqdm text bar of a job's finished tasks, driven by whoever polls the counters."""
 
     def __init__(self, total: int | None, desc: str, enabled: bool = True) -> None:
         self._bar = None
-        if enabled and progress_mode() != "off":
+        if enabled and progress_mode() == "text":
             from tqdm import tqdm
 
             # Off a terminal (papermill, logs) every redraw is a new line: redraw rarely there.
@@ -75,3 +170,264 @@ class JobBar:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+# -- the job view --------------------------------------------------------------------------------
+@dataclass
+class Snapshot:
+    """What the view shows at one moment."""
+
+    counts: Counts
+    total: int | None
+    inserting: bool
+    elapsed: float
+    rate: float | None
+    workers: int | None
+    error: TaskError | None
+
+    @property
+    def finished(self) -> bool:
+        return not self.inserting and self.total is not None and self.counts.finished >= self.total
+
+    def eta(self) -> float | None:
+        if self.rate and self.total is not None:
+            return max(self.total - self.counts.finished, 0) / self.rate
+        return None
+
+    def text(self, name: str) -> str:
+        """The text view (also the widget's text/plain)."""
+        c, total = self.counts, self.total
+        width = 30
+        if total:
+            parts = [(c.completed, "█"), (c.dead, "✗"), (c.leased, "▒")]
+            cells = "".join(ch * round(width * n / total) for n, ch in parts)[:width]
+            bar = "|" + cells.ljust(width) + "|"
+        else:
+            bar = "|" + " " * width + "|"
+        head = f"job {name} {bar} {describe(c, total)}"
+        if self.inserting:
+            head += f" · inserting ({c.inserted:,} queued so far)"
+        if self.finished:
+            line = (
+                f"{head}\nfinished in {_duration(self.elapsed)}: {c.completed:,} completed, {c.dead:,} failed"
+            )
+        else:
+            extras = [f"elapsed {_duration(self.elapsed)}"]
+            if self.rate:
+                extras.append(f"{self.rate:,.0f} tasks/s")
+            eta = self.eta()
+            if eta is not None and self.rate:
+                extras.append(f"ETA {_duration(eta)}")
+            line = head + " · " + " · ".join(extras)
+        if self.workers is not None:
+            line += f" · {self.workers} worker(s) seen"
+        if self.error is not None:
+            line += f"\nlatest error: {self.error.task_id}: {self.error.type}: {self.error.message}"
+        return line
+
+
+class JobView:
+    """The live view of one job. ``text()`` anywhere; ``widget`` and ``show()`` in a notebook."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self._finished_at: float | None = None  # wall clock, when first seen finished
+        self._samples: list[tuple[float, int]] = []  # (time, finished) for the rate
+        self._error: TaskError | None = None
+        self._error_checked = 0.0
+        self._dead_seen = 0
+        self._widget: Any = None
+        self._parts: dict[str, Any] = {}
+        self._handle: Any = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.last: Snapshot | None = None
+
+    # -- state -----------------------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        """Read the job's counters (O(1)) and, when failures grew, its newest error."""
+        job = self.job
+        counts = job.counts()
+        total = job.total
+        now = time.monotonic()
+        with self._lock:
+            self._samples.append((now, counts.finished))
+            self._samples = [s for s in self._samples if now - s[0] <= 10.0]
+            first_t, first_n = self._samples[0]
+            rate = (counts.finished - first_n) / (now - first_t) if now - first_t > 0.5 else None
+            if counts.dead > self._dead_seen and now - self._error_checked >= ERROR_REFRESH_SECONDS:
+                self._error_checked = now
+                self._dead_seen = counts.dead
+                self._error = job.latest_error()
+        workers = job.workers_seen()
+        created = job.meta.get("created") or time.time()
+        elapsed = (self._finished_at or time.time()) - created
+        inserting = job.meta.get("state") == "inserting"
+        snap = Snapshot(counts, total, inserting, elapsed, rate, workers, self._error)
+        if snap.finished and self._finished_at is None:
+            self._finished_at = time.time()
+        if snap.finished and self._error is None and counts.dead:
+            self._error = snap.error = job.latest_error()
+        self.last = snap
+        return snap
+
+    def text(self) -> str:
+        """The text view of the latest snapshot."""
+        return (self.last or self.snapshot()).text(self.job.name)
+
+    def refresh_text(self) -> str:
+        """The text view of a fresh snapshot."""
+        return self.snapshot().text(self.job.name)
+
+    # -- widget ----------------------------------------------------------------------------------
+    @property
+    def widget(self) -> Any:
+        """The ipywidgets view (built on first use)."""
+        if self._widget is None:
+            import ipywidgets as w
+
+            p = self._parts
+            p["title"] = w.HTML()
+            p["bar"] = w.HTML()
+            p["stats"] = w.HTML()
+            p["trace"] = w.HTML()
+            p["error"] = w.Accordion(children=[p["trace"]], selected_index=None)
+            p["error"].layout.display = "none"
+            p["summary"] = w.HTML()
+            p["button"] = w.Button(
+                description="Load results",
+                icon="download",
+                disabled=True,
+                tooltip="job.results() into the variable job_results",
+            )
+            p["button"].on_click(self._load_results)
+            p["done"] = w.HBox([p["summary"], p["button"]])
+            p["done"].layout.display = "none"
+            self._widget = _text_repr_vbox()(
+                [p["title"], p["bar"], p["stats"], p["error"], p["done"]], view=self
+            )
+            self._draw(self.last or self.snapshot())
+        return self._widget
+
+    def _draw(self, snap: Snapshot) -> None:
+        p = self._parts
+        if not p:
+            return
+        c, total = snap.counts, snap.total
+        p["title"].value = f"<b>job {html.escape(self.job.name)}</b> <code>{self.job.id}</code>"
+        segments = [
+            ("completed", c.completed),
+            ("failed", c.dead),
+            ("running", c.leased),
+            ("queued", c.queued),
+        ]
+        denom = total or max(sum(n for _, n in segments), 1)
+        blocks = "".join(
+            f'<div title="{label}: {n:,}" style="width:{100 * n / denom:.3f}%;background:{COLORS[label]}">'
+            "</div>"
+            for label, n in segments
+            if n
+        )
+        p["bar"].value = (
+            '<div style="display:flex;height:14px;width:100%;max-width:640px;background:#eee;'
+            f'border-radius:3px;overflow:hidden">{blocks}</div>'
+        )
+        stats = [describe(c, total), f"elapsed {_duration(snap.elapsed)}"]
+        if snap.rate:
+            stats.append(f"{snap.rate:,.0f} tasks/s")
+        eta = snap.eta()
+        if eta is not None and snap.rate and not snap.finished:
+            stats.append(f"ETA {_duration(eta)}")
+        if snap.workers is not None:
+            stats.append(f"{snap.workers} worker(s) seen")
+        if snap.inserting:
+            stats.append(f"inserting: {c.inserted:,} queued so far")
+        p["stats"].value = html.escape(" · ".join(stats))
+        if snap.error is not None:
+            e = snap.error
+            p["error"].set_title(0, f"latest error: {e.task_id}: {e.type}: {e.message}"[:200])
+            p["trace"].value = f"<pre style='font-size:11px'>{html.escape(e.traceback or e.message)}</pre>"
+            p["error"].layout.display = ""
+        if snap.finished:
+            p["summary"].value = html.escape(
+                f"finished in {_duration(snap.elapsed)}: {c.completed:,} completed, {c.dead:,} failed"
+            )
+            p["button"].disabled = False
+            p["done"].layout.display = ""
+
+    def _load_results(self, _button: Any = None) -> None:
+        shell = _ipython()
+        values = self.job.results(on_error="exception")
+        if shell is not None:
+            shell.user_ns["job_results"] = values
+        self._parts["summary"].value += html.escape(f" · {len(values):,} results in job_results")
+
+    # -- showing and updating --------------------------------------------------------------------
+    def show(self) -> None:
+        """Display the view in the running cell (by display id) and start the live updates."""
+        from IPython.display import display
+
+        self._handle = display(self.widget, display_id=True)
+        self.start()
+
+    def refresh(self) -> Snapshot:
+        """Read the counters and redraw (safe from any thread: it only sets traits)."""
+        snap = self.snapshot()
+        self._draw(snap)
+        return snap
+
+    def finish(self) -> None:
+        """From the waiting thread: draw the last state and re-send the display by its id, so a
+        saved notebook keeps the final state (and its text) where the view was first shown."""
+        self.refresh()
+        if self._handle is not None:
+            self._handle.update(self.widget)
+
+    def start(self) -> None:
+        """Start the background updater (once); it stops when the job ends or the widget closes."""
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(
+                target=self._run, name=f"nbqueue-progress-{self.job.id}", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(REFRESH_SECONDS):
+            if self._widget is not None and getattr(self._widget, "comm", True) is None:
+                return  # the widget was closed
+            try:
+                snap = self.refresh()
+            except Exception:  # a storage hiccup: the next tick tries again
+                continue
+            if snap.finished:
+                return
+
+
+@functools.cache
+def _text_repr_vbox() -> type:
+    """The widget class, built on first use so that ipywidgets is imported only in notebooks."""
+    import ipywidgets as w
+
+    class TextReprVBox(w.VBox):
+        """A VBox whose text/plain is the job's text view (what a saved notebook shows)."""
+
+        def __init__(self, children: list, view: JobView) -> None:
+            super().__init__(children)
+            self._view = view
+
+        def _repr_mimebundle_(self, **kwargs: Any) -> dict:
+            bundle = super()._repr_mimebundle_(**kwargs) or {}
+            bundle["text/plain"] = self._view.text()
+            return bundle
+
+        def __repr__(self) -> str:
+            return self._view.text()
+
+    return TextReprVBox

@@ -1,0 +1,331 @@
+"""IPython magics: ``%%queue`` fans a cell out over parameters, ``%queue`` shows and steers queues.
+
+Load with ``%load_ext nbqueue`` (loading again is harmless).
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import itertools
+import keyword
+import os
+import sys
+import types
+from functools import partial
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments
+
+from . import defaults
+from .queue import TaskQueue
+from .tasks import queueable
+from .worker import WorkerProcesses
+
+CELL_FILENAME = "<%%queue cell>"
+_BUILTINS = frozenset(dir(builtins))
+
+
+# -- turning a cell into a task function ----------------------------------------------------------
+def split_args(line: str) -> list[str]:
+    """Split a magic's line on spaces outside brackets and quotes, so ``--map a=[1, 2]`` is one
+    token. A token that is entirely quoted loses its quotes."""
+    tokens: list[str] = []
+    buf: list[str] = []
+    depth, quote = 0, None
+    for ch in line:
+        if quote:
+            buf.append(ch)
+            quote = None if ch == quote else quote
+            continue
+        if ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch.isspace() and depth <= 0:
+            if buf:
+                tokens.append("".join(buf))
+                buf = []
+            continue
+        buf.append(ch)
+    if buf:
+        tokens.append("".join(buf))
+    return [t[1:-1] if len(t) > 1 and t[0] == t[-1] and t[0] in "'\"" else t for t in tokens]
+
+
+def _bound_names(tree: ast.AST) -> set[str]:
+    """Every name the cell binds anywhere (assignments, defs, imports, loop and handler names)."""
+    bound: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            bound.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, ast.alias):
+            bound.add((node.asname or node.name).split(".")[0])
+        elif isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and node.name:
+            bound.add(node.name)
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            bound.update(node.names)
+    return bound
+
+
+def cell_function(cell: str, params: list[str], namespace: dict[str, Any]) -> types.FunctionType:
+    """Compile a cell into a queueable function of ``params`` whose globals are ``namespace``.
+
+    The value of the cell's last expression is returned (None if it ends in a statement).
+
+    Raises:
+        UsageError: a syntax error, or a name that is defined nowhere (with its cell line).
+    """
+    try:
+        tree = ast.parse(cell, filename=CELL_FILENAME)
+    except SyntaxError as exc:
+        raise UsageError(f"%%queue cell, line {exc.lineno}: {exc.msg}") from None
+    known = _bound_names(tree) | set(params) | set(namespace) | _BUILTINS
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in known:
+            raise UsageError(f"%%queue cell, line {node.lineno}: name {node.id!r} is not defined")
+    body = tree.body or [ast.Pass()]
+    if isinstance(body[-1], ast.Expr):
+        body[-1] = ast.copy_location(ast.Return(value=body[-1].value), body[-1])
+    args = ast.arguments(
+        posonlyargs=[], args=[ast.arg(arg=p) for p in params], kwonlyargs=[], kw_defaults=[], defaults=[]
+    )
+    extra = {"type_params": []} if sys.version_info >= (3, 12) else {}
+    definition = ast.FunctionDef(name="queued_cell", args=args, body=body, decorator_list=[], **extra)
+    module = ast.fix_missing_locations(ast.Module(body=[definition], type_ignores=[]))
+    code = compile(module, CELL_FILENAME, "exec")
+    fn_code = next(c for c in code.co_consts if isinstance(c, types.CodeType))
+    # The notebook's namespace is the function's globals: dill ships exactly the globals it reads.
+    return queueable(types.FunctionType(fn_code, namespace, "queued_cell"))
+
+
+def parameter_grid(maps: list[str], namespace: dict[str, Any], zipped: bool) -> tuple[list[str], list[dict]]:
+    """``["alpha=[1, 2]", "seed=range(3)"]`` → names and one kwargs dict per task."""
+    names: list[str] = []
+    values: list[list] = []
+    for item in maps:
+        name, sep, expr = item.partition("=")
+        name = name.strip()
+        if not sep or not name.isidentifier() or keyword.iskeyword(name):
+            raise UsageError(f"--map {item!r}: write --map NAME=EXPR with NAME a Python identifier")
+        if name in names:
+            raise UsageError(f"--map {name} is given twice")
+        try:
+            values.append(list(eval(expr, namespace)))  # the user's own expression, in their namespace
+        except Exception as exc:
+            raise UsageError(f"--map {name}={expr}: {type(exc).__name__}: {exc}") from None
+        names.append(name)
+    if zipped and len({len(v) for v in values}) > 1:
+        lengths = ", ".join(f"{n}={len(v)}" for n, v in zip(names, values, strict=True))
+        raise UsageError(f"--zip needs equally long --map values ({lengths})")
+    combos = zip(*values, strict=True) if zipped else itertools.product(*values)
+    return names, [dict(zip(names, combo, strict=True)) for combo in combos]
+
+
+def _workers_alive(pool: WorkerProcesses, job: Any) -> None:
+    """Stop a --wait whose own workers are all gone while the job is unfinished."""
+    if pool.alive() == 0 and not job.done():
+        codes = ", ".join(str(p.returncode) for p in pool.procs)
+        raise RuntimeError(
+            f"the {len(pool.procs)} worker(s) started for job {job.name} exited (codes {codes}) before it "
+            "finished; start workers with %queue workers start N, then wait with _job.wait()"
+        )
+
+
+# -- the magics ----------------------------------------------------------------------------------
+@magics_class
+class QueueMagics(Magics):
+    """``%%queue`` and ``%queue``."""
+
+    def __init__(self, shell: Any) -> None:
+        super().__init__(shell)
+        self._queues: dict[str, TaskQueue] = {}
+        self._last_url: str | None = None
+        self._workers: list[WorkerProcesses] = []
+
+    def _queue_for(self, url: str | None) -> TaskQueue:
+        url = url or self._last_url or os.environ.get(defaults.ENV_URL)
+        if not url:
+            url = f"fq://{os.path.join(os.getcwd(), 'queues', 'default')}"
+            print(f"nbqueue: using {url} (pass a URL or set {defaults.ENV_URL} to choose another)")
+        if url not in self._queues:
+            self._queues[url] = TaskQueue(url)
+        self._last_url = url
+        return self._queues[url]
+
+    @magic_arguments()
+    @argument(
+        "url",
+        nargs="?",
+        default=None,
+        help="queue URL (default: the last one, $NBQUEUE_URL, or ./queues/default)",
+    )
+    @argument("--map", action="append", default=[], metavar="NAME=EXPR", help="a parameter and its values")
+    @argument("--zip", action="store_true", help="pair the --map values instead of crossing them")
+    @argument("--name", default=None, help="the job's name")
+    @argument("--wait", action="store_true", help="block until done and bind the results to --out")
+    @argument("--workers", type=int, default=0, help="start N local workers that stop when the queue drains")
+    @argument("--out", default=None, help="variable for the Job (or the results, with --wait)")
+    @argument("--retries", type=int, default=None, help="retries per task for the workers started here")
+    @argument("--timeout", type=float, default=None, help="with --wait: give up waiting after S seconds")
+    @line_cell_magic
+    def queue(self, line: str, cell: str | None = None) -> None:
+        """Run a cell as many tasks, or show and steer a queue.
+
+        Cell magic: the cell becomes one task function of the --map names (every combination,
+        or pairs with --zip). The notebook globals it reads travel with it; the value of its
+        last expression is each task's result. ``_job`` is always the Job.
+
+            %%queue fq://./queues/grid --map alpha=[0.1, 1, 10] --map seed=range(5) --wait --out grid
+            model = fit(X, y, alpha=alpha, seed=seed)
+            model.score(X_test, y_test)
+
+        Line magics:
+
+            %queue status [URL]               counters of the queue
+            %queue jobs [URL]                 its jobs, with progress
+            %queue job ID [URL]               reattach to a job: its live progress
+            %queue workers                    worker processes started from this kernel
+            %queue workers start N [URL]      start N local workers
+            %queue workers stop               stop them
+            %queue results JOB [--out VAR]    bind a job's results (default _results)
+            %queue dlq [list|redrive|purge]   dead letters of the queue
+        """
+        if cell is None:
+            return self._line(line)
+        return self._cell(line, cell)
+
+    # -- cell ------------------------------------------------------------------------------------
+    def _cell(self, line: str, cell: str) -> None:
+        args = self.queue.parser.parse_args(split_args(line))
+        ns = self.shell.user_ns
+        names, grid = parameter_grid(args.map, ns, args.zip)
+        fn = cell_function(cell, names, ns)
+        tq = self._queue_for(args.url)
+        count = self.shell.execution_count
+        job = tq.insert(
+            (partial(fn, **kwargs) for kwargs in grid),
+            total=len(grid),
+            name=args.name or f"cell {count}",
+            source=cell,
+        )
+        ns["_job"] = job
+        pool = None
+        if args.workers:
+            attempts = None if args.retries is None else args.retries + 1
+            pool = tq.spawn_workers(args.workers, burst=True, max_attempts=attempts)
+            self._workers.append(pool)
+        if not args.wait:
+            if args.out:
+                ns[args.out] = job
+            return
+        job.wait(timeout=args.timeout, check=None if pool is None else partial(_workers_alive, pool, job))
+        results = job.results(on_error="exception")
+        ns[args.out or "_results"] = results
+        failed = len(job.errors())
+        if failed:
+            print(f"{failed} of {len(results)} tasks failed: their places hold TaskError; see _job.errors()")
+
+    # -- line ------------------------------------------------------------------------------------
+    def _line(self, line: str) -> None:
+        words = split_args(line)
+        if not words:
+            raise UsageError(
+                "%queue needs a command: status, jobs, job, workers, results or dlq (see %queue?)"
+            )
+        command, rest = words[0], words[1:]
+        handler = getattr(self, f"_cmd_{command}", None)
+        if handler is None:
+            raise UsageError(f"unknown %queue command {command!r} (see %queue?)")
+        handler(rest)
+
+    def _cmd_status(self, rest: list[str]) -> None:
+        tq = self._queue_for(rest[0] if rest else None)
+        print(tq.url)
+        for name, value in tq.status().as_dict().items():
+            print(f"  {name:<10}{value:>10,}")
+
+    def _cmd_jobs(self, rest: list[str]) -> None:
+        tq = self._queue_for(rest[0] if rest else None)
+        jobs = tq.jobs()
+        for job in jobs:
+            print(job.view.refresh_text().splitlines()[0])
+        if not jobs:
+            print(f"no jobs in {tq.url}")
+
+    def _cmd_job(self, rest: list[str]) -> None:
+        if not rest:
+            raise UsageError("%queue job ID [URL]")
+        from IPython.display import display
+
+        display(self._queue_for(rest[1] if len(rest) > 1 else None).job(rest[0]))
+
+    def _cmd_workers(self, rest: list[str]) -> None:
+        if rest and rest[0] == "start":
+            if len(rest) < 2 or not rest[1].isdigit():
+                raise UsageError("%queue workers start N [URL]")
+            tq = self._queue_for(rest[2] if len(rest) > 2 else None)
+            pool = tq.spawn_workers(int(rest[1]))
+            self._workers.append(pool)
+            print(f"started {len(pool.pids)} worker(s) on {tq.url}: pids {', '.join(map(str, pool.pids))}")
+        elif rest and rest[0] == "stop":
+            for pool in self._workers:
+                pool.stop()
+            print(f"stopped {sum(len(p.pids) for p in self._workers)} worker(s)")
+            self._workers.clear()
+        elif rest:
+            raise UsageError("%queue workers [start N [URL] | stop]")
+        else:
+            alive = [(proc.pid, proc.poll() is None) for pool in self._workers for proc in pool.procs]
+            for pid, running in alive:
+                print(f"  pid {pid}: {'running' if running else 'exited'}")
+            if not alive:
+                print("no workers started from this kernel")
+
+    def _cmd_results(self, rest: list[str]) -> None:
+        out = "_results"
+        if "--out" in rest:
+            i = rest.index("--out")
+            if i + 1 >= len(rest):
+                raise UsageError("%queue results JOB [--out VAR] [URL]")
+            out = rest[i + 1]
+            rest = rest[:i] + rest[i + 2 :]
+        if not rest:
+            raise UsageError("%queue results JOB [--out VAR] [URL]")
+        job = self._queue_for(rest[1] if len(rest) > 1 else None).job(rest[0])
+        values = job.results(on_error="exception")
+        self.shell.user_ns[out] = values
+        print(f"{len(values):,} results of job {job.name} in {out}")
+
+    def _cmd_dlq(self, rest: list[str]) -> None:
+        action = rest[0] if rest else "list"
+        tq = self._queue_for(rest[1] if len(rest) > 1 else None)
+        if action == "redrive":
+            print(f"{tq.redrive()} dead letter(s) queued again")
+        elif action == "purge":
+            print(f"{tq.purge_dead()} dead letter(s) deleted")
+        elif action == "list":
+            letters = tq.dead()
+            for letter in letters:
+                print(f"  {letter.task_id}  attempts={letter.attempts}")
+            if not letters:
+                print(f"no dead letters in {tq.url}")
+        else:
+            raise UsageError("%queue dlq [list|redrive|purge] [URL]")
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext nbqueue``: register the magics (again, harmlessly, on a reload)."""
+    ipython.register_magics(QueueMagics)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """Nothing to undo: the next load registers fresh magics over these."""

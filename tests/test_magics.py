@@ -1,0 +1,139 @@
+"""%%queue and %queue through a real IPython shell, with real worker processes."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+
+from nbqueue import TaskQueue
+from nbqueue.magics import _workers_alive, split_args
+from nbqueue.worker import WorkerProcesses
+
+from .helpers import notebook
+
+NOTEBOOK_CELLS = """
+import math
+import numpy as np
+
+SCALE = 3.0                        # a notebook global the cell reads
+WEIGHTS = np.arange(4.0)           # and an array
+
+def shrink(x, alpha):              # a notebook function the cell calls
+    return x / (1.0 + alpha)
+"""
+
+
+@pytest.fixture
+def shell(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ip = InteractiveShell.instance()
+    ip.run_cell(NOTEBOOK_CELLS)
+    ip.run_line_magic("load_ext", "nbqueue")
+    ip.run_line_magic("reload_ext", "nbqueue")  # loading twice is harmless
+    yield ip
+    ip.run_line_magic("queue", "workers stop")
+    InteractiveShell.clear_instance()
+
+
+def test_split_args_keeps_expressions_whole():
+    line = "fq://./q --map alpha=[0.1, 1, 10] --map seed=range(5) --name 'my sweep' --wait"
+    assert split_args(line) == [
+        "fq://./q",
+        "--map",
+        "alpha=[0.1, 1, 10]",
+        "--map",
+        "seed=range(5)",
+        "--name",
+        "my sweep",
+        "--wait",
+    ]
+
+
+def test_cell_fans_out_and_runs_on_worker_processes(shell, tmp_path):
+    url = f"fq://{tmp_path / 'grid'}"
+    cell = """
+scaled = shrink(SCALE * float(WEIGHTS.sum()), alpha)
+scaled + seed
+"""
+    shell.run_cell_magic(
+        "queue", f"{url} --map alpha=[0, 1, 2] --map seed=range(2) --workers 2 --wait --out grid", cell
+    )
+    grid = shell.user_ns["grid"]
+    expected = [18.0 / (1 + a) + s for a in (0, 1, 2) for s in (0, 1)]
+    assert grid == pytest.approx(expected)
+    job = shell.user_ns["_job"]
+    assert job.meta["source"] == cell and job.total == 6
+    assert all(r.worker and not r.worker.endswith(f":{__import__('os').getpid()}") for r in job.records())
+
+
+def test_zip_pairs_values_and_last_statement_gives_none(shell, tmp_path):
+    url = f"fq://{tmp_path / 'zip'}"
+    shell.run_cell_magic("queue", f"{url} --map a=[1, 2, 3] --map b=[10, 20, 30] --zip --name pairs", "a * b")
+    job = shell.user_ns["_job"]
+    assert job.total == 3 and job.name == "pairs"
+    TaskQueue(url).poll()
+    assert job.results() == [10, 40, 90]
+    shell.run_cell_magic("queue", f"{url} --map a=[1] --out j2", "x = a + 1")
+    TaskQueue(url).poll()
+    assert shell.user_ns["j2"].results() == [None]
+
+
+def test_errors_are_reported_at_the_magic_with_the_line_and_nothing_is_queued(shell, tmp_path):
+    url = f"fq://{tmp_path / 'bad'}"
+    with pytest.raises(UsageError, match=r"line 2: .*invalid syntax|line 2: "):
+        shell.run_cell_magic("queue", f"{url} --map a=[1]", "x = a\ny = (\n")
+    with pytest.raises(UsageError, match=r"line 2: name 'undefined_thing' is not defined"):
+        shell.run_cell_magic("queue", f"{url} --map a=[1]", "x = a\nundefined_thing + x\n")
+    with pytest.raises(UsageError, match="--map b=nope"):
+        shell.run_cell_magic("queue", f"{url} --map b=nope", "b")
+    with pytest.raises(UsageError, match="--zip needs equally long"):
+        shell.run_cell_magic("queue", f"{url} --map a=[1, 2] --map b=[1] --zip", "a + b")
+    tq = TaskQueue(url)
+    assert tq.jobs() == [] and tq.status().inserted == 0
+
+
+def test_line_magics(shell, tmp_path, capsys):
+    url = f"fq://{tmp_path / 'lines'}"
+    shell.run_cell_magic("queue", f"{url} --map i=range(3) --name trio", "1 / (i - 1)")
+    job = shell.user_ns["_job"]
+    TaskQueue(url).poll(max_attempts=1)
+    capsys.readouterr()
+    shell.run_line_magic("queue", f"status {url}")
+    out = capsys.readouterr().out
+    assert "completed" in out and "dead" in out
+    shell.run_line_magic("queue", "jobs")
+    listing = capsys.readouterr().out
+    assert "job trio" in listing and "3/3 done · 1 failed" in listing
+    shell.run_line_magic("queue", f"results {job.id} --out res")
+    values = shell.user_ns["res"]
+    assert values[0] == -1.0 and values[2] == 1.0 and values[1].type == "ZeroDivisionError"
+    shell.run_line_magic("queue", "dlq list")
+    assert f"{job.id}-1" in capsys.readouterr().out
+    shell.run_line_magic("queue", "dlq purge")
+    assert TaskQueue(url).dead() == []
+    with pytest.raises(UsageError, match="unknown %queue command"):
+        shell.run_line_magic("queue", "frobnicate")
+
+
+def test_workers_start_and_stop_from_the_kernel(shell, tmp_path, capsys):
+    url = f"fq://{tmp_path / 'w'}"
+    shell.run_line_magic("queue", f"workers start 1 {url}")
+    assert "started 1 worker(s)" in capsys.readouterr().out
+    shell.run_cell_magic("queue", f"{url} --map i=range(4) --wait --timeout 60", "i * i")
+    assert shell.user_ns["_results"] == [0, 1, 4, 9]
+    shell.run_line_magic("queue", "workers")
+    assert "running" in capsys.readouterr().out
+    shell.run_line_magic("queue", "workers stop")
+    assert "stopped 1 worker(s)" in capsys.readouterr().out
+
+
+def test_wait_stops_with_a_clear_error_when_its_workers_die(tmp_path):
+    nb = notebook("from nbqueue import queueable\n@queueable\ndef one():\n    return 1\n")
+    job = TaskQueue(f"fq://{tmp_path / 'q'}").insert([nb.one], progress=False)
+    pool = WorkerProcesses([sys.executable, "-c", "raise SystemExit(3)"], 2)
+    pool.wait(timeout=30)
+    with pytest.raises(RuntimeError, match=r"exited \(codes 3, 3\) before it finished"):
+        job.wait(timeout=30, progress=False, check=lambda: _workers_alive(pool, job))

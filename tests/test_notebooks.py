@@ -1,0 +1,84 @@
+"""The demo notebooks, executed top to bottom by a real kernel (nbclient, and papermill)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+pytestmark = pytest.mark.slow
+
+
+def outputs(nb) -> list[str]:
+    """Every text a reader of the saved notebook sees, cell by cell."""
+    texts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if out.output_type == "stream":
+                texts.append(out.text)
+            elif out.output_type == "error":
+                texts.append(f"ERROR {out.ename}: {out.evalue}")
+            elif "data" in out:
+                texts.append(out.data.get("text/plain", ""))
+    return texts
+
+
+def run_notebook(name: str, workdir: Path):
+    shutil.copy(NOTEBOOKS / f"{name}.ipynb", workdir)
+    nb = nbformat.read(workdir / f"{name}.ipynb", as_version=4)
+    NotebookClient(
+        nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+    ).execute()
+    return nb
+
+
+def test_quickstart_notebook(tmp_path):
+    nb = run_notebook("quickstart", tmp_path)
+    texts = outputs(nb)
+    insert_output = texts[0]  # the insert cell's view, brought to its final state by wait()
+    assert "200/200 done · 1 failed · 0 running · 0 queued" in insert_output
+    assert "latest error" in insert_output and "ValueError: 13 is unlucky" in insert_output
+    assert any("200 results, 1 failed" in t for t in texts)
+    assert any("ValueError: 13 is unlucky (after 3 attempt(s))" in t for t in texts)
+    assert not any(t.startswith("ERROR") for t in texts)
+
+
+def test_cell_magic_notebook(tmp_path):
+    nb = run_notebook("cell_magic", tmp_path)
+    texts = outputs(nb)
+    assert any("15/15 done · 0 failed" in t for t in texts)
+    table = next(t for t in texts if "mean mse" in t)
+    assert len(table.strip().splitlines()) == 7  # header, five alphas, the best row
+    assert not any(t.startswith("ERROR") for t in texts)
+
+
+def test_papermill_pipeline(tmp_path):
+    import papermill
+
+    shutil.copy(NOTEBOOKS / "papermill_pipeline.ipynb", tmp_path)
+    out = tmp_path / "out.ipynb"
+    papermill.execute_notebook(
+        str(tmp_path / "papermill_pipeline.ipynb"),
+        str(out),
+        parameters={"n_tasks": 200},
+        kernel_name="python3",
+        cwd=str(tmp_path),
+        progress_bar=False,
+    )
+    texts = outputs(nbformat.read(out, as_version=4))
+    assert any("job nightly" in t and "200/200 done · 0 failed" in t for t in texts)  # the final state, saved
+    assert any("200 walks" in t for t in texts)
+
+
+def test_notebooks_are_saved_clean_with_the_python3_kernel():
+    for path in NOTEBOOKS.glob("*.ipynb"):
+        nb = nbformat.read(path, as_version=4)
+        assert nb.metadata.kernelspec.name == "python3", path
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), path
+    pipeline = nbformat.read(NOTEBOOKS / "papermill_pipeline.ipynb", as_version=4)
+    assert any("parameters" in c.metadata.get("tags", []) for c in pipeline.cells)
