@@ -265,8 +265,12 @@ class JobView:
         elapsed = (self._finished_at or time.time()) - created
         inserting = job.meta.get("state") == "inserting"
         snap = Snapshot(counts, total, inserting, elapsed, rate, workers, self._error)
-        if snap.finished and self._finished_at is None:
-            self._finished_at = time.time()
+        if snap.finished:
+            if self._finished_at is None:
+                self._finished_at = time.time()
+                snap.elapsed = self._finished_at - created
+            # A finished job's rate is its average, not a window that decays after the end.
+            snap.rate = counts.finished / snap.elapsed if snap.elapsed > 0 else None
         if snap.finished and self._error is None and counts.dead:
             self._error = snap.error = job.latest_error()
         self.last = snap
