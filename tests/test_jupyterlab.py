@@ -105,14 +105,18 @@ def test_job_widget_renders_and_updates_live_in_jupyterlab(jupyterlab):
                 time.sleep(0.1)
             assert seen and "200/200 done · 1 failed · 0 running · 0 queued" in seen[-1], seen
             assert any("200/200" not in s for s in seen), f"no intermediate state was drawn: {seen}"
-            error_title = page.locator(".jupyter-widget-Collapse-header, .p-Collapse-header, .lm-Collapse-header",
-                                       has_text="latest error").first
+            error_title = page.locator(
+                ".jupyter-widget-Collapse-header, .p-Collapse-header, .lm-Collapse-header",
+                has_text="latest error",
+            ).first
             assert "13 is unlucky" in error_title.inner_text()
             button = page.get_by_role("button", name="Load results")
             button.wait_for(timeout=30_000)
             assert button.is_enabled()
             button.click()
-            page.locator(".widget-html-content", has_text="results in job_results").first.wait_for(timeout=30_000)
+            page.locator(".widget-html-content", has_text="results in job_results").first.wait_for(
+                timeout=30_000
+            )
             page.screenshot(path=str(workdir / "jupyterlab-widget.png"), full_page=False)
         finally:
             browser.close()

@@ -82,3 +82,66 @@ def test_notebooks_are_saved_clean_with_the_python3_kernel():
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), path
     pipeline = nbformat.read(NOTEBOOKS / "papermill_pipeline.ipynb", as_version=4)
     assert any("parameters" in c.metadata.get("tags", []) for c in pipeline.cells)
+
+
+def run_code(client, code: str, timeout: float = 120) -> str:
+    """Execute ``code`` on a kernel and return what it printed (raising on an error)."""
+    msg_id = client.execute(code)
+    printed = []
+    while True:
+        msg = client.get_iopub_msg(timeout=timeout)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "stream":
+            printed.append(content["text"])
+        elif kind == "error":
+            raise AssertionError(f"{content['ename']}: {content['evalue']}")
+        elif kind == "status" and content["execution_state"] == "idle":
+            return "".join(printed)
+
+
+def test_job_survives_a_kernel_restart_and_reattaches(tmp_path):
+    from jupyter_client.manager import start_new_kernel
+
+    url = f"fq://{tmp_path / 'q'}"
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(tmp_path))
+    try:
+        job_id = run_code(
+            kc,
+            f"""
+import time
+from functools import partial
+from nbqueue import TaskQueue, queueable
+
+@queueable
+def slow(i):
+    time.sleep(0.2)
+    return i
+
+tq = TaskQueue("{url}")
+job = tq.insert((partial(slow, i) for i in range(20)), progress=False)
+workers = tq.spawn_workers(2, burst=True)
+print(job.id)
+""",
+        ).strip()
+        kc.stop_channels()
+        km.restart_kernel(now=True)  # mid-job: the workers are not the kernel's children
+        kc = km.client()
+        kc.start_channels()
+        kc.wait_for_ready(timeout=60)
+        listing = run_code(kc, f"%load_ext nbqueue\n%queue jobs {url}")
+        assert f"job {job_id}" in listing and "/20 done" in listing  # listed after the restart
+        out = run_code(
+            kc,
+            f"""
+from nbqueue import TaskQueue
+job = TaskQueue("{url}").job("{job_id}")
+job.wait(timeout=60, progress=False)
+print(sum(job.results()), job.counts().completed)
+""",
+        )
+        assert out.split() == [str(sum(range(20))), "20"]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
