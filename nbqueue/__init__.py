@@ -51,3 +51,10 @@ def load_ipython_extension(ipython) -> None:  # noqa: ANN001 - IPython's shell
     from .magics import load_ipython_extension as load
 
     load(ipython)
+
+
+def _jupyter_server_extension_points() -> list[dict]:
+    """The jupyter-server extension (jupyter_server is imported only when the server asks)."""
+    from .server import NbQueue
+
+    return [{"module": "nbqueue.server", "app": NbQueue}]

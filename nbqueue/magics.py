@@ -20,6 +20,7 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from . import defaults
+from .errors import NbQueueError
 from .queue import TaskQueue
 from .tasks import queueable
 from .worker import WorkerProcesses
@@ -130,6 +131,16 @@ def parameter_grid(maps: list[str], namespace: dict[str, Any], zipped: bool) -> 
     return names, [dict(zip(names, combo, strict=True)) for combo in combos]
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _workers_alive(pool: WorkerProcesses, job: Any) -> None:
     """Stop a --wait whose own workers are all gone while the job is unfinished."""
     if pool.alive() == 0 and not job.done():
@@ -150,6 +161,8 @@ class QueueMagics(Magics):
         self._queues: dict[str, TaskQueue] = {}
         self._last_url: str | None = None
         self._workers: list[WorkerProcesses] = []
+        self._server: dict[str, Any] | None = None  # the Jupyter server we run under, once found
+        self._server_pids: list[int] = []
 
     def _queue_for(self, url: str | None) -> TaskQueue:
         url = url or self._last_url or os.environ.get(defaults.ENV_URL)
@@ -273,22 +286,57 @@ class QueueMagics(Magics):
             if len(rest) < 2 or not rest[1].isdigit():
                 raise UsageError("%queue workers start N [URL]")
             tq = self._queue_for(rest[2] if len(rest) > 2 else None)
-            pool = tq.spawn_workers(int(rest[1]))
+            n = int(rest[1])
+            server = self._server_workers_start(tq, n)
+            if server:
+                print(
+                    f"started {n} worker(s) owned by the Jupyter server (they outlive kernel restarts) "
+                    f"on {tq.url}: pids {', '.join(map(str, server))}"
+                )
+                return
+            pool = tq.spawn_workers(n)
             self._workers.append(pool)
             print(f"started {len(pool.pids)} worker(s) on {tq.url}: pids {', '.join(map(str, pool.pids))}")
         elif rest and rest[0] == "stop":
+            stopped = sum(len(p.pids) for p in self._workers)
             for pool in self._workers:
                 pool.stop()
-            print(f"stopped {sum(len(p.pids) for p in self._workers)} worker(s)")
             self._workers.clear()
+            if self._server_pids:
+                from .server.client import stop_server_workers
+
+                stopped += stop_server_workers(self._server, self._server_pids)
+                self._server_pids = []
+            print(f"stopped {stopped} worker(s)")
         elif rest:
             raise UsageError("%queue workers [start N [URL] | stop]")
         else:
             alive = [(proc.pid, proc.poll() is None) for pool in self._workers for proc in pool.procs]
+            alive += [(pid, _pid_alive(pid)) for pid in self._server_pids]
             for pid, running in alive:
                 print(f"  pid {pid}: {'running' if running else 'exited'}")
             if not alive:
                 print("no workers started from this kernel")
+
+    def _server_workers_start(self, tq: TaskQueue, n: int) -> list[int] | None:
+        """Workers owned by the Jupyter server this kernel runs under, when it has the nbqueue
+        extension; None to fall back to local processes."""
+        if tq.url.startswith("mem://"):
+            return None
+        try:
+            from .server.client import running_server, start_server_workers
+        except ImportError:
+            return None
+        self._server = self._server or running_server()
+        if self._server is None:
+            return None
+        try:
+            pids = start_server_workers(self._server, tq._open_url, n)
+        except NbQueueError as exc:
+            print(f"nbqueue: the Jupyter server could not start workers ({exc}); starting them here")
+            return None
+        self._server_pids += pids
+        return pids
 
     def _cmd_results(self, rest: list[str]) -> None:
         out = "_results"

@@ -439,13 +439,15 @@ class WorkerProcesses:
             stop.wait(0.2)
         return crashes
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM each (they finish their running task), then SIGKILL what is left."""
-        for p in self.procs:
+    def stop(self, timeout: float = 30.0, pids: list[int] | None = None) -> None:
+        """SIGTERM each (or those in ``pids``): they finish their running task; then SIGKILL
+        what is left after ``timeout``."""
+        chosen = [p for p in self.procs if pids is None or p.pid in pids]
+        for p in chosen:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for p in self.procs:
+        for p in chosen:
             try:
                 p.wait(max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:

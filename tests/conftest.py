@@ -15,6 +15,9 @@ from .redis_server import RedisServer
 # Tests sign with a fixed key so child processes (workers) agree without a key file.
 os.environ.setdefault("NBQUEUE_SECRET", "nbqueue-test-secret")
 
+# A real jupyter-server for the extension's tests (jp_fetch, jp_serverapp, jp_server_config).
+pytest_plugins = ["pytest_jupyter.jupyter_server"]
+
 BACKEND_KINDS = ["mem", "fq", "redis"]
 
 

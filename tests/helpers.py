@@ -58,3 +58,77 @@ def wait_for(predicate, timeout: float = 30, interval: float = 0.05, what: str =
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# -- a real Jupyter server and a real browser -------------------------------------------------------
+#: Chromium flags for this closed network: without the background ones it keeps dialling out.
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+def chromium_path() -> str:
+    """Debian's Chromium; a test fails (never skips) without it."""
+    import shutil
+
+    import pytest
+
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.fail("chromium is not on PATH; install it: apt-get install chromium", pytrace=False)
+    return path
+
+
+class JupyterProcess:
+    """``python -m <app>`` (jupyterlab, jupyter_server) on a free loopback port with a token."""
+
+    def __init__(self, app: str, root: str, *extra: str) -> None:
+        import socket
+        import uuid
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.token = uuid.uuid4().hex
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = os.path.join(root, f"{app}.log")
+        cmd = [
+            sys.executable,
+            "-m",
+            app,
+            "--no-browser",
+            "--ServerApp.ip=127.0.0.1",
+            f"--port={self.port}",
+            f"--IdentityProvider.token={self.token}",
+            f"--ServerApp.root_dir={root}",
+            *extra,
+        ]
+        if os.geteuid() == 0:  # CI machines run as root; Jupyter refuses that without this flag
+            cmd.append("--allow-root")
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+
+    def wait_ready(self, timeout: float = 60) -> JupyterProcess:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.base}/api/status?token={self.token}", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                with open(self.log_path, errors="replace") as f:
+                    raise AssertionError(f"Jupyter did not start: {f.read()[-2000:]}")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

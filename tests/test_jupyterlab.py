@@ -7,71 +7,30 @@ download.
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
 
+from .helpers import CHROMIUM_ARGS, JupyterProcess, chromium_path
+
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def jupyterlab(tmp_path):
-    """A JupyterLab server on a free loopback port with a token, serving a copy of the notebooks."""
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.fail("chromium is not on PATH; install it: apt-get install chromium", pytrace=False)
+    """JupyterLab on a free loopback port with a token, serving a copy of the quickstart."""
+    chromium = chromium_path()
     shutil.copy(NOTEBOOKS / "quickstart.ipynb", tmp_path)
-    port, token = free_port(), uuid.uuid4().hex
-    cmd = [
-        sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--port={port}",
-        f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path}", "--expose-app-in-browser",
-    ]  # fmt: skip
-    if os.geteuid() == 0:  # CI machines run as root; JupyterLab refuses that without this flag
-        cmd.append("--allow-root")
-    log = open(tmp_path / "jupyterlab.log", "wb")  # noqa: SIM115 - closed below
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
-    base = f"http://127.0.0.1:{port}"
+    lab = JupyterProcess("jupyterlab", str(tmp_path), "--expose-app-in-browser")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                pytest.fail(f"JupyterLab did not start: {(tmp_path / 'jupyterlab.log').read_text()[-2000:]}")
-            time.sleep(0.3)
-        yield base, token, chromium, tmp_path
+        lab.wait_ready()
+        yield lab.base, lab.token, chromium, tmp_path
     finally:
-        server.terminate()
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
+        lab.stop()
 
 
 def test_job_widget_renders_and_updates_live_in_jupyterlab(jupyterlab):

@@ -1,0 +1,59 @@
+"""From a kernel: find the Jupyter server it runs under, and ask it for workers.
+
+Workers the server owns outlive kernel restarts. A kernel's parent process is its server; the
+server lists itself (URL and token) in Jupyter's runtime directory. This module imports no
+jupyter-server code until asked, and uses only the standard library for HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from typing import Any
+
+from ..errors import NbQueueError
+
+
+def running_server(pid: int | None = None) -> dict[str, Any] | None:
+    """The running Jupyter server with this pid (default: this process's parent), or None."""
+    try:
+        from jupyter_server.serverapp import list_running_servers
+    except ImportError:
+        return None
+    pid = os.getppid() if pid is None else pid
+    for info in list_running_servers():
+        if info.get("pid") == pid and info.get("token"):
+            return info
+    return None
+
+
+def _call(info: dict[str, Any], method: str, path: str, body: dict | None = None) -> Any:
+    request = urllib.request.Request(
+        f"{info['url'].rstrip('/')}/nbqueue/api/{path}",
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"token {info['token']}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("message") or exc.reason
+        except ValueError:
+            message = exc.reason
+        raise NbQueueError(f"the Jupyter server refused ({exc.code}): {message}") from None
+    except OSError as exc:
+        raise NbQueueError(f"cannot reach the Jupyter server at {info['url']}: {exc}") from None
+
+
+def start_server_workers(info: dict[str, Any], queue_url: str, n: int) -> list[int]:
+    """Ask the server to start ``n`` workers on ``queue_url``; their pids."""
+    return _call(info, "POST", "workers", {"url": queue_url, "n": n})["pids"]
+
+
+def stop_server_workers(info: dict[str, Any], pids: list[int]) -> int:
+    """Ask the server to stop these workers; how many it stopped."""
+    return sum(_call(info, "DELETE", f"workers/{pid}")["stopped"] for pid in pids)

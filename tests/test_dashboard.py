@@ -1,0 +1,79 @@
+"""The dashboard page in real headless Chromium against a real jupyter-server with a token, and
+the kernel-side client asking that server for workers."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+
+import pytest
+
+from nbqueue import TaskQueue
+from nbqueue.server.client import running_server, start_server_workers, stop_server_workers
+
+from .helpers import CHROMIUM_ARGS, JupyterProcess, chromium_path, notebook
+
+pytestmark = pytest.mark.slow
+
+NB = """
+from nbqueue import queueable, Terminal
+
+@queueable
+def cube(i):
+    if i == 7:
+        raise Terminal("seven is reserved")
+    return i ** 3
+"""
+
+
+@pytest.fixture
+def server(tmp_path):
+    url = f"fq://{tmp_path / 'queue'}"
+    config = tmp_path / "jupyter_server_config.json"
+    config.write_text(json.dumps({
+        "ServerApp": {"jpserver_extensions": {"nbqueue": True}},
+        "NbQueue": {"queues": [url]},
+    }))  # fmt: skip
+    proc = JupyterProcess("jupyter_server", str(tmp_path), f"--config={config}")
+    try:
+        yield proc.wait_ready(), url, tmp_path
+    finally:
+        proc.stop()
+
+
+def test_dashboard_shows_counts_jobs_errors_and_redrives(server):
+    from playwright.sync_api import sync_playwright
+
+    proc, url, tmp_path = server
+    nb = notebook(NB)
+    job = TaskQueue(url).insert(
+        (functools.partial(nb.cube, i) for i in range(30)), name="cubes", progress=False
+    )
+    info = running_server(pid=proc.proc.pid)  # what a kernel under this server finds
+    assert info is not None and info["token"] == proc.token
+    pids = start_server_workers(info, url, 1)
+    assert len(pids) == 1
+    deadline = time.monotonic() + 60
+    while not job.done() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert job.done()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(f"{proc.base}/nbqueue?token={proc.token}")
+            page.locator(".job-line", has_text="30/30 done · 1 failed").wait_for(timeout=30_000)
+            counts = page.locator(".queue-counts").first.inner_text()
+            assert "completed 29" in counts and "dead 1" in counts
+            assert "cubes" in page.locator("tr.job").first.inner_text()
+            error = page.locator("details.error summary").first.inner_text()
+            assert "Terminal: seven is reserved" in error
+            assert f"pid {pids[0]}" in page.locator("#workers").inner_text()
+            page.get_by_role("button", name="Redrive 1 dead letter(s)").click()
+            # The redriven task runs again on the server's worker, fails again, and is counted.
+            page.locator(".queue-counts", has_text="failed attempts 2").wait_for(timeout=30_000)
+            page.screenshot(path=str(tmp_path / "dashboard.png"))
+        finally:
+            browser.close()
+    assert stop_server_workers(info, pids) == 1

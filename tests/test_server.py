@@ -1,0 +1,174 @@
+"""The jupyter-server extension against a real server: REST API, auth, bad input, workers."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+
+import pytest
+from tornado.httpclient import HTTPClientError
+
+from nbqueue import TaskQueue
+from nbqueue.server.registry import queue_id
+
+from .helpers import notebook
+
+NB = """
+from nbqueue import queueable, Terminal
+
+@queueable
+def square(i):
+    if i == 4:
+        raise Terminal("four is right out")
+    return i * i
+"""
+
+
+@pytest.fixture
+def queue_url(tmp_path):
+    return f"fq://{tmp_path / 'queue'}"
+
+
+@pytest.fixture
+def jp_server_config(queue_url):
+    return {
+        "ServerApp": {"jpserver_extensions": {"nbqueue": True}},
+        "NbQueue": {"queues": [queue_url], "max_local_workers": 3},
+    }
+
+
+async def get(jp_fetch, *parts):
+    response = await jp_fetch("nbqueue", "api", *parts)
+    return json.loads(response.body)
+
+
+async def send(jp_fetch, method, *parts, body=None):
+    response = await jp_fetch(
+        "nbqueue", "api", *parts, method=method, body=json.dumps(body or {}), allow_nonstandard_methods=True
+    )
+    return response.code, json.loads(response.body)
+
+
+def insert_job(url: str, n: int = 6):
+    nb = notebook(NB)
+    return TaskQueue(url).insert(
+        (functools.partial(nb.square, i) for i in range(n)),
+        name="squares",
+        source="square(i) for i in range(6)",
+        progress=False,
+    )
+
+
+async def test_queues_jobs_and_job_detail(jp_fetch, queue_url):
+    job = insert_job(queue_url)
+    TaskQueue(queue_url).poll()
+    (queue,) = await get(jp_fetch, "queues")
+    qid = queue_id(queue_url)
+    assert queue["id"] == qid and queue["counts"]["completed"] == 5 and queue["counts"]["dead"] == 1
+    (row,) = await get(jp_fetch, "queues", qid, "jobs")
+    assert (row["id"], row["name"], row["total"], row["state"]) == (job.id, "squares", 6, "inserted")
+    detail = await get(jp_fetch, "queues", qid, "jobs", job.id)
+    assert detail["counts"]["completed"] == 5 and detail["source"] == "square(i) for i in range(6)"
+    (error,) = detail["errors"]
+    assert (error["type"], error["message"]) == ("Terminal", "four is right out")
+    assert "Traceback" in error["traceback"]
+
+
+async def test_dead_letters_and_redrive(jp_fetch, queue_url):
+    insert_job(queue_url)
+    TaskQueue(queue_url).poll()
+    qid = queue_id(queue_url)
+    (letter,) = await get(jp_fetch, "queues", qid, "dead")
+    assert letter["type"] == "Terminal" and "payload" not in letter
+    code, reply = await send(jp_fetch, "POST", "queues", qid, "dead", "redrive")
+    assert code == 200 and reply == {"redriven": 1}
+    assert TaskQueue(queue_url).status().queued == 1
+
+
+async def test_bad_input_gets_4xx_with_a_message(jp_fetch, queue_url):
+    with pytest.raises(HTTPClientError) as info:
+        await get(jp_fetch, "queues", "0123456789ab", "jobs")
+    assert info.value.code == 404
+    with pytest.raises(HTTPClientError) as info:
+        await get(jp_fetch, "queues", queue_id(queue_url), "jobs", "nosuchjob")
+    assert info.value.code == 404
+    for body, code in [
+        ("{not json", 400),
+        (json.dumps({"queue": queue_id(queue_url), "n": -2}), 400),
+        (json.dumps({"n": 1}), 400),
+        (json.dumps({"queue": "0123456789ab", "n": 1}), 404),
+        (json.dumps({"queue": queue_id(queue_url), "n": 9}), 409),
+    ]:
+        with pytest.raises(HTTPClientError) as info:
+            await jp_fetch("nbqueue", "api", "workers", method="POST", body=body)
+        assert info.value.code == code, body
+        assert json.loads(info.value.response.body)["message"]
+    with pytest.raises(HTTPClientError) as info:
+        await jp_fetch("nbqueue", "api", "queues", method="POST", body=json.dumps({"url": "sqs://nope"}))
+    assert info.value.code == 400
+    assert "unknown queue scheme" in json.loads(info.value.response.body)["message"]
+
+
+async def test_every_route_needs_authentication(jp_fetch, http_server_client, jp_base_url, queue_url):
+    qid = queue_id(queue_url)
+    for path in [
+        "nbqueue/api/queues",
+        f"nbqueue/api/queues/{qid}/jobs",
+        f"nbqueue/api/queues/{qid}/dead",
+        "nbqueue/api/workers",
+    ]:
+        response = await http_server_client.fetch(jp_base_url + path, raise_error=False)
+        assert response.code == 403, path
+    page = await http_server_client.fetch(jp_base_url + "nbqueue", raise_error=False, follow_redirects=False)
+    assert page.code in (302, 403)  # the page sends a browser to the login form
+    response = await http_server_client.fetch(
+        jp_base_url + "nbqueue/api/workers",
+        method="POST",
+        body=json.dumps({"queue": qid, "n": 1}),
+        raise_error=False,
+    )
+    assert response.code == 403
+
+
+async def test_passwords_never_appear_in_responses(jp_fetch, redis_server):
+    url = redis_server.url("secretive", userinfo="someone:hunter2@")
+    with pytest.raises(HTTPClientError) as info:  # the private server has no such user
+        await jp_fetch("nbqueue", "api", "queues", method="POST", body=json.dumps({"url": url}))
+    assert info.value.code == 400 and b"hunter2" not in info.value.response.body
+    listing = await jp_fetch("nbqueue", "api", "queues")
+    assert b"hunter2" not in listing.body
+
+
+@pytest.mark.slow
+async def test_server_owned_workers_run_a_job_and_stop(jp_fetch, queue_url):
+    job = insert_job(queue_url, n=20)
+    qid = queue_id(queue_url)
+    code, started = await send(jp_fetch, "POST", "workers", body={"queue": qid, "n": 2})
+    assert code == 201 and len(started["pids"]) == 2
+    for _ in range(300):
+        if job.done():
+            break
+        await asyncio.sleep(0.1)
+    detail = await get(jp_fetch, "queues", qid, "jobs", job.id)
+    assert detail["counts"]["completed"] == 19 and detail["counts"]["dead"] == 1
+    workers = await get(jp_fetch, "workers")
+    assert sorted(w["pid"] for w in workers) == sorted(started["pids"]) and all(w["alive"] for w in workers)
+    code, stopped = await send(jp_fetch, "DELETE", "workers", str(started["pids"][0]))
+    assert stopped == {"stopped": 1}
+    code, stopped = await send(jp_fetch, "DELETE", "workers")
+    assert stopped == {"stopped": 1}
+    assert not any(w["alive"] for w in await get(jp_fetch, "workers"))
+
+
+async def test_dashboard_page_is_served(jp_fetch):
+    page = await jp_fetch("nbqueue")
+    html = page.body.decode()
+    assert "<title>nbqueue</title>" in html and "{{base_url}}" not in html and "nbqueue/api/" in html
+
+
+def test_extension_point_names_the_app():
+    import nbqueue
+    from nbqueue.server import NbQueue
+
+    assert nbqueue._jupyter_server_extension_points() == [{"module": "nbqueue.server", "app": NbQueue}]
