@@ -235,3 +235,113 @@ def test_lease_with_wait_wakes_when_work_arrives(backend, backend_factory):
     got = backend.lease(1, 30, wait=5)
     assert [lease.task_id for lease in got] == ["j1-0"]
     assert time.monotonic() - t < 2.5
+
+
+# -- inspection, workers and copying ---------------------------------------------------------------
+def test_peek_queued_shows_the_next_tasks_without_leasing(backend):
+    assert backend.peek_queued(3) == []
+    backend.insert("j1", tasks_of("j1", 4))
+    (lease,) = backend.lease(1, 30)
+    peeked = backend.peek_queued(2)
+    assert len(peeked) == 2 and lease.task_id not in dict(peeked)
+    assert all(payload == f"payload {task_id[-1]}".encode() for task_id, payload in peeked)
+    assert backend.counts().queued == 3 and len(backend.peek_queued(10)) == 3
+    assert backend.fail(lease.task_id, lease.token, b"e", 30) == TaskStatus.QUEUED
+    assert lease.task_id not in dict(backend.peek_queued(10))  # a delayed retry is not ready
+
+
+def test_lease_deadlines_are_soonest_first_on_the_backends_clock(backend):
+    assert backend.lease_deadlines(5) == []
+    backend.insert("j1", tasks_of("j1", 3))
+    (long,) = backend.lease(1, 60)
+    (short,) = backend.lease(1, 10)
+    (expired,) = backend.lease(1, 0.1)
+    time.sleep(0.2)
+    deadlines = backend.lease_deadlines(5)
+    assert [task_id for task_id, _ in deadlines] == [expired.task_id, short.task_id, long.task_id]
+    seconds = [left for _, left in deadlines]
+    assert seconds[0] < 0 < 9 < seconds[1] <= 10 and 59 < seconds[2] <= 60
+    assert [task_id for task_id, _ in backend.lease_deadlines(1)] == [expired.task_id]
+
+
+def test_find_task_follows_a_task_through_its_states(backend):
+    assert backend.find_task("j1-0") is None
+    backend.insert("j1", tasks_of("j1", 3))
+    info = backend.find_task("j1-1")
+    assert (info.status, info.attempts, info.payload, info.expires_in) == (
+        TaskStatus.QUEUED,
+        0,
+        b"payload 1",
+        None,
+    )
+    leases = {lease.task_id: lease for lease in backend.lease(3, 30)}
+    info = backend.find_task("j1-1")
+    assert (info.status, info.attempts, info.payload) == (TaskStatus.LEASED, 1, b"payload 1")
+    assert 29 < info.expires_in <= 30
+    backend.fail("j1-1", leases["j1-1"].token, b"retry", 30)
+    assert (backend.find_task("j1-1").status, backend.find_task("j1-1").attempts) == (TaskStatus.QUEUED, 1)
+    backend.complete([("j1-0", leases["j1-0"].token, b"r")])
+    info = backend.find_task("j1-0")
+    assert (info.status, info.payload) == (TaskStatus.COMPLETED, None)
+    backend.fail("j1-2", leases["j1-2"].token, b"err", None)
+    info = backend.find_task("j1-2")
+    assert (info.status, info.attempts, info.payload) == (TaskStatus.DEAD, 1, b"payload 2")
+    assert backend.find_task("j1-9") is None and backend.find_task("j2-0") is None
+
+
+def test_heartbeats_expire_and_can_be_withdrawn(backend):
+    assert backend.workers() == {}
+    backend.heartbeat("host-a:1", b"info a", 30)
+    backend.heartbeat("host.b:2", b"info b", 0.2)
+    assert backend.workers() == {"host-a:1": b"info a", "host.b:2": b"info b"}
+    backend.heartbeat("host-a:1", b"info a2", 30)
+    time.sleep(0.4)
+    assert backend.workers() == {"host-a:1": b"info a2"}
+    backend.heartbeat("host-a:1", b"", 0)
+    assert backend.workers() == {}
+    with pytest.raises(ValueError):
+        backend.heartbeat("../evil", b"", 30)
+
+
+def test_iter_leased_and_iter_functions(backend):
+    backend.put_function("ab" * 32, b"blob a")
+    backend.put_function("cd" * 32, b"blob c")
+    assert sorted(backend.iter_functions()) == [("ab" * 32, b"blob a"), ("cd" * 32, b"blob c")]
+    backend.insert("j1", tasks_of("j1", 3))
+    leased = {lease.task_id for lease in backend.lease(2, 30)}
+    assert {task_id for task_id, _ in backend.iter_leased()} == leased
+    assert {task_id for task_id, _ in backend.iter_queued()} == {"j1-0", "j1-1", "j1-2"} - leased
+
+
+def test_put_results_counts_completed_and_refuses_repeats(backend):
+    backend.put_results("j1", [("j1-0", b"r0"), ("j1-1", b"r1")])
+    assert backend.results("j1") == {"j1-0": b"r0", "j1-1": b"r1"}
+    jc, c = backend.job_counts("j1"), backend.counts()
+    assert (jc.inserted, jc.completed, jc.queued, jc.failed) == (2, 2, 0, 0)
+    assert (c.inserted, c.completed) == (2, 2)
+    assert backend.find_task("j1-1").status == TaskStatus.COMPLETED
+    with pytest.raises(ValueError):
+        backend.put_results("j1", [("j1-2", b"r2"), ("j1-0", b"again")])
+    with pytest.raises(ValueError):
+        backend.put_results("j1", [("j2-0", b"foreign")])
+    assert backend.results("j1") == {"j1-0": b"r0", "j1-1": b"r1"}
+    assert backend.counts().completed == 2
+
+
+def test_put_dead_restores_letters_that_redrive(backend):
+    from nbqueue.backends.base import DeadLetter
+
+    backend.put_dead("j1", [DeadLetter("j1-0", 3, b"payload 0", b"err 0")])
+    assert [(d.task_id, d.attempts, d.payload, d.error) for d in backend.dead()] == [
+        ("j1-0", 3, b"payload 0", b"err 0")
+    ]
+    assert backend.results("j1") == {"j1-0": b"err 0"}
+    jc = backend.job_counts("j1")
+    assert (jc.inserted, jc.dead, backend.counts().dead) == (1, 1, 1)
+    with pytest.raises(ValueError):
+        backend.put_dead("j1", [DeadLetter("j1-0", 1, b"x", b"again")])
+    with pytest.raises(ValueError):
+        backend.put_dead("j1", [DeadLetter("j1-1", 1, b"x", None)])
+    assert backend.redrive() == 1
+    (lease,) = backend.lease(1, 30)
+    assert (lease.task_id, lease.attempt, lease.payload) == ("j1-0", 1, b"payload 0")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 from ..errors import QueueURLError
-from .base import Backend, Counts, DeadLetter, Lease, TaskStatus
+from .base import Backend, Counts, DeadLetter, Lease, TaskInfo, TaskStatus
 
 # scheme -> "module:factory"; a factory takes the full URL and returns a Backend.
 SCHEMES: dict[str, str] = {
@@ -43,4 +43,13 @@ def open_backend(url: str) -> Backend:
     return getattr(module, factory)(url if "://" in url else f"fq://{url}")
 
 
-__all__ = ["Backend", "Counts", "DeadLetter", "Lease", "TaskStatus", "open_backend", "split_scheme"]
+__all__ = [
+    "Backend",
+    "Counts",
+    "DeadLetter",
+    "Lease",
+    "TaskInfo",
+    "TaskStatus",
+    "open_backend",
+    "split_scheme",
+]

@@ -10,7 +10,9 @@ Task ids are ``"<job_id>-<index>"``; a backend may rely on that to find a task's
 makes a new job id for every insert, and a backend refuses a batch that repeats an id.
 
 Counters: a job's counters keep a purged dead letter as dead (its error record stays with the
-job), while the queue's ``dead`` counts only letters still held. ``rezero`` recounts what the
+job), while the queue's ``dead`` counts only letters still held. Tasks restored by the copying
+verbs (``put_results``, ``put_dead``) count as inserted and as completed or dead; ``failed``
+counts attempts made in this queue only. ``rezero`` recounts what the
 backend still holds; results that have expired (redis:// keeps finished jobs' records for
 ``result_ttl``) are no longer counted, and a job whose records expired is no longer listed.
 
@@ -27,6 +29,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_]+(-[0-9]+)?$")
+#: Worker ids are ``host:pid``; they name files on fq://, so no '/' and no leading '.'.
+WORKER_ID_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,254}$")
 
 
 class TaskStatus(str, enum.Enum):
@@ -60,6 +64,24 @@ class DeadLetter:
     attempts: int
     payload: bytes
     error: bytes | None
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """Where one task is, for inspection.
+
+    ``attempts`` counts leases that counted so far (0 once completed: the record has it);
+    ``payload`` is None once the task completed (only its record is kept); ``expires_in`` is
+    the seconds left on a lease (LEASED only; negative when it has passed but was not reclaimed
+    yet). A task with a committed record and no dead letter is COMPLETED even when the record is
+    an error (a purged dead letter): only the record says whether it succeeded.
+    """
+
+    task_id: str
+    status: TaskStatus
+    attempts: int
+    payload: bytes | None
+    expires_in: float | None = None
 
 
 COUNT_FIELDS = ("inserted", "queued", "leased", "completed", "failed", "dead")
@@ -122,6 +144,13 @@ def check_batch(job_id: str, tasks: Sequence[tuple[str, bytes]]) -> None:
         if task_id in seen:
             raise ValueError(f"task {task_id!r} appears twice in one insert")
         seen.add(task_id)
+
+
+def check_worker_id(value: str) -> str:
+    """Refuse worker ids that could escape a directory or a key namespace."""
+    if not isinstance(value, str) or not WORKER_ID_PATTERN.match(value):
+        raise ValueError(f"invalid worker id {value!r}: use letters, digits and '_.:-'")
+    return value
 
 
 class Backend(ABC):
@@ -238,9 +267,65 @@ class Backend(ABC):
     def purge_dead(self, task_ids: Sequence[str] | None = None) -> int:
         """Delete dead letters (all, or those named)."""
 
+    # -- inspection -----------------------------------------------------------------------------
+    @abstractmethod
+    def peek_queued(self, n: int) -> list[tuple[str, bytes]]:
+        """Up to ``n`` ready tasks as ``(task_id, payload)``, in the order a lease would take
+        them, without leasing them (delayed retries are not ready)."""
+
+    @abstractmethod
+    def lease_deadlines(self, limit: int) -> list[tuple[str, float]]:
+        """The ``limit`` leases that expire first as ``(task_id, seconds left)``, soonest first.
+
+        Seconds are measured on the clock that sets the deadlines (the server's on redis://), so
+        callers need no clock of their own; negative when a deadline passed and the lease was
+        not reclaimed yet.
+        """
+
+    @abstractmethod
+    def find_task(self, task_id: str) -> TaskInfo | None:
+        """Where a task is, or None if the queue does not know it. An admin verb: it may scan
+        the tasks of the task's job."""
+
+    # -- workers --------------------------------------------------------------------------------
+    @abstractmethod
+    def heartbeat(self, worker_id: str, info: bytes, ttl: float) -> None:
+        """Record that a worker is alive for the next ``ttl`` seconds, with ``info`` about it;
+        ``ttl <= 0`` withdraws the worker at once."""
+
+    @abstractmethod
+    def workers(self) -> dict[str, bytes]:
+        """``worker_id -> info`` of every worker whose last heartbeat has not expired."""
+
+    # -- copying between queues -----------------------------------------------------------------
     @abstractmethod
     def iter_queued(self) -> Iterator[tuple[str, bytes]]:
         """Every queued task as ``(task_id, payload)``, for copying between queues."""
+
+    @abstractmethod
+    def iter_leased(self) -> Iterator[tuple[str, bytes]]:
+        """Every leased task as ``(task_id, payload)`` (``cp --force`` copies them as queued)."""
+
+    @abstractmethod
+    def iter_functions(self) -> Iterator[tuple[str, bytes]]:
+        """Every stored function blob as ``(digest, blob)``."""
+
+    @abstractmethod
+    def put_results(self, job_id: str, items: Sequence[tuple[str, bytes]]) -> None:
+        """Store the committed records ``(task_id, record)`` of tasks that ran elsewhere.
+
+        Each counts as inserted and completed. Refuses (ValueError, nothing written) ids of
+        another job, repeats, and a task that already has a record.
+        """
+
+    @abstractmethod
+    def put_dead(self, job_id: str, letters: Sequence[DeadLetter]) -> None:
+        """Store dead letters of tasks that failed elsewhere, with their payload, attempts and
+        error record (which joins the job's results, as ``fail`` puts it).
+
+        Each counts as inserted and dead. Refuses (ValueError, nothing written) ids of another
+        job, repeats, letters without an error record, and a task that already has a record.
+        """
 
     def close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing to close
         """Release connections and flush anything buffered."""

@@ -15,6 +15,7 @@ Layout (every name is a hard link to a segment; a segment's bytes live while any
     dead/<attempts>.<job>.<seg>.<k>           a dead letter; its error record is in done/
     quarantine/<name>, quarantine/<name>.why  files that are not ours or do not parse
     fn/<digest>, jobs/<job_id>, joborder/<ns>.<job_id>, counters/<process>, tmp/
+    workers/<worker_id>                       a worker's heartbeat: "<expires_ms>\n" + its info
 
 A lease is won by the one ``rename`` out of ``queue/`` that succeeds; renew, complete, fail,
 release and expiry each rename the lease name, so exactly one of them wins (the token fence).
@@ -26,6 +27,9 @@ machines shortens or stretches leases by the skew: keep leases much longer than 
 Counters are per-process files of cumulative deltas, written after every state change and
 summed on read: O(number of processes), never a listing of tasks. A process killed between a
 rename and its counter write leaves the counters off by that change; ``rezero()`` recounts.
+
+The copying verbs ``put_results`` and ``put_dead`` check every id first, then link the records
+one by one: a process killed part-way leaves some of them written.
 """
 
 from __future__ import annotations
@@ -43,7 +47,19 @@ from collections.abc import Iterator, Sequence
 
 from ..errors import QueueURLError, UnsafeQueueError
 from . import segments
-from .base import COUNT_FIELDS, Backend, Counts, DeadLetter, Lease, TaskStatus, check_batch, check_id, job_of
+from .base import (
+    COUNT_FIELDS,
+    Backend,
+    Counts,
+    DeadLetter,
+    Lease,
+    TaskInfo,
+    TaskStatus,
+    check_batch,
+    check_id,
+    check_worker_id,
+    job_of,
+)
 
 FORMAT = 1
 MARKER = "nbqueue.json"
@@ -60,6 +76,7 @@ AREAS = (
     "joborder",
     "counters",
     "tmp",
+    "workers",
 )
 #: An orphaned claim or completing entry older than this was left by a killed process.
 ORPHAN_SECONDS = 30.0
@@ -636,11 +653,13 @@ class FileBackend(Backend):
         self._deltas, self._flushed = {}, {}
         return self.counts()
 
-    def _dead_entries(self) -> Iterator[tuple[str, str, int, bytes]]:
-        """(dead/ name, task_id, attempts, payload) for each dead letter."""
+    def _dead_entries(self, job: str | None = None) -> Iterator[tuple[str, str, int, bytes]]:
+        """(dead/ name, task_id, attempts, payload) for each dead letter (of ``job`` only)."""
         for name in sorted(os.listdir(self._dirs["dead"])):
             try:
-                attempts, _, _, k = name.split(".")
+                attempts, letter_job, _, k = name.split(".")
+                if job is not None and letter_job != job:
+                    continue
                 task_id, payload = self._read_frames(self._path("dead", name), int(k), int(k) + 1)[0]
             except (OSError, ValueError, IndexError, segments.CorruptSegment):
                 continue
@@ -700,6 +719,102 @@ class FileBackend(Backend):
         self._flush()
         return removed
 
+    # -- inspection -----------------------------------------------------------------------------
+    def _leased_frame(self, area: str, name: str) -> tuple[int, int, tuple[str, bytes]]:
+        """``(deadline_ms, attempt, (task_id, payload))`` of a leased/ or completing/ name."""
+        deadline, attempt, _, _, _, k = self._parse_leased(name)
+        return deadline, attempt, self._read_frames(self._path(area, name), k, k + 1)[0]
+
+    def peek_queued(self, n: int) -> list[tuple[str, bytes]]:
+        now = f"{_now_ms():013d}"
+        out: list[tuple[str, bytes]] = []
+        for name in sorted(os.listdir(self._dirs["queue"])):
+            if len(out) >= n or name[:13] > now:  # sorted by ready time: the rest are not ready
+                break
+            try:
+                _, _, _, _, lo, hi = self._parse_queued(name)
+                out += self._read_frames(self._path("queue", name), lo, min(hi, lo + n - len(out)))
+            except (OSError, ValueError, segments.CorruptSegment):
+                continue  # leased meanwhile, or foreign (lease() quarantines those)
+        return out
+
+    def lease_deadlines(self, limit: int) -> list[tuple[str, float]]:
+        now = _now_ms()
+        out: list[tuple[str, float]] = []
+        for name in sorted(os.listdir(self._dirs["leased"])):  # names start with the deadline
+            if len(out) >= limit:
+                break
+            try:
+                deadline, _, (task_id, _) = self._leased_frame("leased", name)
+            except (OSError, ValueError, IndexError, segments.CorruptSegment):
+                continue  # renewed or finished meanwhile
+            out.append((task_id, (deadline - now) / 1000))
+        return out
+
+    def find_task(self, task_id: str) -> TaskInfo | None:
+        """Scans the areas in the order tasks move through them (queue, claim, leased,
+        completing, dead, done), so a task moving forward meanwhile is still found."""
+        check_id(task_id, "task id")
+        job = job_of(task_id)
+        for area in ("queue", "claim"):
+            for name in os.listdir(self._dirs[area]):
+                queued = name.split(".", 2)[-1] if area == "claim" else name  # claim: ms.token.<name>
+                try:
+                    _, attempts, range_job, _, lo, hi = self._parse_queued(queued)
+                    if range_job != job:
+                        continue
+                    frames = dict(self._read_frames(self._path(area, name), lo, hi))
+                except (OSError, ValueError, segments.CorruptSegment):
+                    continue
+                if task_id in frames:
+                    return TaskInfo(task_id, TaskStatus.QUEUED, attempts, frames[task_id])
+        now = _now_ms()
+        for area in ("leased", "completing"):
+            for name in os.listdir(self._dirs[area]):
+                if f".{job}." not in name:
+                    continue
+                try:
+                    deadline, attempt, (found, payload) = self._leased_frame(area, name)
+                except (OSError, ValueError, IndexError, segments.CorruptSegment):
+                    continue
+                if found == task_id:
+                    return TaskInfo(task_id, TaskStatus.LEASED, attempt, payload, (deadline - now) / 1000)
+        for _, found, attempts, payload in self._dead_entries(job):
+            if found == task_id:
+                return TaskInfo(task_id, TaskStatus.DEAD, attempts, payload)
+        if os.path.exists(self._path("done", job, task_id)):
+            return TaskInfo(task_id, TaskStatus.COMPLETED, 0, None)
+        return None
+
+    # -- workers --------------------------------------------------------------------------------
+    def heartbeat(self, worker_id: str, info: bytes, ttl: float) -> None:
+        path = self._path("workers", check_worker_id(worker_id))
+        if ttl <= 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        expires = _now_ms() + int(ttl * 1000)
+        self._write_atomic(path, b"%d\n" % expires + bytes(info), sync=False)
+
+    def workers(self) -> dict[str, bytes]:
+        now = _now_ms()
+        out = {}
+        for name in os.listdir(self._dirs["workers"]):
+            path = self._path("workers", name)
+            try:
+                with open(path, "rb") as f:
+                    head, _, info = f.read().partition(b"\n")
+                expires = int(head)
+            except (OSError, ValueError):
+                continue
+            if expires > now:
+                out[name] = info
+            elif expires < now - ORPHAN_SECONDS * 1000:  # a worker that died without withdrawing
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        return out
+
+    # -- copying between queues -----------------------------------------------------------------
     def iter_queued(self) -> Iterator[tuple[str, bytes]]:
         for name in sorted(os.listdir(self._dirs["queue"])):
             try:
@@ -708,3 +823,54 @@ class FileBackend(Backend):
             except (OSError, ValueError, segments.CorruptSegment):
                 continue
             yield from frames
+
+    def iter_leased(self) -> Iterator[tuple[str, bytes]]:
+        for name in sorted(os.listdir(self._dirs["leased"])):
+            try:
+                yield self._leased_frame("leased", name)[2]
+            except (OSError, ValueError, IndexError, segments.CorruptSegment):
+                continue  # finished meanwhile
+
+    def iter_functions(self) -> Iterator[tuple[str, bytes]]:
+        for digest in sorted(os.listdir(self._dirs["fn"])):
+            with contextlib.suppress(FileNotFoundError, KeyError, ValueError):
+                yield digest, self.get_function(digest)
+
+    def _refuse_recorded(self, job_id: str, task_ids: list[str]) -> None:
+        for task_id in task_ids:
+            if os.path.exists(self._path("done", job_id, task_id)):
+                raise ValueError(f"task {task_id!r} already has a record")
+
+    def put_results(self, job_id: str, items: Sequence[tuple[str, bytes]]) -> None:
+        check_batch(job_id, items)
+        self._refuse_recorded(job_id, [task_id for task_id, _ in items])
+        if not items:
+            return
+        records = self._write_tmp(segments.encode(items))
+        try:
+            for task_id, _ in items:
+                os.link(records, self._done_path(job_id, task_id))
+        finally:
+            os.unlink(records)
+        self._bump(job_id, inserted=len(items), completed=len(items))
+        self._flush()
+
+    def put_dead(self, job_id: str, letters: Sequence[DeadLetter]) -> None:
+        check_batch(job_id, [(d.task_id, d.payload) for d in letters])
+        if any(d.error is None for d in letters):
+            raise ValueError("a dead letter needs its error record")
+        self._refuse_recorded(job_id, [d.task_id for d in letters])
+        if not letters:
+            return
+        payloads = self._write_tmp(segments.encode([(d.task_id, d.payload) for d in letters]))
+        errors = self._write_tmp(segments.encode([(d.task_id, d.error or b"") for d in letters]))
+        seg = os.urandom(8).hex()
+        try:
+            for k, d in enumerate(letters):
+                os.link(errors, self._done_path(job_id, d.task_id))
+                os.link(payloads, self._path("dead", f"{d.attempts}.{job_id}.{seg}.{k}"))
+        finally:
+            os.unlink(payloads)
+            os.unlink(errors)
+        self._bump(job_id, inserted=len(letters), dead=len(letters))
+        self._flush()

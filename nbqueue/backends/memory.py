@@ -13,7 +13,18 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 
-from .base import Backend, Counts, DeadLetter, Lease, TaskStatus, check_batch, check_id, job_of
+from .base import (
+    Backend,
+    Counts,
+    DeadLetter,
+    Lease,
+    TaskInfo,
+    TaskStatus,
+    check_batch,
+    check_id,
+    check_worker_id,
+    job_of,
+)
 
 _stores: dict[str, MemoryBackend] = {}
 _stores_lock = threading.Lock()
@@ -50,6 +61,7 @@ class MemoryBackend(Backend):
         self._dead: dict[str, DeadLetter] = {}
         self._counts = Counts()
         self._job_counts: dict[str, Counts] = {}
+        self._workers: dict[str, tuple[bytes, float]] = {}  # worker id -> (info, expires)
 
     # -- helpers --------------------------------------------------------------------------------
     def _bump(self, job_id: str, **delta: int) -> None:
@@ -251,11 +263,95 @@ class MemoryBackend(Backend):
                 self._counts.dead -= 1
             return len(chosen)
 
+    # -- inspection -----------------------------------------------------------------------------
+    def peek_queued(self, n: int) -> list[tuple[str, bytes]]:
+        out: list[tuple[str, bytes]] = []
+        with self._cond:
+            for task_id in self._ready:
+                if len(out) >= n:
+                    break
+                if task_id in self._payloads:  # purged or dead ids linger here
+                    out.append((task_id, self._payloads[task_id]))
+        return out
+
+    def lease_deadlines(self, limit: int) -> list[tuple[str, float]]:
+        with self._cond:
+            now = time.monotonic()
+            soonest = heapq.nsmallest(limit, self._leases.items(), key=lambda item: item[1][1])
+            return [(task_id, deadline - now) for task_id, (_, deadline) in soonest]
+
+    def find_task(self, task_id: str) -> TaskInfo | None:
+        with self._cond:
+            letter = self._dead.get(task_id)
+            if letter is not None:
+                return TaskInfo(task_id, TaskStatus.DEAD, letter.attempts, letter.payload)
+            held = self._leases.get(task_id)
+            if held is not None:
+                attempts, payload = self._attempts[task_id], self._payloads[task_id]
+                return TaskInfo(task_id, TaskStatus.LEASED, attempts, payload, held[1] - time.monotonic())
+            if task_id in self._payloads:
+                return TaskInfo(task_id, TaskStatus.QUEUED, self._attempts[task_id], self._payloads[task_id])
+            if task_id in self._results.get(job_of(task_id), {}):
+                return TaskInfo(task_id, TaskStatus.COMPLETED, 0, None)
+            return None
+
+    # -- workers --------------------------------------------------------------------------------
+    def heartbeat(self, worker_id: str, info: bytes, ttl: float) -> None:
+        check_worker_id(worker_id)
+        with self._cond:
+            if ttl <= 0:
+                self._workers.pop(worker_id, None)
+            else:
+                self._workers[worker_id] = (bytes(info), time.monotonic() + ttl)
+
+    def workers(self) -> dict[str, bytes]:
+        with self._cond:
+            now = time.monotonic()
+            for worker_id in [w for w, (_, expires) in self._workers.items() if expires <= now]:
+                del self._workers[worker_id]
+            return {worker_id: info for worker_id, (info, _) in self._workers.items()}
+
+    # -- copying between queues -----------------------------------------------------------------
     def iter_queued(self) -> Iterator[tuple[str, bytes]]:
         with self._cond:
             ids = list(self._ready) + [t for _, t in self._delayed]
             snapshot = [(t, self._payloads[t]) for t in ids if t in self._payloads]
         return iter(snapshot)
+
+    def iter_leased(self) -> Iterator[tuple[str, bytes]]:
+        with self._cond:
+            snapshot = [(t, self._payloads[t]) for t in self._leases]
+        return iter(snapshot)
+
+    def iter_functions(self) -> Iterator[tuple[str, bytes]]:
+        with self._cond:
+            return iter(list(self._functions.items()))
+
+    def _check_unrecorded(self, job_id: str, items: Sequence[tuple[str, bytes]]) -> None:
+        check_batch(job_id, items)
+        done = self._results.get(job_id, {})
+        for task_id, _ in items:
+            if task_id in done:
+                raise ValueError(f"task {task_id!r} already has a record")
+
+    def put_results(self, job_id: str, items: Sequence[tuple[str, bytes]]) -> None:
+        with self._cond:
+            self._check_unrecorded(job_id, items)
+            done = self._results.setdefault(job_id, {})
+            for task_id, record in items:
+                done[task_id] = bytes(record)
+            self._bump(job_id, inserted=len(items), completed=len(items))
+
+    def put_dead(self, job_id: str, letters: Sequence[DeadLetter]) -> None:
+        with self._cond:
+            self._check_unrecorded(job_id, [(d.task_id, d.payload) for d in letters])
+            if any(d.error is None for d in letters):
+                raise ValueError("a dead letter needs its error record")
+            done = self._results.setdefault(job_id, {})
+            for d in letters:
+                self._dead[d.task_id] = DeadLetter(d.task_id, d.attempts, bytes(d.payload), bytes(d.error))
+                done[d.task_id] = bytes(d.error)
+            self._bump(job_id, inserted=len(letters), dead=len(letters))
 
 
 def open_memory_url(url: str) -> MemoryBackend:

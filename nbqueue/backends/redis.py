@@ -27,6 +27,8 @@ puts a queue's keys in one Redis Cluster slot:
 ``jobs``                zset    job id -> µs first seen: the index of every job's keys
 ``functions``           set     digests of the stored function blobs
 ``inserts``             zset    nonce -> ms of recent insert calls (makes retries idempotent)
+``workers``             hash    worker id -> info from its last heartbeat
+``worker_expiry``       zset    worker id -> ms its last heartbeat expires
 ``jc:<job>``            hash    one job's counters
 ``results:<job>``       hash    task id -> result (or dead letter's error) record
 ``job:<job>``           string  the job's record
@@ -54,7 +56,19 @@ from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from .. import defaults
 from ..errors import BackendUnavailable, QueueURLError
-from .base import Backend, Counts, DeadLetter, Lease, TaskStatus, check_batch, check_id, index_of, job_of
+from .base import (
+    Backend,
+    Counts,
+    DeadLetter,
+    Lease,
+    TaskInfo,
+    TaskStatus,
+    check_batch,
+    check_id,
+    check_worker_id,
+    index_of,
+    job_of,
+)
 
 try:
     import redis
@@ -83,6 +97,8 @@ QUEUE_KEYS = (
     "jobs",
     "functions",
     "inserts",
+    "workers",
+    "worker_expiry",
 )
 #: Kinds of per-job keys, ``nbq:{NAME}:<kind>:<job_id>``.
 JOB_KINDS = ("jc", "results", "job")
@@ -141,8 +157,12 @@ _SCRIPT_NAMES = (
     "put_job",
     "put_function",
     "list_jobs",
+    "heartbeat",
+    "workers",
+    "put_results",
+    "put_dead",
 )
-_IDS_PER_READ = 500  # task ids per HMGET in iter_queued
+_IDS_PER_READ = 500  # task ids per HMGET in iter_queued (and digests per MGET)
 
 _policy_lock = threading.Lock()
 _policy_checked: set[tuple[str, int]] = set()
@@ -336,9 +356,7 @@ class RedisBackend(Backend):
             args += (task_id, bytes(payload))
         if not args:
             return
-        duplicate = self._run("insert", job_id, os.urandom(16).hex(), *args)
-        if duplicate is not None:
-            raise ValueError(f"task {duplicate.decode()!r} already exists")
+        _refuse(self._run("insert", job_id, os.urandom(16).hex(), *args), "already exists")
 
     @_translated
     def lease(self, n: int, seconds: float, wait: float = 0.0) -> list[Lease]:
@@ -442,6 +460,60 @@ class RedisBackend(Backend):
     def purge_dead(self, task_ids: Sequence[str] | None = None) -> int:
         return int(self._run("purge_dead", *_selection(task_ids)))
 
+    # -- inspection -----------------------------------------------------------------------------
+    @_translated
+    def peek_queued(self, n: int) -> list[tuple[str, bytes]]:
+        if n <= 0:
+            return []
+        return list(self._payloads_of(self._client.lrange(self.key("ready"), 0, n - 1)))
+
+    @_translated
+    def lease_deadlines(self, limit: int) -> list[tuple[str, float]]:
+        if limit <= 0:
+            return []
+        pipe = self._client.pipeline(transaction=True)
+        pipe.time()
+        pipe.zrange(self.key("leases"), 0, limit - 1, withscores=True)
+        (seconds, micros), leases = pipe.execute()
+        now_ms = seconds * 1000 + micros / 1000  # the server's clock, which set the deadlines
+        return [(task.decode(), (score - now_ms) / 1000) for task, score in leases]
+
+    @_translated
+    def find_task(self, task_id: str) -> TaskInfo | None:
+        check_id(task_id, "task id")
+        pipe = self._client.pipeline(transaction=True)
+        pipe.hget(self.key("dead_payload"), task_id)
+        pipe.hget(self.key("dead_attempts"), task_id)
+        pipe.hexists(self.key("dead"), task_id)
+        pipe.hget(self.key("payload"), task_id)
+        pipe.hget(self.key("attempts"), task_id)
+        pipe.zscore(self.key("leases"), task_id)
+        pipe.time()
+        pipe.hexists(self.key("results", job_of(task_id)), task_id)
+        dead_payload, dead_attempts, dead, payload, attempts, deadline, (secs, micros), done = pipe.execute()
+        if dead:
+            return TaskInfo(task_id, TaskStatus.DEAD, int(dead_attempts or 0), dead_payload or b"")
+        if payload is not None and deadline is not None:
+            expires_in = (deadline - (secs * 1000 + micros / 1000)) / 1000
+            return TaskInfo(task_id, TaskStatus.LEASED, int(attempts or 0), payload, expires_in)
+        if payload is not None:
+            return TaskInfo(task_id, TaskStatus.QUEUED, int(attempts or 0), payload)
+        if done:
+            return TaskInfo(task_id, TaskStatus.COMPLETED, 0, None)
+        return None
+
+    # -- workers --------------------------------------------------------------------------------
+    @_translated
+    def heartbeat(self, worker_id: str, info: bytes, ttl: float) -> None:
+        check_worker_id(worker_id)
+        self._run("heartbeat", worker_id, bytes(info), _ms(ttl) if ttl > 0 else 0)
+
+    @_translated
+    def workers(self) -> dict[str, bytes]:
+        flat = self._run("workers")
+        return {worker.decode(): info for worker, info in zip(flat[::2], flat[1::2], strict=True)}
+
+    # -- copying between queues -----------------------------------------------------------------
     @_translated
     def iter_queued(self) -> Iterator[tuple[str, bytes]]:
         """Every queued task as ``(task_id, payload)``.
@@ -454,6 +526,44 @@ class RedisBackend(Backend):
         pipe.zrange(self.key("delayed"), 0, -1)
         ready, delayed = pipe.execute()
         return self._payloads_of(ready + delayed)
+
+    @_translated
+    def iter_leased(self) -> Iterator[tuple[str, bytes]]:
+        return self._payloads_of(self._client.zrange(self.key("leases"), 0, -1))
+
+    @_translated
+    def iter_functions(self) -> Iterator[tuple[str, bytes]]:
+        digests = sorted(d.decode() for d in self._client.smembers(self.key("functions")))
+        return self._functions_of(digests)
+
+    def _functions_of(self, digests: list[str]) -> Iterator[tuple[str, bytes]]:
+        for start in range(0, len(digests), _IDS_PER_READ):
+            chunk = digests[start : start + _IDS_PER_READ]
+            with self._translate_errors():
+                blobs = self._client.mget([self.key(FUNCTION_KIND, d) for d in chunk])
+            for digest, blob in zip(chunk, blobs, strict=True):
+                if blob is not None:
+                    yield digest, blob
+
+    @_translated
+    def put_results(self, job_id: str, items: Sequence[tuple[str, bytes]]) -> None:
+        check_batch(job_id, items)
+        args: list[Any] = []
+        for task_id, record in items:
+            args += (task_id, bytes(record))
+        if args:
+            _refuse(self._run("put_results", job_id, *args), "already has a record")
+
+    @_translated
+    def put_dead(self, job_id: str, letters: Sequence[DeadLetter]) -> None:
+        check_batch(job_id, [(d.task_id, d.payload) for d in letters])
+        args: list[Any] = []
+        for d in letters:
+            if d.error is None:
+                raise ValueError("a dead letter needs its error record")
+            args += (d.task_id, d.attempts, bytes(d.payload), bytes(d.error))
+        if args:
+            _refuse(self._run("put_dead", job_id, *args), "already has a record")
 
     def _payloads_of(self, ids: list[bytes]) -> Iterator[tuple[str, bytes]]:
         for start in range(0, len(ids), _IDS_PER_READ):
@@ -471,6 +581,12 @@ class RedisBackend(Backend):
 
 def _ms(seconds: float) -> int:
     return math.ceil(seconds * 1000)
+
+
+def _refuse(task: bytes | None, why: str) -> None:
+    """Scripts that write nothing because of one task return its id: raise ValueError saying why."""
+    if task is not None:
+        raise ValueError(f"task {task.decode()!r} {why}")
 
 
 def _selection(task_ids: Sequence[str] | None) -> list[str]:

@@ -133,3 +133,22 @@ local function chosen_dead()
   end
   return ids
 end
+
+-- Forget workers whose last heartbeat has expired.
+local function drop_expired_workers(now)
+  for _, worker in ipairs(redis.call('ZRANGEBYSCORE', K.worker_expiry, '-inf', now)) do
+    redis.call('HDEL', K.workers, worker)
+  end
+  redis.call('ZREMRANGEBYSCORE', K.worker_expiry, '-inf', now)
+end
+
+-- The first task of ARGV[first], ARGV[first + step], ... that already has a record, or nil:
+-- the restoring scripts write nothing when one has.
+local function first_recorded(job, first, step)
+  for i = first, #ARGV, step do
+    if redis.call('HEXISTS', JK('results', job), ARGV[i]) == 1 then
+      return ARGV[i]
+    end
+  end
+  return nil
+end

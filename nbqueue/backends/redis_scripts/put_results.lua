@@ -1,0 +1,19 @@
+-- put_results(job, task_1, record_1, ...): store the records of tasks that ran elsewhere (a
+-- copied queue), each counted as inserted and completed. Returns nil, or the id of a task that
+-- already has a record (then nothing changed).
+local job = ARGV[2]
+local recorded = first_recorded(job, 3, 2)
+if recorded then
+  return recorded
+end
+local n = 0
+for i = 3, #ARGV, 2 do
+  redis.call('HSET', JK('results', job), ARGV[i], ARGV[i + 1])
+  n = n + 1
+end
+-- The job's keys must be in the index, or purge would not find them.
+redis.call('ZADD', K.jobs, 'NX', now_us(), job)
+bump(job, 'inserted', n)
+bump(job, 'completed', n)
+flush()
+return nil
