@@ -17,10 +17,12 @@ from .errors import (
     Terminal,
     UnsafeQueueError,
 )
+from .handles import TaskHandle, use
 from .jobs import Job
 from .queue import LocalTaskQueue, TaskQueue
 from .records import TaskError
-from .tasks import RegisteredTask, queueable
+from .reference import TaskSpec
+from .tasks import RegisteredTask, TaskRefused, queueable
 
 __version__ = "0.1.0"
 
@@ -38,11 +40,15 @@ __all__ = [
     "SerializationError",
     "TaskError",
     "TaskFailed",
+    "TaskHandle",
     "TaskQueue",
+    "TaskRefused",
+    "TaskSpec",
     "TaskStatus",
     "Terminal",
     "UnsafeQueueError",
     "queueable",
+    "use",
 ]
 
 

@@ -1,7 +1,8 @@
-"""The ``nbqueue`` command: a thin layer over TaskQueue.
+"""The ``nbqueue`` command: a thin layer over TaskQueue and the report and transfer modules.
 
 Exit codes: 0 ok, 1 tasks failed (reported), 2 usage or connection errors. Errors print as one
-line; ``--debug`` shows the traceback.
+line; ``--debug`` shows the traceback. Every read command takes ``--json``. A queue URL without
+a scheme is an fq:// path.
 """
 
 from __future__ import annotations
@@ -11,25 +12,41 @@ import json
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable
+from typing import Any
 
 from . import defaults
+from .backends.base import COUNT_FIELDS, Counts
 from .errors import NbQueueError
 
 EXIT_OK, EXIT_TASKS_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def _queue(args: argparse.Namespace):
+def _queue(args: argparse.Namespace, url: str | None = None):
     from .queue import TaskQueue
 
-    return TaskQueue(args.url, insecure=getattr(args, "insecure", False))
+    return TaskQueue(url or args.url, insecure=args.insecure)
 
 
-def _print(args: argparse.Namespace, data, text: str) -> None:
-    print(json.dumps(data, indent=None if args.json else 2) if args.json else text)
+def _print(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data) if args.json else text)
 
 
-# -- commands --------------------------------------------------------------------------------------
+def _when(timestamp: float | None) -> str:
+    return "-" if timestamp is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def _titled(ident: str, name: str | None) -> str:
+    """An id, and its name when it has its own."""
+    return ident if name in (None, ident) else f"{ident}  {name}"
+
+
+def _error_line(error: dict) -> str:
+    return f"{error['type']}: {error['message']}"
+
+
+# -- workers ---------------------------------------------------------------------------------------
 def cmd_worker(args: argparse.Namespace) -> int:
     from .worker import Worker, WorkerProcesses, worker_command
 
@@ -42,6 +59,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             max_attempts=args.max_attempts,
             idle_exit=args.idle_exit,
             insecure=args.insecure,
+            only_by_reference=args.only_by_reference,
         )
         pool = WorkerProcesses(cmd, args.processes, restart=True)
         stop = threading.Event()
@@ -64,6 +82,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         burst=args.burst,
         max_tasks=args.max_tasks,
         idle_exit=args.idle_exit,
+        only_by_reference=args.only_by_reference,
     )
     worker.install_signal_handlers()
     stats = worker.run()
@@ -78,11 +97,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- reading ---------------------------------------------------------------------------------------
 def cmd_status(args: argparse.Namespace) -> int:
-    tq = _queue(args)
-    counts = tq.status().as_dict()
-    text = f"{tq.url}\n" + "\n".join(f"  {k:<10}{v:>10}" for k, v in counts.items())
-    _print(args, {"url": tq.url, **counts}, text)
+    from .report import queue_status
+
+    status = queue_status(_queue(args))
+    age = status["oldest_queued_age"]
+    leases = [f"{lease['task_id']} in {lease['expires_in']:.1f}s" for lease in status["leases_expiring"]]
+    workers = [f"{w['id']} ({w.get('completed', '?')} completed)" for w in status["workers"]]
+    lines = [status["url"]] + [f"  {k:<16}{status[k]}" for k in COUNT_FIELDS]
+    lines += [
+        f"  {'oldest queued':<16}{'-' if age is None else f'{age:.1f}s ago'}",
+        f"  {'leases expiring':<16}{', '.join(leases) or '-'}",
+        f"  {'workers seen':<16}{len(workers)}{''.join(f'  {w}' for w in workers)}",
+    ]
+    _print(args, status, "\n".join(lines))
     return EXIT_OK
 
 
@@ -108,9 +137,78 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_job(args: argparse.Namespace) -> int:
+    from .progress import describe
+    from .report import job_report
+
+    job = job_report(_queue(args), args.job_id)
+    counts = Counts(**{k: job[k] for k in COUNT_FIELDS})
+    lines = [
+        f"job {_titled(job['id'], job['name'])}  ({job['state']})",
+        f"  {describe(counts, job['total'])}",
+        f"  created        {_when(job['created'])}",
+        f"  first started  {_when(job['first_started'])}",
+        f"  last finished  {_when(job['last_finished'])}",
+        f"  errors         {len(job['errors'])}",
+    ]
+    lines += [
+        f"    {e['task_id']}  {_error_line(e)} (after {e['attempts']} attempt(s))" for e in job["errors"]
+    ]
+    _print(args, job, "\n".join(lines))
+    return EXIT_TASKS_FAILED if job["errors"] else EXIT_OK
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from .report import result_row
+
+    tq = _queue(args)
+    job = tq.job(args.job_id)
+    records = job.records()
+    failed = sum(not r.ok for r in records)
+    if args.pickle:
+        total = job.total
+        if total is None or len(records) < total:
+            raise ValueError(f"job {job.id} is not finished ({len(records)}/{total}): --pickle needs all")
+        data = tq.serializer.dumps([r.value if r.ok else r.error for r in records])
+    else:
+        data = "".join(json.dumps(result_row(r, job.id)) + "\n" for r in records).encode()
+    if args.out:
+        with open(args.out, "wb") as f:
+            f.write(data)
+        print(f"{len(records)} result(s), {failed} failed, written to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    return EXIT_TASKS_FAILED if failed else EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .report import inspect_task
+
+    task = inspect_task(_queue(args), args.task_id)
+    expires = "" if task["expires_in"] is None else f" (lease expires in {task['expires_in']}s)"
+    lines = [
+        f"task       {task['task_id']}",
+        f"job        {_titled(task['job_id'], task['job_name'])}",
+        f"state      {task['state']}{expires}",
+        f"attempts   {task['attempts']}",
+    ]
+    payload = task["payload"]
+    if payload is None:
+        lines.append("payload    none kept (a completed task keeps only its record)")
+    else:
+        lines.append(f"payload    {payload['bytes']} bytes, signature {payload['signature']}")
+        if "header" in payload:
+            lines.append(f"header     {json.dumps(payload['header'])}")
+            lines.append(f"function   {payload.get('function') or '-'}  [{payload['kind']}]")
+    if task["error"] is not None:
+        lines.append(f"error      {_error_line(task['error'])}")
+    _print(args, task, "\n".join(lines))
+    return EXIT_TASKS_FAILED if task["state"] == "dead" else EXIT_OK
+
+
 def cmd_dlq(args: argparse.Namespace) -> int:
-    from .backends.base import job_of
-    from .records import open_record
+    from .report import dead_letters
 
     tq = _queue(args)
     ids = args.task_ids or None
@@ -122,33 +220,23 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         n = tq.purge_dead(ids)
         _print(args, {"purged": n}, f"{n} dead letter(s) deleted")
         return EXIT_OK
-    rows = []
-    for letter in tq.dead():
-        error = {"type": "?", "message": "", "traceback": ""}
-        if letter.error is not None and not letter.task_id.startswith("quarantine/"):
-            try:
-                rec = open_record(
-                    tq.signer, tq.serializer, letter.task_id, letter.error, job_of(letter.task_id)
-                )
-                if rec.error is not None:
-                    error = {
-                        "type": rec.error.type,
-                        "message": rec.error.message,
-                        "traceback": rec.error.traceback,
-                    }
-            except NbQueueError as exc:
-                error = {"type": type(exc).__name__, "message": str(exc), "traceback": ""}
-        elif letter.error is not None:
-            error = {
-                "type": "Quarantined",
-                "message": letter.error.decode("utf-8", "replace"),
-                "traceback": "",
-            }
-        rows.append(
-            {"task_id": letter.task_id, "attempts": letter.attempts, "bytes": len(letter.payload), **error}
-        )
+    rows = dead_letters(tq)
     text = "\n".join(f"{r['task_id']}  attempts={r['attempts']}  {r['type']}: {r['message']}" for r in rows)
     _print(args, rows, text or "no dead letters")
+    return EXIT_OK
+
+
+# -- writing ---------------------------------------------------------------------------------------
+def cmd_insert(args: argparse.Namespace) -> int:
+    from .tasks import load_specs
+
+    if args.file == "-":
+        specs = load_specs(sys.stdin, "stdin")
+    else:
+        with open(args.file, encoding="utf-8") as f:
+            specs = load_specs(f, args.file)
+    job = _queue(args).insert(specs, name=args.name, progress=False)
+    _print(args, {"job_id": job.id, "tasks": job.total}, job.id)
     return EXIT_OK
 
 
@@ -168,12 +256,24 @@ def cmd_purge(args: argparse.Namespace) -> int:
     tq = _queue(args)
     if not args.yes:
         if not sys.stdin.isatty():
-            print("refusing to purge without --yes", file=sys.stderr)
+            print("nbqueue purge: refusing to purge without --yes", file=sys.stderr)
             return EXIT_USAGE
         if input(f"delete everything in {tq.url}? [y/N] ").strip().lower() != "y":
             return EXIT_OK
     tq.purge()
     _print(args, {"purged": tq.url}, f"purged {tq.url}")
+    return EXIT_OK
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from .transfer import copy_queue, move_queue
+
+    src, dst = _queue(args, args.src), _queue(args, args.dst)
+    verb = move_queue if args.command == "mv" else copy_queue
+    report = verb(src, dst, force=args.force).as_dict()
+    done = "moved" if args.command == "mv" else "copied"
+    summary = ", ".join(f"{what} {n}" for what, n in report.items())
+    _print(args, {"from": src.url, "to": dst.url, **report}, f"{done} {src.url} to {dst.url}: {summary}")
     return EXIT_OK
 
 
@@ -184,46 +284,104 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # -- parser ---------------------------------------------------------------------------------------
+URL_HELP = "queue URL: fq://PATH (or just a path), redis://host:port/db?queue=NAME, mem://NAME"
+POSITIONALS = {
+    "url": URL_HELP,
+    "src": "source queue URL",
+    "dst": "destination queue URL",
+    "job_id": "job id",
+    "task_id": "task id (<job id>-<index>)",
+    "file": "a JSON lines file, or - for stdin",
+    "action": "list, redrive or purge",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nbqueue", description="Queue notebook work onto worker processes.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add_url(p: argparse.ArgumentParser) -> None:
-        p.add_argument("url", help="queue URL (fq://PATH, redis://..., or a path)")
-        p.add_argument("--insecure", action="store_true", help="do not sign or check signatures")
+    # Shared options, declared once. SUPPRESS keeps a --debug given before the command from
+    # being reset by the command's own default.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    queue_options = argparse.ArgumentParser(add_help=False)
+    queue_options.add_argument("--insecure", action="store_true", help="do not sign or check signatures")
+    json_option = argparse.ArgumentParser(add_help=False)
+    json_option.add_argument("--json", action="store_true", help="print JSON")
 
-    def command(name: str, fn: Callable, help: str, url: bool = True, json_flag: bool = True):
-        p = sub.add_parser(name, help=help, description=help)
-        if url:
-            add_url(p)
-        if json_flag:
-            p.add_argument("--json", action="store_true", help="print JSON")
+    def command(
+        name: str, fn: Callable, help: str, *positionals: str, queue: bool = True, json_out: bool = True
+    ) -> argparse.ArgumentParser:
+        parents = [debug] + [queue_options] * queue + [json_option] * json_out
+        p = sub.add_parser(name, help=help, description=help, parents=parents)
+        for arg in positionals:
+            choices = ("list", "redrive", "purge") if arg == "action" else None
+            p.add_argument(arg, help=POSITIONALS[arg], choices=choices)
         p.set_defaults(fn=fn)
         return p
 
-    w = command("worker", cmd_worker, "run tasks from a queue", json_flag=False)
+    w = command("worker", cmd_worker, "run tasks from a queue", "url", json_out=False)
     w.add_argument("-p", "--processes", type=int, default=1, help="worker processes (default 1)")
     w.add_argument("--lease", type=float, default=defaults.LEASE_SECONDS, help="lease seconds")
     w.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     w.add_argument("--max-tasks", type=int, default=None, help="exit after this many tasks")
     w.add_argument("--max-attempts", type=int, default=defaults.MAX_ATTEMPTS, help="attempts before dead")
     w.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
+    w.add_argument(
+        "--only-by-reference",
+        action="store_true",
+        help="run only tasks by reference (installed code); refuse every task that ships a pickle",
+    )
     w.add_argument("-v", "--verbose", action="store_true", help="print a summary on exit")
 
-    command("status", cmd_status, "show the queue's counters")
-    command("jobs", cmd_jobs, "list the queue's jobs")
-    d = command("dlq", cmd_dlq, "list, redrive or purge dead letters", url=False)
-    d.add_argument("action", choices=["list", "redrive", "purge"], help="what to do")
-    add_url(d)
+    command("status", cmd_status, "counters, oldest queued task, leases expiring soon, workers seen", "url")
+    command("jobs", cmd_jobs, "list the queue's jobs", "url")
+    command("job", cmd_job, "one job: counts, timings, errors (exit 1 if tasks failed)", "url", "job_id")
+    r = command(
+        "results", cmd_results, "a job's results as JSON lines (exit 1 if tasks failed)", "url", "job_id"
+    )
+    r.add_argument("--out", default=None, help="write to this file instead of stdout")
+    r.add_argument(
+        "--pickle", action="store_true", help="write a pickle of the list of values (failed: their TaskError)"
+    )
+    command(
+        "inspect",
+        cmd_inspect,
+        "one task: state, attempts, header, payload size and function, error (loads nothing)",
+        "url",
+        "task_id",
+    )
+    d = command("dlq", cmd_dlq, "list, redrive or purge dead letters", "action", "url")
     d.add_argument("task_ids", nargs="*", help="only these tasks (default: all)")
-    r = command("release", cmd_release, "return expired leases to the queue")
-    r.add_argument("--all", action="store_true", help="release every lease, live or not")
-    command("rezero", cmd_rezero, "recount the counters exactly")
-    pu = command("purge", cmd_purge, "delete everything in the queue")
-    pu.add_argument("--yes", action="store_true", help="do not ask")
 
-    demo = command("demo", cmd_demo, "run a demo job on a temporary fq:// queue", url=False, json_flag=False)
+    i = command(
+        "insert",
+        cmd_insert,
+        'queue one job of JSON task specs, one per line ({"fn": "pkg.mod:func", "args": [...], '
+        '"kwargs": {...}}), checked before anything is queued; prints the job id',
+        "url",
+        "file",
+    )
+    i.add_argument("--name", default=None, help="the job's name")
+    r = command("release", cmd_release, "return expired leases to the queue", "url")
+    r.add_argument("--all", action="store_true", help="release every lease, live or not")
+    command("rezero", cmd_rezero, "recount the counters exactly", "url")
+    pu = command("purge", cmd_purge, "delete everything in the queue", "url")
+    pu.add_argument("--yes", action="store_true", help="do not ask")
+    copy_help = (
+        "copy jobs, functions, tasks, dead letters and results to another queue of any backend, "
+        "keeping ids; refused while tasks are leased unless --force"
+    )
+    for name, help in (("cp", copy_help), ("mv", "cp, then purge the source")):
+        t = command(name, cmd_transfer, help, "src", "dst")
+        t.add_argument(
+            "--force",
+            action="store_true",
+            help="copy even while tasks are leased: they are queued again in the destination",
+        )
+
+    demo = command("demo", cmd_demo, "run a demo job on a temporary fq:// queue", queue=False, json_out=False)
     demo.add_argument("--tasks", type=int, default=3000, help="tasks to run (default 3000)")
     demo.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     demo.add_argument("--dir", default=None, help="queue directory (default: a new temporary one)")

@@ -361,9 +361,11 @@ class QueueMagics(Magics):
         elif action == "purge":
             print(f"{tq.purge_dead()} dead letter(s) deleted")
         elif action == "list":
-            letters = tq.dead()
-            for letter in letters:
-                print(f"  {letter.task_id}  attempts={letter.attempts}")
+            from .report import dead_letters
+
+            letters = dead_letters(tq)
+            for row in letters:
+                print(f"  {row['task_id']}  attempts={row['attempts']}  {row['type']}: {row['message']}")
             if not letters:
                 print(f"no dead letters in {tq.url}")
         else:

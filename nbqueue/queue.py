@@ -112,10 +112,20 @@ class TaskQueue:
         burst: bool = True,
         max_tasks: int | None = None,
         stop_event: threading.Event | None = None,
+        only_by_reference: bool = False,
     ) -> WorkerStats:
-        """Run tasks in this process until the queue is empty (``burst``) or ``max_tasks`` ran."""
+        """Run tasks in this process until the queue is empty (``burst``) or ``max_tasks`` ran.
+
+        With ``only_by_reference`` every task that ships pickled code is refused unread (it goes
+        to the dead letters); only tasks by reference run.
+        """
         worker = Worker(
-            self, lease_seconds=lease_seconds, max_attempts=max_attempts, burst=burst, max_tasks=max_tasks
+            self,
+            lease_seconds=lease_seconds,
+            max_attempts=max_attempts,
+            burst=burst,
+            max_tasks=max_tasks,
+            only_by_reference=only_by_reference,
         )
         if stop_event is not None:
             worker.stop_event = stop_event
@@ -129,11 +139,13 @@ class TaskQueue:
         max_attempts: int | None = None,
         burst: bool = False,
         idle_exit: float | None = 300.0,
+        only_by_reference: bool = False,
     ) -> WorkerProcesses:
         """Start ``n`` worker processes on this queue (fresh interpreters, not forks of the kernel).
 
         They keep running if the kernel restarts; they exit after ``idle_exit`` idle seconds, when
-        the queue is empty with ``burst``, or on ``.stop()``.
+        the queue is empty with ``burst``, or on ``.stop()``. With ``only_by_reference`` they
+        refuse every task that ships pickled code.
         """
         if self.url.startswith("mem://"):
             raise QueueURLError("mem:// lives in this process only: use poll(), LocalTaskQueue, or fq://")
@@ -144,6 +156,7 @@ class TaskQueue:
             max_attempts=max_attempts,
             idle_exit=idle_exit,
             insecure=self.insecure,
+            only_by_reference=only_by_reference,
         )
         return WorkerProcesses(cmd, n, restart=False)
 

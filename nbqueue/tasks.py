@@ -1,23 +1,33 @@
-"""What a task is: ``@queueable`` functions, bound calls, registered-task objects, and the codec
-that turns them into signed envelopes and back.
+"""What a task is: ``@queueable`` functions, bound calls, registered-task objects, task specs,
+and the codec that turns them into signed envelopes and back.
 
 A task is made from ``functools.partial(fn, ...)`` of a queueable function, a bare queueable
-function (called with no arguments), or an object with an ``execute()`` method whose class is
-queueable (or subclasses ``RegisteredTask``). Anything else is refused at insert.
+function (called with no arguments), an object with an ``execute()`` method whose class is
+queueable (or subclasses ``RegisteredTask``), or a ``TaskSpec`` naming a queueable function by
+``module:qualname``. Anything else is refused at insert.
+
+Two payload flavours share the signed envelope. By value (the default): the function travels
+once per job as a dill blob named by its digest (header ``f``) and each task carries its pickled
+arguments. By reference (``@queueable(by_reference=True)`` functions and task specs): the header
+has no ``f`` and the payload is a JSON spec (``reference.py``); the worker imports the function
+and unpickles nothing, which is what a worker started with ``--only-by-reference`` insists on.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import json
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+from . import reference
 from .backends.base import TaskStatus, job_of
-from .errors import BadSignature, BindError, DecodeError, NotQueueableError
+from .errors import BadSignature, BindError, DecodeError, NbQueueError, NotQueueableError, SerializationError
+from .reference import TaskSpec
 from .serialize import (
     Serializer,
     Signer,
@@ -28,21 +38,85 @@ from .serialize import (
     seal,
 )
 
+if TYPE_CHECKING:
+    from .handles import TaskHandle
+    from .jobs import Job
+
 F = TypeVar("F", bound=Callable[..., Any])
 _MARK = "__nbqueue_queueable__"
+_BY_REFERENCE = "__nbqueue_by_reference__"
 
-__all__ = ["RegisteredTask", "TaskCall", "TaskCodec", "TaskStatus", "is_queueable", "queueable"]
+__all__ = [
+    "RegisteredTask",
+    "SpecError",
+    "TaskCall",
+    "TaskCodec",
+    "TaskRefused",
+    "TaskSpec",
+    "TaskStatus",
+    "is_queueable",
+    "load_specs",
+    "queueable",
+]
 
 
-def queueable(fn: F) -> F:
+class TaskRefused(NbQueueError):
+    """A worker refused to run a task (it goes to the dead letters, never retried)."""
+
+
+class SpecError(NbQueueError, ValueError):
+    """A JSON task spec is malformed or names a function no worker would run."""
+
+
+# Module-level, so that dill ships a notebook function's ``submit``/``map`` attributes as
+# references to these (the queue layer is imported only when they are called).
+def _submit(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskHandle:
+    from .handles import submit
+
+    return submit(fn, *args, **kwargs)
+
+
+def _map(fn: Callable[..., Any], iterable: Iterable[Any], **options: Any) -> Job:
+    from .handles import map_tasks
+
+    return map_tasks(fn, iterable, **options)
+
+
+@overload
+def queueable(fn: F, *, by_reference: bool = False) -> F: ...
+
+
+@overload
+def queueable(fn: None = None, *, by_reference: bool = False) -> Callable[[F], F]: ...
+
+
+def queueable(fn: Any = None, *, by_reference: bool = False) -> Any:
     """Mark a function (or a class whose instances have ``execute()``) as allowed on the queue.
 
     Workers run only queueable code. Functions defined in a notebook, closures and lambdas are
-    shipped by value, with the notebook globals they use.
+    shipped by value, with the notebook globals they use. Use bare (``@queueable``) or with
+    options (``@queueable(by_reference=True)``).
+
+    A queueable function gains ``fn.submit(*args, **kwargs)`` (one task, a ``TaskHandle``) and
+    ``fn.map(iterable)`` (a task per item, a ``Job``), on the queue set by ``nbqueue.use``.
+
+    Args:
+        by_reference: ship no code: tasks name the function as ``module:qualname`` and carry
+            JSON arguments (see ``nbqueue.reference``), so the function must be importable
+            on the workers. For production pipelines whose workers run only installed code.
     """
+    if fn is None:
+        return functools.partial(queueable, by_reference=by_reference)
     if not callable(fn):
         raise TypeError(f"@queueable needs a function or class, not {type(fn).__name__}")
+    if by_reference and not inspect.isfunction(fn):
+        raise TypeError(f"by_reference=True needs a function, not {type(fn).__name__}")
     setattr(fn, _MARK, True)
+    if by_reference:
+        setattr(fn, _BY_REFERENCE, True)
+    if inspect.isfunction(fn):
+        fn.submit = functools.partial(_submit, fn)
+        fn.map = functools.partial(_map, fn)
     return fn
 
 
@@ -67,12 +141,17 @@ class RegisteredTask:
 
 @dataclass
 class TaskCall:
-    """One call to run: ``fn(*args, **kwargs)``, or ``obj.execute()`` when ``fn`` is None."""
+    """One call to run: ``fn(*args, **kwargs)``, or ``obj.execute()`` when ``fn`` is None.
+
+    A call by reference has ``ref`` (``module:qualname``); on the producer its ``fn`` is None,
+    since the function is named rather than shipped, and a worker fills it in by importing it.
+    """
 
     fn: Callable[..., Any] | None
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
     obj: Any = None
+    ref: str | None = None
 
     def run(self) -> Any:
         if self.fn is None:
@@ -81,19 +160,56 @@ class TaskCall:
 
 
 _signatures: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_references: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _name(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
 
+def _bind(fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+    try:
+        signature = _signatures.get(fn)
+        if signature is None:  # computing it costs more than the rest of an insert
+            signature = _signatures[fn] = inspect.signature(fn)
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise BindError(f"{_name(fn)}(): {exc}") from None
+
+
+def _reference_of(fn: Callable[..., Any]) -> str:
+    ref = _references.get(fn)
+    if ref is None:
+        try:
+            ref = _references[fn] = reference.reference_of(fn)
+        except ValueError as exc:
+            raise NotQueueableError(f"by_reference: {exc}") from None
+    return ref
+
+
+def _spec_call(spec: TaskSpec) -> TaskCall:
+    """Check a spec as a worker will see it: the function imports, is queueable and takes the
+    arguments."""
+    try:
+        fn = reference.resolve(spec.fn)
+    except (ImportError, AttributeError) as exc:
+        raise NotQueueableError(f"{spec.fn}: cannot import it: {exc}") from None
+    if not inspect.isfunction(fn) or not is_queueable(fn):
+        raise NotQueueableError(f"{spec.fn} is not an @queueable function, so no worker would run it")
+    _bind(fn, spec.args, spec.kwargs)
+    return TaskCall(None, spec.args, spec.kwargs, ref=spec.fn)
+
+
 def to_call(task: Any) -> TaskCall:
     """Check a task at insert time and split it into function and arguments.
 
     Raises:
-        NotQueueableError: the callable is not marked ``@queueable``.
+        NotQueueableError: the callable is not marked ``@queueable`` (or, by reference, cannot
+            be imported by name).
         BindError: the arguments do not fit the function's signature.
     """
+    if isinstance(task, TaskSpec):
+        return _spec_call(task)
     if isinstance(task, functools.partial):
         fn, args, kwargs = task.func, task.args, dict(task.keywords)
     elif inspect.isfunction(task):
@@ -108,14 +224,34 @@ def to_call(task: Any) -> TaskCall:
         )
     if not is_queueable(fn):
         raise NotQueueableError(f"{_name(fn)}() is not marked @queueable, so no worker would run it")
-    try:
-        signature = _signatures.get(fn)
-        if signature is None:  # computing it costs more than the rest of an insert
-            signature = _signatures[fn] = inspect.signature(fn)
-        signature.bind(*args, **kwargs)
-    except TypeError as exc:
-        raise BindError(f"{_name(fn)}(): {exc}") from None
+    _bind(fn, args, kwargs)
+    if getattr(fn, _BY_REFERENCE, False):
+        return TaskCall(None, tuple(args), kwargs, ref=_reference_of(fn))
     return TaskCall(fn, tuple(args), kwargs)
+
+
+def load_specs(lines: Iterable[str], source: str = "specs") -> list[TaskSpec]:
+    """Read JSON task specs, one per line (blank lines are skipped), checking each as an insert
+    would: well formed, the function importable and ``@queueable``, the arguments fitting it.
+
+    Every line is checked before anything is returned, so a bad file queues nothing.
+
+    Raises:
+        SpecError: naming the line of the first bad spec, or saying there was none.
+    """
+    specs = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            spec = reference.parse_spec(json.loads(line))
+            to_call(spec)
+        except (ValueError, NbQueueError) as exc:
+            raise SpecError(f"{source} line {number}: {exc}") from None
+        specs.append(spec)
+    if not specs:
+        raise SpecError(f"{source} holds no task specs")
+    return specs
 
 
 class TaskCodec:
@@ -123,12 +259,18 @@ class TaskCodec:
 
     A function is serialized once per codec (one codec per job) and stored by digest; each task
     carries only the digest and its own arguments. Decoded functions are cached by digest.
+
+    Args:
+        only_by_reference: refuse (``TaskRefused``) every task that ships pickled code or
+            objects, before loading any of it.
     """
 
-    def __init__(self, signer: Signer, serializer: Serializer) -> None:
+    def __init__(self, signer: Signer, serializer: Serializer, *, only_by_reference: bool = False) -> None:
         self.signer = signer
         self.serializer = serializer
+        self.only_by_reference = only_by_reference
         self._blobs: dict[int, tuple[Any, str, bytes]] = {}  # id(fn) -> (fn, digest, blob)
+        # Decoded functions by digest, and imported ones by 'module:qualname' (never a digest).
         self._functions: dict[str, Callable[..., Any]] = {}
 
     # -- producer side --------------------------------------------------------------------------
@@ -143,13 +285,23 @@ class TaskCodec:
 
     def encode(self, task_id: str, job_id: str, call: TaskCall, digest: str | None) -> bytes:
         """A signed task envelope for ``call``."""
+        created = round(time.time(), 3)
+        if call.ref is not None:
+            try:
+                payload = reference.dumps_spec(TaskSpec(call.ref, call.args, call.kwargs))
+            except TypeError as exc:
+                raise SerializationError(
+                    f"cannot send the arguments of {call.ref} by reference: {exc}"
+                ) from None
+            # No "f": a worker reads the payload as JSON and unpickles nothing.
+            return seal(self.signer, {"kind": "task", "t": task_id, "j": job_id, "c": created}, payload)
         if call.fn is None:
             payload = dumps_checked(call.obj, self.serializer, f"task object {call.obj!r:.60}")
         else:
             payload = dumps_checked(
                 (call.args, call.kwargs), self.serializer, f"arguments of {_name(call.fn)}()"
             )
-        header = {"kind": "task", "t": task_id, "j": job_id, "f": digest, "c": round(time.time(), 3)}
+        header = {"kind": "task", "t": task_id, "j": job_id, "f": digest, "c": created}
         return seal(self.signer, header, payload)
 
     # -- worker side ----------------------------------------------------------------------------
@@ -160,6 +312,13 @@ class TaskCodec:
         against the digest named in the signed header.
         """
         header, payload = open_envelope(self.signer, blob, "task", t=task_id, j=job_of(task_id))
+        if "f" not in header:
+            return self._by_reference(payload)
+        if self.only_by_reference:
+            raise TaskRefused(
+                "refused: this worker runs only tasks by reference (--only-by-reference) and this "
+                "task ships pickled code; it was not loaded"
+            )
         digest = header.get("f")
         if digest is None:
             obj = self._load(payload, "task object")
@@ -179,6 +338,24 @@ class TaskCodec:
             self._functions[digest] = fn
         args, kwargs = self._load(payload, "arguments")
         return TaskCall(fn, args, kwargs)
+
+    def _by_reference(self, payload: bytes) -> TaskCall:
+        try:
+            spec = reference.loads_spec(payload)
+        except ValueError as exc:
+            raise DecodeError(f"unreadable task by reference: {exc}") from None
+        fn = self._functions.get(spec.fn)
+        if fn is None:
+            try:
+                fn = reference.resolve(spec.fn)
+            except (ImportError, AttributeError) as exc:
+                raise DecodeError(
+                    f"cannot import {spec.fn} on this worker: {type(exc).__name__}: {exc}"
+                ) from exc
+            if not inspect.isfunction(fn) or not is_queueable(fn):
+                raise TaskRefused(f"refused: {spec.fn} is not an @queueable function")
+            self._functions[spec.fn] = fn
+        return TaskCall(fn, spec.args, spec.kwargs, ref=spec.fn)
 
     def _load(self, data: bytes, what: str) -> Any:
         try:

@@ -2,12 +2,18 @@
 
 ``Worker`` is the in-process loop (``TaskQueue.poll``); ``WorkerProcesses`` starts and stops
 worker processes (``TaskQueue.spawn_workers``, ``nbqueue worker -p N``). A worker process is
-started fresh (never forked from a kernel) and runs only queueable code.
+started fresh (never forked from a kernel) and runs only queueable code; with
+``only_by_reference`` it runs only installed code, refusing every task that ships a pickle.
+
+A worker tells the queue it is alive with a heartbeat every ``lease / 3`` seconds (from the
+thread that renews its leases), valid for one lease, and withdraws it when it stops: that is
+what ``nbqueue status`` lists as the workers seen.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -17,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,12 +31,12 @@ from . import defaults
 from .backends.base import Lease, TaskStatus, job_of
 from .errors import BackendUnavailable, BadSignature, DecodeError, Terminal
 from .records import error_info, seal_record
-from .tasks import TaskCodec
+from .tasks import TaskCodec, TaskRefused
 
 if TYPE_CHECKING:
     from .queue import TaskQueue
 
-TERMINAL_ERRORS = (BadSignature, DecodeError, Terminal)
+TERMINAL_ERRORS = (BadSignature, DecodeError, TaskRefused, Terminal)
 #: Reconnect backoff while the storage is unreachable: first wait and cap, in seconds.
 RECONNECT_FIRST, RECONNECT_MAX = 0.1, 5.0
 
@@ -99,12 +106,19 @@ def execute(codec: TaskCodec, lease: Lease, fetch_function, max_attempts: int, w
 
 
 class Renewer(threading.Thread):
-    """Renews every held lease each ``lease_seconds / 3``; records leases it lost."""
+    """Renews every held lease each ``lease_seconds / 3``; records leases it lost.
 
-    def __init__(self, backend, lease_seconds: float) -> None:
+    With ``heartbeat`` it also calls ``heartbeat(ttl)`` at start and every round with one lease
+    as the ttl, and ``heartbeat(0)`` once stopped.
+    """
+
+    def __init__(
+        self, backend, lease_seconds: float, heartbeat: Callable[[float], None] | None = None
+    ) -> None:
         super().__init__(name="nbqueue-renewer", daemon=True)
         self.backend = backend
         self.lease_seconds = lease_seconds
+        self.heartbeat = heartbeat
         self.held: dict[str, str] = {}  # task_id -> token
         self.lost: set[str] = set()
         self._lock = threading.Lock()
@@ -120,6 +134,7 @@ class Renewer(threading.Thread):
             self.lost.discard(task_id)
 
     def run(self) -> None:
+        self._beat(self.lease_seconds)
         while not self._stop_event.wait(self.lease_seconds / 3):
             with self._lock:
                 held = list(self.held.items())
@@ -132,11 +147,21 @@ class Renewer(threading.Thread):
                     with self._lock:
                         if task_id in self.held:
                             self.lost.add(task_id)
+            self._beat(self.lease_seconds)
+
+    def _beat(self, ttl: float) -> None:
+        if self.heartbeat is None:
+            return
+        try:
+            self.heartbeat(ttl)
+        except Exception:
+            pass  # a passing storage error: the heartbeat is only informative; next round beats again
 
     def stop(self) -> None:
         self._stop_event.set()
         if self.is_alive():
             self.join()
+        self._beat(0)  # withdraw: this worker is gone
 
 
 @dataclass
@@ -171,10 +196,12 @@ class Worker:
         max_tasks: int | None = None,
         idle_exit: float | None = None,
         batch_max: int = defaults.LEASE_BATCH_MAX,
+        only_by_reference: bool = False,
     ) -> None:
         self.queue = queue
         self.backend = queue.backend
-        self.codec = TaskCodec(queue.signer, queue.serializer)
+        self.codec = TaskCodec(queue.signer, queue.serializer, only_by_reference=only_by_reference)
+        self.only_by_reference = only_by_reference
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
         self.burst = burst
@@ -184,6 +211,7 @@ class Worker:
         self.stats = WorkerStats()
         self.stop_event = threading.Event()
         self.who = worker_id()
+        self.started = time.time()
         self._task_seconds = 0.05  # running estimate of one task's duration
 
     # -- control --------------------------------------------------------------------------------
@@ -227,6 +255,20 @@ class Worker:
                 log.warning("storage reachable again after %.1fs", time.monotonic() - started)
             return result
 
+    def _heartbeat(self, ttl: float) -> None:
+        """Tell the queue this worker is alive for ``ttl`` seconds (0: it is gone)."""
+        info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": self.started,
+            "beat": time.time(),
+            "lease": self.lease_seconds,
+            "only_by_reference": self.only_by_reference,
+            "completed": self.stats.completed,
+            "failed": self.stats.failed,
+        }
+        self.backend.heartbeat(self.who, json.dumps(info).encode(), ttl)
+
     def _fetch_function(self, digest: str) -> bytes:
         return self._call(self.backend.get_function, digest, give_up_after=self.lease_seconds)
 
@@ -256,7 +298,7 @@ class Worker:
     def run(self) -> WorkerStats:
         """Work until stopped, ``max_tasks`` ran, or (with ``burst``) the queue is empty."""
         start = time.monotonic()
-        renewer = Renewer(self.backend, self.lease_seconds)
+        renewer = Renewer(self.backend, self.lease_seconds, heartbeat=self._heartbeat)
         renewer.start()
         idle_since = None
         sleep = defaults.IDLE_SLEEP_MIN
@@ -375,6 +417,7 @@ def worker_command(
     max_attempts: int | None = None,
     idle_exit: float | None = None,
     insecure: bool = False,
+    only_by_reference: bool = False,
 ) -> list[str]:
     """The command line of one worker process."""
     cmd = [sys.executable, "-m", "nbqueue", "worker", url, "-p", "1"]
@@ -390,6 +433,8 @@ def worker_command(
         cmd += ["--idle-exit", str(idle_exit)]
     if insecure:
         cmd.append("--insecure")
+    if only_by_reference:
+        cmd.append("--only-by-reference")
     return cmd
 
 

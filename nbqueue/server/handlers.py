@@ -24,9 +24,8 @@ from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from tornado import web
 
-from ..backends.base import job_of
 from ..errors import NbQueueError
-from ..records import open_record
+from ..report import dead_letters
 from .registry import QueueRegistry
 
 AUTH_RESOURCE = "nbqueue"
@@ -77,41 +76,6 @@ def job_summary(job) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def error_rows(tq, job_id: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
-    """Dead letters as JSON: task, attempts, error type, message and traceback, newest first."""
-    rows = []
-    for letter in tq.dead():
-        if job_id is not None and not letter.task_id.startswith(f"{job_id}-"):
-            continue
-        row = {
-            "task_id": letter.task_id,
-            "attempts": letter.attempts,
-            "type": "?",
-            "message": "",
-            "traceback": "",
-            "finished": None,
-        }
-        if letter.error is not None and not letter.task_id.startswith("quarantine/"):
-            try:
-                record = open_record(
-                    tq.signer, tq.serializer, letter.task_id, letter.error, job_of(letter.task_id)
-                )
-                if record.error is not None:
-                    row.update(
-                        type=record.error.type,
-                        message=record.error.message,
-                        traceback=record.error.traceback,
-                        finished=record.finished,
-                    )
-            except NbQueueError as exc:
-                row.update(type=type(exc).__name__, message=str(exc))
-        elif letter.error is not None:
-            row.update(type="Quarantined", message=letter.error.decode("utf-8", "replace"))
-        rows.append(row)
-    rows.sort(key=lambda r: r["finished"] or 0, reverse=True)
-    return rows[:limit] if limit else rows
-
-
 class QueuesHandler(_Base):
     @web.authenticated
     @authorized
@@ -149,7 +113,7 @@ class JobHandler(_Base):
             raise web.HTTPError(404, f"no job {job_id!r} in this queue") from None
         data = job_summary(job)
         data["source"] = job.meta.get("source")
-        data["errors"] = error_rows(tq, job.id, RECENT_ERRORS)
+        data["errors"] = dead_letters(tq, job.id, RECENT_ERRORS)
         self.reply(data)
 
 
@@ -157,7 +121,7 @@ class DeadHandler(_Base):
     @web.authenticated
     @authorized
     def get(self, qid: str) -> None:
-        self.reply(error_rows(self.queue(qid)))
+        self.reply(dead_letters(self.queue(qid)))
 
 
 class RedriveHandler(_Base):

@@ -1,0 +1,144 @@
+"""Single tasks: ``fn.submit(...)`` gives a ``TaskHandle``, ``fn.map(items)`` a ``Job``.
+
+Both use the process's default queue: the one set by ``nbqueue.use(URL)``, else one opened from
+``$NBQUEUE_URL`` on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from . import defaults
+from .backends.base import TaskStatus, check_id, job_of
+from .errors import QueueURLError, TaskFailed
+from .jobs import Job
+from .queue import TaskQueue
+from .records import TaskRecord, open_record
+
+_default: TaskQueue | None = None
+_default_lock = threading.Lock()
+
+
+def use(queue: str | TaskQueue, *, insecure: bool = False) -> TaskQueue:
+    """Make ``queue`` (a URL or a TaskQueue) the default of ``submit`` and ``map``; return it."""
+    global _default
+    tq = queue if isinstance(queue, TaskQueue) else TaskQueue(queue, insecure=insecure)
+    with _default_lock:
+        _default = tq
+    return tq
+
+
+def default_queue() -> TaskQueue:
+    """The queue set by ``use``, else one opened from ``$NBQUEUE_URL`` (once).
+
+    Raises:
+        QueueURLError: neither is set.
+    """
+    global _default
+    with _default_lock:
+        if _default is None:
+            url = os.environ.get(defaults.ENV_URL)
+            if not url:
+                raise QueueURLError(
+                    f"no queue to submit to: call nbqueue.use(URL) or set ${defaults.ENV_URL}"
+                )
+            _default = TaskQueue(url)
+        return _default
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+def submit(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskHandle:
+    """Queue one call ``fn(*args, **kwargs)`` as a job of its own on the default queue."""
+    tq = default_queue()
+    job = tq.insert([functools.partial(fn, *args, **kwargs)], name=_name(fn), progress=False)
+    return TaskHandle(tq, f"{job.id}-0")
+
+
+def map_tasks(fn: Callable[..., Any], iterable: Iterable[Any], **options: Any) -> Job:
+    """Queue ``fn(item)`` for every item as one job on the default queue.
+
+    ``options`` go to ``TaskQueue.insert`` (``name``, ``total``, ``progress``, ...).
+    """
+    options.setdefault("name", _name(fn))
+    if "total" not in options and hasattr(iterable, "__len__"):
+        options["total"] = len(iterable)  # type: ignore[arg-type]
+    return default_queue().insert((functools.partial(fn, item) for item in iterable), **options)
+
+
+class TaskHandle:
+    """One queued task, reattachable from any process by queue and task id."""
+
+    def __init__(self, queue: TaskQueue, task_id: str) -> None:
+        self.queue = queue
+        self.task_id = check_id(task_id, "task id")
+        self.job_id = job_of(task_id)
+
+    @property
+    def job(self) -> Job:
+        """The job the task belongs to."""
+        return self.queue.job(self.job_id)
+
+    def _blob(self) -> bytes | None:
+        return self.queue.backend.results(self.job_id).get(self.task_id)
+
+    def _open(self, blob: bytes) -> TaskRecord:
+        q = self.queue
+        return open_record(q.signer, q.serializer, self.task_id, blob, self.job_id)
+
+    @property
+    def status(self) -> TaskStatus:
+        """QUEUED, LEASED, COMPLETED or DEAD (a failure for good, even once its letter is purged).
+
+        Raises:
+            KeyError: the queue does not know the task.
+        """
+        info = self.queue.backend.find_task(self.task_id)
+        if info is None:
+            raise KeyError(f"no task {self.task_id!r} in {self.queue.url}")
+        if info.status == TaskStatus.COMPLETED:
+            # The backend cannot tell a value from an error record; the signed record can.
+            blob = self._blob()
+            if blob is not None and not self._open(blob).ok:
+                return TaskStatus.DEAD
+        return info.status
+
+    def ready(self) -> bool:
+        """True once the task finished: completed, or failed for good."""
+        return self._blob() is not None
+
+    def get(self, timeout: float | None = None) -> Any:
+        """Wait for the task and return its value.
+
+        Raises:
+            TaskFailed: the task failed for good; ``.errors`` holds its TaskError.
+            TimeoutError: ``timeout`` seconds passed first.
+            KeyError: the queue does not know the task.
+        """
+        start = time.monotonic()
+        sleep = defaults.WAIT_POLL_MIN
+        blob = self._blob()
+        if blob is None and self.queue.backend.find_task(self.task_id) is None:
+            blob = self._blob()  # it may have finished in between
+            if blob is None:
+                raise KeyError(f"no task {self.task_id!r} in {self.queue.url}")
+        while blob is None:
+            if timeout is not None and time.monotonic() - start >= timeout:
+                raise TimeoutError(f"task {self.task_id} not finished after {timeout:g}s")
+            time.sleep(sleep)
+            sleep = min(sleep * 1.5, defaults.WAIT_POLL_MAX)
+            blob = self._blob()
+        record = self._open(blob)
+        if not record.ok:
+            raise TaskFailed(f"task {self.task_id} failed: {record.error}", [record.error])
+        return record.value
+
+    def __repr__(self) -> str:
+        return f"<TaskHandle {self.task_id} on {self.queue.url}>"

@@ -1,0 +1,240 @@
+"""Read-only reports on a queue, as plain dicts for the command line (``--json`` prints them).
+
+Reports never unpickle a task, and read completion records without loading their values
+(``record_header``): they check signatures and read the JSON headers only. ``result_row`` is
+the exception by design: exporting results means loading the values.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from .backends.base import TaskStatus, index_of, job_of
+from .errors import BadSignature, DecodeError
+from .records import TaskError, TaskRecord, open_record
+from .reference import export_value
+from .serialize import Signer, open_envelope
+
+if TYPE_CHECKING:
+    from .queue import TaskQueue
+
+#: How many of the soonest lease deadlines ``queue_status`` lists.
+LEASES_SHOWN = 5
+
+
+class _ValuesUnloaded:
+    """A serializer that loads nothing, so ``open_record`` reads a record's header only."""
+
+    name = "unloaded"
+
+    def dumps(self, obj: Any) -> bytes:
+        raise TypeError("a header-only reader cannot serialize")
+
+    def loads(self, data: bytes) -> Any:
+        return None
+
+
+_UNLOADED = _ValuesUnloaded()
+
+
+def record_header(signer: Signer, task_id: str, blob: bytes, job_id: str) -> TaskRecord:
+    """A completion record without its value (``value`` is None): status, error, attempt,
+    times, worker. A record that fails its signature check reads as a BadSignature error."""
+    try:
+        return open_record(signer, _UNLOADED, task_id, blob, job_id)
+    except BadSignature as exc:
+        error = TaskError(task_id, "BadSignature", str(exc), "", 0)
+        return TaskRecord(task_id, False, None, error, 0, None, None, None)
+
+
+def task_header(signer: Signer, task_id: str, payload: bytes) -> dict | None:
+    """The signed header of a task envelope, or None when it does not verify."""
+    try:
+        header, _ = open_envelope(signer, payload, "task", t=task_id, j=job_of(task_id))
+    except (BadSignature, DecodeError):
+        return None
+    return header
+
+
+def _error_dict(error: TaskError | None) -> dict[str, Any] | None:
+    if error is None:
+        return None
+    return {"type": error.type, "message": error.message, "traceback": error.traceback}
+
+
+# -- the queue -------------------------------------------------------------------------------------
+def queue_status(tq: TaskQueue) -> dict[str, Any]:
+    """Counters, the age of the next task to run, the soonest lease deadlines and the live workers.
+
+    ``oldest_queued_age`` is the seconds since the task at the head of the queue was created
+    (None when nothing is ready); ``leases_expiring`` lists ``LEASES_SHOWN`` leases, soonest
+    first, with the seconds they have left (negative: expired, not yet reclaimed).
+    """
+    backend = tq.backend
+    age = None
+    head = backend.peek_queued(1)
+    if head:
+        header = task_header(tq.signer, *head[0])
+        if header is not None and isinstance(header.get("c"), (int, float)):
+            age = round(max(time.time() - header["c"], 0.0), 3)
+    workers = []
+    for worker_id, info in sorted(backend.workers().items()):
+        try:
+            details = json.loads(info)
+        except ValueError:
+            details = {}
+        workers.append({"id": worker_id, **(details if isinstance(details, dict) else {})})
+    return {
+        "url": tq.url,
+        **tq.status().as_dict(),
+        "oldest_queued_age": age,
+        "leases_expiring": [
+            {"task_id": task_id, "expires_in": round(left, 3)}
+            for task_id, left in backend.lease_deadlines(LEASES_SHOWN)
+        ],
+        "workers": workers,
+    }
+
+
+# -- one job ---------------------------------------------------------------------------------------
+def job_report(tq: TaskQueue, job_id: str) -> dict[str, Any]:
+    """A job's record, counters, timings (created, first start, last finish) and errors.
+
+    Raises:
+        KeyError: the queue has no such job.
+    """
+    job = tq.job(job_id)
+    raw = tq.backend.results(job_id)
+    records = [record_header(tq.signer, t, raw[t], job_id) for t in sorted(raw, key=index_of)]
+    started = [r.started for r in records if r.started is not None]
+    finished = [r.finished for r in records if r.finished is not None]
+    errors = [
+        {"task_id": r.task_id, "attempts": r.error.attempts, **_error_dict(r.error)}
+        for r in records
+        if not r.ok and r.error is not None
+    ]
+    return {
+        "id": job.id,
+        "name": job.name,
+        "state": job.meta.get("state"),
+        "total": job.total,
+        **job.counts().as_dict(),
+        "created": job.meta.get("created"),
+        "first_started": min(started, default=None),
+        "last_finished": max(finished, default=None),
+        "errors": errors,
+    }
+
+
+def result_row(record: TaskRecord, job_id: str) -> dict[str, Any]:
+    """One exported result: its value in the JSON encoding of ``nbqueue.reference``."""
+    return {
+        "task_id": record.task_id,
+        "job_id": job_id,
+        "success": record.ok,
+        "result": export_value(record.value) if record.ok else None,
+        "error": _error_dict(record.error),
+        "attempts": record.attempt,
+        "started": record.started,
+        "finished": record.finished,
+    }
+
+
+# -- one task --------------------------------------------------------------------------------------
+def _payload_report(tq: TaskQueue, task_id: str, payload: bytes) -> dict[str, Any]:
+    """Size, signature, header and function of a task payload, without loading any of it."""
+    out: dict[str, Any] = {"bytes": len(payload)}
+    try:
+        header, body = open_envelope(tq.signer, payload, "task", t=task_id, j=job_of(task_id))
+    except (BadSignature, DecodeError) as exc:
+        out["signature"] = f"bad: {exc}"
+        return out
+    out["signature"] = "ok" if tq.signer.key is not None else "not checked (insecure)"
+    out["header"] = header
+    if "f" not in header:
+        try:
+            out["function"] = json.loads(body).get("fn")  # the JSON spec; its arguments stay unread
+        except (ValueError, AttributeError):
+            out["function"] = None
+        out["kind"] = "by reference (JSON)"
+    elif header["f"] is None:
+        out["kind"] = "pickled task object"
+    else:
+        out["kind"] = "pickled arguments"
+        try:
+            size = len(tq.backend.get_function(header["f"]))
+            out["function"] = f"digest {header['f']} ({size} bytes of dill)"
+        except KeyError:
+            out["function"] = f"digest {header['f']} (missing from the queue)"
+    return out
+
+
+def inspect_task(tq: TaskQueue, task_id: str) -> dict[str, Any]:
+    """Where a task is, its attempts, its payload (size, header, function: never loaded) and its
+    error. A completed task whose record is an error (a purged dead letter) reads as dead.
+
+    Raises:
+        KeyError: the queue does not know the task.
+    """
+    info = tq.backend.find_task(task_id)
+    if info is None:
+        raise KeyError(f"no task {task_id!r} in {tq.url}")
+    job_id = job_of(task_id)
+    state, attempts, error = info.status.value, info.attempts, None
+    finished = info.status in (TaskStatus.COMPLETED, TaskStatus.DEAD)
+    blob = tq.backend.results(job_id).get(task_id) if finished else None
+    if blob is not None:
+        record = record_header(tq.signer, task_id, blob, job_id)
+        attempts = attempts or record.attempt
+        error = _error_dict(record.error)
+        if not record.ok:
+            state = TaskStatus.DEAD.value
+    try:
+        job_name = tq.job(job_id).name
+    except KeyError:
+        job_name = None
+    return {
+        "task_id": task_id,
+        "job_id": job_id,
+        "job_name": job_name,
+        "state": state,
+        "attempts": attempts,
+        "expires_in": None if info.expires_in is None else round(info.expires_in, 3),
+        "payload": None if info.payload is None else _payload_report(tq, task_id, info.payload),
+        "error": error,
+    }
+
+
+def dead_letters(tq: TaskQueue, job_id: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    """Dead letters as rows (task, attempts, payload size, error type, message, traceback, when),
+    newest first; of one job when ``job_id`` is given. Nothing is unpickled."""
+    rows = []
+    for letter in tq.dead():
+        if job_id is not None and not letter.task_id.startswith(f"{job_id}-"):
+            continue
+        row: dict[str, Any] = {
+            "task_id": letter.task_id,
+            "attempts": letter.attempts,
+            "bytes": len(letter.payload),
+            "type": "?",
+            "message": "",
+            "traceback": "",
+            "finished": None,
+        }
+        if letter.task_id.startswith("quarantine/"):
+            reason = (letter.error or b"").decode("utf-8", "replace")
+            row.update(type="Quarantined", message=reason)
+        elif letter.error is not None:
+            record = record_header(tq.signer, letter.task_id, letter.error, job_of(letter.task_id))
+            if record.error is not None:
+                row.update(
+                    type=record.error.type,
+                    message=record.error.message,
+                    traceback=record.error.traceback,
+                    finished=record.finished,
+                )
+        rows.append(row)
+    rows.sort(key=lambda r: r["finished"] or 0, reverse=True)
+    return rows[:limit] if limit else rows
