@@ -335,9 +335,24 @@ class Worker:
             self.stats.elapsed = time.monotonic() - start
         return self.stats
 
+    def _isolate_reruns(self, leases: list[Lease], renewer: Renewer) -> list[Lease]:
+        """A re-run may be what killed its last worker, and a crash costs every task of the batch
+        an attempt: so a re-run runs alone and the rest of the batch goes back (unstarted, the
+        release costs them no attempt)."""
+        rerun = next((lease for lease in leases if lease.attempt > 1), None)
+        if rerun is None or len(leases) == 1:
+            return leases
+        for other in leases:
+            if other is not rerun:
+                with contextlib.suppress(_GaveUp):  # unreleased, it comes back when it expires
+                    self._call(self.backend.release, other.task_id, other.token, give_up_after=5.0)
+                renewer.drop(other.task_id)
+        return [rerun]
+
     def _run_batch(self, leases: list[Lease], renewer: Renewer) -> None:
         pending: list[Outcome] = []
         first_pending = 0.0
+        leases = self._isolate_reruns(leases, renewer)
         for i, lease in enumerate(leases):
             if self.stop_event.is_set():
                 for rest in leases[i:]:
@@ -347,6 +362,11 @@ class Worker:
                         )
                     renewer.drop(rest.task_id)
                 break
+            if lease.attempt > self.max_attempts:
+                # Earlier attempts never reported back: the task kills (or hangs) its worker.
+                # Running it again would only crash-loop the workers, so it is dead-lettered unrun.
+                self._report_failure(self._crashed(lease), renewer)
+                continue
             t = time.monotonic()
             try:
                 outcome = execute(self.codec, lease, self._fetch_function, self.max_attempts, self.who)
@@ -368,6 +388,29 @@ class Worker:
             else:
                 self._report_failure(outcome, renewer)
         self._commit(pending, renewer)
+
+    def _crashed(self, lease: Lease) -> Outcome:
+        """The dead letter of a task whose earlier attempts all ended without a result."""
+        earlier = lease.attempt - 1
+        error = {
+            "type": "WorkerDied",
+            "message": f"{earlier} attempt(s) ended without a result: the worker running it was killed or "
+            "crashed (os._exit, a segfault, out of memory) or lost its lease; not run again",
+            "traceback": "",
+        }
+        now = time.time()
+        record = seal_record(
+            self.codec.signer,
+            self.codec.serializer,
+            lease.task_id,
+            job_of(lease.task_id),
+            error=error,
+            attempt=earlier,
+            started=now,
+            finished=now,
+            worker=self.who,
+        )
+        return Outcome(lease, record, False, None)
 
     def _commit(self, outcomes: list[Outcome], renewer: Renewer) -> None:
         if not outcomes:

@@ -101,3 +101,45 @@ def test_redis_killed_and_restarted_mid_run_loses_nothing(nb, tmp_path):
         tq.close()
     finally:
         server.stop()
+
+
+POISON = """
+import ctypes, os
+from nbqueue import queueable
+
+@queueable
+def good(i):
+    return i
+
+@queueable
+def exits(i):
+    os._exit(1)
+
+@queueable
+def segfaults(i):
+    ctypes.string_at(0)
+"""
+
+
+@pytest.mark.slow
+def test_tasks_that_kill_their_worker_are_dead_lettered_not_crash_looped(worker_url, tmp_path):
+    pnb = notebook(POISON)
+    tq = TaskQueue(worker_url)
+    tasks = [functools.partial(pnb.good, i) for i in range(40)]
+    tasks[10] = functools.partial(pnb.exits, 10)
+    tasks[30] = functools.partial(pnb.segfaults, 30)
+    job = tq.insert(tasks, progress=False)
+    # A supervisor restarts its crashed children; burst workers end once nothing is left.
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "nbqueue", "worker", worker_url, "-p", "2", "--lease", "1", "--max-attempts", "2",
+         "--burst"],
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert wait_all([supervisor], timeout=120) == [0]
+    job.wait(timeout=30, progress=False)
+    values = job.results(on_error="exception")
+    assert [values[i] for i in range(40) if i not in (10, 30)] == [i for i in range(40) if i not in (10, 30)]
+    for i in (10, 30):
+        assert values[i].type == "WorkerDied" and "2 attempt(s) ended without a result" in values[i].message
+    assert sorted(d.task_id for d in tq.dead()) == sorted([f"{job.id}-10", f"{job.id}-30"])
+    assert tq.status().queued == 0 and tq.status().leased == 0
