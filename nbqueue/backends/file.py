@@ -604,6 +604,14 @@ class FileBackend(Backend):
                 continue
         return out
 
+    def _record_of(self, task_id: str) -> bytes | None:
+        """One task's committed record, read from its own done/ link (not the job's listing)."""
+        try:
+            frames = self._read_frames(self._path("done", job_of(task_id), task_id))
+        except (OSError, segments.CorruptSegment):
+            return None
+        return next((data for frame_id, data in frames if frame_id == task_id), None)
+
     def exact_job_finished(self, job_id: str) -> int:
         try:
             return len(os.listdir(self._path("done", check_id(job_id, "job id"))))
@@ -668,8 +676,7 @@ class FileBackend(Backend):
     def dead(self) -> list[DeadLetter]:
         letters = []
         for _, task_id, attempts, payload in self._dead_entries():
-            error = self.results(job_of(task_id)).get(task_id)
-            letters.append(DeadLetter(task_id, attempts, payload, error))
+            letters.append(DeadLetter(task_id, attempts, payload, self._record_of(task_id)))
         for name in sorted(os.listdir(self._dirs["quarantine"])):
             if name.endswith(".why"):
                 continue
