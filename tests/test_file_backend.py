@@ -65,3 +65,58 @@ def test_orphaned_claim_from_a_killed_process_is_queued_again(tmp_path, monkeypa
     monkeypatch.setattr(file_backend, "ORPHAN_SECONDS", 0.0)
     got = q.lease(10, 30)
     assert sorted(lease.task_id for lease in got) == [f"j-{i}" for i in range(4)]
+
+
+def test_foreign_files_in_any_area_never_break_leasing(tmp_path):
+    q = FileBackend(str(tmp_path / "q"))
+    q.insert("j", tasks_of("j", 3))
+    for area, name in [
+        ("claim", "README"),
+        ("completing", "notes.txt"),
+        ("dead", ".nfs0001"),
+        ("joborder", "stray"),
+        ("leased", "junk"),
+    ]:
+        (tmp_path / "q" / area / name).write_text("not ours")
+    got = q.lease(10, 30)  # reclaim scans every area first
+    assert len(got) == 3
+    assert q.list_jobs() == [] and q.rezero().leased == 3
+    reasons = {d.task_id: d.error for d in q.dead()}
+    assert "quarantine/README" in reasons and "quarantine/notes.txt" in reasons
+
+
+def test_rezero_then_close_does_not_count_twice(tmp_path):
+    producer = FileBackend(str(tmp_path / "q"))
+    producer.insert("j", tasks_of("j", 10))
+    FileBackend(str(tmp_path / "q")).rezero()
+    producer.close()  # folds only what changed since the recount: nothing
+    c = FileBackend(str(tmp_path / "q")).counts()
+    assert (c.inserted, c.queued) == (0, 10)
+
+
+def test_complete_after_own_renewal_leaves_no_lease_behind(tmp_path):
+    worker = FileBackend(str(tmp_path / "q"))
+    keeper = FileBackend(str(tmp_path / "q"))  # renews from another process, as the lease keeper does
+    worker.insert("j", tasks_of("j", 1))
+    (lease,) = worker.lease(1, 30)
+    assert keeper.renew(lease.task_id, lease.token, 60)  # renames the lease under the worker
+    assert worker.complete([(lease.task_id, lease.token, b"r")]) == [True]
+    assert os.listdir(tmp_path / "q" / "leased") == []
+    c = worker.counts()
+    assert (c.leased, c.completed) == (0, 1)
+
+
+def test_counter_files_are_folded_when_a_process_exits(tmp_path):
+    from .helpers import run_python
+
+    for _ in range(3):
+        done = run_python(
+            "import sys\nfrom nbqueue.backends.file import FileBackend\n"
+            "FileBackend(sys.argv[1]).insert('j', [('j-' + sys.argv[2], b'p')])",
+            str(tmp_path / "q"),
+            str(_),
+        )
+        assert done.returncode == 0, done.stderr
+    names = [n for n in os.listdir(tmp_path / "q" / "counters") if not n.startswith(".")]
+    assert names == ["base"]
+    assert FileBackend(str(tmp_path / "q")).counts().queued == 3

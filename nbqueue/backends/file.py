@@ -34,6 +34,7 @@ one by one: a process killed part-way leaves some of them written.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import json
@@ -43,12 +44,14 @@ import shutil
 import socket
 import stat
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 
 from ..errors import QueueURLError, UnsafeQueueError
 from . import segments
 from .base import (
     COUNT_FIELDS,
+    ID_PATTERN,
     Backend,
     Counts,
     DeadLetter,
@@ -95,6 +98,11 @@ def _subtract(a: dict[str, dict[str, int]], b: dict[str, dict[str, int]]) -> dic
     return {key: {f: v - b.get(key, {}).get(f, 0) for f, v in row.items()} for key, row in a.items()}
 
 
+def _single(ready_ms: int, attempts: int, job: str, seg: str, k: int | str) -> str:
+    """The queue/ name of one task (task k of a segment) ready at ``ready_ms``."""
+    return f"{ready_ms:013d}.{attempts}.{job}.{seg}.{k}-{int(k) + 1}"
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -105,6 +113,17 @@ def open_file(url: str) -> FileBackend:
     if not path:
         raise QueueURLError(f"{url!r} names no directory: use fq://PATH")
     return FileBackend(path)
+
+
+_open_backends: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _fold_counters_at_exit() -> None:
+    """Every process folds its counters when it exits normally, so counter files stay few."""
+    for backend in list(_open_backends):
+        with contextlib.suppress(Exception):
+            backend.close()
 
 
 class FileBackend(Backend):
@@ -122,6 +141,7 @@ class FileBackend(Backend):
         self._deltas: dict[str, dict[str, int]] = {}
         self._flushed: dict[str, dict[str, int]] = {}  # the deltas as last written
         self._done_dirs: set[str] = set()  # done/<job> directories known to exist
+        _open_backends.add(self)
 
     # -- opening and safety ---------------------------------------------------------------------
     def _open_root(self) -> None:
@@ -191,9 +211,7 @@ class FileBackend(Backend):
         if self._counter_pid != os.getpid() or not self._deltas:
             return
         path = self._counter_file()
-        if self._flushed and not os.path.exists(path):
-            # rezero() recounted and removed our file: keep only what changed since we wrote it.
-            self._deltas = _subtract(self._deltas, self._flushed)
+        self._drop_rezeroed()
         data = json.dumps(self._deltas).encode()
         if len(data) > COUNTER_FILE_FOLD_BYTES:  # a long-lived worker that touched many jobs
             self.close()
@@ -225,13 +243,35 @@ class FileBackend(Backend):
                     setattr(counts, name, getattr(counts, name) + value)
         return counts
 
-    def close(self) -> None:
-        """Fold this process's counter deltas into the shared base file."""
-        if self._counter_pid != os.getpid() or not self._deltas or not os.path.isdir(self.root):
-            return
+    def __del__(self) -> None:
+        # A handle dropped before exit folds its counters too (atexit only sees live handles).
+        # Builtins only: at interpreter shutdown module globals may already be gone.
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _drop_rezeroed(self) -> None:
+        """If rezero() removed our counter file, its recount holds what we had written: keep only
+        the changes since."""
+        if self._flushed and not os.path.exists(self._counter_file()):
+            self._deltas = _subtract(self._deltas, self._flushed)
+            self._flushed = {}
+
+    @contextlib.contextmanager
+    def _counters_locked(self) -> Iterator[None]:
+        """Serialize the writers of counters/base (close and rezero) across processes."""
         lock_path = self._path("counters", ".lock")
         with open(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600), "r+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def close(self) -> None:
+        """Fold this process's counter deltas into the shared base file (also done at exit)."""
+        if self._counter_pid != os.getpid() or not self._deltas or not os.path.isdir(self.root):
+            return
+        with self._counters_locked():
+            self._drop_rezeroed()
             base_path = self._path("counters", "base")
             try:
                 with open(base_path, "rb") as f:
@@ -270,7 +310,7 @@ class FileBackend(Backend):
     def _scan_lease(self, token: str) -> str | None:
         marker = f".{token}."
         for name in os.listdir(self._dirs["leased"]):
-            if marker in name:
+            if marker in name and name.split(".")[2] == token:  # the token field, not any field
                 self._lease_names[token] = name
                 return name
         return None
@@ -327,7 +367,9 @@ class FileBackend(Backend):
     def list_jobs(self) -> list[str]:
         seen: dict[str, None] = {}
         for name in sorted(os.listdir(self._dirs["joborder"])):
-            seen.setdefault(name.split(".", 1)[1], None)
+            _, _, job_id = name.partition(".")
+            if job_id and ID_PATTERN.match(job_id):  # anything else is not ours
+                seen.setdefault(job_id, None)
         return list(seen)
 
     # -- tasks ----------------------------------------------------------------------------------
@@ -398,20 +440,25 @@ class FileBackend(Backend):
         except (segments.CorruptSegment, OSError) as exc:
             self._quarantine("claim", claim, f"unreadable task segment {name}: {exc}")
             return []
-        if take < hi - lo:  # give the rest back before taking ours, so a crash loses nothing
-            rest = f"{ready:013d}.{attempts}.{job}.{seg}.{lo + take}-{hi}"
-            os.link(claim_path, self._path("queue", rest))
-        deadline = f"{_now_ms() + int(seconds * 1000):013d}"
         leases = []
-        for k in range(lo, lo + take):
-            token = os.urandom(8).hex()
-            leased = f"{deadline}.{attempts + 1}.{token}.{job}.{seg}.{k}"
-            os.link(claim_path, self._path("leased", leased))
-            self._lease_names[token] = leased
-            task_id, payload = frames[k - lo]
-            leases.append(Lease(task_id, token, attempts + 1, payload))
-        os.unlink(claim_path)
-        self._bump(job, queued=-take, leased=take)
+        try:
+            if take < hi - lo:  # give the rest back before taking ours, so a crash loses nothing
+                rest = f"{ready:013d}.{attempts}.{job}.{seg}.{lo + take}-{hi}"
+                os.link(claim_path, self._path("queue", rest))
+            deadline = f"{_now_ms() + int(seconds * 1000):013d}"
+            for k in range(lo, lo + take):
+                token = os.urandom(8).hex()
+                leased = f"{deadline}.{attempts + 1}.{token}.{job}.{seg}.{k}"
+                os.link(claim_path, self._path("leased", leased))
+                self._lease_names[token] = leased
+                task_id, payload = frames[k - lo]
+                leases.append(Lease(task_id, token, attempts + 1, payload))
+            os.unlink(claim_path)
+        except FileNotFoundError:
+            # Another machine took the claim for an orphan (clock skew beyond ORPHAN_SECONDS) and
+            # queued the range again: keep what we linked, the rest is theirs.
+            pass
+        self._bump(job, queued=-len(leases), leased=len(leases))
         return leases
 
     def _move_lease(self, token: str, area: str, new_name: str | None = None) -> str | None:
@@ -480,11 +527,16 @@ class FileBackend(Backend):
         except FileExistsError:
             committed = False  # a result is already committed: never a second one
         self._lease_names.pop(token, None)
-        try:
-            os.unlink(self._path("leased", name))
-            held = True
-        except FileNotFoundError:
-            held = False  # reclaimed meanwhile: the reclaimer moved it out of "leased"
+        held = False
+        while name is not None:
+            try:
+                os.unlink(self._path("leased", name))
+                held = True
+                break
+            except FileNotFoundError:
+                # Renewed meanwhile (a new name, still ours: drop it too) or reclaimed (gone).
+                name = self._scan_lease(token)
+                self._lease_names.pop(token, None)
         self._bump(job, leased=-1 if held else 0, completed=1 if committed else 0)
         return committed
 
@@ -494,7 +546,7 @@ class FileBackend(Backend):
             return None
         _, attempt, _, job, seg, k = self._parse_leased(name)
         if retry_in is not None:
-            again = f"{_now_ms() + int(retry_in * 1000):013d}.{attempt}.{job}.{seg}.{k}-{k + 1}"
+            again = _single(_now_ms() + int(retry_in * 1000), attempt, job, seg, k)
             if self._move_lease(token, "queue", again) is None:
                 return None
             self._bump(job, leased=-1, failed=1, queued=1)
@@ -518,7 +570,7 @@ class FileBackend(Backend):
         if name is None:
             return False
         _, attempt, _, job, seg, k = self._parse_leased(name)
-        back = f"{_now_ms():013d}.{attempt - 1}.{job}.{seg}.{k}-{k + 1}"
+        back = _single(_now_ms(), attempt - 1, job, seg, k)
         if self._move_lease(token, "queue", back) is None:
             return False
         self._bump(job, leased=-1, queued=1)
@@ -541,7 +593,7 @@ class FileBackend(Backend):
             try:
                 os.rename(
                     self._path("leased", name),
-                    self._path("queue", f"{now:013d}.{attempt}.{job}.{seg}.{k}-{k + 1}"),
+                    self._path("queue", _single(now, attempt, job, seg, k)),
                 )
             except FileNotFoundError:
                 continue
@@ -549,8 +601,14 @@ class FileBackend(Backend):
             moved += 1
         orphan_before = now - int(ORPHAN_SECONDS * 1000)
         for name in os.listdir(self._dirs["claim"]):
-            claimed_ms, _, original = name.split(".", 2)
-            if int(claimed_ms) < orphan_before:  # a process died splitting a range: queue it again
+            try:
+                claimed_ms, _, original = name.split(".", 2)
+                self._parse_queued(original)
+                claimed = int(claimed_ms)
+            except ValueError:
+                self._quarantine("claim", name, "foreign file in claim/")
+                continue
+            if claimed < orphan_before:  # a process died splitting a range: queue it again
                 with contextlib.suppress(FileNotFoundError):
                     os.rename(self._path("claim", name), self._path("queue", original))
         for name in os.listdir(self._dirs["completing"]):
@@ -560,7 +618,11 @@ class FileBackend(Backend):
         return moved
 
     def _repair_completing(self, name: str, orphan_before: int) -> None:
-        deadline, attempt, _, job, seg, k = self._parse_leased(name)
+        try:
+            deadline, attempt, _, job, seg, k = self._parse_leased(name)
+        except ValueError:
+            self._quarantine("completing", name, "foreign file in completing/")
+            return
         if deadline >= orphan_before:
             return
         path = self._path("completing", name)
@@ -574,7 +636,7 @@ class FileBackend(Backend):
                 self._bump(job, leased=-1, completed=1)
         else:
             with contextlib.suppress(FileNotFoundError):
-                os.rename(path, self._path("queue", f"{_now_ms():013d}.{attempt}.{job}.{seg}.{k}-{k + 1}"))
+                os.rename(path, self._path("queue", _single(_now_ms(), attempt, job, seg, k)))
                 self._bump(job, leased=-1, queued=1)
 
     # -- reads ----------------------------------------------------------------------------------
@@ -647,17 +709,20 @@ class FileBackend(Backend):
                     add(self._parse_leased(name)[3], "leased", 1)
         dead_by_job: dict[str, int] = {}
         for name in os.listdir(self._dirs["dead"]):
-            job = name.split(".")[1]
-            dead_by_job[job] = dead_by_job.get(job, 0) + 1
-            add(job, "dead", 1)
+            parts = name.split(".")
+            if len(parts) != 4:
+                continue  # not a dead letter of ours
+            dead_by_job[parts[1]] = dead_by_job.get(parts[1], 0) + 1
+            add(parts[1], "dead", 1)
         for job in os.listdir(self._dirs["done"]):
             add(job, "completed", len(os.listdir(self._path("done", job))) - dead_by_job.get(job, 0))
         counters = self._dirs["counters"]
-        for name in os.listdir(counters):
-            if not name.startswith("."):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(counters, name))
-        self._write_atomic(os.path.join(counters, "base"), json.dumps(rows).encode(), sync=False)
+        with self._counters_locked():
+            for name in os.listdir(counters):
+                if not name.startswith("."):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(counters, name))
+            self._write_atomic(os.path.join(counters, "base"), json.dumps(rows).encode(), sync=False)
         self._deltas, self._flushed = {}, {}
         return self.counts()
 
@@ -699,7 +764,7 @@ class FileBackend(Backend):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path("done", job, task_id))
             try:
-                again = f"{_now_ms():013d}.0.{job}.{seg}.{k}-{int(k) + 1}"
+                again = _single(_now_ms(), 0, job, seg, k)
                 os.rename(self._path("dead", name), self._path("queue", again))
             except FileNotFoundError:
                 continue
