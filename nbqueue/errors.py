@@ -31,6 +31,10 @@ class BadSignature(NbQueueError):
     """Bytes failed their HMAC check; they were never unpickled."""
 
 
+class SigningKeyError(NbQueueError):
+    """The signing key is missing, too short, or readable by others."""
+
+
 class DecodeError(NbQueueError):
     """Bytes are not a valid nbqueue envelope, or could not be decoded."""
 

@@ -21,11 +21,12 @@ import json
 import os
 import pickle
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import defaults
-from .errors import BadSignature, DecodeError, SerializationError
+from .errors import BadSignature, DecodeError, SerializationError, SigningKeyError
 
 MAGIC = b"NBQ\x01"
 _MAC_SIZE = 32
@@ -44,7 +45,7 @@ class Serializer(Protocol):
 
 def _is_plain(obj: Any, depth: int = 0) -> bool:
     """Data that plain pickle ships faithfully: no functions or classes defined in a notebook."""
-    if isinstance(obj, _PLAIN_SCALARS):
+    if type(obj) in _PLAIN_SCALARS:  # exact types: a notebook's int or str subclass needs dill
         return True
     if depth > 4:
         return False
@@ -105,8 +106,17 @@ class DillSerializer:
     def dumps(self, obj: Any) -> bytes:
         if _is_plain(obj):
             return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        import dill
+
         buf = io.BytesIO()
-        _refusing_pickler()(buf, protocol=pickle.HIGHEST_PROTOCOL, recurse=True).dump(obj)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", dill.PicklingWarning)
+            _refusing_pickler()(buf, protocol=pickle.HIGHEST_PROTOCOL, recurse=True).dump(obj)
+        # dill warns, then pickles by reference, when it cannot ship an object by value (an Enum
+        # defined in a notebook): no worker could load that, so it is an error here, at insert.
+        trouble = [w for w in caught if issubclass(w.category, dill.PicklingWarning)]
+        if trouble:
+            raise TypeError(f"dill cannot ship it by value: {trouble[-1].message}")
         return buf.getvalue()
 
     def loads(self, data: bytes) -> Any:
@@ -127,28 +137,49 @@ def get_serializer(name: str = "dill") -> Serializer:
 
 
 # -- keys --------------------------------------------------------------------------------------
+#: Shortest signing key accepted (bytes): anything shorter is guessable.
+MIN_KEY_BYTES = 16
+
+
 def load_key() -> bytes:
-    """The signing key: ``NBQUEUE_SECRET``, else a per-user key file made 0600 on first use."""
+    """The signing key: ``NBQUEUE_SECRET``, else a per-user key file made 0600 on first use.
+
+    Raises:
+        SigningKeyError: the key is too short, or the key file is readable by others or belongs
+            to someone else (a key others can read signs nothing).
+    """
     secret = os.environ.get(defaults.ENV_SECRET)
     if secret:
-        return secret.encode()
+        return _checked(secret.encode(), f"${defaults.ENV_SECRET}")
     path = defaults.key_file_path()
-    try:
-        with open(path, "rb") as f:
-            key = f.read().strip()
-        if key:
-            return key
-    except FileNotFoundError:
-        pass
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    key = os.urandom(32).hex().encode()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process made it first: use theirs
-        with open(path, "rb") as f:
-            return f.read().strip()
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        # Write it whole under a temporary name, then link it into place: a process reading at
+        # the same moment sees no file or the whole key, never an empty one.
+        tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(32).hex().encode())
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+        finally:
+            os.unlink(tmp)
+    st = os.stat(path)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise SigningKeyError(
+            f"refusing the signing key {path}: it must be yours and mode 0600 (chmod 600 {path})"
+        )
+    with open(path, "rb") as f:
+        return _checked(f.read().strip(), path)
+
+
+def _checked(key: bytes, where: str) -> bytes:
+    if len(key) < MIN_KEY_BYTES:
+        raise SigningKeyError(f"the signing key in {where} is shorter than {MIN_KEY_BYTES} bytes")
     return key
 
 
