@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from .backends.base import Counts, DeadLetter, TaskStatus
 from .errors import (
+    BackendUnavailable,
     BadSignature,
     BindError,
+    DecodeError,
     NbQueueError,
     NotQueueableError,
     QueueURLError,
     SerializationError,
+    SigningKeyError,
     TaskFailed,
     Terminal,
     UnsafeQueueError,
@@ -27,6 +30,9 @@ from .tasks import RegisteredTask, TaskRefused, queueable
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendUnavailable",
+    "DecodeError",
+    "SigningKeyError",
     "BadSignature",
     "BindError",
     "Counts",

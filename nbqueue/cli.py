@@ -48,11 +48,10 @@ def _error_line(error: dict) -> str:
 
 # -- workers ---------------------------------------------------------------------------------------
 def cmd_worker(args: argparse.Namespace) -> int:
-    from .worker import Worker, WorkerProcesses, worker_command
+    from .worker import Worker, WorkerProcesses, worker_command, worker_env
 
     if args.processes > 1:
         cmd = worker_command(
-            args.url,
             lease_seconds=args.lease,
             burst=args.burst,
             max_tasks=args.max_tasks,
@@ -60,8 +59,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
             idle_exit=args.idle_exit,
             insecure=args.insecure,
             only_by_reference=args.only_by_reference,
+            renewal=args.renew,
         )
-        pool = WorkerProcesses(cmd, args.processes, restart=True)
+        pool = WorkerProcesses(
+            cmd, args.processes, restart=True, env=worker_env(args.url) if args.url else None
+        )
         stop = threading.Event()
 
         def on_signal(signum, frame):
@@ -83,6 +85,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         max_tasks=args.max_tasks,
         idle_exit=args.idle_exit,
         only_by_reference=args.only_by_reference,
+        renewal=args.renew,
     )
     worker.install_signal_handlers()
     stats = worker.run()
@@ -321,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
-    w = command("worker", cmd_worker, "run tasks from a queue", "url", json_out=False)
+    w = command("worker", cmd_worker, "run tasks from a queue", json_out=False)
+    w.add_argument("url", nargs="?", default=None, help=URL_HELP + " (default: $NBQUEUE_URL)")
     w.add_argument("-p", "--processes", type=int, default=1, help="worker processes (default 1)")
     w.add_argument("--lease", type=float, default=defaults.LEASE_SECONDS, help="lease seconds")
     w.add_argument("--burst", action="store_true", help="exit when the queue is empty")
@@ -332,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--only-by-reference",
         action="store_true",
         help="run only tasks by reference (installed code); refuse every task that ships a pickle",
+    )
+    w.add_argument(
+        "--renew",
+        choices=["process", "thread"],
+        default="process",
+        help="renew leases from a keeper process (default: safe with tasks that hold the GIL) or a thread",
     )
     w.add_argument("-v", "--verbose", action="store_true", help="print a summary on exit")
 

@@ -24,8 +24,6 @@ IDLE_SLEEP_MIN = 0.01
 IDLE_SLEEP_MAX = 0.2  # bounds how long an idle fq:// worker takes to notice new work
 #: How long a worker blocks on a backend that can notify (redis) per call.
 BLOCK_SECONDS = 1.0
-#: How often per-process counter deltas are flushed on fq:// (seconds).
-COUNTER_FLUSH_SECONDS = 0.1
 #: Results and job records on redis:// expire after this many seconds.
 RESULT_TTL_SECONDS = 7 * 24 * 3600
 #: Job.wait() poll interval bounds.

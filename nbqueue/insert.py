@@ -252,7 +252,8 @@ def insert_tasks(
     meta = job_meta(job_id, name, source)
     job = Job(queue, job_id, meta)
     bar = insert_progress(job, total, enabled=progress)
-    sliced = parallel > 1 and not green and sliceable(tasks)
+    # Children cannot see this process's memory: a mem:// queue is written from threads instead.
+    sliced = parallel > 1 and not green and sliceable(tasks) and not queue.url.startswith("mem://")
     if green:
         writer: _Writer = _PipelinedWriter(queue.backend, job_id, max(parallel, 8), green=True)
     elif parallel > 1 and not sliced:

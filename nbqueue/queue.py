@@ -19,7 +19,16 @@ from .errors import QueueURLError
 from .insert import insert_tasks
 from .jobs import Job
 from .serialize import Serializer, Signer, get_serializer
-from .worker import Outcome, Worker, WorkerProcesses, WorkerStats, execute, worker_command, worker_id
+from .worker import (
+    Outcome,
+    Worker,
+    WorkerProcesses,
+    WorkerStats,
+    execute,
+    worker_command,
+    worker_env,
+    worker_id,
+)
 
 
 class TaskQueue:
@@ -150,7 +159,6 @@ class TaskQueue:
         if self.url.startswith("mem://"):
             raise QueueURLError("mem:// lives in this process only: use poll(), LocalTaskQueue, or fq://")
         cmd = worker_command(
-            self._open_url,
             lease_seconds=lease_seconds,
             burst=burst,
             max_attempts=max_attempts,
@@ -158,7 +166,7 @@ class TaskQueue:
             insecure=self.insecure,
             only_by_reference=only_by_reference,
         )
-        return WorkerProcesses(cmd, n, restart=False)
+        return WorkerProcesses(cmd, n, restart=False, env=worker_env(self._open_url))
 
     # -- status and admin -----------------------------------------------------------------------
     def status(self) -> Counts:

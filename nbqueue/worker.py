@@ -24,12 +24,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import defaults
 from .backends.base import Lease, TaskStatus, job_of
 from .errors import BackendUnavailable, BadSignature, DecodeError, Terminal
+from .keeper import LeaseKeeper
+from .keeper import available as keeper_available
 from .records import error_info, seal_record
 from .tasks import TaskCodec, TaskRefused
 
@@ -68,34 +70,35 @@ class Outcome:
     retry_in: float | None = None  # for failures: None means dead
 
 
+#: Set when a worker's own second Ctrl-C interrupts it: the one KeyboardInterrupt a task may not swallow.
+_interrupting = threading.Event()
+
+
 def execute(codec: TaskCodec, lease: Lease, fetch_function, max_attempts: int, who: str) -> Outcome:
-    """Decode and run one leased task; never raises for the task's own errors."""
+    """Decode and run one leased task; never raises for the task's own errors.
+
+    Raises BackendUnavailable only when the storage failed while loading the task: that is the
+    storage's fault, not the task's, and the worker decides what to do.
+    """
     started = time.time()
-    job_id = job_of(lease.task_id)
     try:
         call = codec.decode(lease.task_id, lease.payload, fetch_function)
-        value = call.run()
     except (BackendUnavailable, _GaveUp):
-        raise  # the storage is down, not the task: the worker decides what to do
+        raise
     except Exception as exc:
-        terminal = isinstance(exc, TERMINAL_ERRORS) or lease.attempt >= max_attempts
-        record = seal_record(
-            codec.signer,
-            codec.serializer,
-            lease.task_id,
-            job_id,
-            error=error_info(exc),
-            attempt=lease.attempt,
-            started=started,
-            finished=time.time(),
-            worker=who,
-        )
-        return Outcome(lease, record, False, None if terminal else retry_delay(lease.attempt))
+        return _failed(codec, lease, exc, max_attempts, who, started)
+    try:
+        value = call.run()
+    except BaseException as exc:
+        # sys.exit(), KeyboardInterrupt or any error inside a task fails the task, not the worker.
+        if isinstance(exc, KeyboardInterrupt) and _interrupting.is_set():
+            raise
+        return _failed(codec, lease, exc, max_attempts, who, started)
     record = seal_record(
         codec.signer,
         codec.serializer,
         lease.task_id,
-        job_id,
+        job_of(lease.task_id),
         value=value,
         attempt=lease.attempt,
         started=started,
@@ -103,6 +106,25 @@ def execute(codec: TaskCodec, lease: Lease, fetch_function, max_attempts: int, w
         worker=who,
     )
     return Outcome(lease, record, True)
+
+
+def _failed(
+    codec: TaskCodec, lease: Lease, exc: BaseException, max_attempts: int, who: str, started: float
+) -> Outcome:
+    """A task that raised: retried after a backoff, or dead when terminal or out of attempts."""
+    terminal = isinstance(exc, TERMINAL_ERRORS) or lease.attempt >= max_attempts
+    record = seal_record(
+        codec.signer,
+        codec.serializer,
+        lease.task_id,
+        job_of(lease.task_id),
+        error=error_info(exc),
+        attempt=lease.attempt,
+        started=started,
+        finished=time.time(),
+        worker=who,
+    )
+    return Outcome(lease, record, False, None if terminal else retry_delay(lease.attempt))
 
 
 class Renewer(threading.Thread):
@@ -128,10 +150,11 @@ class Renewer(threading.Thread):
         with self._lock:
             self.held.update((lease.task_id, lease.token) for lease in leases)
 
-    def drop(self, task_id: str) -> None:
+    def drop(self, *task_ids: str) -> None:
         with self._lock:
-            self.held.pop(task_id, None)
-            self.lost.discard(task_id)
+            for task_id in task_ids:
+                self.held.pop(task_id, None)
+                self.lost.discard(task_id)
 
     def run(self) -> None:
         self._beat(self.lease_seconds)
@@ -175,7 +198,6 @@ class WorkerStats:
     released: int = 0
     refused: int = 0
     elapsed: float = 0.0
-    by_status: dict = field(default_factory=dict)
 
 
 class Worker:
@@ -197,11 +219,17 @@ class Worker:
         idle_exit: float | None = None,
         batch_max: int = defaults.LEASE_BATCH_MAX,
         only_by_reference: bool = False,
+        renewal: str = "thread",
     ) -> None:
         self.queue = queue
         self.backend = queue.backend
         self.codec = TaskCodec(queue.signer, queue.serializer, only_by_reference=only_by_reference)
         self.only_by_reference = only_by_reference
+        if renewal not in ("thread", "process"):
+            raise ValueError("renewal must be 'thread' or 'process'")
+        if renewal == "process" and (not keeper_available() or queue.url.startswith("mem://")):
+            renewal = "thread"  # a keeper needs /proc, and a queue another process can open
+        self.renewal = renewal
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
         self.burst = burst
@@ -224,6 +252,7 @@ class Worker:
 
         def graceful(signum, frame):
             if self.stop_event.is_set() and signum == signal.SIGINT:
+                _interrupting.set()
                 raise KeyboardInterrupt
             self.stop()
 
@@ -257,6 +286,9 @@ class Worker:
 
     def _heartbeat(self, ttl: float) -> None:
         """Tell the queue this worker is alive for ``ttl`` seconds (0: it is gone)."""
+        self.backend.heartbeat(self.who, self._heartbeat_info().encode(), ttl)
+
+    def _heartbeat_info(self) -> str:
         info = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -267,7 +299,13 @@ class Worker:
             "completed": self.stats.completed,
             "failed": self.stats.failed,
         }
-        self.backend.heartbeat(self.who, json.dumps(info).encode(), ttl)
+        return json.dumps(info)
+
+    def _make_renewer(self) -> Renewer | LeaseKeeper:
+        """Renewal from a keeper process (immune to tasks that hold the GIL) or from a thread."""
+        if self.renewal == "process":
+            return LeaseKeeper(self.queue._open_url, self.lease_seconds, self.who)
+        return Renewer(self.backend, self.lease_seconds, heartbeat=self._heartbeat)
 
     def _fetch_function(self, digest: str) -> bytes:
         return self._call(self.backend.get_function, digest, give_up_after=self.lease_seconds)
@@ -298,8 +336,10 @@ class Worker:
     def run(self) -> WorkerStats:
         """Work until stopped, ``max_tasks`` ran, or (with ``burst``) the queue is empty."""
         start = time.monotonic()
-        renewer = Renewer(self.backend, self.lease_seconds, heartbeat=self._heartbeat)
+        renewer = self._make_renewer()
         renewer.start()
+        if isinstance(renewer, LeaseKeeper):
+            renewer.info(self._heartbeat_info())
         idle_since = None
         sleep = defaults.IDLE_SLEEP_MIN
         try:
@@ -330,64 +370,71 @@ class Worker:
                 idle_since, sleep = None, defaults.IDLE_SLEEP_MIN
                 renewer.hold(leases)
                 self._run_batch(leases, renewer)
+                if isinstance(renewer, LeaseKeeper):
+                    renewer.info(self._heartbeat_info())
         finally:
             renewer.stop()
             self.stats.elapsed = time.monotonic() - start
         return self.stats
 
-    def _isolate_reruns(self, leases: list[Lease], renewer: Renewer) -> list[Lease]:
+    def _isolate_reruns(self, leases: list[Lease], renewer: Renewer | LeaseKeeper) -> list[Lease]:
         """A re-run may be what killed its last worker, and a crash costs every task of the batch
         an attempt: so a re-run runs alone and the rest of the batch goes back (unstarted, the
         release costs them no attempt)."""
         rerun = next((lease for lease in leases if lease.attempt > 1), None)
         if rerun is None or len(leases) == 1:
             return leases
-        for other in leases:
-            if other is not rerun:
-                with contextlib.suppress(_GaveUp):  # unreleased, it comes back when it expires
-                    self._call(self.backend.release, other.task_id, other.token, give_up_after=5.0)
-                renewer.drop(other.task_id)
+        self._release([other for other in leases if other is not rerun], renewer)
         return [rerun]
 
-    def _run_batch(self, leases: list[Lease], renewer: Renewer) -> None:
+    def _run_batch(self, leases: list[Lease], renewer: Renewer | LeaseKeeper) -> None:
         pending: list[Outcome] = []
         first_pending = 0.0
         leases = self._isolate_reruns(leases, renewer)
-        for i, lease in enumerate(leases):
-            if self.stop_event.is_set():
-                for rest in leases[i:]:
-                    with contextlib.suppress(_GaveUp):  # unreleased, it comes back when it expires
-                        self.stats.released += self._call(
-                            self.backend.release, rest.task_id, rest.token, give_up_after=5.0
-                        )
-                    renewer.drop(rest.task_id)
-                break
-            if lease.attempt > self.max_attempts:
-                # Earlier attempts never reported back: the task kills (or hangs) its worker.
-                # Running it again would only crash-loop the workers, so it is dead-lettered unrun.
-                self._report_failure(self._crashed(lease), renewer)
-                continue
-            t = time.monotonic()
-            try:
-                outcome = execute(self.codec, lease, self._fetch_function, self.max_attempts, self.who)
-            except _GaveUp:  # could not even load the task: its lease will expire and it runs again
-                self.stats.abandoned += 1
-                renewer.drop(lease.task_id)
-                continue
-            self._task_seconds = 0.8 * self._task_seconds + 0.2 * (time.monotonic() - t)
-            if lease.task_id in renewer.lost:  # another worker has it now: our result is void
-                self.stats.abandoned += 1
-                renewer.drop(lease.task_id)
-                continue
-            if outcome.ok:
-                pending.append(outcome)
-                first_pending = first_pending or time.monotonic()
-                if time.monotonic() - first_pending > 0.5:
+        try:
+            for i, lease in enumerate(leases):
+                # Commit what is done before starting more work once it has waited half a second,
+                # so a slow task never holds back its batch-mates' results.
+                if pending and time.monotonic() - first_pending > 0.5:
                     self._commit(pending, renewer)
-                    pending, first_pending = [], 0.0
-            else:
-                self._report_failure(outcome, renewer)
-        self._commit(pending, renewer)
+                    pending = []
+                if self.stop_event.is_set():
+                    self._release(leases[i:], renewer)
+                    break
+                if lease.attempt > self.max_attempts:
+                    # Earlier attempts never reported back: the task kills (or hangs) its worker.
+                    # Running it again would only crash-loop the workers: dead-lettered unrun.
+                    self._report_failure(self._crashed(lease), renewer)
+                    continue
+                t = time.monotonic()
+                try:
+                    outcome = execute(self.codec, lease, self._fetch_function, self.max_attempts, self.who)
+                except _GaveUp:  # could not even load the task: its lease expires and it runs again
+                    self.stats.abandoned += 1
+                    renewer.drop(lease.task_id)
+                    continue
+                self._task_seconds = 0.8 * self._task_seconds + 0.2 * (time.monotonic() - t)
+                if lease.task_id in renewer.lost:  # another worker has it now: our result is void
+                    self.stats.abandoned += 1
+                    renewer.drop(lease.task_id)
+                    continue
+                if outcome.ok:
+                    if not pending:
+                        first_pending = time.monotonic()
+                    pending.append(outcome)
+                else:
+                    self._report_failure(outcome, renewer)
+        finally:
+            self._commit(pending, renewer)  # even when interrupted: finished work is kept
+
+    def _release(self, leases: list[Lease], renewer: Renewer | LeaseKeeper) -> None:
+        """Give unstarted leases back (their attempts do not count)."""
+        for lease in leases:
+            with contextlib.suppress(_GaveUp):  # unreleased, it comes back when it expires
+                self.stats.released += self._call(
+                    self.backend.release, lease.task_id, lease.token, give_up_after=5.0
+                )
+            renewer.drop(lease.task_id)
 
     def _crashed(self, lease: Lease) -> Outcome:
         """The dead letter of a task whose earlier attempts all ended without a result."""
@@ -412,24 +459,25 @@ class Worker:
         )
         return Outcome(lease, record, False, None)
 
-    def _commit(self, outcomes: list[Outcome], renewer: Renewer) -> None:
+    def _commit(self, outcomes: list[Outcome], renewer: Renewer | LeaseKeeper) -> None:
         if not outcomes:
             return
         items = [(o.lease.task_id, o.lease.token, o.record) for o in outcomes]
+        renewer.drop(*(o.lease.task_id for o in outcomes))  # stop renewing first: no race with the commit
         try:
             # Hold the results through an outage for as long as the leases can still be ours.
             accepted = self._call(self.backend.complete, items, give_up_after=self.lease_seconds)
         except _GaveUp:
             accepted = [False] * len(outcomes)
-        for outcome, ok in zip(outcomes, accepted, strict=True):
-            renewer.drop(outcome.lease.task_id)
+        for ok in accepted:
             if ok:
                 self.stats.completed += 1
             else:
                 self.stats.refused += 1
 
-    def _report_failure(self, outcome: Outcome, renewer: Renewer) -> None:
+    def _report_failure(self, outcome: Outcome, renewer: Renewer | LeaseKeeper) -> None:
         lease = outcome.lease
+        renewer.drop(lease.task_id)  # stop renewing first, so no renewal races the report
         try:
             state = self._call(
                 self.backend.fail,
@@ -441,7 +489,6 @@ class Worker:
             )
         except _GaveUp:
             state = None
-        renewer.drop(lease.task_id)
         if state is None:
             self.stats.refused += 1
             return
@@ -451,8 +498,12 @@ class Worker:
 
 
 # -- processes ------------------------------------------------------------------------------------
+def worker_env(url: str) -> dict[str, str]:
+    """The environment that tells a worker process its queue, out of sight of ``ps``."""
+    return {defaults.ENV_URL: url}
+
+
 def worker_command(
-    url: str,
     *,
     lease_seconds: float | None = None,
     burst: bool = False,
@@ -461,9 +512,12 @@ def worker_command(
     idle_exit: float | None = None,
     insecure: bool = False,
     only_by_reference: bool = False,
+    renewal: str | None = None,
 ) -> list[str]:
-    """The command line of one worker process."""
-    cmd = [sys.executable, "-m", "nbqueue", "worker", url, "-p", "1"]
+    """The command line of one worker process (the queue URL travels in its environment)."""
+    # No URL here: it may hold a password, and argv is visible to every user (ps). Children get
+    # it from $NBQUEUE_URL: see ``WorkerProcesses(env=...)`` and ``worker_env``.
+    cmd = [sys.executable, "-m", "nbqueue", "worker", "-p", "1"]
     if lease_seconds is not None:
         cmd += ["--lease", str(lease_seconds)]
     if burst:
@@ -478,6 +532,8 @@ def worker_command(
         cmd.append("--insecure")
     if only_by_reference:
         cmd.append("--only-by-reference")
+    if renewal is not None:
+        cmd += ["--renew", renewal]
     return cmd
 
 
@@ -485,15 +541,23 @@ class WorkerProcesses:
     """A set of worker processes started fresh (not forked), in their own session so a kernel
     interrupt does not reach them."""
 
-    def __init__(self, command: list[str], n: int, restart: bool = False, quiet: bool = False) -> None:
+    def __init__(
+        self, command: list[str], n: int, restart: bool = False, quiet: bool = False, env: dict | None = None
+    ) -> None:
         self.command = command
         self.restart = restart
+        self._env = {**os.environ, **(env or {})}
         self._out = subprocess.DEVNULL if quiet else None
         self.procs = [self._start() for _ in range(n)]
 
     def _start(self) -> subprocess.Popen:
         return subprocess.Popen(
-            self.command, start_new_session=True, stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._out
+            self.command,
+            env=self._env,
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=self._out,
         )
 
     @property

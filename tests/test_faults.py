@@ -130,11 +130,8 @@ def test_tasks_that_kill_their_worker_are_dead_lettered_not_crash_looped(worker_
     tasks[30] = functools.partial(pnb.segfaults, 30)
     job = tq.insert(tasks, progress=False)
     # A supervisor restarts its crashed children; burst workers end once nothing is left.
-    supervisor = subprocess.Popen(
-        [sys.executable, "-m", "nbqueue", "worker", worker_url, "-p", "2", "--lease", "1", "--max-attempts", "2",
-         "--burst"],
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    cmd = ["worker", worker_url, "-p", "2", "--lease", "1", "--max-attempts", "2", "--burst"]
+    supervisor = subprocess.Popen([sys.executable, "-m", "nbqueue", *cmd], stdin=subprocess.DEVNULL)
     assert wait_all([supervisor], timeout=120) == [0]
     job.wait(timeout=30, progress=False)
     values = job.results(on_error="exception")
@@ -143,3 +140,48 @@ def test_tasks_that_kill_their_worker_are_dead_lettered_not_crash_looped(worker_
         assert values[i].type == "WorkerDied" and "2 attempt(s) ended without a result" in values[i].message
     assert sorted(d.task_id for d in tq.dead()) == sorted([f"{job.id}-10", f"{job.id}-30"])
     assert tq.status().queued == 0 and tq.status().leased == 0
+
+
+GIL = """
+import os
+from nbqueue import queueable
+
+@queueable
+def hog(i, log_dir, n):
+    with open(os.path.join(log_dir, str(os.getpid())), "a") as f:
+        f.write(f"{i}\\n")
+    # sum() over a range runs in C without releasing the GIL: no thread of this process runs.
+    return sum(range(n)) + i
+"""
+
+
+def _gil_loop_size(seconds: float) -> int:
+    start = time.perf_counter()
+    sum(range(5_000_000))
+    return int(5_000_000 * seconds / (time.perf_counter() - start))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("renewal", ["process", "thread"])
+def test_tasks_holding_the_gil_past_their_lease(worker_url, tmp_path, renewal):
+    """With the keeper process (the default) a task holding the GIL for ~8 leases keeps its lease:
+    no duplicates. Renewing from a thread (the old way) shows why: the lease is lost."""
+    gnb = notebook(GIL)
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    n = _gil_loop_size(2.4)  # ~8 leases of 0.3 s
+    tq = TaskQueue(worker_url)
+    job = tq.insert([functools.partial(gnb.hog, i, str(log_dir), n) for i in range(2)], progress=False)
+    workers = start_workers(
+        worker_url, 2, "--lease", "0.3", "--burst", "--renew", renewal, "--max-attempts", "5"
+    )
+    assert wait_all(workers, timeout=120) == [0, 0]
+    job.wait(timeout=30, progress=False)
+    runs = executions(log_dir)
+    duplicates = sum(len(pids) - 1 for pids in runs.values())
+    if renewal == "process":
+        assert duplicates == 0, runs
+        assert [r.attempt for r in job.records()] == [1, 1]
+        assert job.results() == [n * (n - 1) // 2, n * (n - 1) // 2 + 1]
+    else:
+        assert duplicates > 0, "the GIL-holding task should have lost its lease to the other worker"

@@ -13,7 +13,6 @@ import time
 import pytest
 
 from nbqueue import LocalTaskQueue, TaskFailed, TaskQueue
-from nbqueue.backends.base import TaskStatus
 
 from .helpers import notebook, start_workers, wait_all, wait_for
 
@@ -273,4 +272,56 @@ def test_lease_loss_is_detected_and_result_discarded(tmp_path, nb):
     assert tq.backend.complete([(first.task_id, first.token, b"late")]) == [False]
     assert tq.backend.fail(first.task_id, first.token, b"late", None) is None
     assert tq.backend.complete([(second.task_id, second.token, b"x")]) == [True]
-    assert TaskStatus.COMPLETED.value == "completed"
+    assert tq.status().completed == 1 and tq.status().leased == 0
+
+
+def test_a_task_calling_sys_exit_fails_alone_and_the_worker_goes_on():
+    nb = notebook("""
+import sys
+from nbqueue import queueable, Terminal
+
+@queueable
+def leave(i):
+    if i == 1:
+        sys.exit(3)
+    if i == 2:
+        raise KeyboardInterrupt
+    return i
+""")
+    tq = TaskQueue("mem://sys-exit")
+    job = tq.insert([functools.partial(nb.leave, i) for i in range(5)], progress=False)
+    stats = tq.poll(max_attempts=1)
+    assert stats.completed == 3 and stats.dead == 2
+    values = job.results(on_error="exception")
+    assert [values[i] for i in (0, 3, 4)] == [0, 3, 4]
+    assert values[1].type == "SystemExit" and values[2].type == "KeyboardInterrupt"
+    assert tq.status().leased == 0
+
+
+def test_parallel_insert_into_a_memory_queue_keeps_every_task(nb):
+    tq = TaskQueue("mem://parallel-list")
+    job = tq.insert(
+        [functools.partial(nb.record, i, os.devnull) for i in range(40)], parallel=2, progress=False
+    )
+    assert job.total == 40 and tq.status().queued == 40
+
+
+def test_worker_processes_get_the_queue_url_out_of_sight(tmp_path, nb):
+    """A URL may hold a password: spawned workers (and their lease keepers) get it from the
+    environment, never in argv, which every user of the machine can read."""
+    url = f"fq://{tmp_path / 'secret-queue'}"
+    tq = TaskQueue(url)
+    job = tq.insert([functools.partial(nb.slow, 1.0, str(tmp_path / "m"))], progress=False)
+    pool = tq.spawn_workers(1, burst=True)
+    try:
+        wait_for(lambda: (tmp_path / "m").exists(), what="the task to start")
+        worker = pool.pids[0]
+        with open(f"/proc/{worker}/task/{worker}/children") as f:
+            pids = [worker, *(int(p) for p in f.read().split())]
+        assert len(pids) == 2  # the worker and its lease keeper
+        for pid in pids:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                assert b"secret-queue" not in f.read()
+    finally:
+        pool.wait(timeout=60)
+    assert job.wait(timeout=30, progress=False).counts().completed == 1

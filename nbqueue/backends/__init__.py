@@ -21,6 +21,18 @@ SCHEMES: dict[str, str] = {
 }
 
 
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``: safe to show, log or return."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+
+
 def split_scheme(url: str) -> tuple[str, str]:
     """``"fq://x"`` → ``("fq", "x")``; a bare path is fq://."""
     if not isinstance(url, str) or not url:
@@ -51,5 +63,6 @@ __all__ = [
     "TaskInfo",
     "TaskStatus",
     "open_backend",
+    "redact_url",
     "split_scheme",
 ]

@@ -26,7 +26,7 @@ import enum
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_]+(-[0-9]+)?$")
 #: Worker ids are ``host:pid``; they name files on fq://, so no '/' and no leading '.'.
@@ -101,7 +101,6 @@ class Counts:
     completed: int = 0
     failed: int = 0
     dead: int = 0
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def finished(self) -> int:
@@ -109,10 +108,8 @@ class Counts:
         return self.completed + self.dead
 
     def as_dict(self) -> dict[str, int]:
-        """The counters as a plain dict (no ``extra``)."""
-        d = asdict(self)
-        d.pop("extra")
-        return d
+        """The counters as a plain dict."""
+        return asdict(self)
 
 
 def job_of(task_id: str) -> str:

@@ -243,7 +243,11 @@ class MemoryBackend(Backend):
 
     def redrive(self, task_ids: Sequence[str] | None = None) -> int:
         with self._cond:
-            chosen = list(self._dead) if task_ids is None else [t for t in task_ids if t in self._dead]
+            chosen = (
+                list(self._dead)
+                if task_ids is None
+                else [t for t in dict.fromkeys(task_ids) if t in self._dead]
+            )
             for task_id in chosen:
                 letter = self._dead.pop(task_id)
                 job_id = job_of(task_id)
@@ -256,7 +260,11 @@ class MemoryBackend(Backend):
 
     def purge_dead(self, task_ids: Sequence[str] | None = None) -> int:
         with self._cond:
-            chosen = list(self._dead) if task_ids is None else [t for t in task_ids if t in self._dead]
+            chosen = (
+                list(self._dead)
+                if task_ids is None
+                else [t for t in dict.fromkeys(task_ids) if t in self._dead]
+            )
             for task_id in chosen:
                 del self._dead[task_id]
                 # The job keeps counting it as dead: its error record stays with the job.

@@ -52,10 +52,11 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .. import defaults
 from ..errors import BackendUnavailable, QueueURLError
+from . import redact_url
 from .base import (
     Backend,
     Counts,
@@ -193,16 +194,6 @@ def _script_sources() -> dict[str, str]:
     folder = resources.files(__package__) / "redis_scripts"
     common = _lua_preamble() + (folder / "common.lua").read_text(encoding="utf-8")
     return {name: common + (folder / f"{name}.lua").read_text(encoding="utf-8") for name in _SCRIPT_NAMES}
-
-
-def _redact(url: str) -> str:
-    """The URL with its password replaced by ``***``."""
-    parts = urlsplit(url)
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    user = userinfo.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -608,7 +599,7 @@ def parse_redis_url(url: str) -> dict[str, Any]:
     Raises:
         QueueURLError: the URL is malformed; the message never contains the password.
     """
-    shown = _redact(url)
+    shown = redact_url(url)
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss"):
         raise QueueURLError(f"not a redis:// or rediss:// URL: {shown!r}")

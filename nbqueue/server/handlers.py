@@ -16,6 +16,7 @@ Routes (JSON unless said otherwise)::
 
 from __future__ import annotations
 
+import asyncio
 import json
 from importlib import resources
 from typing import Any
@@ -164,8 +165,10 @@ class WorkersHandler(_Base):
 
     @web.authenticated
     @authorized
-    def delete(self, pid: str | None = None) -> None:
-        self.reply({"stopped": self.registry.stop_workers(int(pid) if pid else None)})
+    async def delete(self, pid: str | None = None) -> None:
+        # Workers finish their running task before they stop: wait in a thread, not the event loop.
+        stopped = await asyncio.to_thread(self.registry.stop_workers, int(pid) if pid else None)
+        self.reply({"stopped": stopped})
 
 
 class DashboardHandler(JupyterHandler):

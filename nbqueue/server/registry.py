@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ..backends import redact_url
 from ..queue import TaskQueue
 from ..worker import WorkerProcesses
 
@@ -47,7 +48,7 @@ class QueueRegistry:
             try:
                 self.add(url)
             except Exception as exc:  # a bad configured URL must not stop the server
-                log.error("nbqueue: cannot open queue %s: %s", url, exc)
+                log.error("nbqueue: cannot open queue %s: %s", redact_url(url), exc)
 
     def add(self, url: str) -> str:
         """Open (once) the queue at ``url``; its id. Raises on a bad URL or unreachable queue."""
