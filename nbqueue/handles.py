@@ -19,6 +19,7 @@ from .errors import QueueURLError, TaskFailed
 from .jobs import Job
 from .queue import TaskQueue
 from .records import TaskRecord, open_record
+from .tasks import callable_name
 
 _default: TaskQueue | None = None
 _default_lock = threading.Lock()
@@ -51,14 +52,10 @@ def default_queue() -> TaskQueue:
         return _default
 
 
-def _name(fn: Callable[..., Any]) -> str:
-    return getattr(fn, "__qualname__", None) or type(fn).__name__
-
-
 def submit(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskHandle:
     """Queue one call ``fn(*args, **kwargs)`` as a job of its own on the default queue."""
     tq = default_queue()
-    job = tq.insert([functools.partial(fn, *args, **kwargs)], name=_name(fn), progress=False)
+    job = tq.insert([functools.partial(fn, *args, **kwargs)], name=callable_name(fn), progress=False)
     return TaskHandle(tq, f"{job.id}-0")
 
 
@@ -67,7 +64,7 @@ def map_tasks(fn: Callable[..., Any], iterable: Iterable[Any], **options: Any) -
 
     ``options`` go to ``TaskQueue.insert`` (``name``, ``total``, ``progress``, ...).
     """
-    options.setdefault("name", _name(fn))
+    options.setdefault("name", callable_name(fn))
     if "total" not in options and hasattr(iterable, "__len__"):
         options["total"] = len(iterable)  # type: ignore[arg-type]
     return default_queue().insert((functools.partial(fn, item) for item in iterable), **options)

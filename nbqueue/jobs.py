@@ -6,7 +6,6 @@ A job outlives the process that made it: ``TaskQueue.job(id)`` reattaches from a
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from .backends.base import Counts, index_of
 from .errors import NbQueueError, TaskFailed
 from .progress import JobBar, JobView, describe, progress_mode
 from .records import TaskError, TaskRecord, open_record
+from .worker import pid_alive
 
 if TYPE_CHECKING:
     from .queue import TaskQueue
@@ -30,12 +30,9 @@ def _process_gone(producer: dict | None) -> bool:
     if not producer or producer.get("host") != socket.gethostname():
         return False
     try:
-        os.kill(int(producer["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, KeyError, ValueError, TypeError):
+        return not pid_alive(int(producer["pid"]))
+    except (KeyError, ValueError, TypeError):
         return False
-    return False
 
 
 class Job:

@@ -23,7 +23,7 @@ from . import defaults
 from .errors import NbQueueError
 from .queue import TaskQueue
 from .tasks import queueable
-from .worker import WorkerProcesses
+from .worker import WorkerProcesses, pid_alive
 
 CELL_FILENAME = "<%%queue cell>"
 _BUILTINS = frozenset(dir(builtins))
@@ -129,16 +129,6 @@ def parameter_grid(maps: list[str], namespace: dict[str, Any], zipped: bool) -> 
         raise UsageError(f"--zip needs equally long --map values ({lengths})")
     combos = zip(*values, strict=True) if zipped else itertools.product(*values)
     return names, [dict(zip(names, combo, strict=True)) for combo in combos]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _workers_alive(pool: WorkerProcesses, job: Any) -> None:
@@ -312,7 +302,7 @@ class QueueMagics(Magics):
             raise UsageError("%queue workers [start N [URL] | stop]")
         else:
             alive = [(proc.pid, proc.poll() is None) for pool in self._workers for proc in pool.procs]
-            alive += [(pid, _pid_alive(pid)) for pid in self._server_pids]
+            alive += [(pid, pid_alive(pid)) for pid in self._server_pids]
             for pid, running in alive:
                 print(f"  pid {pid}: {'running' if running else 'exited'}")
             if not alive:

@@ -163,7 +163,8 @@ _signatures: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _references: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _name(fn: Any) -> str:
+def callable_name(fn: Any) -> str:
+    """A callable's name for messages: its qualified name, else its repr."""
     return getattr(fn, "__qualname__", None) or repr(fn)
 
 
@@ -174,7 +175,7 @@ def _bind(fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
             signature = _signatures[fn] = inspect.signature(fn)
         signature.bind(*args, **kwargs)
     except TypeError as exc:
-        raise BindError(f"{_name(fn)}(): {exc}") from None
+        raise BindError(f"{callable_name(fn)}(): {exc}") from None
 
 
 def _reference_of(fn: Callable[..., Any]) -> str:
@@ -223,7 +224,7 @@ def to_call(task: Any) -> TaskCall:
             "a queueable function, or an object with execute() whose class is queueable"
         )
     if not is_queueable(fn):
-        raise NotQueueableError(f"{_name(fn)}() is not marked @queueable, so no worker would run it")
+        raise NotQueueableError(f"{callable_name(fn)}() is not marked @queueable, so no worker would run it")
     _bind(fn, args, kwargs)
     if getattr(fn, _BY_REFERENCE, False):
         return TaskCall(None, tuple(args), kwargs, ref=_reference_of(fn))
@@ -299,7 +300,7 @@ class TaskCodec:
             payload = dumps_checked(call.obj, self.serializer, f"task object {call.obj!r:.60}")
         else:
             payload = dumps_checked(
-                (call.args, call.kwargs), self.serializer, f"arguments of {_name(call.fn)}()"
+                (call.args, call.kwargs), self.serializer, f"arguments of {callable_name(call.fn)}()"
             )
         header = {"kind": "task", "t": task_id, "j": job_id, "f": digest, "c": created}
         return seal(self.signer, header, payload)
@@ -334,7 +335,7 @@ class TaskCodec:
             check_function_blob(digest, fn_blob)
             fn = self._load(fn_blob, "function")
             if not is_queueable(fn):
-                raise BadSignature(f"refused: {_name(fn)}() is not marked @queueable")
+                raise BadSignature(f"refused: {callable_name(fn)}() is not marked @queueable")
             self._functions[digest] = fn
         args, kwargs = self._load(payload, "arguments")
         return TaskCall(fn, args, kwargs)

@@ -54,6 +54,17 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def pid_alive(pid: int) -> bool:
+    """True while a process with this pid exists on this machine (ours or not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, and belongs to someone else
+    return True
+
+
 def retry_delay(attempt: int) -> float:
     """Exponential backoff with jitter before attempt ``attempt + 1``."""
     base = min(defaults.RETRY_BASE_SECONDS * 2 ** (attempt - 1), defaults.RETRY_MAX_SECONDS)

@@ -17,8 +17,10 @@ Layout (every name is a hard link to a segment; a segment's bytes live while any
     fn/<digest>, jobs/<job_id>, joborder/<ns>.<job_id>, counters/<process>, tmp/
     workers/<worker_id>                       a worker's heartbeat: "<expires_ms>\n" + its info
 
-A lease is won by the one ``rename`` out of ``queue/`` that succeeds; renew, complete, fail,
-release and expiry each rename the lease name, so exactly one of them wins (the token fence).
+A lease is won by the one ``rename`` out of ``queue/`` that succeeds; renew, fail, release and
+expiry each rename the lease name, so exactly one of them wins (the token fence). A commit links
+the result into ``done/`` (a link never replaces a file, so one result at most) and then drops
+the lease under whatever name a renewal gave it.
 
 Deadlines come from the leasing machine's clock. On a shared file system, clock skew between
 machines shortens or stretches leases by the skew: keep leases much longer than the skew
