@@ -47,6 +47,7 @@ def notebook_namespace() -> types.ModuleType:
 def run_demo(tasks: int = 3000, workers: int = 2, directory: str | None = None, fail_every: int = 0) -> int:
     """Insert ``tasks`` tasks, drain them with ``workers`` processes, print a summary."""
     from .queue import TaskQueue
+    from .records import TaskError
 
     path = directory or os.path.join(tempfile.mkdtemp(prefix="nbqueue-demo-"), "queue")
     tq = TaskQueue(f"fq://{path}")
@@ -64,9 +65,9 @@ def run_demo(tasks: int = 3000, workers: int = 2, directory: str | None = None, 
         drained = time.perf_counter() - t1
     finally:
         pool.stop()
-    values = job.results(on_error="none")
-    good = [v for v in values if v is not None]
-    failures = job.errors()
+    values = job.results(on_error="exception")
+    failures = [v for v in values if isinstance(v, TaskError)]
+    good = [v for v in values if not isinstance(v, TaskError)]
     counts = job.counts()
     mean_error = sum(good) / len(good) if good else float("nan")
     print(f"  tasks       {tasks}")

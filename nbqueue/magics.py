@@ -22,6 +22,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from . import defaults
 from .errors import NbQueueError
 from .queue import TaskQueue
+from .records import TaskError
 from .tasks import queueable
 from .worker import WorkerProcesses, pid_alive
 
@@ -233,7 +234,7 @@ class QueueMagics(Magics):
         job.wait(timeout=args.timeout, check=None if pool is None else partial(_workers_alive, pool, job))
         results = job.results(on_error="exception")
         ns[args.out or "_results"] = results
-        failed = len(job.errors())
+        failed = sum(isinstance(value, TaskError) for value in results)
         if failed:
             print(f"{failed} of {len(results)} tasks failed: their places hold TaskError; see _job.errors()")
 
