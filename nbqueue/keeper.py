@@ -17,6 +17,7 @@ Linux only (it reads ``/proc`` for the worker's state); elsewhere the worker ren
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -112,7 +113,9 @@ class LeaseKeeper:
                 self._proc.wait()
             for stream in (self._proc.stdin, self._proc.stdout):
                 if stream is not None:
-                    stream.close()
+                    # A keeper already gone leaves a broken pipe: nothing left to tell it.
+                    with contextlib.suppress(OSError, ValueError):
+                        stream.close()
         if self._reader is not None:
             self._reader.join(5)
 
@@ -131,6 +134,7 @@ def main(argv: list[str]) -> int:
     info = b"{}"
     lock = threading.Lock()
     done = threading.Event()
+    informed = threading.Event()  # the worker has said who it is: the first heartbeat can go
 
     def read_commands() -> None:
         nonlocal info
@@ -144,16 +148,20 @@ def main(argv: list[str]) -> int:
                     held.pop(rest, None)
                 elif kind == "info":
                     info = rest.encode()
+                    informed.set()
                 elif kind == "quit":
                     break
         done.set()
 
     threading.Thread(target=read_commands, daemon=True).start()
     beat = getattr(backend, "heartbeat", None)
-    while not done.wait(lease_seconds / 3):
+    informed.wait(min(lease_seconds / 3, 2.0))  # beat at once, as the worker starts, not a round later
+    while True:
         if os.getppid() != worker_pid:
             return 0  # the worker died: its leases expire and are retried
         if _stopped(worker_pid):
+            if done.wait(lease_seconds / 3):
+                break
             continue  # a stopped worker must lose its leases
         with lock:
             snapshot = list(held.items())
@@ -171,6 +179,8 @@ def main(argv: list[str]) -> int:
                 beat(worker_id, info, lease_seconds)
             except Exception:
                 pass  # the heartbeat is informative: the next round beats again
+        if done.wait(lease_seconds / 3):
+            break
     if beat is not None:
         try:
             beat(worker_id, info, 0)  # withdraw: this worker is gone

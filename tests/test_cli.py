@@ -148,8 +148,8 @@ def test_read_and_admin_verbs_with_a_real_worker(worker_url, steps, tmp_path):
 @pytest.mark.slow
 def test_status_shows_live_workers_and_leases_and_cp_waits_for_them(worker_url, steps, tmp_path):
     job_id = cli(
-        "insert", worker_url, "-", stdin='{"fn": "nbq_cli_steps:nap", "args": [1.5]}\n'
-    ).stdout.strip()
+        "insert", worker_url, "-", stdin='{"fn": "nbq_cli_steps:nap", "args": [5]}\n'
+    ).stdout.strip()  # long enough for the status and cp commands below to run while it does
     (worker,) = start_workers(worker_url, 1, "--lease", "3")
     try:
         status = wait_for(
@@ -163,7 +163,8 @@ def test_status_shows_live_workers_and_leases_and_cp_waits_for_them(worker_url, 
         assert copy.returncode == 2 and "leased" in copy.stderr and copy.stderr.count("\n") == 1
     finally:
         worker.send_signal(signal.SIGTERM)
-    assert wait_all([worker], timeout=30) == [0]
+        codes = wait_all([worker], timeout=30)  # always reaped, even when an assertion failed
+    assert codes == [0]
     status = cli_json("status", worker_url)
     assert status["workers"] == [] and status["completed"] == 1  # it finished the task, then withdrew
 

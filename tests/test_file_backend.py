@@ -120,3 +120,16 @@ def test_counter_files_are_folded_when_a_process_exits(tmp_path):
     names = [n for n in os.listdir(tmp_path / "q" / "counters") if not n.startswith(".")]
     assert names == ["base"]
     assert FileBackend(str(tmp_path / "q")).counts().queued == 3
+
+
+def test_fail_and_release_after_a_renewal_by_another_handle(tmp_path):
+    worker = FileBackend(str(tmp_path / "q"))
+    keeper = FileBackend(str(tmp_path / "q"))  # the lease keeper renames leases as it renews them
+    worker.insert("j", tasks_of("j", 2))
+    dead, back = sorted(worker.lease(2, 30), key=lambda lease: lease.task_id)
+    assert keeper.renew(dead.task_id, dead.token, 60) and keeper.renew(back.task_id, back.token, 60)
+    assert worker.fail(dead.task_id, dead.token, b"error", None) == "dead"
+    assert worker.release(back.task_id, back.token) is True
+    assert os.listdir(tmp_path / "q" / "leased") == [] and os.listdir(tmp_path / "q" / "completing") == []
+    c = worker.counts()
+    assert (c.leased, c.dead, c.queued) == (0, 1, 1)

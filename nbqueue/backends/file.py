@@ -404,7 +404,7 @@ class FileBackend(Backend):
             if not self._ranges:
                 if relisted:
                     break
-                self._ranges = sorted(os.listdir(self._dirs["queue"]))
+                self._ranges = self._list_ranges()
                 relisted = True
             now = _now_ms()
             ready = [
@@ -420,6 +420,18 @@ class FileBackend(Backend):
         if leases:
             self._flush()
         return leases
+
+    def _list_ranges(self) -> list[str]:
+        """queue/, sorted by ready time; a name that does not start with one is not ours."""
+        names = []
+        for name in os.listdir(self._dirs["queue"]):
+            if name[:13].isdigit():
+                names.append(name)
+            else:  # it would never be ready, so never claimed: quarantine it now
+                self._quarantine(
+                    "queue", name, "foreign file in queue/: its name is not an nbqueue task range"
+                )
+        return sorted(names)
 
     def _claim(self, name: str, want: int, seconds: float) -> list[Lease]:
         try:
@@ -556,11 +568,14 @@ class FileBackend(Backend):
             return TaskStatus.QUEUED
         tmp = self._write_tmp(segments.encode([(task_id, error)]))
         try:
-            if self._move_lease(token, "completing") is None:
+            # The name that moved, not the one looked up above: a renewal (the lease keeper, in
+            # another process) may have renamed the lease in between.
+            moved = self._move_lease(token, "completing")
+            if moved is None:
                 return None
             with contextlib.suppress(FileExistsError):
                 os.link(tmp, self._done_path(job, task_id))
-            os.rename(self._path("completing", name), self._path("dead", f"{attempt}.{job}.{seg}.{k}"))
+            os.rename(self._path("completing", moved), self._path("dead", f"{attempt}.{job}.{seg}.{k}"))
         finally:
             os.unlink(tmp)
         self._bump(job, leased=-1, failed=1, dead=1)
