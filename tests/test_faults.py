@@ -214,11 +214,7 @@ def memory_bomb(i):
 
 
 @pytest.mark.slow
-def test_every_kind_of_poison_is_dead_lettered_and_every_good_task_completes(tmp_path):
-    # fq:// only for now. On redis:// about one run in three dead-letters an innocent batch-mate
-    # of a crashing task as WorkerDied (its third lease), which should not happen: an open bug,
-    # reported in the issue notes, to be found before redis:// joins this test.
-    worker_url = f"fq://{tmp_path / 'queue'}"
+def test_every_kind_of_poison_is_dead_lettered_and_every_good_task_completes(worker_url, tmp_path):
     pnb = notebook(POISONS)
     # A function from a module this process can import but the workers cannot: dill ships it by
     # reference, so a worker fails to decode it (terminal: dead at once, never retried).
@@ -250,9 +246,7 @@ def test_every_kind_of_poison_is_dead_lettered_and_every_good_task_completes(tmp
 
         resource.setrlimit(resource.RLIMIT_AS, (4 * 1024**3, 4 * 1024**3))
 
-    # A lease long enough that on a loaded 2-core machine only a crash, not a slow renewal, ends
-    # an attempt without a result.
-    cmd = ["worker", worker_url, "-p", "2", "--lease", "3", "--max-attempts", str(attempts), "--burst"]
+    cmd = ["worker", worker_url, "-p", "2", "--lease", "1", "--max-attempts", str(attempts), "--burst"]
     supervisor = subprocess.Popen(
         [sys.executable, "-m", "nbqueue", *cmd], stdin=subprocess.DEVNULL, preexec_fn=limit_memory
     )
