@@ -50,17 +50,18 @@ def _error_line(error: dict) -> str:
 def cmd_worker(args: argparse.Namespace) -> int:
     from .worker import Worker, WorkerProcesses, worker_command, worker_env
 
+    # One set of options, for the child processes of -p N and for a worker in this process.
+    options = dict(
+        lease_seconds=args.lease,
+        burst=args.burst,
+        max_tasks=args.max_tasks,
+        max_attempts=args.max_attempts,
+        idle_exit=args.idle_exit,
+        only_by_reference=args.only_by_reference,
+        renewal=args.renew,
+    )
     if args.processes > 1:
-        cmd = worker_command(
-            lease_seconds=args.lease,
-            burst=args.burst,
-            max_tasks=args.max_tasks,
-            max_attempts=args.max_attempts,
-            idle_exit=args.idle_exit,
-            insecure=args.insecure,
-            only_by_reference=args.only_by_reference,
-            renewal=args.renew,
-        )
+        cmd = worker_command(insecure=args.insecure, **options)
         pool = WorkerProcesses(
             cmd, args.processes, restart=True, env=worker_env(args.url) if args.url else None
         )
@@ -77,16 +78,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         pool.stop()
         return EXIT_OK
     logging.basicConfig(level=logging.WARNING, format="nbqueue worker %(process)d: %(message)s")
-    worker = Worker(
-        _queue(args),
-        lease_seconds=args.lease,
-        max_attempts=args.max_attempts,
-        burst=args.burst,
-        max_tasks=args.max_tasks,
-        idle_exit=args.idle_exit,
-        only_by_reference=args.only_by_reference,
-        renewal=args.renew,
-    )
+    worker = Worker(_queue(args), **options)
     worker.install_signal_handlers()
     stats = worker.run()
     worker.backend.close()
