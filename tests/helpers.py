@@ -9,6 +9,18 @@ import textwrap
 import time
 import types
 
+#: Notebook source of a Canary: unpickling one makes a directory at its path, the proof that bytes
+#: were loaded. Tests add it to their notebook source and check the path never appears.
+CANARY_SOURCE = """
+import os
+
+class Canary:
+    def __init__(self, path):
+        self.path = path
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+"""
+
 
 def notebook(source: str) -> types.ModuleType:
     """Run ``source`` as notebook cells run: in a module named ``__main__`` that no worker can

@@ -20,18 +20,11 @@ from nbqueue.backends.file import FileBackend
 from nbqueue.serialize import SERIALIZERS, DillSerializer, Signer, open_envelope, seal
 from nbqueue.tasks import TaskCall, TaskCodec
 
-from .helpers import notebook
+from .helpers import CANARY_SOURCE, notebook
 
 NB = """
 import os
 from nbqueue import queueable
-
-class Canary:
-    # Unpickling this creates the canary (a directory): proof that bytes were loaded.
-    def __init__(self, path):
-        self.path = path
-    def __reduce__(self):
-        return (os.mkdir, (self.path,))
 
 @queueable
 def touch(obj):
@@ -59,7 +52,7 @@ SERIALIZERS["counting"] = CountingSerializer()
 
 @pytest.fixture
 def nb():
-    return notebook(NB)
+    return notebook(NB + CANARY_SOURCE)
 
 
 # -- a producer killed mid-insert ------------------------------------------------------------------

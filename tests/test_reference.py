@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from nbqueue.reference import decode_value, dumps_spec, encode_value, export_val
 from nbqueue.serialize import open_envelope, seal
 from nbqueue.tasks import SpecError, load_specs
 
-from .helpers import notebook, start_workers, wait_all
+from .helpers import CANARY_SOURCE, notebook, start_workers, wait_all
 
 #: An "installed" module: workers import it by name from PYTHONPATH.
 STEPS = """
@@ -192,20 +193,16 @@ def test_by_reference_tasks_ship_no_code_and_run_on_a_worker_that_refuses_pickle
 
 def test_only_by_reference_worker_never_unpickles_a_dill_task(steps, tmp_path):
     nb = notebook(
-        """
-        from nbqueue import queueable
+        textwrap.dedent(
+            """
+            from nbqueue import queueable
 
-        class Canary:
-            # Unpickling this creates the canary file: proof that the payload was loaded.
-            def __init__(self, path):
-                self.path = path
-            def __reduce__(self):
-                return (open, (self.path, "w"))
-
-        @queueable
-        def touch(obj):
-            return "ran"
-        """
+            @queueable
+            def touch(obj):
+                return "ran"
+            """
+        )
+        + CANARY_SOURCE
     )
     url = f"fq://{tmp_path / 'queue'}"
     tq = TaskQueue(url)

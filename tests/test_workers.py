@@ -14,7 +14,7 @@ import pytest
 
 from nbqueue import LocalTaskQueue, TaskFailed, TaskQueue
 
-from .helpers import notebook, start_workers, wait_all, wait_for
+from .helpers import CANARY_SOURCE, notebook, start_workers, wait_all, wait_for
 
 NOTEBOOK = """
 import os, time
@@ -44,13 +44,6 @@ def flaky(flag_path):
 def refuse():
     raise Terminal("this input can never work")
 
-class Canary:
-    # Unpickling this object creates the canary file: proof that bytes were loaded.
-    def __init__(self, path):
-        self.path = path
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
 @queueable
 def touch(obj):
     return "ran"
@@ -59,7 +52,7 @@ def touch(obj):
 
 @pytest.fixture(scope="module")
 def nb():
-    return notebook(NOTEBOOK)
+    return notebook(NOTEBOOK + CANARY_SOURCE)
 
 
 def read_log(log_dir) -> list[int]:
