@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from . import defaults
 from .backends.base import Counts, index_of
-from .errors import NbQueueError, TaskFailed
+from .errors import TaskFailed
 from .progress import JobBar, JobView, describe, progress_mode
 from .records import TaskError, TaskRecord, open_record
 from .worker import pid_alive
@@ -89,20 +89,13 @@ class Job:
 
     def latest_error(self) -> TaskError | None:
         """The most recently failed task's error, from the dead letters (not a scan of results)."""
-        q = self.queue
-        prefix = f"{self.id}-"
-        newest: TaskError | None = None
-        newest_at = -1.0
-        for letter in q.backend.dead():
-            if not letter.task_id.startswith(prefix) or letter.error is None:
-                continue
-            try:
-                record = open_record(q.signer, q.serializer, letter.task_id, letter.error, self.id)
-            except NbQueueError:
-                continue
-            if record.error is not None and (record.finished or 0) >= newest_at:
-                newest, newest_at = record.error, record.finished or 0
-        return newest
+        from .report import dead_letters
+
+        rows = dead_letters(self.queue, self.id, limit=1)
+        if not rows:
+            return None
+        r = rows[0]
+        return TaskError(r["task_id"], r["type"], r["message"], r["traceback"], r["attempts"], r["worker"])
 
     def workers_seen(self) -> int | None:
         """Workers the queue has heard from recently, where the backend keeps track."""

@@ -222,6 +222,7 @@ def dead_letters(tq: TaskQueue, job_id: str | None = None, limit: int | None = N
             "message": "",
             "traceback": "",
             "finished": None,
+            "worker": None,
         }
         if letter.task_id.startswith("quarantine/"):
             reason = (letter.error or b"").decode("utf-8", "replace")
@@ -234,6 +235,7 @@ def dead_letters(tq: TaskQueue, job_id: str | None = None, limit: int | None = N
                     message=record.error.message,
                     traceback=record.error.traceback,
                     finished=record.finished,
+                    worker=record.worker,
                 )
         rows.append(row)
     rows.sort(key=lambda r: r["finished"] or 0, reverse=True)
