@@ -8,7 +8,8 @@ be run twice. So a worker process pairs with a keeper process that holds its lea
 - the worker writes ``hold TASK TOKEN`` when it leases, ``drop TASK`` before it reports a
   task's result, ``info JSON`` for its heartbeat, and ``quit`` when it stops;
 - the keeper renews every held lease each ``lease / 3`` seconds, sends the heartbeat, and writes
-  ``lost TASK`` when a renewal is refused;
+  ``lost TASK TOKEN`` when a renewal is refused (with the token: a task released and leased
+  again has a new lease, which an old refusal must not void);
 - a worker that is stopped (SIGSTOP) gets no renewals, so its leases expire as they should; a
   worker that dies takes its keeper with it (the keeper notices its parent is gone).
 
@@ -47,7 +48,7 @@ class LeaseKeeper:
     """The worker's side: the same interface as the in-process ``Renewer`` thread."""
 
     def __init__(self, url: str, lease_seconds: float, worker_id: str) -> None:
-        self.lost: set[str] = set()
+        self.lost: set[tuple[str, str]] = set()  # (task_id, token)
         # -c rather than -m: the package imports this module, and runpy warns about running it twice.
         run = "import sys; from nbqueue.keeper import main; sys.exit(main(sys.argv[1:]))"
         # The URL may hold a password: it goes in the environment, not in argv (visible to ps).
@@ -77,10 +78,11 @@ class LeaseKeeper:
     def _read(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
         for line in self._proc.stdout:
-            kind, _, task_id = line.strip().partition(" ")
+            kind, _, rest = line.strip().partition(" ")
             if kind == "lost":
+                task_id, _, token = rest.partition(" ")
                 with self._lock:
-                    self.lost.add(task_id)
+                    self.lost.add((task_id, token))
 
     def _send(self, lines: Iterable[str]) -> None:
         if self._proc is None or self._proc.stdin is None:
@@ -97,7 +99,14 @@ class LeaseKeeper:
     def drop(self, *task_ids: str) -> None:
         self._send(f"drop {task_id}" for task_id in task_ids)  # one write for a whole batch
         with self._lock:
-            self.lost.difference_update(task_ids)
+            if self.lost:
+                gone = set(task_ids)
+                self.lost = {lost for lost in self.lost if lost[0] not in gone}
+
+    def has_lost(self, lease: Lease) -> bool:
+        """True when the keeper was refused a renewal of this very lease."""
+        with self._lock:
+            return (lease.task_id, lease.token) in self.lost
 
     def info(self, data: str) -> None:
         """The heartbeat's information (one JSON line)."""
@@ -172,8 +181,13 @@ def main(argv: list[str]) -> int:
                 continue  # a passing storage error: the next round tries again
             if not renewed:
                 with lock:
-                    held.pop(task_id, None)
-                print(f"lost {task_id}", flush=True)
+                    # The worker may have released this lease and leased the task again since
+                    # the snapshot: only the lease still held is lost.
+                    current = held.get(task_id) == token
+                    if current:
+                        del held[task_id]
+                if current:
+                    print(f"lost {task_id} {token}", flush=True)
         if beat is not None:
             try:
                 beat(worker_id, info, lease_seconds)

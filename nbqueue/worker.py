@@ -153,7 +153,7 @@ class Renewer(threading.Thread):
         self.lease_seconds = lease_seconds
         self.heartbeat = heartbeat
         self.held: dict[str, str] = {}  # task_id -> token
-        self.lost: set[str] = set()
+        self.lost: set[tuple[str, str]] = set()  # (task_id, token): a task can come back with a new token
         self._lock = threading.Lock()
         self._stop_event = threading.Event()
 
@@ -165,7 +165,13 @@ class Renewer(threading.Thread):
         with self._lock:
             for task_id in task_ids:
                 self.held.pop(task_id, None)
-                self.lost.discard(task_id)
+            if self.lost:
+                gone = set(task_ids)
+                self.lost = {lost for lost in self.lost if lost[0] not in gone}
+
+    def has_lost(self, lease: Lease) -> bool:
+        """True when a renewal of this very lease was refused: another worker may hold the task."""
+        return (lease.task_id, lease.token) in self.lost
 
     def run(self) -> None:
         self._beat(self.lease_seconds)
@@ -179,8 +185,10 @@ class Renewer(threading.Thread):
                     continue  # a passing storage error: try again next round
                 if not ok:
                     with self._lock:
-                        if task_id in self.held:
-                            self.lost.add(task_id)
+                        # Only if still held under this token: a refusal of a lease released
+                        # meanwhile must not void the next lease of the same task.
+                        if self.held.get(task_id) == token:
+                            self.lost.add((task_id, token))
             self._beat(self.lease_seconds)
 
     def _beat(self, ttl: float) -> None:
@@ -425,7 +433,7 @@ class Worker:
                     renewer.drop(lease.task_id)
                     continue
                 self._task_seconds = 0.8 * self._task_seconds + 0.2 * (time.monotonic() - t)
-                if lease.task_id in renewer.lost:  # another worker has it now: our result is void
+                if renewer.has_lost(lease):  # another worker has it now: our result is void
                     self.stats.abandoned += 1
                     renewer.drop(lease.task_id)
                     continue

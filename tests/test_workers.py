@@ -268,6 +268,37 @@ def test_lease_loss_is_detected_and_result_discarded(tmp_path, nb):
     assert tq.status().completed == 1 and tq.status().leased == 0
 
 
+@pytest.mark.parametrize("renewal", ["thread", "process"])
+def test_a_refused_renewal_of_a_released_lease_does_not_void_the_next_lease(worker_url, nb, tmp_path, renewal):
+    """The race behind innocent tasks dead-lettered as WorkerDied: a renewal of lease A refused
+    after A was released must not mark lease B of the same task (leased again) as lost."""
+    from nbqueue.keeper import LeaseKeeper
+    from nbqueue.worker import Renewer
+
+    tq = TaskQueue(worker_url)
+    tq.insert([functools.partial(nb.record, 1, str(tmp_path))], progress=False)
+    lease_seconds = 0.6
+    if renewal == "process":
+        renewer = LeaseKeeper(worker_url, lease_seconds, "test:1")
+    else:
+        renewer = Renewer(tq.backend, lease_seconds)
+    renewer.start()
+    try:
+        (a,) = tq.backend.lease(1, lease_seconds)
+        renewer.hold([a])
+        assert tq.backend.release(a.task_id, a.token)  # released behind the renewer's back
+        assert wait_for(lambda: renewer.has_lost(a), timeout=10), "the renewal of A should be refused"
+        (b,) = tq.backend.lease(1, lease_seconds)
+        assert b.task_id == a.task_id and b.token != a.token
+        renewer.hold([b])
+        time.sleep(3 * lease_seconds)  # B lives only if it is renewed
+        assert not renewer.has_lost(b)
+        renewer.drop(b.task_id)
+        assert tq.backend.complete([(b.task_id, b.token, b"done")]) == [True]
+    finally:
+        renewer.stop()
+
+
 def test_a_task_calling_sys_exit_fails_alone_and_the_worker_goes_on():
     nb = notebook("""
 import sys
