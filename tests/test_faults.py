@@ -185,3 +185,80 @@ def test_tasks_holding_the_gil_past_their_lease(worker_url, tmp_path, renewal):
         assert job.results() == [n * (n - 1) // 2, n * (n - 1) // 2 + 1]
     else:
         assert duplicates > 0, "the GIL-holding task should have lost its lease to the other worker"
+
+
+POISONS = """
+import ctypes, os
+from nbqueue import queueable
+
+@queueable
+def good(i):
+    return i
+
+@queueable
+def raises(i):
+    raise ValueError(f"bad input {i}")
+
+@queueable
+def exits(i):
+    os._exit(1)
+
+@queueable
+def segfaults(i):
+    ctypes.string_at(0)
+
+@queueable
+def memory_bomb(i):
+    return len(bytearray(8 * 1024**3))  # far past the workers' address-space limit
+"""
+
+
+@pytest.mark.slow
+def test_every_kind_of_poison_is_dead_lettered_and_every_good_task_completes(worker_url, tmp_path):
+    pnb = notebook(POISONS)
+    # A function from a module this process can import but the workers cannot: dill ships it by
+    # reference, so a worker fails to decode it (terminal: dead at once, never retried).
+    private = tmp_path / "private_mod"
+    private.mkdir()
+    (private / "producer_only.py").write_text(
+        "from nbqueue import queueable\n\n@queueable\ndef helper(i):\n    return i\n"
+    )
+    sys.path.insert(0, str(private))
+    try:
+        import producer_only
+    finally:
+        sys.path.remove(str(private))
+    n, attempts = 300, 2
+    tasks = [functools.partial(pnb.good, i) for i in range(n)]
+    poisons = {
+        7: pnb.raises,
+        50: pnb.exits,
+        120: pnb.segfaults,
+        200: pnb.memory_bomb,
+        260: producer_only.helper,
+    }
+    for index, fn in poisons.items():
+        tasks[index] = functools.partial(fn, index)
+    job = TaskQueue(worker_url).insert(tasks, progress=False)
+
+    def limit_memory():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (4 * 1024**3, 4 * 1024**3))
+
+    cmd = ["worker", worker_url, "-p", "2", "--lease", "1", "--max-attempts", str(attempts), "--burst"]
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "nbqueue", *cmd], stdin=subprocess.DEVNULL, preexec_fn=limit_memory
+    )
+    assert wait_all([supervisor], timeout=180) == [0]
+    values = job.wait(timeout=30, progress=False).results(on_error="exception")
+    assert [v for i, v in enumerate(values) if i not in poisons] == [i for i in range(n) if i not in poisons]
+    kinds = {i: (values[i].type, values[i].attempts) for i in poisons}
+    assert kinds[7] == ("ValueError", attempts)
+    assert kinds[200] == ("MemoryError", attempts)
+    assert kinds[50][0] == kinds[120][0] == "WorkerDied"
+    assert kinds[260] == ("DecodeError", 1)  # terminal: not retried
+    assert "producer_only" in values[260].message
+    assert len(TaskQueue(worker_url).dead()) == len(poisons)
+    c = TaskQueue(worker_url).status()
+    assert (c.queued, c.leased) == (0, 0)
