@@ -25,7 +25,7 @@ from .jobs import Job
 from .queue import LocalTaskQueue, TaskQueue
 from .records import TaskError
 from .reference import TaskSpec
-from .tasks import RegisteredTask, TaskRefused, queueable
+from .tasks import RegisteredTask, TaskContext, TaskRefused, current_task, queueable
 
 __version__ = "0.1.0"
 
@@ -50,9 +50,11 @@ __all__ = [
     "TaskQueue",
     "TaskRefused",
     "TaskSpec",
+    "TaskContext",
     "TaskStatus",
     "Terminal",
     "UnsafeQueueError",
+    "current_task",
     "queueable",
     "use",
 ]

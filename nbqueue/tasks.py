@@ -20,7 +20,9 @@ import inspect
 import json
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -137,6 +139,39 @@ class RegisteredTask:
 
     def execute(self) -> Any:
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What a task running on a worker may know about itself: see ``current_task()``."""
+
+    task_id: str
+    job_id: str
+    attempt: int  #: 1 on the first run; a task re-run after its worker died sees 2, and so on
+    lease_token: str  #: unique to this lease: a re-run of the same attempt number has another
+    worker: str  #: ``host:pid`` of the worker process
+
+
+_running: ContextVar[TaskContext | None] = ContextVar("nbqueue_running_task", default=None)
+
+
+def current_task() -> TaskContext | None:
+    """The task the calling code runs as, on a worker; None anywhere else.
+
+    Tasks run at least once: a task whose worker dies mid-run runs again. A side effect that must
+    not happen twice can be keyed by ``task_id`` (or ``task_id`` and ``attempt`` to keep every try).
+    """
+    return _running.get()
+
+
+@contextmanager
+def running_as(context: TaskContext) -> Iterator[None]:
+    """Make ``current_task()`` return ``context`` while the task runs (used by workers)."""
+    reset = _running.set(context)
+    try:
+        yield
+    finally:
+        _running.reset(reset)
 
 
 @dataclass

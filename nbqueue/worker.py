@@ -33,7 +33,7 @@ from .errors import BackendUnavailable, BadSignature, DecodeError, Terminal
 from .keeper import LeaseKeeper
 from .keeper import available as keeper_available
 from .records import error_info, seal_record
-from .tasks import TaskCodec, TaskRefused
+from .tasks import TaskCodec, TaskContext, TaskRefused, running_as
 
 if TYPE_CHECKING:
     from .queue import TaskQueue
@@ -99,7 +99,8 @@ def execute(codec: TaskCodec, lease: Lease, fetch_function, max_attempts: int, w
     except Exception as exc:
         return _failed(codec, lease, exc, max_attempts, who, started)
     try:
-        value = call.run()
+        with running_as(TaskContext(lease.task_id, job_of(lease.task_id), lease.attempt, lease.token, who)):
+            value = call.run()
     except BaseException as exc:
         # sys.exit(), KeyboardInterrupt or any error inside a task fails the task, not the worker.
         if isinstance(exc, KeyboardInterrupt) and _interrupting.is_set():

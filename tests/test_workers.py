@@ -47,6 +47,11 @@ def refuse():
 @queueable
 def touch(obj):
     return "ran"
+
+@queueable
+def whoami():
+    from nbqueue import current_task
+    return current_task()
 """
 
 
@@ -297,6 +302,20 @@ def test_a_refused_renewal_of_a_released_lease_does_not_void_the_next_lease(work
         assert tq.backend.complete([(b.task_id, b.token, b"done")]) == [True]
     finally:
         renewer.stop()
+
+
+def test_a_task_knows_its_id_attempt_and_lease_on_a_worker(worker_url, nb, tmp_path):
+    from nbqueue import current_task
+
+    assert current_task() is None  # not inside a task
+    tq = TaskQueue(worker_url)
+    job = tq.insert([functools.partial(nb.whoami), functools.partial(nb.whoami)], progress=False)
+    (worker,) = start_workers(worker_url, 1, "--burst")
+    assert wait_all([worker], timeout=60) == [0]
+    first, second = job.wait(timeout=30, progress=False).results()
+    assert [r.task_id for r in job.records()] == [first.task_id, second.task_id]
+    assert first.job_id == job.id and first.attempt == 1 and first.worker.endswith(f":{worker.pid}")
+    assert len({first.lease_token, second.lease_token}) == 2
 
 
 def test_a_task_calling_sys_exit_fails_alone_and_the_worker_goes_on():
