@@ -29,6 +29,10 @@ RESULT_TTL_SECONDS = 7 * 24 * 3600
 #: Job.wait() poll interval bounds.
 WAIT_POLL_MIN = 0.02
 WAIT_POLL_MAX = 0.5
+#: Job.wait rides out a storage outage this long (a Redis restart) before raising BackendUnavailable.
+WAIT_OUTAGE_SECONDS = 120.0
+#: Job.wait checks at most this often that the queue still holds its state (``Backend.queue_id``).
+WAIT_IDENTITY_CHECK_SECONDS = 1.0
 #: Environment variables.
 ENV_SECRET = "NBQUEUE_SECRET"
 ENV_URL = "NBQUEUE_URL"

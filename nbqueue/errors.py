@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class NbQueueError(Exception):
     """Base class of every nbqueue error."""
@@ -53,3 +55,19 @@ class TaskFailed(NbQueueError):
 
 class BackendUnavailable(NbQueueError, ConnectionError):
     """The storage server could not be reached (the URL is named without its password)."""
+
+
+#: ``errno`` values that mean the storage is out of space: the disk is full, or a quota is reached.
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class StorageFull(NbQueueError, OSError):
+    """The queue's storage has no room left: a full disk or quota (``errno`` is ENOSPC or EDQUOT),
+    or a Redis server at ``maxmemory`` (``errno`` ENOSPC). The write that raised it left nothing
+    half-written; free space, then retry. Made like any OSError: ``StorageFull(errno, message)``.
+    """
+
+
+class QueueStateLost(NbQueueError):
+    """The queue no longer holds what it held: its storage lost its data (a Redis server restarted
+    without persistence, a flushed database) or the queue was purged. The job's tasks are gone."""

@@ -151,7 +151,7 @@ def upload(
     on_batch=None,
 ) -> None:
     """Encode ``tasks`` (ids from ``offset``) into batches and hand them to ``writer``."""
-    codec = TaskCodec(queue.signer, queue.serializer)
+    codec = TaskCodec(queue.signer, queue.serializer, queue.queue_id)
     batch: list[tuple[str, bytes]] = []
     batch_bytes = 0
     functions: list[tuple[str, bytes]] = []

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from . import defaults
 from .backends.base import Counts, index_of
-from .errors import TaskFailed
+from .errors import BackendUnavailable, QueueStateLost, TaskFailed
 from .progress import JobBar, JobView, describe, progress_mode
 from .records import TaskError, TaskRecord, open_record
 from .worker import pid_alive
@@ -43,6 +43,8 @@ class Job:
         self.id = job_id
         self._meta = meta
         self._view: JobView | None = None
+        # What the queue held when this job was made or found; a new identity means it is gone.
+        self._queue_id = queue.queue_id
 
     # -- record -----------------------------------------------------------------------------
     @property
@@ -73,6 +75,15 @@ class Job:
     def counts(self) -> Counts:
         """The job's counters (O(1))."""
         return self.queue.backend.job_counts(self.id)
+
+    def check_queue(self) -> None:
+        """Raise QueueStateLost if the queue's storage no longer holds this job's state."""
+        if self.queue.backend.queue_id() != self._queue_id:
+            raise QueueStateLost(
+                f"the queue's state vanished: {self.queue.url} no longer holds job {self.name} "
+                "(its storage lost its data, e.g. a Redis server restarted without persistence, "
+                "or the queue was purged); insert the job again"
+            )
 
     def done(self) -> bool:
         """True when every task completed or is dead."""
@@ -127,8 +138,12 @@ class Job:
             progress: show the widget (in a notebook) or a text bar.
             check: called at every poll; raise from it to stop waiting (e.g. workers died).
 
+        Rides out a storage outage of up to ``defaults.WAIT_OUTAGE_SECONDS`` (a server restart).
+
         Raises:
             TimeoutError: ``timeout`` seconds passed first.
+            QueueStateLost: the queue lost this job's state (its tasks will never finish).
+            BackendUnavailable: the storage stayed unreachable too long.
         """
         if progress and progress_mode() == "widget":
             return self._wait_with_widget(timeout, check)
@@ -136,10 +151,24 @@ class Job:
         bar = JobBar(self.total, f"job {self.name}", enabled=progress)
         sleep = defaults.WAIT_POLL_MIN
         last_finished, last_change = -1, start
+        last_identity_check, outage_since = start, None
         try:
             while True:
-                total = self.total
-                counts = self.counts()
+                try:
+                    total = self.total
+                    counts = self.counts()
+                    if time.monotonic() - last_identity_check > defaults.WAIT_IDENTITY_CHECK_SECONDS:
+                        self.check_queue()
+                        last_identity_check = time.monotonic()
+                    outage_since = None
+                except BackendUnavailable:
+                    outage_since = outage_since or time.monotonic()
+                    if time.monotonic() - outage_since > defaults.WAIT_OUTAGE_SECONDS:
+                        raise
+                    if timeout is not None and time.monotonic() - start > timeout:
+                        raise
+                    time.sleep(defaults.WAIT_POLL_MAX)
+                    continue
                 bar.show(counts, total)
                 if check is not None:
                     check()

@@ -51,6 +51,14 @@ class TaskQueue:
         self.signer = Signer.default(insecure)
         self.serializer: Serializer = get_serializer(serializer)
 
+    @property
+    def queue_id(self) -> str:
+        """The queue's identity (``Backend.queue_id``), read now: tasks are signed for it.
+
+        Not cached: another process may purge the queue, which gives it a new identity.
+        """
+        return self.backend.queue_id()
+
     # -- inserting ------------------------------------------------------------------------------
     def insert(
         self,
@@ -232,11 +240,11 @@ _child_codec = None
 _child_functions: dict[str, bytes] = {}
 
 
-def _child_init(insecure: bool, serializer: str, functions: dict[str, bytes]) -> None:
+def _child_init(insecure: bool, serializer: str, queue_id: str, functions: dict[str, bytes]) -> None:
     global _child_codec, _child_functions
     from .tasks import TaskCodec
 
-    _child_codec = TaskCodec(Signer.default(insecure), get_serializer(serializer))
+    _child_codec = TaskCodec(Signer.default(insecure), get_serializer(serializer), queue_id)
     _child_functions = functions
 
 
@@ -278,7 +286,7 @@ class LocalTaskQueue(TaskQueue):
             self.parallel,
             mp_context=ctx,
             initializer=_child_init,
-            initargs=(self.insecure, self.serializer.name, functions),
+            initargs=(self.insecure, self.serializer.name, self.queue_id, functions),
         ) as pool:
             while True:
                 leases = backend.lease(self.parallel * 8, 3600, wait=0.5)

@@ -266,6 +266,19 @@ def to_call(task: Any) -> TaskCall:
     return TaskCall(fn, tuple(args), kwargs)
 
 
+def reseal_task(signer: Signer, task_id: str, blob: bytes, queue_id: str) -> bytes:
+    """The same task envelope signed for another queue (what ``nbqueue cp``/``mv`` write).
+
+    The envelope is verified first; bytes that do not verify are returned unchanged, so they are
+    refused (and dead-lettered with the reason) where they land, exactly as in their source.
+    """
+    try:
+        header, payload = open_envelope(signer, blob, "task", t=task_id, j=job_of(task_id))
+    except (BadSignature, DecodeError):
+        return blob
+    return seal(signer, {**header, "q": queue_id}, payload)
+
+
 def load_specs(lines: Iterable[str], source: str = "specs") -> list[TaskSpec]:
     """Read JSON task specs, one per line (blank lines are skipped), checking each as an insert
     would: well formed, the function importable and ``@queueable``, the arguments fitting it.
@@ -297,13 +310,27 @@ class TaskCodec:
     carries only the digest and its own arguments. Decoded functions are cached by digest.
 
     Args:
+        queue_id: the identity of the queue (``Backend.queue_id``): tasks are signed for it, and
+            a task signed for another queue is refused before anything is loaded.
+        refresh_queue_id: reads the queue's identity again; a worker's queue gets a new one
+            when it is purged, so a mismatch is checked against a fresh read before refusing.
         only_by_reference: refuse (``TaskRefused``) every task that ships pickled code or
             objects, before loading any of it.
     """
 
-    def __init__(self, signer: Signer, serializer: Serializer, *, only_by_reference: bool = False) -> None:
+    def __init__(
+        self,
+        signer: Signer,
+        serializer: Serializer,
+        queue_id: str,
+        *,
+        refresh_queue_id: Callable[[], str] | None = None,
+        only_by_reference: bool = False,
+    ) -> None:
         self.signer = signer
         self.serializer = serializer
+        self.queue_id = queue_id
+        self.refresh_queue_id = refresh_queue_id
         self.only_by_reference = only_by_reference
         self._blobs: dict[int, tuple[Any, str, bytes]] = {}  # id(fn) -> (fn, digest, blob)
         # Decoded functions by digest, and imported ones by 'module:qualname' (never a digest).
@@ -330,14 +357,15 @@ class TaskCodec:
                     f"cannot send the arguments of {call.ref} by reference: {exc}"
                 ) from None
             # No "f": a worker reads the payload as JSON and unpickles nothing.
-            return seal(self.signer, {"kind": "task", "t": task_id, "j": job_id, "c": created}, payload)
+            header = {"kind": "task", "q": self.queue_id, "t": task_id, "j": job_id, "c": created}
+            return seal(self.signer, header, payload)
         if call.fn is None:
             payload = dumps_checked(call.obj, self.serializer, f"task object {call.obj!r:.60}")
         else:
             payload = dumps_checked(
                 (call.args, call.kwargs), self.serializer, f"arguments of {callable_name(call.fn)}()"
             )
-        header = {"kind": "task", "t": task_id, "j": job_id, "f": digest, "c": created}
+        header = {"kind": "task", "q": self.queue_id, "t": task_id, "j": job_id, "f": digest, "c": created}
         return seal(self.signer, header, payload)
 
     # -- worker side ----------------------------------------------------------------------------
@@ -348,6 +376,7 @@ class TaskCodec:
         against the digest named in the signed header.
         """
         header, payload = open_envelope(self.signer, blob, "task", t=task_id, j=job_of(task_id))
+        self._check_queue(header.get("q"))
         if "f" not in header:
             return self._by_reference(payload)
         if self.only_by_reference:
@@ -374,6 +403,19 @@ class TaskCodec:
             self._functions[digest] = fn
         args, kwargs = self._load(payload, "arguments")
         return TaskCall(fn, args, kwargs)
+
+    def _check_queue(self, signed_for: Any) -> None:
+        """Refuse a task signed for another queue: a valid envelope copied in from elsewhere."""
+        if signed_for == self.queue_id:
+            return
+        if self.refresh_queue_id is not None:
+            self.queue_id = self.refresh_queue_id()
+            if signed_for == self.queue_id:
+                return
+        raise BadSignature(
+            f"refused: the task was signed for queue {signed_for!r}, not this one ({self.queue_id!r}); "
+            "it was copied in from another queue, or the queue was purged since"
+        )
 
     def _by_reference(self, payload: bytes) -> TaskCall:
         try:

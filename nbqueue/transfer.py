@@ -1,8 +1,9 @@
 """Copy or move what one queue holds to another, between any two backends (fq://, redis://, mem://).
 
 ``copy_queue`` copies function blobs, job records, queued tasks, dead letters and committed
-records, keeping every job and task id; the bytes are copied as they are, so both queues must
-use the same signing key (the same ``NBQUEUE_SECRET``, or the same user's key file).
+records, keeping every job and task id. Tasks are signed for the queue that holds them, so each
+task is verified and signed again for the destination; both queues must use the same signing
+key (the same ``NBQUEUE_SECRET``, or the same user's key file).
 ``move_queue`` copies, then purges the source.
 
 A copy is of a queue at rest: with leases out it is refused, unless ``force``, which copies
@@ -20,13 +21,14 @@ the job) is restored and purged again, so the job still counts it as dead.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from . import defaults
 from .backends.base import ID_PATTERN, Backend, DeadLetter, index_of, job_of
 from .errors import NbQueueError
 from .report import record_header
+from .tasks import reseal_task
 
 if TYPE_CHECKING:
     from .queue import TaskQueue
@@ -124,6 +126,11 @@ def copy_queue(
     jobs = _check(src, dst, force)
     to = dst.backend
     report = TransferReport()
+    signer, dst_id = src.signer, dst.queue_id
+
+    def resealed(items: Iterable[tuple[str, bytes]]) -> Iterable[tuple[str, bytes]]:
+        return ((task_id, reseal_task(signer, task_id, blob, dst_id)) for task_id, blob in items)
+
     for digest, blob in src.backend.iter_functions():
         to.put_function(digest, blob)
         report.functions += 1
@@ -132,11 +139,15 @@ def copy_queue(
         if meta is not None:
             to.put_job(job_id, meta)
             report.jobs += 1
-    report.queued = _by_job(src.backend.iter_queued(), batch_size, to.insert)
+    report.queued = _by_job(resealed(src.backend.iter_queued()), batch_size, to.insert)
     if force:
-        report.leased = _by_job(src.backend.iter_leased(), batch_size, to.insert)
+        report.leased = _by_job(resealed(src.backend.iter_leased()), batch_size, to.insert)
     # Quarantined fq:// files are listed as letters too, under ids that are not task ids.
-    letters = [d for d in src.backend.dead() if ID_PATTERN.match(d.task_id)]
+    letters = [
+        replace(d, payload=reseal_task(signer, d.task_id, d.payload, dst_id) if d.payload else b"")
+        for d in src.backend.dead()
+        if ID_PATTERN.match(d.task_id)
+    ]
     report.dead = _by_job(letters, batch_size, to.put_dead, key=lambda d: d.task_id)
     dead_ids = {d.task_id for d in letters}
     for job_id in jobs:

@@ -243,7 +243,13 @@ class Worker:
     ) -> None:
         self.queue = queue
         self.backend = queue.backend
-        self.codec = TaskCodec(queue.signer, queue.serializer, only_by_reference=only_by_reference)
+        self.codec = TaskCodec(
+            queue.signer,
+            queue.serializer,
+            queue.queue_id,
+            refresh_queue_id=self.backend.queue_id,
+            only_by_reference=only_by_reference,
+        )
         self.only_by_reference = only_by_reference
         if renewal not in ("thread", "process"):
             raise ValueError("renewal must be 'thread' or 'process'")

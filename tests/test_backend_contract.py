@@ -185,6 +185,16 @@ def test_purge_and_rezero(backend):
     assert backend.lease(10, 30) == [] and backend.list_jobs() == []
 
 
+def test_queue_id_is_shared_by_every_handle_and_renewed_by_purge(backend, backend_factory):
+    first = backend.queue_id()
+    assert len(first) >= 16 and first == backend.queue_id() == backend_factory().queue_id()
+    backend.insert("j1", tasks_of("j1", 2))
+    assert backend.queue_id() == first  # use does not change it
+    backend.purge()
+    renewed = backend.queue_id()
+    assert renewed != first and backend_factory().queue_id() == renewed
+
+
 def test_iter_queued_lists_waiting_tasks(backend):
     backend.insert("j1", tasks_of("j1", 3))
     backend.lease(1, 30)

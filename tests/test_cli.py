@@ -203,8 +203,11 @@ def test_cp_and_mv_round_trip_between_backends(tmp_path, redis_url):
     moved = cli("mv", redis_url, final_url)
     assert moved.returncode == 0, moved.stderr
     assert copied.status().inserted == 0 and copied.jobs() == []
-    assert wait_all(start_workers(final_url, 1, "--burst"), timeout=60) == [0]  # function blobs came along
     final = TaskQueue(final_url)
+    assert final.redrive() == 1  # a dead letter is signed again for its new queue too
+    assert wait_all(start_workers(final_url, 1, "--burst"), timeout=60) == [0]  # function blobs came along
+    (letter,) = final.dead()
+    assert b"Terminal" in letter.error and b"signed for queue" not in letter.error
     assert final.job(waiting.id).wait(timeout=30, progress=False).results() == [20, 22, 24]
     assert final.job(ran.id).results(on_error="none")[:5] == [0, 2, 4, 6, 8]
 

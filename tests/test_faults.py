@@ -6,6 +6,7 @@ import functools
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -98,6 +99,46 @@ def test_redis_killed_and_restarted_mid_run_loses_nothing(nb, tmp_path):
         assert sorted(runs) == list(range(n))  # every task ran; re-runs only after a lost lease
         counts = tq.status()
         assert (counts.queued, counts.leased, counts.completed) == (0, 0, n)
+        tq.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_redis_restarted_without_persistence_fails_the_wait_clearly(nb, tmp_path):
+    """A server restarted with no persistence comes back empty: a waiting job must say its queue's
+    state vanished instead of waiting forever, and workers must go on (not crash-loop)."""
+    from nbqueue import QueueStateLost
+
+    server = RedisServer(tmp_path / "volatile")  # the fixture's default: --save "" --appendonly no
+    server.start()
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    url = server.url("volatile")
+    try:
+        tq = TaskQueue(url)
+        job = tq.insert(
+            (functools.partial(nb.logged, i, str(log_dir), 0.05) for i in range(200)), progress=False
+        )
+        workers = start_workers(url, 2, "--lease", "2", "--burst")
+        wait_for(lambda: executions(log_dir), what="the first tasks to run")
+        server.kill()
+        # The wait starts while the server is down: it rides out the outage, then must notice.
+        restart = threading.Timer(2.0, server.start)
+        restart.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(QueueStateLost, match="state vanished.*insert the job again"):
+                job.wait(timeout=60, progress=False)
+        finally:
+            restart.join()
+        assert 2.0 < time.monotonic() - started < 12
+        assert wait_all(workers, timeout=60) == [0, 0]  # they found an empty queue and stopped
+        ran = sum(map(len, executions(log_dir).values()))
+        assert 0 < ran < 200
+        again = tq.insert((functools.partial(nb.logged, i, str(log_dir)) for i in range(3)), progress=False)
+        assert wait_all(start_workers(url, 1, "--burst"), timeout=60) == [0]
+        assert again.wait(timeout=30, progress=False).results() == [0, 1, 2]
         tq.close()
     finally:
         server.stop()

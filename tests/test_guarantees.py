@@ -104,8 +104,10 @@ def test_a_queue_directory_owned_by_someone_else_is_refused(tmp_path):
 def test_tampered_unsigned_and_replayed_tasks_are_never_loaded(tmp_path, nb):
     url = f"fq://{tmp_path / 'q'}"
     tq = TaskQueue(url, serializer="counting")
-    canaries = {name: tmp_path / name for name in ("unsigned", "replayed", "flipped", "genuine")}
-    good = TaskCodec(Signer.default(), tq.serializer)
+    canaries = {
+        name: tmp_path / name for name in ("unsigned", "replayed", "flipped", "other-queue", "genuine")
+    }
+    good = TaskCodec(Signer.default(), tq.serializer, tq.queue_id)
     digest, blob, _ = good.function_digest(nb.touch)
     tq.backend.put_function(digest, blob)
 
@@ -114,19 +116,24 @@ def test_tampered_unsigned_and_replayed_tasks_are_never_loaded(tmp_path, nb):
             task_id, task_id.rsplit("-", 1)[0], TaskCall(nb.touch, (nb.Canary(canary),)), digest
         )
 
-    unsigned = TaskCodec(Signer(None), tq.serializer)  # an --insecure producer
+    unsigned = TaskCodec(Signer(None), tq.serializer, tq.queue_id)  # an --insecure producer
     tq.backend.insert("ja", [("ja-0", envelope(unsigned, "ja-0", str(canaries["unsigned"])))])
     # A genuine envelope made for another task, replayed under this task's id.
     tq.backend.insert("jb", [("jb-1", envelope(good, "jb-0", str(canaries["replayed"])))])
     flipped = bytearray(envelope(good, "jc-0", str(canaries["flipped"])))
     flipped[len(flipped) // 2] ^= 0x20
     tq.backend.insert("jc", [("jc-0", bytes(flipped))])
+    # A genuine envelope, same key and same task id, made for another queue and copied in here.
+    other = TaskQueue(f"fq://{tmp_path / 'other'}", serializer="counting")
+    elsewhere = TaskCodec(Signer.default(), other.serializer, other.queue_id)
+    tq.backend.insert("je", [("je-0", envelope(elsewhere, "je-0", str(canaries["other-queue"])))])
     CountingSerializer.loads_calls = 0
     stats = tq.poll()
-    assert stats.dead == 3 and CountingSerializer.loads_calls == 0  # not one unpickle
+    assert stats.dead == 4 and CountingSerializer.loads_calls == 0  # not one unpickle
     assert not any(path.exists() for path in canaries.values())
-    reasons = sorted(letter.task_id for letter in tq.dead())
-    assert reasons == ["ja-0", "jb-1", "jc-0"]
+    letters = {letter.task_id: letter.error for letter in tq.dead()}
+    assert sorted(letters) == ["ja-0", "jb-1", "jc-0", "je-0"]
+    assert b"signed for queue" in letters["je-0"]
     # The control: the same canary, genuinely signed, is loaded (and fires) when run.
     tq.backend.insert("jd", [("jd-0", envelope(good, "jd-0", str(canaries["genuine"])))])
     tq.poll()
@@ -202,6 +209,7 @@ def test_random_queue_files_are_quarantined_and_never_crash_a_lease(tmp_path_fac
     leases = q.lease(10, 30)
     for lease in leases:  # whatever a lease hands out must still be refused by the envelope check
         with pytest.raises((BadSignature, DecodeError)):
-            TaskCodec(SIGNER, SERIALIZERS["counting"]).decode(lease.task_id, lease.payload, q.get_function)
+            codec = TaskCodec(SIGNER, SERIALIZERS["counting"], q.queue_id())
+            codec.decode(lease.task_id, lease.payload, q.get_function)
     assert CountingSerializer.loads_calls == 0
     assert leases or os.listdir(root / "q" / "quarantine")

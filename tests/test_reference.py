@@ -222,7 +222,8 @@ def test_worker_refuses_a_signed_spec_naming_code_that_is_not_queueable(steps):
     tq = TaskQueue("mem://by-reference-refusals")
     for index, fn in enumerate(["os:getcwd", "nbq_ref_steps:unmarked", "no_such_module_xyz:f"]):
         payload = json.dumps({"fn": fn, "args": [], "kwargs": {}}).encode()
-        envelope = seal(tq.signer, {"kind": "task", "t": f"jx-{index}", "j": "jx", "c": 0}, payload)
+        header = {"kind": "task", "q": tq.queue_id, "t": f"jx-{index}", "j": "jx", "c": 0}
+        envelope = seal(tq.signer, header, payload)
         tq.backend.insert("jx", [(f"jx-{index}", envelope)])
     stats = tq.poll(max_attempts=3)
     assert stats.dead == 3 and stats.completed == 0

@@ -224,7 +224,7 @@ def test_worker_refuses_unmarked_functions_even_if_queued(tmp_path):
 
     url = f"fq://{tmp_path / 'queue'}"
     tq = TaskQueue(url)
-    codec = TaskCodec(Signer.default(), get_serializer())
+    codec = TaskCodec(Signer.default(), get_serializer(), tq.queue_id)
     digest, blob, _ = codec.function_digest(os.getcwd)
     tq.backend.put_function(digest, blob)
     tq.backend.insert("jx", [("jx-0", codec.encode("jx-0", "jx", TaskCall(os.getcwd), digest))])
@@ -274,7 +274,9 @@ def test_lease_loss_is_detected_and_result_discarded(tmp_path, nb):
 
 
 @pytest.mark.parametrize("renewal", ["thread", "process"])
-def test_a_refused_renewal_of_a_released_lease_does_not_void_the_next_lease(worker_url, nb, tmp_path, renewal):
+def test_a_refused_renewal_of_a_released_lease_does_not_void_the_next_lease(
+    worker_url, nb, tmp_path, renewal
+):
     """The race behind innocent tasks dead-lettered as WorkerDied: a renewal of lease A refused
     after A was released must not mark lease B of the same task (leased again) as lost."""
     from nbqueue.keeper import LeaseKeeper

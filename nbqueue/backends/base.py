@@ -246,7 +246,20 @@ class Backend(ABC):
 
     @abstractmethod
     def purge(self) -> None:
-        """Delete everything: tasks, leases, dead letters, results, jobs, functions, counters."""
+        """Delete everything: tasks, leases, dead letters, results, jobs, functions, counters.
+
+        The queue gets a new ``queue_id``: nothing signed for the old one runs here again.
+        """
+
+    @abstractmethod
+    def queue_id(self) -> str:
+        """The identity of what this queue holds: random, made on first use (created here if
+        missing) and again after ``purge``.
+
+        Task envelopes are signed for it, so a task copied into another queue is refused. A
+        storage that lost everything (a Redis server restarted without persistence, a flushed
+        database) comes back with a new id: that is how a waiting job notices its tasks are gone.
+        """
 
     @abstractmethod
     def rezero(self) -> Counts:

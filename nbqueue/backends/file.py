@@ -68,6 +68,7 @@ from .base import (
 
 FORMAT = 1
 MARKER = "nbqueue.json"
+QUEUE_ID = "queue-id"
 AREAS = (
     "queue",
     "claim",
@@ -702,10 +703,30 @@ class FileBackend(Backend):
         return self._reclaim(force=force)
 
     def purge(self) -> None:
+        # A new identity first: a worker that reads a task still being deleted refuses it.
+        self._write_atomic(os.path.join(self.root, QUEUE_ID), os.urandom(16).hex().encode())
         for area in AREAS:
             shutil.rmtree(self._dirs[area], ignore_errors=True)
             os.mkdir(self._dirs[area], 0o700)
         self._deltas, self._flushed, self._ranges, self._lease_names = {}, {}, [], {}
+
+    def queue_id(self) -> str:
+        path = os.path.join(self.root, QUEUE_ID)
+        try:
+            with open(path, "rb") as f:
+                return f.read().decode()
+        except FileNotFoundError:
+            pass
+        # Made once, race-free: a link never replaces, so every process reads the first one made.
+        tmp = self._write_tmp(os.urandom(16).hex().encode())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+        with open(path, "rb") as f:
+            return f.read().decode()
 
     def rezero(self) -> Counts:
         self._reclaim()

@@ -10,6 +10,7 @@ import heapq
 import os
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Iterator, Sequence
 
@@ -50,6 +51,7 @@ class MemoryBackend(Backend):
         self._reset()
 
     def _reset(self) -> None:
+        self._queue_id = uuid.uuid4().hex
         self._functions: dict[str, bytes] = {}
         self._jobs: dict[str, bytes] = {}
         self._payloads: dict[str, bytes] = {}
@@ -228,6 +230,9 @@ class MemoryBackend(Backend):
     def purge(self) -> None:
         with self._cond:
             self._reset()
+
+    def queue_id(self) -> str:
+        return self._queue_id
 
     def rezero(self) -> Counts:
         with self._cond:

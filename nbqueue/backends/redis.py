@@ -100,6 +100,7 @@ QUEUE_KEYS = (
     "inserts",
     "workers",
     "worker_expiry",
+    "id",
 )
 #: Kinds of per-job keys, ``nbq:{NAME}:<kind>:<job_id>``.
 JOB_KINDS = ("jc", "results", "job")
@@ -162,6 +163,7 @@ _SCRIPT_NAMES = (
     "workers",
     "put_results",
     "put_dead",
+    "queue_id",
 )
 _IDS_PER_READ = 500  # task ids per HMGET in iter_queued (and digests per MGET)
 
@@ -425,6 +427,10 @@ class RedisBackend(Backend):
     @_translated
     def purge(self) -> None:
         self._run("purge")
+
+    @_translated
+    def queue_id(self) -> str:
+        return self._run("queue_id", os.urandom(16).hex()).decode()
 
     @_translated
     def rezero(self) -> Counts:
