@@ -3,7 +3,9 @@
 Streams in constant memory: one batch of envelopes is held at a time (a few with a pipeline).
 Nothing is written before the first batch is complete, so a bad task among the first
 ``batch_size`` leaves the queue untouched; a failure later leaves a job whose total is exactly
-what was queued, and the error says so.
+what was queued, and the error says so. (A full storage may refuse that last write of the job's
+record too: then the error says so, the job's counters hold the exact number, and the original
+error, StorageFull, is the one raised.)
 
 Three ways to upload, chosen by ``parallel`` and ``green``:
 
@@ -288,12 +290,18 @@ def insert_tasks(
         if started:
             queued = queue.backend.job_counts(job_id).inserted if sliced else writer.written
             meta.update(total=queued, state="insert_failed", error=f"{type(exc).__name__}: {exc}")
-            queue._put_meta(job_id, meta)
-            if hasattr(exc, "add_note"):
-                exc.add_note(
-                    f"nbqueue: {queued} task(s) of job {job_id} were queued before this error; "
-                    f"the job's total is {queued}."
+            note = f"nbqueue: {queued} task(s) of job {job_id} were queued before this error; "
+            try:
+                queue._put_meta(job_id, meta)
+                note += f"the job's total is {queued}."
+            except Exception as meta_exc:
+                # The first error is the one to raise: a full disk often refuses this write too.
+                note += (
+                    f"its record could not say so ({type(meta_exc).__name__}: {meta_exc}) and reads "
+                    "as still inserting; its counters (job.counts().inserted) are exact."
                 )
+            if hasattr(exc, "add_note"):
+                exc.add_note(note)
         raise
     finally:
         bar.set(queue.backend.job_counts(job_id).inserted if sliced else writer.written)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from . import defaults
 from .backends.base import Lease, TaskStatus, job_of
-from .errors import BackendUnavailable, BadSignature, DecodeError, Terminal
+from .errors import BackendUnavailable, BadSignature, DecodeError, StorageFull, Terminal
 from .keeper import LeaseKeeper
 from .keeper import available as keeper_available
 from .records import error_info, seal_record
@@ -39,14 +39,15 @@ if TYPE_CHECKING:
     from .queue import TaskQueue
 
 TERMINAL_ERRORS = (BadSignature, DecodeError, TaskRefused, Terminal)
-#: Reconnect backoff while the storage is unreachable: first wait and cap, in seconds.
+#: Retry backoff while the storage is unreachable or full: first wait and cap, in seconds.
 RECONNECT_FIRST, RECONNECT_MAX = 0.1, 5.0
 
 log = logging.getLogger("nbqueue.worker")
 
 
 class _GaveUp(Exception):
-    """The storage stayed unreachable past the point where the call could still matter."""
+    """The storage stayed unreachable past the point where the call could still matter, or the
+    worker was told to stop while it waited."""
 
 
 def worker_id() -> str:
@@ -286,29 +287,55 @@ class Worker:
         signal.signal(signal.SIGINT, graceful)
 
     # -- storage calls that survive outages ------------------------------------------------------
-    def _call(self, fn, *args, give_up_after: float | None = None, **kwargs):
-        """Call the backend, reconnecting with capped exponential backoff while it is unreachable.
+    def _call(
+        self,
+        fn,
+        *args,
+        give_up_after: float | None = None,
+        hold: tuple[Renewer | LeaseKeeper, list[Lease]] | None = None,
+        **kwargs,
+    ):
+        """Call the backend, retrying with capped exponential backoff while it is unreachable or
+        full.
 
-        Gives up (``_GaveUp``) after ``give_up_after`` seconds of outage, or when the worker is
-        told to stop during one.
+        An outage is waited out for ``give_up_after`` seconds at most: leases cannot be renewed
+        through it. A full storage is waited out for as long as it lasts, since renewals still
+        work: with ``hold=(renewer, leases)`` those leases are renewed while it waits, and dropped
+        for each try, so no renewal races the call. Either wait ends (``_GaveUp``) when the worker
+        is told to stop; leases not reported then expire and their tasks run again.
         """
-        delay, started = RECONNECT_FIRST, None
+        delay, down, full = RECONNECT_FIRST, None, None  # when the outage, or the full storage, began
         while True:
             try:
                 result = fn(*args, **kwargs)
             except BackendUnavailable as exc:
-                now = time.monotonic()
-                if started is None:
-                    started = now
+                if down is None:
+                    down = time.monotonic()
                     log.warning("%s; retrying", exc)
-                if (give_up_after is not None and now - started > give_up_after) or self.stop_event.is_set():
+                too_long = give_up_after is not None and time.monotonic() - down > give_up_after
+                if too_long or self.stop_event.is_set():
                     raise _GaveUp(str(exc)) from exc
-                self.stop_event.wait(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, RECONNECT_MAX)
-                continue
-            if started is not None:
-                log.warning("storage reachable again after %.1fs", time.monotonic() - started)
-            return result
+                keep = None  # renewals cannot reach it either
+            except StorageFull as exc:
+                if full is None:
+                    full = time.monotonic()
+                    log.warning("%s; waiting for space", exc)
+                if self.stop_event.is_set():
+                    log.warning("told to stop while the storage is full: unreported leases will expire")
+                    raise _GaveUp(str(exc)) from exc
+                keep = hold
+            else:
+                if down is not None:
+                    log.warning("storage reachable again after %.1fs", time.monotonic() - down)
+                if full is not None:
+                    log.warning("storage has space again after %.1fs", time.monotonic() - full)
+                return result
+            if keep is not None:
+                keep[0].hold(keep[1])
+            self.stop_event.wait(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, RECONNECT_MAX)
+            if keep is not None:
+                keep[0].drop(*(lease.task_id for lease in keep[1]))
 
     def _heartbeat(self, ttl: float) -> None:
         """Tell the queue this worker is alive for ``ttl`` seconds (0: it is gone)."""
@@ -489,12 +516,17 @@ class Worker:
         if not outcomes:
             return
         items = [(o.lease.task_id, o.lease.token, o.record) for o in outcomes]
-        renewer.drop(*(o.lease.task_id for o in outcomes))  # stop renewing first: no race with the commit
+        leases = [o.lease for o in outcomes]
+        renewer.drop(*(lease.task_id for lease in leases))  # stop renewing first: no race with the commit
         try:
-            # Hold the results through an outage for as long as the leases can still be ours.
-            accepted = self._call(self.backend.complete, items, give_up_after=self.lease_seconds)
-        except _GaveUp:
-            accepted = [False] * len(outcomes)
+            # Hold the results through an outage for as long as the leases can still be ours, and
+            # through a full disk for as long as it lasts (the leases are renewed meanwhile).
+            accepted = self._call(
+                self.backend.complete, items, give_up_after=self.lease_seconds, hold=(renewer, leases)
+            )
+        except _GaveUp:  # never reported: the leases expire and the tasks run again
+            self.stats.abandoned += len(outcomes)
+            return
         for ok in accepted:
             if ok:
                 self.stats.completed += 1
@@ -512,9 +544,11 @@ class Worker:
                 outcome.record,
                 outcome.retry_in,
                 give_up_after=self.lease_seconds,
+                hold=(renewer, [lease]),
             )
-        except _GaveUp:
-            state = None
+        except _GaveUp:  # never reported: the lease expires and the attempt is made again
+            self.stats.abandoned += 1
+            return
         if state is None:
             self.stats.refused += 1
             return

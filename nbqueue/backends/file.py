@@ -32,6 +32,14 @@ rename and its counter write leaves the counters off by that change; ``rezero()`
 
 The copying verbs ``put_results`` and ``put_dead`` check every id first, then link the records
 one by one: a process killed part-way leaves some of them written.
+
+A full disk (or quota) raises StorageFull from the verb that met it, with nothing half-written:
+data goes to a temp file first (unlinked when it cannot be written whole), and a verb that fails
+after its first rename or link undoes what it did (``complete`` commits task by task: the tasks
+before the one refused stay committed). An insert writes its counter file before its tasks become
+visible, so a batch is queued and counted, or neither. Other verbs write counters after their
+change; when the disk is full then, the change stands and its counts are written with the
+process's next change (or when it closes). Renewals, leases and releases only rename.
 """
 
 from __future__ import annotations
@@ -39,17 +47,20 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import random
 import shutil
 import socket
 import stat
+import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
-from ..errors import QueueURLError, UnsafeQueueError
+from ..errors import FULL_ERRNOS, QueueURLError, StorageFull, UnsafeQueueError
 from . import segments
 from .base import (
     COUNT_FIELDS,
@@ -110,6 +121,37 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _is_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in FULL_ERRNOS
+
+
+def _full_translated(method: F) -> F:
+    """Raise a full disk met anywhere in ``method`` (a link or rename needing a directory block
+    too) as StorageFull."""
+
+    @functools.wraps(method)
+    def wrapper(self: FileBackend, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except StorageFull:
+            raise
+        except OSError as exc:
+            if exc.errno in FULL_ERRNOS:
+                raise self._storage_full(exc) from exc
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _unlink_all(paths: list[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 def open_file(url: str) -> FileBackend:
     """``fq://PATH`` → a FileBackend on PATH (relative paths are from the working directory)."""
     path = url.split("://", 1)[1]
@@ -144,6 +186,7 @@ class FileBackend(Backend):
         self._deltas: dict[str, dict[str, int]] = {}
         self._flushed: dict[str, dict[str, int]] = {}  # the deltas as last written
         self._done_dirs: set[str] = set()  # done/<job> directories known to exist
+        self._counting = (os.getpid(), threading.Lock())  # see _counted
         _open_backends.add(self)
 
     # -- opening and safety ---------------------------------------------------------------------
@@ -173,25 +216,41 @@ class FileBackend(Backend):
             with contextlib.suppress(FileExistsError):
                 os.mkdir(os.path.join(root, area), 0o700)
 
+    def _storage_full(self, exc: OSError) -> StorageFull:
+        why = (exc.strerror or "no space left").lower()
+        return StorageFull(
+            exc.errno, f"queue {self.url}: {why}; nothing was half-written: free space, then retry"
+        )
+
     def _write_atomic(self, path: str, data: bytes, tmp_dir: str | None = None, sync: bool = True) -> None:
         tmp = self._write_tmp(data, tmp_dir, sync)
-        os.rename(tmp, path)
-
-    def _write_tmp(self, data: bytes, tmp_dir: str | None = None, sync: bool = True) -> str:
-        tmp = os.path.join(tmp_dir or self._dirs["tmp"], f".{os.getpid()}.{os.urandom(6).hex()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if sync:
-                os.fsync(fd)
+            os.rename(tmp, path)
         except BaseException:
-            os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        os.close(fd)
+
+    def _write_tmp(self, data: bytes, tmp_dir: str | None = None, sync: bool = True) -> str:
+        """Write ``data`` whole to a new temp file (its path); a full disk raises StorageFull and
+        leaves no temp file behind."""
+        tmp = os.path.join(tmp_dir or self._dirs["tmp"], f".{os.getpid()}.{os.urandom(6).hex()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)  # close can report a full disk too (delayed allocation)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if _is_full(exc):
+                raise self._storage_full(exc) from exc  # type: ignore[arg-type]
+            raise
         return tmp
 
     def _path(self, area: str, *names: str) -> str:
@@ -219,8 +278,47 @@ class FileBackend(Backend):
         if len(data) > COUNTER_FILE_FOLD_BYTES:  # a long-lived worker that touched many jobs
             self.close()
             return
-        self._write_atomic(path, data, sync=False)
+        try:
+            self._write_atomic(path, data, sync=False)
+        except StorageFull:
+            return  # the change is made; deltas are cumulative, so the next write counts it
         self._flushed = {key: dict(row) for key, row in self._deltas.items()}
+
+    @contextlib.contextmanager
+    def _counted(self, job_id: str, **delta: int) -> Iterator[None]:
+        """Count ``delta`` for the change the block makes visible, so that both happen or neither:
+        the counter file is written (to a temp file) before the block and renamed into place
+        after it. A full disk raises StorageFull before the block runs; a block that raises
+        counts nothing."""
+        # One insert of this process at a time: counts snapshot while another thread's batch was
+        # counted, and then refused, would write that batch's counts.
+        if self._counting[0] != os.getpid():  # forked: the lock may have been held by a thread
+            self._counting = (os.getpid(), threading.Lock())
+        with self._counting[1]:
+            if self._counter_pid == os.getpid() and len(json.dumps(self._deltas)) > COUNTER_FILE_FOLD_BYTES:
+                self.close()
+            self._bump(job_id, **delta)
+            try:
+                self._drop_rezeroed()
+                snapshot = {key: dict(row) for key, row in self._deltas.items()}
+                staged = self._write_tmp(json.dumps(snapshot).encode(), sync=False)
+            except BaseException:
+                self._bump(job_id, **{name: -d for name, d in delta.items()})
+                raise
+            try:
+                yield
+            except BaseException:
+                self._bump(job_id, **{name: -d for name, d in delta.items()})
+                with contextlib.suppress(OSError):
+                    os.unlink(staged)
+                raise
+            try:
+                os.rename(staged, self._counter_file())
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(staged)
+                return  # the change is made and counted in memory: the next write counts it
+            self._flushed = snapshot
 
     def _read_counters(self) -> list[dict]:
         rows = []
@@ -285,7 +383,12 @@ class FileBackend(Backend):
                 target = base.setdefault(key, {})
                 for name, value in row.items():
                     target[name] = target.get(name, 0) + value
-            self._write_atomic(base_path, json.dumps(base).encode(), sync=False)
+            try:
+                self._write_atomic(base_path, json.dumps(base).encode(), sync=False)
+            except StorageFull:
+                # Not folded: our counter file stays, and every reader still sums it. Changes it
+                # lacks are lost if this process exits before the disk has room (rezero recounts).
+                return
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._counter_file())
         self._deltas, self._flushed = {}, {}
@@ -331,11 +434,13 @@ class FileBackend(Backend):
         return self._path("done", job, task_id)
 
     def _quarantine(self, area: str, name: str, why: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        # Set aside even on a full disk; dead() then says only "quarantined", not why.
+        with contextlib.suppress(FileNotFoundError, StorageFull):
             os.rename(self._path(area, name), self._path("quarantine", name))
             self._write_atomic(self._path("quarantine", name + ".why"), why.encode(), sync=False)
 
     # -- functions and jobs ---------------------------------------------------------------------
+    @_full_translated
     def put_function(self, digest: str, blob: bytes) -> None:
         check_id(digest, "digest")
         path = self._path("fn", digest)
@@ -350,6 +455,7 @@ class FileBackend(Backend):
         except FileNotFoundError:
             raise KeyError(digest) from None
 
+    @_full_translated
     def put_job(self, job_id: str, meta: bytes) -> None:
         check_id(job_id, "job id")
         path = self._path("jobs", job_id)
@@ -357,7 +463,12 @@ class FileBackend(Backend):
         self._write_atomic(path, meta)
         if new:
             order = self._path("joborder", f"{time.time_ns():020d}.{job_id}")
-            os.close(os.open(order, os.O_WRONLY | os.O_CREAT, 0o600))
+            try:
+                os.close(os.open(order, os.O_WRONLY | os.O_CREAT, 0o600))
+            except OSError:
+                with contextlib.suppress(OSError):  # unlisted, the record could never be found
+                    os.unlink(path)
+                raise
 
     def get_job(self, job_id: str) -> bytes | None:
         check_id(job_id, "job id")
@@ -376,16 +487,24 @@ class FileBackend(Backend):
         return list(seen)
 
     # -- tasks ----------------------------------------------------------------------------------
+    @_full_translated
     def insert(self, job_id: str, tasks: Sequence[tuple[str, bytes]]) -> None:
         check_batch(job_id, tasks)
         if not tasks:
             return
+        n = len(tasks)
         tmp = self._write_tmp(segments.encode(tasks))
         seg = os.urandom(8).hex()
-        os.rename(tmp, self._path("queue", f"{_now_ms():013d}.0.{job_id}.{seg}.0-{len(tasks)}"))
-        self._bump(job_id, inserted=len(tasks), queued=len(tasks))
-        self._flush()
+        try:
+            # Counted before visible: a full disk refuses the batch whole, never queues it uncounted.
+            with self._counted(job_id, inserted=n, queued=n):
+                os.rename(tmp, self._path("queue", f"{_now_ms():013d}.0.{job_id}.{seg}.0-{n}"))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
+    @_full_translated
     def lease(self, n: int, seconds: float, wait: float = 0.0) -> list[Lease]:
         end = time.monotonic() + wait
         sleep = 0.01
@@ -456,10 +575,12 @@ class FileBackend(Backend):
             self._quarantine("claim", claim, f"unreadable task segment {name}: {exc}")
             return []
         leases = []
+        rest_linked = False
         try:
             if take < hi - lo:  # give the rest back before taking ours, so a crash loses nothing
                 rest = f"{ready:013d}.{attempts}.{job}.{seg}.{lo + take}-{hi}"
                 os.link(claim_path, self._path("queue", rest))
+                rest_linked = True
             deadline = f"{_now_ms() + int(seconds * 1000):013d}"
             for k in range(lo, lo + take):
                 token = os.urandom(8).hex()
@@ -473,6 +594,17 @@ class FileBackend(Backend):
             # Another machine took the claim for an orphan (clock skew beyond ORPHAN_SECONDS) and
             # queued the range again: keep what we linked, the rest is theirs.
             pass
+        except OSError:
+            # A link refused (a full disk that needed a directory block): lease none of it, so no
+            # attempt is spent, and queue our part again as it was. Should even that rename fail,
+            # the orphan repair queues the claim after ORPHAN_SECONDS.
+            for lease in leases:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._path("leased", self._lease_names.pop(lease.token)))
+            back = f"{ready:013d}.{attempts}.{job}.{seg}.{lo}-{lo + take}" if rest_linked else name
+            with contextlib.suppress(OSError):
+                os.rename(claim_path, self._path("queue", back))
+            raise
         self._bump(job, queued=-len(leases), leased=len(leases))
         return leases
 
@@ -497,6 +629,7 @@ class FileBackend(Backend):
             self._lease_names.pop(token, None)
         return name
 
+    @_full_translated
     def renew(self, task_id: str, token: str, seconds: float) -> bool:
         name = self._find_lease(token)
         if name is None:
@@ -508,6 +641,7 @@ class FileBackend(Backend):
         self._lease_names[token] = renewed
         return True
 
+    @_full_translated
     def complete(self, items: Sequence[tuple[str, str, bytes]]) -> list[bool]:
         """Commit a batch: one result segment (one fsync), then per task three metadata calls.
 
@@ -555,6 +689,7 @@ class FileBackend(Backend):
         self._bump(job, leased=-1 if held else 0, completed=1 if committed else 0)
         return committed
 
+    @_full_translated
     def fail(self, task_id: str, token: str, error: bytes, retry_in: float | None) -> TaskStatus | None:
         name = self._find_lease(token)
         if name is None:
@@ -574,15 +709,25 @@ class FileBackend(Backend):
             moved = self._move_lease(token, "completing")
             if moved is None:
                 return None
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, self._done_path(job, task_id))
-            os.rename(self._path("completing", moved), self._path("dead", f"{attempt}.{job}.{seg}.{k}"))
+            recorded = False
+            try:
+                with contextlib.suppress(FileExistsError):
+                    os.link(tmp, self._done_path(job, task_id))
+                    recorded = True
+                os.rename(self._path("completing", moved), self._path("dead", f"{attempt}.{job}.{seg}.{k}"))
+            except OSError:
+                # A full disk part-way: the lease goes back as it was, so the report can be retried.
+                _unlink_all([self._path("done", job, task_id)] if recorded else [])
+                with contextlib.suppress(OSError):  # else the completing/ repair queues it again
+                    os.rename(self._path("completing", moved), self._path("leased", moved))
+                raise
         finally:
             os.unlink(tmp)
         self._bump(job, leased=-1, failed=1, dead=1)
         self._flush()
         return TaskStatus.DEAD
 
+    @_full_translated
     def release(self, task_id: str, token: str) -> bool:
         name = self._find_lease(token)
         if name is None:
@@ -699,6 +844,7 @@ class FileBackend(Backend):
             return 0
 
     # -- admin ----------------------------------------------------------------------------------
+    @_full_translated
     def release_all(self, force: bool = False) -> int:
         return self._reclaim(force=force)
 
@@ -728,6 +874,7 @@ class FileBackend(Backend):
         with open(path, "rb") as f:
             return f.read().decode()
 
+    @_full_translated
     def rezero(self) -> Counts:
         self._reclaim()
         rows: dict[str, dict[str, int]] = {}
@@ -756,11 +903,17 @@ class FileBackend(Backend):
             add(job, "completed", len(os.listdir(self._path("done", job))) - dead_by_job.get(job, 0))
         counters = self._dirs["counters"]
         with self._counters_locked():
-            for name in os.listdir(counters):
-                if not name.startswith("."):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(os.path.join(counters, name))
-            self._write_atomic(os.path.join(counters, "base"), json.dumps(rows).encode(), sync=False)
+            # The recount is written before any counter file goes: a full disk changes nothing.
+            recount = self._write_tmp(json.dumps(rows).encode(), sync=False)
+            try:
+                for name in os.listdir(counters):
+                    if not name.startswith(".") and name != "base":
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(os.path.join(counters, name))
+                os.rename(recount, os.path.join(counters, "base"))
+            except BaseException:
+                _unlink_all([recount])
+                raise
         self._deltas, self._flushed = {}, {}
         return self.counts()
 
@@ -792,6 +945,7 @@ class FileBackend(Backend):
                 letters.append(DeadLetter(f"quarantine/{name}", 0, f.read(), why))
         return letters
 
+    @_full_translated
     def redrive(self, task_ids: Sequence[str] | None = None) -> int:
         wanted = None if task_ids is None else set(task_ids)
         moved = 0
@@ -811,6 +965,7 @@ class FileBackend(Backend):
         self._flush()
         return moved
 
+    @_full_translated
     def purge_dead(self, task_ids: Sequence[str] | None = None) -> int:
         wanted = None if task_ids is None else set(task_ids)
         removed = 0
@@ -897,6 +1052,7 @@ class FileBackend(Backend):
         return None
 
     # -- workers --------------------------------------------------------------------------------
+    @_full_translated
     def heartbeat(self, worker_id: str, info: bytes, ttl: float) -> None:
         path = self._path("workers", check_worker_id(worker_id))
         if ttl <= 0:
@@ -951,20 +1107,27 @@ class FileBackend(Backend):
             if os.path.exists(self._path("done", job_id, task_id)):
                 raise ValueError(f"task {task_id!r} already has a record")
 
+    @_full_translated
     def put_results(self, job_id: str, items: Sequence[tuple[str, bytes]]) -> None:
         check_batch(job_id, items)
         self._refuse_recorded(job_id, [task_id for task_id, _ in items])
         if not items:
             return
         records = self._write_tmp(segments.encode(items))
+        linked: list[str] = []
         try:
             for task_id, _ in items:
                 os.link(records, self._done_path(job_id, task_id))
+                linked.append(self._path("done", job_id, task_id))
+        except BaseException:
+            _unlink_all(linked)  # a full disk part-way: none of the batch, as for a refused one
+            raise
         finally:
             os.unlink(records)
         self._bump(job_id, inserted=len(items), completed=len(items))
         self._flush()
 
+    @_full_translated
     def put_dead(self, job_id: str, letters: Sequence[DeadLetter]) -> None:
         check_batch(job_id, [(d.task_id, d.payload) for d in letters])
         if any(d.error is None for d in letters):
@@ -973,12 +1136,23 @@ class FileBackend(Backend):
         if not letters:
             return
         payloads = self._write_tmp(segments.encode([(d.task_id, d.payload) for d in letters]))
-        errors = self._write_tmp(segments.encode([(d.task_id, d.error or b"") for d in letters]))
+        try:
+            errors = self._write_tmp(segments.encode([(d.task_id, d.error or b"") for d in letters]))
+        except BaseException:
+            os.unlink(payloads)
+            raise
         seg = os.urandom(8).hex()
+        linked: list[str] = []
         try:
             for k, d in enumerate(letters):
                 os.link(errors, self._done_path(job_id, d.task_id))
-                os.link(payloads, self._path("dead", f"{d.attempts}.{job_id}.{seg}.{k}"))
+                linked.append(self._path("done", job_id, d.task_id))
+                letter = self._path("dead", f"{d.attempts}.{job_id}.{seg}.{k}")
+                os.link(payloads, letter)
+                linked.append(letter)
+        except BaseException:
+            _unlink_all(linked)  # a full disk part-way: none of the batch, as for a refused one
+            raise
         finally:
             os.unlink(payloads)
             os.unlink(errors)

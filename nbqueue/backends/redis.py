@@ -42,6 +42,7 @@ or leased, and expire ``result_ttl`` seconds after the last change once it has n
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import math
 import os
@@ -55,7 +56,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .. import defaults
-from ..errors import BackendUnavailable, QueueURLError
+from ..errors import BackendUnavailable, QueueURLError, StorageFull
 from . import redact_url
 from .base import (
     Backend,
@@ -74,7 +75,7 @@ from .base import (
 try:
     import redis
     from redis.backoff import ExponentialBackoff
-    from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
+    from redis.exceptions import AuthenticationError, NoPermissionError, OutOfMemoryError, ResponseError
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
     from redis.retry import Retry
@@ -282,6 +283,14 @@ class RedisBackend(Backend):
         except NoPermissionError as exc:
             raise BackendUnavailable(
                 f"the redis user of {self.url} lacks a permission nbqueue needs: {self._scrub(exc)}"
+            ) from None
+        except OutOfMemoryError as exc:
+            # "OOM command not allowed" (maxmemory, noeviction): Redis refuses a write in a script
+            # only while the script has written nothing yet, so a refused script changed nothing.
+            raise StorageFull(
+                errno.ENOSPC,
+                f"redis at {self.url} is full (maxmemory reached): {self._scrub(exc)}; nothing was "
+                "half-written: free memory or raise maxmemory, then retry",
             ) from None
 
     def _scrub(self, exc: BaseException) -> str:
