@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
+
+import pytest
 
 from nbqueue.backends import file as file_backend
 from nbqueue.backends.file import FileBackend
@@ -12,7 +16,7 @@ def tasks_of(job: str, n: int) -> list[tuple[str, bytes]]:
     return [(f"{job}-{i}", b"p") for i in range(n)]
 
 
-def test_status_reads_counters_without_listing_tasks(tmp_path, monkeypatch):
+def test_status_lists_only_counters_and_state_names_never_results(tmp_path, monkeypatch):
     q = FileBackend(str(tmp_path / "q"))
     for b in range(20):
         q.insert(f"j{b}", tasks_of(f"j{b}", 500))
@@ -20,7 +24,9 @@ def test_status_reads_counters_without_listing_tasks(tmp_path, monkeypatch):
     real_listdir = os.listdir
     monkeypatch.setattr(os, "listdir", lambda p=".": listed.append(str(p)) or real_listdir(p))
     assert q.counts().queued == 10_000 and q.job_counts("j3").queued == 500
-    assert all(p.endswith("counters") for p in listed), listed
+    # Counters, and the short lists of state names (one per batch or lease): never done/.
+    areas = ("counters", "queue", "claim", "leased", "completing")
+    assert listed and all(p.rsplit("/", 1)[-1] in areas for p in listed), listed
     monkeypatch.undo()
     # One queue/ entry per insert batch: a listing stays short as tasks grow.
     assert len(os.listdir(tmp_path / "q" / "queue")) == 20
@@ -133,3 +139,32 @@ def test_fail_and_release_after_a_renewal_by_another_handle(tmp_path):
     assert os.listdir(tmp_path / "q" / "leased") == [] and os.listdir(tmp_path / "q" / "completing") == []
     c = worker.counts()
     assert (c.leased, c.dead, c.queued) == (0, 1, 1)
+
+
+@pytest.mark.parametrize("killed_in", ["lease", "complete"])
+def test_a_process_killed_before_its_counter_write_leaves_no_phantom_state(tmp_path, killed_in):
+    """Found by the kill storm: a worker SIGKILLed between a rename and its counter write left
+    phantom leases (or queued=k, leased=-k) that kept burst workers waiting; queued and leased
+    now come from the names themselves."""
+    root = str(tmp_path / "q")
+    q = FileBackend(root)
+    q.insert("job", tasks_of("job", 2))
+    pid = os.fork()
+    if pid == 0:  # the doomed worker: its counter write is where it dies
+        w = FileBackend(root)
+        if killed_in == "lease":
+            w._flush = lambda: os.kill(os.getpid(), signal.SIGKILL)
+        leases = w.lease(2, 0.2 if killed_in == "lease" else 30)
+        w._flush = lambda: os.kill(os.getpid(), signal.SIGKILL)
+        w.complete([(lease.task_id, lease.token, b"r") for lease in leases])
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status)
+    if killed_in == "lease":
+        assert q.counts().leased == 2  # really leased, to a dead worker
+        time.sleep(0.3)  # its leases expire, are reclaimed and leased again here
+        leases = q.lease(2, 30)
+        assert q.complete([(lease.task_id, lease.token, b"r") for lease in leases]) == [True, True]
+    c = q.counts()
+    assert (c.queued, c.leased) == (0, 0) and q.job_counts("job").leased == 0
+    assert q.exact_job_finished("job") == 2

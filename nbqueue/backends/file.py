@@ -26,9 +26,13 @@ Deadlines come from the leasing machine's clock. On a shared file system, clock 
 machines shortens or stretches leases by the skew: keep leases much longer than the skew
 (minutes, with NTP-synced clocks, is safe).
 
-Counters are per-process files of cumulative deltas, written after every state change and
-summed on read: O(number of processes), never a listing of tasks. A process killed between a
-rename and its counter write leaves the counters off by that change; ``rezero()`` recounts.
+Event counters (inserted, completed, failed, dead) are per-process files of cumulative deltas,
+written after every state change and summed on read: O(number of processes), never a listing of
+tasks. A process killed between a rename and its counter write leaves them off by that change
+(at most one batch); ``rezero()`` recounts. The state counts, queued and leased, are read from
+the names themselves: ``queue/`` holds one name per inserted batch or retried task and
+``leased/`` one per lease, so the listing is short, and a killed worker can never leave phantom
+leases or queued tasks that keep a burst worker waiting.
 
 The copying verbs ``put_results`` and ``put_dead`` check every id first, then link the records
 one by one: a process killed part-way leaves some of them written.
@@ -804,10 +808,50 @@ class FileBackend(Backend):
 
     # -- reads ----------------------------------------------------------------------------------
     def counts(self) -> Counts:
-        return self._sum("")
+        return self._with_states(self._sum(""), None)
 
     def job_counts(self, job_id: str) -> Counts:
-        return self._sum(job_id)
+        return self._with_states(self._sum(job_id), job_id)
+
+    def _with_states(self, counts: Counts, job: str | None) -> Counts:
+        states = self._state_counts(claims=True).get("" if job is None else job, {})
+        counts.queued, counts.leased = states.get("queued", 0), states.get("leased", 0)
+        return counts
+
+    def _state_counts(self, claims: bool) -> dict[str, dict[str, int]]:
+        """Queued and leased tasks per job ("" for the queue), exactly, from the names.
+
+        With ``claims``, a range being claimed counts as queued: while it is split into leases
+        its tasks may also show as leased for a moment, but a range whose claimer was killed
+        still counts until the orphan repair queues it again (a burst worker waits for it).
+        """
+        rows: dict[str, dict[str, int]] = {}
+
+        def add(job: str, field: str, n: int) -> None:
+            for key in ("", job):
+                row = rows.setdefault(key, {})
+                row[field] = row.get(field, 0) + n
+
+        areas = [("queue", "queued"), ("leased", "leased"), ("completing", "leased")]
+        if claims:
+            areas.append(("claim", "queued"))
+        for area, field in areas:
+            try:
+                names = os.listdir(self._dirs[area])
+            except FileNotFoundError:  # purged this moment
+                continue
+            for name in names:
+                try:
+                    if field == "leased":
+                        add(self._parse_leased(name)[3], field, 1)
+                    else:
+                        if area == "claim":
+                            name = name.split(".", 2)[2]
+                        _, _, job, _, lo, hi = self._parse_queued(name)
+                        add(job, field, hi - lo)
+                except (ValueError, IndexError):
+                    continue  # not ours: quarantined by the next lease
+        return rows
 
     def results(self, job_id: str) -> dict[str, bytes]:
         check_id(job_id, "job id")
@@ -884,14 +928,10 @@ class FileBackend(Backend):
                 row = rows.setdefault(key, dict.fromkeys(COUNT_FIELDS, 0))
                 row[field] += n
 
-        for name in os.listdir(self._dirs["queue"]):
-            with contextlib.suppress(ValueError):
-                _, _, job, _, lo, hi = self._parse_queued(name)
-                add(job, "queued", hi - lo)
-        for area in ("leased", "completing"):
-            for name in os.listdir(self._dirs[area]):
-                with contextlib.suppress(ValueError):
-                    add(self._parse_leased(name)[3], "leased", 1)
+        for job, states in self._state_counts(claims=False).items():
+            if job:
+                for field, n in states.items():
+                    add(job, field, n)
         dead_by_job: dict[str, int] = {}
         for name in os.listdir(self._dirs["dead"]):
             parts = name.split(".")
