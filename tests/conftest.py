@@ -10,6 +10,7 @@ import pytest
 from nbqueue.backends import open_backend
 from nbqueue.backends.memory import MemoryBackend
 
+from .helpers import soak_enabled
 from .redis_server import RedisServer
 
 # Tests sign with a fixed key so child processes (workers) agree without a key file.
@@ -78,3 +79,30 @@ def worker_url(request, tmp_path):
     if request.param == "fq":
         return f"fq://{tmp_path / 'queue'}"
     return request.getfixturevalue("redis_url")
+
+
+# -- soak runs ----------------------------------------------------------------------------------
+def pytest_addoption(parser):
+    parser.addoption(
+        "--soak",
+        action="store_true",
+        default=False,
+        help="run fault tests at full size (also: NBQUEUE_SOAK=1); see helpers.soak_size",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under --soak a test marked ``soak_timeout(seconds)`` gets that per-test timeout instead of
+    the default (``timeout`` in pyproject.toml)."""
+    if not soak_enabled(config):
+        return
+    for item in items:
+        marker = item.get_closest_marker("soak_timeout")
+        if marker is not None:
+            item.add_marker(pytest.mark.timeout(*marker.args, **marker.kwargs), append=False)
+
+
+@pytest.fixture
+def soak(request) -> bool:
+    """True under --soak or $NBQUEUE_SOAK: size the test as the issue says, not for CI."""
+    return soak_enabled(request.config)

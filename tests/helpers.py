@@ -144,3 +144,42 @@ class JupyterProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+# -- fault tests: soak sizes and lease keepers ------------------------------------------------------
+def soak_enabled(config) -> bool:
+    """True under ``pytest --soak`` or with $NBQUEUE_SOAK set (to anything but 0/false/no)."""
+    if config.getoption("--soak", default=False):
+        return True
+    return os.environ.get("NBQUEUE_SOAK", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def soak_size(request_or_config, small, soak):
+    """``soak`` under ``--soak`` (or $NBQUEUE_SOAK), ``small`` otherwise (CI). Takes a fixture's
+    ``request``, a test item or a pytest config."""
+    config = getattr(request_or_config, "config", request_or_config)
+    return soak if soak_enabled(config) else small
+
+
+def keeper_pids(worker_pids) -> list[int]:
+    """Live lease-keeper processes (``nbqueue.keeper``) of any of ``worker_pids``, found by scanning
+    /proc (a keeper's argv is ``LEASE WORKER_PID WORKER_ID``): keepers whose worker was killed
+    are re-parented, so a worker's children list no longer shows them. Zombies count as gone."""
+    wanted = {str(pid) for pid in worker_pids}
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if state == b"Z" or not any("nbqueue.keeper import main" in a for a in argv):
+            continue
+        args = [a for a in argv if a]
+        if len(args) >= 2 and args[-2] in wanted:
+            found.append(int(entry))
+    return found
