@@ -168,3 +168,38 @@ def test_a_process_killed_before_its_counter_write_leaves_no_phantom_state(tmp_p
     c = q.counts()
     assert (c.queued, c.leased) == (0, 0) and q.job_counts("job").leased == 0
     assert q.exact_job_finished("job") == 2
+
+
+def test_a_claimer_killed_mid_split_gets_only_its_unlinked_tasks_queued_again(tmp_path, monkeypatch):
+    """Found by the kill-storm soak: the orphan repair queued the whole claimed range again, so
+    the rest (already back in the queue) and the dead claimer's leases ran twice."""
+    root = str(tmp_path / "q")
+    q = FileBackend(root)
+    q.insert("job", tasks_of("job", 10))
+    pid = os.fork()
+    if pid == 0:  # the claimer dies after giving back the rest (4-10) and leasing task 0
+        links = 0
+        real_link = os.link
+
+        def dying_link(src, dst):
+            nonlocal links
+            links += 1
+            if links == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_link(src, dst)
+
+        os.link = dying_link
+        FileBackend(root).lease(4, 0.2)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status)
+    assert len(os.listdir(os.path.join(root, "claim"))) == 1
+    monkeypatch.setattr(file_backend, "ORPHAN_SECONDS", 0.3)
+    time.sleep(0.4)  # the lease of task 0 expires; the claim is an orphan
+    leased = []
+    while batch := q.lease(100, 30):
+        leased += batch
+    attempts = {lease.task_id: lease.attempt for lease in leased}
+    assert sorted(lease.task_id for lease in leased) == sorted(f"job-{i}" for i in range(10))  # once each
+    assert attempts["job-0"] == 2 and all(attempts[f"job-{i}"] == 1 for i in range(1, 10))
+    assert os.listdir(os.path.join(root, "claim")) == []

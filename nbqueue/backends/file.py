@@ -595,8 +595,8 @@ class FileBackend(Backend):
                 leases.append(Lease(task_id, token, attempts + 1, payload))
             os.unlink(claim_path)
         except FileNotFoundError:
-            # Another machine took the claim for an orphan (clock skew beyond ORPHAN_SECONDS) and
-            # queued the range again: keep what we linked, the rest is theirs.
+            # Another process took the claim for an orphan (we were paused or cut off beyond
+            # ORPHAN_SECONDS) and queues what we had not linked: keep what we linked.
             pass
         except OSError:
             # A link refused (a full disk that needed a directory block): lease none of it, so no
@@ -775,14 +775,62 @@ class FileBackend(Backend):
             except ValueError:
                 self._quarantine("claim", name, "foreign file in claim/")
                 continue
-            if claimed < orphan_before:  # a process died splitting a range: queue it again
-                with contextlib.suppress(FileNotFoundError):
-                    os.rename(self._path("claim", name), self._path("queue", original))
+            if claimed < orphan_before:  # a process died splitting a range
+                self._repair_claim(name, original)
         for name in os.listdir(self._dirs["completing"]):
             self._repair_completing(name, orphan_before)
         if moved:
             self._flush()
         return moved
+
+    def _repair_claim(self, claim: str, original: str) -> None:
+        """Queue again the tasks of an orphaned claim that are nowhere else.
+
+        The dead claimer may have linked the rest of the range back and some leases before it
+        died; those tasks are accounted for (a lease of it may since have expired, run or been
+        committed), and queuing the whole range again would run them twice.
+        """
+        ready, attempts, job, seg, lo, hi = self._parse_queued(original)
+        # Re-claim it under a fresh name first: one repairer at a time, and should this process
+        # die too, the next repair finds it after ORPHAN_SECONDS again.
+        mine = f"{_now_ms():013d}.{os.urandom(8).hex()}.{original}"
+        try:
+            os.rename(self._path("claim", claim), self._path("claim", mine))
+        except FileNotFoundError:
+            return  # another process repairs it
+        path = self._path("claim", mine)
+        # Listed in the order tasks move (queue, claim, leased, completing, dead, done): a task
+        # moving on while we list is seen where it went. Only a lease returned to queue/ meanwhile
+        # can be missed, and it is then queued twice: run again, never lost.
+        accounted: set[int] = set()
+        ours = f".{job}.{seg}."
+        for area in ("queue", "claim", "leased", "completing", "dead"):
+            for name in os.listdir(self._dirs[area]):
+                if ours not in name or name == mine:
+                    continue
+                with contextlib.suppress(ValueError, IndexError):
+                    if area in ("leased", "completing"):
+                        accounted.add(self._parse_leased(name)[5])
+                    elif area == "dead":
+                        accounted.add(int(name.rsplit(".", 1)[1]))
+                    else:
+                        queued = name.split(".", 2)[2] if area == "claim" else name
+                        _, _, _, _, q_lo, q_hi = self._parse_queued(queued)
+                        accounted.update(range(q_lo, q_hi))
+        missing = [k for k in range(lo, hi) if k not in accounted]
+        try:
+            frames = self._read_frames(path, lo, hi) if missing else []
+        except (segments.CorruptSegment, OSError) as exc:
+            self._quarantine("claim", mine, f"unreadable task segment {original}: {exc}")
+            return
+        now = _now_ms()
+        for k in missing:
+            task_id = frames[k - lo][0]
+            if os.path.exists(self._path("done", job, task_id)):
+                continue  # committed (its lease is gone)
+            with contextlib.suppress(FileExistsError):
+                os.link(path, self._path("queue", _single(max(now, ready), attempts, job, seg, k)))
+        os.unlink(path)
 
     def _repair_completing(self, name: str, orphan_before: int) -> None:
         try:
