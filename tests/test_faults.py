@@ -13,7 +13,7 @@ import pytest
 
 from nbqueue import TaskQueue
 
-from .helpers import notebook, start_workers, wait_all, wait_for
+from .helpers import notebook, soak_size, start_workers, wait_all, wait_for
 from .redis_server import RedisServer
 
 NOTEBOOK = """
@@ -255,7 +255,8 @@ def memory_bomb(i):
 
 
 @pytest.mark.slow
-def test_every_kind_of_poison_is_dead_lettered_and_every_good_task_completes(worker_url, tmp_path):
+@pytest.mark.soak_timeout(600)
+def test_every_kind_of_poison_is_dead_lettered_and_every_good_task_completes(worker_url, tmp_path, request):
     pnb = notebook(POISONS)
     # A function from a module this process can import but the workers cannot: dill ships it by
     # reference, so a worker fails to decode it (terminal: dead at once, never retried).
@@ -269,7 +270,7 @@ def test_every_kind_of_poison_is_dead_lettered_and_every_good_task_completes(wor
         import producer_only
     finally:
         sys.path.remove(str(private))
-    n, attempts = 300, 2
+    n, attempts = soak_size(request, 300, 1000), 2
     tasks = [functools.partial(pnb.good, i) for i in range(n)]
     poisons = {
         7: pnb.raises,
