@@ -14,6 +14,7 @@ import pytest
 from nbqueue import TaskQueue
 
 from .helpers import notebook, soak_size, start_workers, wait_all, wait_for
+from .invariants import EFFECT_SOURCE, check_invariants, read_runs
 from .redis_server import RedisServer
 
 NOTEBOOK = """
@@ -31,7 +32,7 @@ def logged(i, log_dir, seconds=0.0):
 
 @pytest.fixture(scope="module")
 def nb():
-    return notebook(NOTEBOOK)
+    return notebook(NOTEBOOK + EFFECT_SOURCE)
 
 
 def executions(log_dir) -> dict[int, list[int]]:
@@ -84,21 +85,19 @@ def test_redis_killed_and_restarted_mid_run_loses_nothing(nb, tmp_path):
     try:
         tq = TaskQueue(url)
         job = tq.insert(
-            (functools.partial(nb.logged, i, str(log_dir), 0.01) for i in range(n)), progress=False
+            (functools.partial(nb.side_effect, str(log_dir), 0.01) for _ in range(n)), progress=False
         )
         workers = start_workers(url, 2, "--lease", "5", "--burst")
         for _ in range(3):
-            wait_for(lambda: sum(map(len, executions(log_dir).values())) > 0, what="progress")
+            wait_for(lambda: read_runs(log_dir), what="progress")
             time.sleep(0.7)
             server.kill()
             time.sleep(2.0)
             server.start()
         assert wait_all(workers, timeout=120) == [0, 0]
-        assert job.wait(timeout=60, progress=False).results() == list(range(n))
-        runs = executions(log_dir)
-        assert sorted(runs) == list(range(n))  # every task ran; re-runs only after a lost lease
-        counts = tq.status()
-        assert (counts.queued, counts.leased, counts.completed) == (0, 0, n)
+        job.wait(timeout=60, progress=False)
+        report = check_invariants(tq, job, log_dir)  # I1-I4: one result each, none stale, all at rest
+        assert report.lost == 0 and tq.status().completed == n
         tq.close()
     finally:
         server.stop()

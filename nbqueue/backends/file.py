@@ -116,6 +116,11 @@ def _subtract(a: dict[str, dict[str, int]], b: dict[str, dict[str, int]]) -> dic
     return {key: {f: v - b.get(key, {}).get(f, 0) for f, v in row.items()} for key, row in a.items()}
 
 
+#: A renewal in another process can rename a lease between our lookup and our move: look again
+#: this many times (renewals come every lease/3 seconds, so one retry nearly always suffices).
+_MOVE_TRIES = 4
+
+
 def _single(ready_ms: int, attempts: int, job: str, seg: str, k: int | str) -> str:
     """The queue/ name of one task (task k of a segment) ready at ``ready_ms``."""
     return f"{ready_ms:013d}.{attempts}.{job}.{seg}.{k}-{int(k) + 1}"
@@ -615,23 +620,20 @@ class FileBackend(Backend):
     def _move_lease(self, token: str, area: str, new_name: str | None = None) -> str | None:
         """Rename a lease out of leased/ (the fence); returns its old name, or None if stale."""
         name = self._find_lease(token)
-        if name is None:
-            return None
         try:
-            os.rename(self._path("leased", name), self._path(area, new_name or name))
-        except FileNotFoundError:
-            # Our record was stale (another process renewed it) or the lease is gone: look again.
-            self._lease_names.pop(token, None)
-            name = self._scan_lease(token)
-            if name is None:
-                return None
-            try:
-                os.rename(self._path("leased", name), self._path(area, new_name or name))
-            except FileNotFoundError:
-                return None
+            for _ in range(_MOVE_TRIES):
+                if name is None:
+                    return None
+                try:
+                    os.rename(self._path("leased", name), self._path(area, new_name or name))
+                    return name
+                except FileNotFoundError:
+                    # Renewed meanwhile by another process (the lease keeper), or gone: look again.
+                    self._lease_names.pop(token, None)
+                    name = self._scan_lease(token)
+            return None
         finally:
             self._lease_names.pop(token, None)
-        return name
 
     @_full_translated
     def renew(self, task_id: str, token: str, seconds: float) -> bool:
@@ -649,10 +651,11 @@ class FileBackend(Backend):
     def complete(self, items: Sequence[tuple[str, str, bytes]]) -> list[bool]:
         """Commit a batch: one result segment (one fsync), then per task three metadata calls.
 
-        Per task: the lease must still exist; the result is linked into done/ (the link fails
-        if a result is already there, so at most one is ever committed); then the lease is
-        unlinked. A lease reclaimed in the microseconds between the check and the link still
-        commits exactly one result: the re-run finds done/ taken and only drops its lease.
+        Per task: the lease is renamed into completing/ (the fence: a reclaim or a renewal racing
+        it wins or loses whole, so a result never lands for a lease another worker holds now);
+        the result is linked into done/ (a link never replaces, so at most one is ever
+        committed); then the completing/ name is unlinked. A committer killed in between is
+        repaired by the next reclaim (``_repair_completing``).
         """
         if not items:
             return []
@@ -667,11 +670,8 @@ class FileBackend(Backend):
         return out
 
     def _commit(self, task_id: str, token: str, record_path: str) -> bool:
-        name = self._find_lease(token)
-        if name is not None and not os.path.exists(self._path("leased", name)):
-            self._lease_names.pop(token, None)
-            name = self._scan_lease(token)
-        if name is None:
+        moved = self._move_lease(token, "completing")
+        if moved is None:
             return False  # stale token: changes nothing
         job = job_of(task_id)
         try:
@@ -679,18 +679,13 @@ class FileBackend(Backend):
             committed = True
         except FileExistsError:
             committed = False  # a result is already committed: never a second one
-        self._lease_names.pop(token, None)
-        held = False
-        while name is not None:
-            try:
-                os.unlink(self._path("leased", name))
-                held = True
-                break
-            except FileNotFoundError:
-                # Renewed meanwhile (a new name, still ours: drop it too) or reclaimed (gone).
-                name = self._scan_lease(token)
-                self._lease_names.pop(token, None)
-        self._bump(job, leased=-1 if held else 0, completed=1 if committed else 0)
+        except OSError:
+            # A full disk that needed a directory block: the lease goes back, the commit can be retried.
+            with contextlib.suppress(OSError):
+                os.rename(self._path("completing", moved), self._path("leased", moved))
+            raise
+        os.unlink(self._path("completing", moved))
+        self._bump(job, leased=-1, completed=1 if committed else 0)
         return committed
 
     @_full_translated
