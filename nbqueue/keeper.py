@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterable
 
 from . import defaults
@@ -133,11 +134,23 @@ def main(argv: list[str]) -> int:
     """The keeper process, with arguments ``LEASE_SECONDS WORKER_PID WORKER_ID`` and the queue URL in
     ``$NBQUEUE_URL``."""
     from .backends import open_backend
+    from .errors import BackendUnavailable
 
     url = os.environ[defaults.ENV_URL]
     lease_seconds, worker_pid, worker_id = float(argv[0]), int(argv[1]), argv[2]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the worker, which then says quit
-    backend = open_backend(url)
+    # A worker may start while its storage is down (a Redis restart): wait for it, as the worker
+    # itself would, rather than fail the worker.
+    delay = 0.1
+    while True:
+        try:
+            backend = open_backend(url)
+            break
+        except BackendUnavailable:
+            if os.getppid() != worker_pid:
+                return 0
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
     print("ready", flush=True)
     held: dict[str, str] = {}
     info = b"{}"

@@ -311,7 +311,8 @@ class TaskCodec:
 
     Args:
         queue_id: the identity of the queue (``Backend.queue_id``): tasks are signed for it, and
-            a task signed for another queue is refused before anything is loaded.
+            a task signed for another queue is refused before anything is loaded. A worker may
+            pass None and have it read (``refresh_queue_id``) at its first task.
         refresh_queue_id: reads the queue's identity again; a worker's queue gets a new one
             when it is purged, so a mismatch is checked against a fresh read before refusing.
         only_by_reference: refuse (``TaskRefused``) every task that ships pickled code or
@@ -322,7 +323,7 @@ class TaskCodec:
         self,
         signer: Signer,
         serializer: Serializer,
-        queue_id: str,
+        queue_id: str | None,
         *,
         refresh_queue_id: Callable[[], str] | None = None,
         only_by_reference: bool = False,

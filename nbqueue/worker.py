@@ -247,8 +247,8 @@ class Worker:
         self.codec = TaskCodec(
             queue.signer,
             queue.serializer,
-            queue.queue_id,
-            refresh_queue_id=self.backend.queue_id,
+            None,  # read at the first task, through the outage-tolerant call
+            refresh_queue_id=lambda: self._call(self.backend.queue_id, give_up_after=self.lease_seconds),
             only_by_reference=only_by_reference,
         )
         self.only_by_reference = only_by_reference
