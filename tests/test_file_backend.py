@@ -203,3 +203,31 @@ def test_a_claimer_killed_mid_split_gets_only_its_unlinked_tasks_queued_again(tm
     assert sorted(lease.task_id for lease in leased) == sorted(f"job-{i}" for i in range(10))  # once each
     assert attempts["job-0"] == 2 and all(attempts[f"job-{i}"] == 1 for i in range(1, 10))
     assert os.listdir(os.path.join(root, "claim")) == []
+
+
+def test_a_committer_killed_after_its_record_landed_is_cleaned_up_soon(tmp_path, monkeypatch):
+    """Found by the kill-storm soak: a worker killed between linking its result and dropping its
+    completing/ name left the task counted as leased for half a minute."""
+    root = str(tmp_path / "q")
+    q = FileBackend(root)
+    q.insert("job", tasks_of("job", 1))
+    pid = os.fork()
+    if pid == 0:
+        w = FileBackend(root)
+        (lease,) = w.lease(1, 0.2)
+        real_unlink = os.unlink
+
+        def dying_unlink(path, *args, **kwargs):
+            if "/completing/" in str(path):
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_unlink(path, *args, **kwargs)
+
+        os.unlink = dying_unlink
+        w.complete([(lease.task_id, lease.token, b"r")])
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and q.counts().leased == 1 and q.exact_job_finished("job") == 1
+    monkeypatch.setattr(file_backend, "COMPLETED_GRACE_SECONDS", 0.1)
+    time.sleep(0.4)  # the lease ended; ORPHAN_SECONDS (30 s) has not
+    assert q.lease(1, 30) == []  # the reclaim drops the name, and nothing runs again
+    assert q.counts().leased == 0 and os.listdir(os.path.join(root, "completing")) == []

@@ -101,6 +101,9 @@ AREAS = (
 )
 #: An orphaned claim or completing entry older than this was left by a killed process.
 ORPHAN_SECONDS = 30.0
+#: A completing/ name whose record is committed is dropped this long after its lease ended: the
+#: committer needed microseconds, and the margin covers clock skew between machines.
+COMPLETED_GRACE_SECONDS = 5.0
 #: How often one process scans leased/ for expired leases while leasing.
 RECLAIM_INTERVAL = 0.1
 #: A worker picks among this many of the oldest ready ranges, so workers rarely collide.
@@ -684,7 +687,8 @@ class FileBackend(Backend):
             with contextlib.suppress(OSError):
                 os.rename(self._path("completing", moved), self._path("leased", moved))
             raise
-        os.unlink(self._path("completing", moved))
+        with contextlib.suppress(FileNotFoundError):  # repaired already (we were paused)
+            os.unlink(self._path("completing", moved))
         self._bump(job, leased=-1, completed=1 if committed else 0)
         return committed
 
@@ -828,12 +832,16 @@ class FileBackend(Backend):
         os.unlink(path)
 
     def _repair_completing(self, name: str, orphan_before: int) -> None:
+        """A commit or failure report whose process died part-way: drop the name once the record
+        is in (soon after the lease ended), or queue the task again (after ORPHAN_SECONDS)."""
         try:
             deadline, attempt, _, job, seg, k = self._parse_leased(name)
         except ValueError:
             self._quarantine("completing", name, "foreign file in completing/")
             return
-        if deadline >= orphan_before:
+        # Found by the kill-storm soak: waiting ORPHAN_SECONDS here too left a committed task
+        # counted as leased for half a minute after its worker was killed.
+        if deadline >= _now_ms() - int(COMPLETED_GRACE_SECONDS * 1000):
             return
         path = self._path("completing", name)
         try:
@@ -844,7 +852,7 @@ class FileBackend(Backend):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
                 self._bump(job, leased=-1, completed=1)
-        else:
+        elif deadline < orphan_before:
             with contextlib.suppress(FileNotFoundError):
                 os.rename(path, self._path("queue", _single(_now_ms(), attempt, job, seg, k)))
                 self._bump(job, leased=-1, queued=1)
