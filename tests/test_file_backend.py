@@ -150,12 +150,12 @@ def test_a_process_killed_before_its_counter_write_leaves_no_phantom_state(tmp_p
     q = FileBackend(root)
     q.insert("job", tasks_of("job", 2))
     pid = os.fork()
-    if pid == 0:  # the doomed worker: its counter write is where it dies
+    if pid == 0:  # the doomed worker: dies holding its leases, or at its counter write
         w = FileBackend(root)
-        if killed_in == "lease":
-            w._flush = lambda: os.kill(os.getpid(), signal.SIGKILL)
         leases = w.lease(2, 0.2 if killed_in == "lease" else 30)
         w._flush = lambda: os.kill(os.getpid(), signal.SIGKILL)
+        if killed_in == "lease":
+            os.kill(os.getpid(), signal.SIGKILL)
         w.complete([(lease.task_id, lease.token, b"r") for lease in leases])
         os._exit(0)
     _, status = os.waitpid(pid, 0)
@@ -231,3 +231,19 @@ def test_a_committer_killed_after_its_record_landed_is_cleaned_up_soon(tmp_path,
     time.sleep(0.4)  # the lease ended; ORPHAN_SECONDS (30 s) has not
     assert q.lease(1, 30) == []  # the reclaim drops the name, and nothing runs again
     assert q.counts().leased == 0 and os.listdir(os.path.join(root, "completing")) == []
+
+
+def test_a_purge_by_another_process_does_not_break_the_next_commit(tmp_path):
+    """A per-process cache of the done/<job> directories went stale when another handle purged."""
+    root = str(tmp_path / "q")
+    worker, admin = FileBackend(root), FileBackend(root)
+    worker.put_results("j", [("j-0", b"r")])
+    admin.purge()
+    worker.put_results("j", [("j-0", b"r")])
+    worker.insert("k", tasks_of("k", 1))
+    (lease,) = worker.lease(1, 30)
+    admin.purge()
+    admin.insert("k", tasks_of("k", 1))
+    (lease,) = worker.lease(1, 30)
+    assert worker.complete([(lease.task_id, lease.token, b"r")]) == [True]
+    assert admin.exact_job_finished("k") == 1

@@ -137,7 +137,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _is_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in FULL_ERRNOS
+    """A full disk or quota not yet said as StorageFull."""
+    return isinstance(exc, OSError) and exc.errno in FULL_ERRNOS and not isinstance(exc, StorageFull)
 
 
 def _full_translated(method: F) -> F:
@@ -148,10 +149,8 @@ def _full_translated(method: F) -> F:
     def wrapper(self: FileBackend, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
-        except StorageFull:
-            raise
         except OSError as exc:
-            if exc.errno in FULL_ERRNOS:
+            if _is_full(exc):
                 raise self._storage_full(exc) from exc
             raise
 
@@ -197,7 +196,6 @@ class FileBackend(Backend):
         self._counter_pid = -1
         self._deltas: dict[str, dict[str, int]] = {}
         self._flushed: dict[str, dict[str, int]] = {}  # the deltas as last written
-        self._done_dirs: set[str] = set()  # done/<job> directories known to exist
         self._counting = (os.getpid(), threading.Lock())  # see _counted
         _open_backends.add(self)
 
@@ -238,9 +236,10 @@ class FileBackend(Backend):
         tmp = self._write_tmp(data, tmp_dir, sync)
         try:
             os.rename(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        except BaseException as exc:
+            _unlink_all([tmp])
+            if _is_full(exc):  # a rename may need a directory block too
+                raise self._storage_full(exc) from exc  # type: ignore[arg-type]
             raise
 
     def _write_tmp(self, data: bytes, tmp_dir: str | None = None, sync: bool = True) -> str:
@@ -258,8 +257,7 @@ class FileBackend(Backend):
             finally:
                 os.close(fd)  # close can report a full disk too (delayed allocation)
         except BaseException as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            _unlink_all([tmp])
             if _is_full(exc):
                 raise self._storage_full(exc) from exc  # type: ignore[arg-type]
             raise
@@ -282,8 +280,8 @@ class FileBackend(Backend):
                 row[name] = row.get(name, 0) + d
 
     def _flush(self) -> None:
-        if self._counter_pid != os.getpid() or not self._deltas:
-            return
+        if self._counter_pid != os.getpid() or self._deltas == self._flushed:
+            return  # nothing counted since the last write
         path = self._counter_file()
         self._drop_rezeroed()
         data = json.dumps(self._deltas).encode()
@@ -321,14 +319,12 @@ class FileBackend(Backend):
                 yield
             except BaseException:
                 self._bump(job_id, **{name: -d for name, d in delta.items()})
-                with contextlib.suppress(OSError):
-                    os.unlink(staged)
+                _unlink_all([staged])
                 raise
             try:
                 os.rename(staged, self._counter_file())
             except OSError:
-                with contextlib.suppress(OSError):
-                    os.unlink(staged)
+                _unlink_all([staged])
                 return  # the change is made and counted in memory: the next write counts it
             self._flushed = snapshot
 
@@ -437,13 +433,20 @@ class FileBackend(Backend):
         with open(path, "rb") as f:
             return segments.decode(f.read(), lo, hi)
 
-    def _done_path(self, job: str, task_id: str) -> str:
-        """Where a task's record is committed; makes the job's directory once per process."""
-        if job not in self._done_dirs:
+    def _link_done(self, src: str, job: str, task_id: str) -> str:
+        """Link a record into done/<job>/ (FileExistsError: one is there already); its path.
+
+        The job's directory is made on first need, never cached: another process's purge
+        removes it.
+        """
+        path = self._path("done", job, task_id)
+        try:
+            os.link(src, path)
+        except FileNotFoundError:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(self._path("done", job), 0o700)
-            self._done_dirs.add(job)
-        return self._path("done", job, task_id)
+            os.link(src, path)
+        return path
 
     def _quarantine(self, area: str, name: str, why: str) -> None:
         # Set aside even on a full disk; dead() then says only "quarantined", not why.
@@ -509,11 +512,10 @@ class FileBackend(Backend):
         seg = os.urandom(8).hex()
         try:
             # Counted before visible: a full disk refuses the batch whole, never queues it uncounted.
-            with self._counted(job_id, inserted=n, queued=n):
+            with self._counted(job_id, inserted=n):
                 os.rename(tmp, self._path("queue", f"{_now_ms():013d}.0.{job_id}.{seg}.0-{n}"))
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            _unlink_all([tmp])
             raise
 
     @_full_translated
@@ -549,8 +551,6 @@ class FileBackend(Backend):
                 continue
             name = self._ranges.pop(random.choice(ready[:PICK_WINDOW]))
             leases += self._claim(name, n - len(leases), seconds)
-        if leases:
-            self._flush()
         return leases
 
     def _list_ranges(self) -> list[str]:
@@ -611,13 +611,11 @@ class FileBackend(Backend):
             # attempt is spent, and queue our part again as it was. Should even that rename fail,
             # the orphan repair queues the claim after ORPHAN_SECONDS.
             for lease in leases:
-                with contextlib.suppress(OSError):
-                    os.unlink(self._path("leased", self._lease_names.pop(lease.token)))
+                _unlink_all([self._path("leased", self._lease_names.pop(lease.token))])
             back = f"{ready:013d}.{attempts}.{job}.{seg}.{lo}-{lo + take}" if rest_linked else name
             with contextlib.suppress(OSError):
                 os.rename(claim_path, self._path("queue", back))
             raise
-        self._bump(job, queued=-len(leases), leased=len(leases))
         return leases
 
     def _move_lease(self, token: str, area: str, new_name: str | None = None) -> str | None:
@@ -678,7 +676,7 @@ class FileBackend(Backend):
             return False  # stale token: changes nothing
         job = job_of(task_id)
         try:
-            os.link(record_path, self._done_path(job, task_id))
+            self._link_done(record_path, job, task_id)
             committed = True
         except FileExistsError:
             committed = False  # a result is already committed: never a second one
@@ -689,7 +687,8 @@ class FileBackend(Backend):
             raise
         with contextlib.suppress(FileNotFoundError):  # repaired already (we were paused)
             os.unlink(self._path("completing", moved))
-        self._bump(job, leased=-1, completed=1 if committed else 0)
+        if committed:
+            self._bump(job, completed=1)
         return committed
 
     @_full_translated
@@ -702,7 +701,7 @@ class FileBackend(Backend):
             again = _single(_now_ms() + int(retry_in * 1000), attempt, job, seg, k)
             if self._move_lease(token, "queue", again) is None:
                 return None
-            self._bump(job, leased=-1, failed=1, queued=1)
+            self._bump(job, failed=1)
             self._flush()
             return TaskStatus.QUEUED
         tmp = self._write_tmp(segments.encode([(task_id, error)]))
@@ -715,7 +714,7 @@ class FileBackend(Backend):
             recorded = False
             try:
                 with contextlib.suppress(FileExistsError):
-                    os.link(tmp, self._done_path(job, task_id))
+                    self._link_done(tmp, job, task_id)
                     recorded = True
                 os.rename(self._path("completing", moved), self._path("dead", f"{attempt}.{job}.{seg}.{k}"))
             except OSError:
@@ -726,7 +725,7 @@ class FileBackend(Backend):
                 raise
         finally:
             os.unlink(tmp)
-        self._bump(job, leased=-1, failed=1, dead=1)
+        self._bump(job, failed=1, dead=1)
         self._flush()
         return TaskStatus.DEAD
 
@@ -737,11 +736,7 @@ class FileBackend(Backend):
             return False
         _, attempt, _, job, seg, k = self._parse_leased(name)
         back = _single(_now_ms(), attempt - 1, job, seg, k)
-        if self._move_lease(token, "queue", back) is None:
-            return False
-        self._bump(job, leased=-1, queued=1)
-        self._flush()
-        return True
+        return self._move_lease(token, "queue", back) is not None
 
     def _reclaim(self, force: bool = False) -> int:
         """Return expired leases to the queue and repair what killed processes left behind."""
@@ -763,7 +758,6 @@ class FileBackend(Backend):
                 )
             except FileNotFoundError:
                 continue
-            self._bump(job, leased=-1, queued=1)
             moved += 1
         orphan_before = now - int(ORPHAN_SECONDS * 1000)
         for name in os.listdir(self._dirs["claim"]):
@@ -778,8 +772,7 @@ class FileBackend(Backend):
                 self._repair_claim(name, original)
         for name in os.listdir(self._dirs["completing"]):
             self._repair_completing(name, orphan_before)
-        if moved:
-            self._flush()
+        self._flush()  # a repaired commit counts as completed
         return moved
 
     def _repair_claim(self, claim: str, original: str) -> None:
@@ -851,11 +844,10 @@ class FileBackend(Backend):
         if os.path.exists(self._path("done", job, task_id)):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-                self._bump(job, leased=-1, completed=1)
+                self._bump(job, completed=1)
         elif deadline < orphan_before:
             with contextlib.suppress(FileNotFoundError):
                 os.rename(path, self._path("queue", _single(_now_ms(), attempt, job, seg, k)))
-                self._bump(job, leased=-1, queued=1)
 
     # -- reads ----------------------------------------------------------------------------------
     def counts(self) -> Counts:
@@ -865,44 +857,44 @@ class FileBackend(Backend):
         return self._with_states(self._sum(job_id), job_id)
 
     def _with_states(self, counts: Counts, job: str | None) -> Counts:
-        states = self._state_counts(claims=True).get("" if job is None else job, {})
-        counts.queued, counts.leased = states.get("queued", 0), states.get("leased", 0)
+        counts.queued, counts.leased = self._state_counts(job)
         return counts
 
-    def _state_counts(self, claims: bool) -> dict[str, dict[str, int]]:
-        """Queued and leased tasks per job ("" for the queue), exactly, from the names.
+    def _state_counts(self, job: str | None) -> tuple[int, int]:
+        """Queued and leased tasks (of ``job``, else of the queue), exactly, from the names.
 
-        With ``claims``, a range being claimed counts as queued: while it is split into leases
-        its tasks may also show as leased for a moment, but a range whose claimer was killed
-        still counts until the orphan repair queues it again (a burst worker waits for it).
+        A range being claimed counts as queued: while it is split into leases its tasks may also
+        show as leased for a moment, but a range whose claimer was killed still counts until the
+        orphan repair queues it again (a burst worker waits for it).
         """
-        rows: dict[str, dict[str, int]] = {}
-
-        def add(job: str, field: str, n: int) -> None:
-            for key in ("", job):
-                row = rows.setdefault(key, {})
-                row[field] = row.get(field, 0) + n
-
-        areas = [("queue", "queued"), ("leased", "leased"), ("completing", "leased")]
-        if claims:
-            areas.append(("claim", "queued"))
-        for area, field in areas:
+        mark = None if job is None else f".{job}."
+        queued = leased = 0
+        for area in ("queue", "claim", "leased", "completing"):
             try:
                 names = os.listdir(self._dirs[area])
             except FileNotFoundError:  # purged this moment
                 continue
             for name in names:
+                if mark is not None and mark not in name:
+                    continue
                 try:
-                    if field == "leased":
-                        add(self._parse_leased(name)[3], field, 1)
+                    if area in ("leased", "completing"):
+                        found = self._parse_leased(name)[3]
+                        n = 1
                     else:
-                        if area == "claim":
-                            name = name.split(".", 2)[2]
-                        _, _, job, _, lo, hi = self._parse_queued(name)
-                        add(job, field, hi - lo)
+                        _, _, found, _, lo, hi = self._parse_queued(
+                            name.split(".", 2)[2] if area == "claim" else name
+                        )
+                        n = hi - lo
                 except (ValueError, IndexError):
                     continue  # not ours: quarantined by the next lease
-        return rows
+                if job is not None and found != job:
+                    continue
+                if area in ("leased", "completing"):
+                    leased += n
+                else:
+                    queued += n
+        return queued, leased
 
     def results(self, job_id: str) -> dict[str, bytes]:
         check_id(job_id, "job id")
@@ -979,10 +971,6 @@ class FileBackend(Backend):
                 row = rows.setdefault(key, dict.fromkeys(COUNT_FIELDS, 0))
                 row[field] += n
 
-        for job, states in self._state_counts(claims=False).items():
-            if job:
-                for field, n in states.items():
-                    add(job, field, n)
         dead_by_job: dict[str, int] = {}
         for name in os.listdir(self._dirs["dead"]):
             parts = name.split(".")
@@ -1051,7 +1039,7 @@ class FileBackend(Backend):
                 os.rename(self._path("dead", name), self._path("queue", again))
             except FileNotFoundError:
                 continue
-            self._bump(job, dead=-1, queued=1)
+            self._bump(job, dead=-1)
             moved += 1
         self._flush()
         return moved
@@ -1208,8 +1196,7 @@ class FileBackend(Backend):
         linked: list[str] = []
         try:
             for task_id, _ in items:
-                os.link(records, self._done_path(job_id, task_id))
-                linked.append(self._path("done", job_id, task_id))
+                linked.append(self._link_done(records, job_id, task_id))
         except BaseException:
             _unlink_all(linked)  # a full disk part-way: none of the batch, as for a refused one
             raise
@@ -1236,8 +1223,7 @@ class FileBackend(Backend):
         linked: list[str] = []
         try:
             for k, d in enumerate(letters):
-                os.link(errors, self._done_path(job_id, d.task_id))
-                linked.append(self._path("done", job_id, d.task_id))
+                linked.append(self._link_done(errors, job_id, d.task_id))
                 letter = self._path("dead", f"{d.attempts}.{job_id}.{seg}.{k}")
                 os.link(payloads, letter)
                 linked.append(letter)
