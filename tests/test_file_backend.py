@@ -247,3 +247,17 @@ def test_a_purge_by_another_process_does_not_break_the_next_commit(tmp_path):
     (lease,) = worker.lease(1, 30)
     assert worker.complete([(lease.task_id, lease.token, b"r")]) == [True]
     assert admin.exact_job_finished("k") == 1
+
+
+def test_a_partial_segment_read_agrees_with_decoding_the_whole_file(tmp_path):
+    from nbqueue.backends import segments
+
+    frames = [(f"j-{i}", os.urandom(i % 7) * 3) for i in range(40)]
+    path = tmp_path / "seg"
+    path.write_bytes(segments.encode(frames))
+    for lo, hi in [(0, None), (0, 1), (5, 9), (39, 40), (38, 99), (40, 40)]:
+        with open(path, "rb") as f:
+            assert segments.read(f, lo, hi) == segments.decode(path.read_bytes(), lo, hi) == frames[lo:hi]
+    path.write_bytes(segments.encode(frames)[:-1])  # one byte short: refused, as decode refuses it
+    with open(path, "rb") as f, pytest.raises(segments.CorruptSegment):
+        segments.read(f, 0, 1)

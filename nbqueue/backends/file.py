@@ -431,7 +431,7 @@ class FileBackend(Backend):
 
     def _read_frames(self, path: str, lo: int = 0, hi: int | None = None) -> list[tuple[str, bytes]]:
         with open(path, "rb") as f:
-            return segments.decode(f.read(), lo, hi)
+            return segments.read(f, lo, hi)
 
     def _link_done(self, src: str, job: str, task_id: str) -> str:
         """Link a record into done/<job>/ (FileExistsError: one is there already); its path.

@@ -8,8 +8,10 @@ fsync, however many tasks it holds. Layout::
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Sequence
+from typing import BinaryIO
 
 MAGIC = b"NBQSEG1\n"
 _COUNT = struct.Struct("<I")
@@ -36,25 +38,63 @@ def decode(blob: bytes, lo: int = 0, hi: int | None = None) -> list[tuple[str, b
     """Unpack frames ``lo..hi-1`` of a segment (all by default); raise CorruptSegment on anything
     malformed (never anything else). The whole index is checked; only wanted frames are copied."""
     view = memoryview(blob)
-    if view[: len(MAGIC)] != MAGIC or len(view) < len(MAGIC) + _COUNT.size:
+    first, sizes = _layout(view, view[len(MAGIC) + _COUNT.size :], len(view))
+    lo, hi, offset = _span(sizes, lo, hi)
+    return _frames(view[first + offset :], sizes[lo:hi])
+
+
+def read(f: BinaryIO, lo: int = 0, hi: int | None = None) -> list[tuple[str, bytes]]:
+    """``decode`` of the segment open in ``f``, reading only its header, its index and the wanted
+    frames: taking a few tasks from a large segment costs their bytes, not the file's."""
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(len(MAGIC) + _COUNT.size)
+    count = _count(head, size)
+    first, sizes = _layout(head, f.read(count * _ENTRY.size), size)
+    lo, hi, offset = _span(sizes, lo, hi)
+    f.seek(first + offset)
+    want = sum(i + d for i, d in sizes[lo:hi])
+    body = f.read(want)
+    if len(body) != want:
+        raise CorruptSegment("segment file is shorter than its index says")
+    return _frames(memoryview(body), sizes[lo:hi])
+
+
+def _count(head: bytes | memoryview, size: int) -> int:
+    if len(head) < len(MAGIC) + _COUNT.size or head[: len(MAGIC)] != MAGIC:
         raise CorruptSegment("not a segment file (bad magic)")
-    (count,) = _COUNT.unpack_from(view, len(MAGIC))
-    pos = len(MAGIC) + _COUNT.size
-    end_index = pos + count * _ENTRY.size
-    if end_index > len(view):
+    (count,) = _COUNT.unpack_from(head, len(MAGIC))
+    if len(MAGIC) + _COUNT.size + count * _ENTRY.size > size:
         raise CorruptSegment("segment index runs past the end of the file")
-    sizes = list(_ENTRY.iter_unpack(view[pos:end_index]))
-    pos = end_index
-    if pos + sum(i + d for i, d in sizes) != len(view):
+    return count
+
+
+def _layout(
+    head: bytes | memoryview, index: bytes | memoryview, size: int
+) -> tuple[int, list[tuple[int, int]]]:
+    """Where the frames start, and each frame's (id length, data length); checked against ``size``."""
+    count = _count(head, size)
+    first = len(MAGIC) + _COUNT.size + count * _ENTRY.size
+    sizes = list(_ENTRY.iter_unpack(index[: count * _ENTRY.size]))
+    if first + sum(i + d for i, d in sizes) != size:
         raise CorruptSegment("segment frames do not fill the file exactly")
+    return first, sizes
+
+
+def _span(sizes: list[tuple[int, int]], lo: int, hi: int | None) -> tuple[int, int, int]:
+    """``lo`` and ``hi`` within the segment, and the byte offset of frame ``lo`` from the first."""
     hi = len(sizes) if hi is None else min(hi, len(sizes))
+    lo = min(max(lo, 0), hi)
+    return lo, hi, sum(i + d for i, d in sizes[:lo])
+
+
+def _frames(body: memoryview, sizes: list[tuple[int, int]]) -> list[tuple[str, bytes]]:
     frames = []
-    for k, (id_len, data_len) in enumerate(sizes):
-        if lo <= k < hi:
-            try:
-                task_id = bytes(view[pos : pos + id_len]).decode("ascii")
-            except UnicodeDecodeError as exc:
-                raise CorruptSegment("segment holds a non-ASCII task id") from exc
-            frames.append((task_id, bytes(view[pos + id_len : pos + id_len + data_len])))
+    pos = 0
+    for id_len, data_len in sizes:
+        try:
+            task_id = bytes(body[pos : pos + id_len]).decode("ascii")
+        except UnicodeDecodeError as exc:
+            raise CorruptSegment("segment holds a non-ASCII task id") from exc
+        frames.append((task_id, bytes(body[pos + id_len : pos + id_len + data_len])))
         pos += id_len + data_len
     return frames
