@@ -142,6 +142,34 @@ local function drop_expired_workers(now)
   redis.call('ZREMRANGEBYSCORE', K.worker_expiry, '-inf', now)
 end
 
+-- List a job in the jobs index (by first insert), so purge() and list_jobs find its keys.
+local function index_job(job)
+  redis.call('ZADD', K.jobs, 'NX', now_us(), job)
+end
+
+-- A dead letter: its error, payload and attempts, and the error as the job's record.
+local function store_dead(task, job, err, payload, attempts)
+  redis.call('HSET', K.dead, task, err)
+  redis.call('HSET', K.dead_payload, task, payload)
+  redis.call('HSET', K.dead_attempts, task, attempts)
+  redis.call('HSET', JK('results', job), task, err)
+end
+
+local function drop_dead(task)
+  redis.call('HDEL', K.dead, task)
+  redis.call('HDEL', K.dead_payload, task)
+  redis.call('HDEL', K.dead_attempts, task)
+end
+
+-- n tasks of a job restored from another queue (put_results, put_dead): counted as inserted
+-- and as `field` (completed or dead).
+local function count_restored(job, n, field)
+  index_job(job)
+  bump(job, 'inserted', n)
+  bump(job, field, n)
+  flush()
+end
+
 -- The first task of ARGV[first], ARGV[first + step], ... that already has a record, or nil:
 -- the restoring scripts write nothing when one has.
 local function first_recorded(job, first, step)

@@ -21,12 +21,9 @@ if retry ~= '' then
   flush()
   return 'queued'
 end
-redis.call('HSET', K.dead, task, err)
-redis.call('HSET', K.dead_payload, task, redis.call('HGET', K.payload, task))
-redis.call('HSET', K.dead_attempts, task, redis.call('HGET', K.attempts, task))
+store_dead(task, job, err, redis.call('HGET', K.payload, task), redis.call('HGET', K.attempts, task))
 redis.call('HDEL', K.payload, task)
 redis.call('HDEL', K.attempts, task)
-redis.call('HSET', JK('results', job), task, err)
 bump(job, 'dead', 1)
 flush()
 return 'dead'

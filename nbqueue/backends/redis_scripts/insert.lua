@@ -21,7 +21,7 @@ for i = 4, #ARGV, 2 do
   n = n + 1
 end
 redis.call('ZADD', K.inserts, now, nonce)
-redis.call('ZADD', K.jobs, 'NX', now_us(), job)
+index_job(job)
 bump(job, 'inserted', n)
 bump(job, 'queued', n)
 flush()

@@ -1,6 +1,7 @@
 -- lease(lease_ms, token_1, ..., token_n): lease up to n ready tasks.
--- Returns {wait_ms, task, token, attempt, payload, ...}; wait_ms is how long until the next
--- delayed task is due or lease expires (-1: neither), so a blocking caller knows when to retry.
+-- Returns {wait_ms, task, token, attempt, payload, ...}; when nothing was leased, wait_ms is how
+-- long until the next delayed task is due or lease expires (-1: neither, or tasks were leased),
+-- so a blocking caller knows when to retry.
 local now = now_ms()
 local deadline = now + tonumber(ARGV[2])
 reclaim(now, false, RECLAIM_LIMIT)
@@ -27,12 +28,15 @@ flush()
 if redis.call('LLEN', K.ready) == 0 then
   redis.call('DEL', K.notify)
 end
-for _, key in ipairs({K.delayed, K.leases}) do
-  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-  if first[2] then
-    local wait = math.max(tonumber(first[2]) - now, 0)
-    if out[1] < 0 or wait < out[1] then
-      out[1] = wait
+-- Only a caller that got nothing waits, so only then is the time to the next event needed.
+if #out == 1 then
+  for _, key in ipairs({K.delayed, K.leases}) do
+    local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    if first[2] then
+      local wait = math.max(tonumber(first[2]) - now, 0)
+      if out[1] < 0 or wait < out[1] then
+        out[1] = wait
+      end
     end
   end
 end

@@ -2,9 +2,7 @@
 -- Only the queue's dead count drops: the job keeps its error record and counts it as dead.
 local ids = chosen_dead()
 for _, task in ipairs(ids) do
-  redis.call('HDEL', K.dead, task)
-  redis.call('HDEL', K.dead_payload, task)
-  redis.call('HDEL', K.dead_attempts, task)
+  drop_dead(task)
 end
 if #ids > 0 then
   redis.call('HINCRBY', K.counts, 'dead', -#ids)

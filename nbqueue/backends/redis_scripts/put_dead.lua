@@ -7,17 +7,8 @@ local recorded = first_recorded(job, 3, 4)
 if recorded then
   return recorded
 end
-local n = 0
 for i = 3, #ARGV, 4 do
-  local task = ARGV[i]
-  redis.call('HSET', K.dead, task, ARGV[i + 3])
-  redis.call('HSET', K.dead_payload, task, ARGV[i + 2])
-  redis.call('HSET', K.dead_attempts, task, ARGV[i + 1])
-  redis.call('HSET', JK('results', job), task, ARGV[i + 3])
-  n = n + 1
+  store_dead(ARGV[i], job, ARGV[i + 3], ARGV[i + 2], ARGV[i + 1])
 end
-redis.call('ZADD', K.jobs, 'NX', now_us(), job)
-bump(job, 'inserted', n)
-bump(job, 'dead', n)
-flush()
+count_restored(job, (#ARGV - 2) / 4, 'dead')
 return nil

@@ -6,14 +6,8 @@ local recorded = first_recorded(job, 3, 2)
 if recorded then
   return recorded
 end
-local n = 0
 for i = 3, #ARGV, 2 do
   redis.call('HSET', JK('results', job), ARGV[i], ARGV[i + 1])
-  n = n + 1
 end
--- The job's keys must be in the index, or purge would not find them.
-redis.call('ZADD', K.jobs, 'NX', now_us(), job)
-bump(job, 'inserted', n)
-bump(job, 'completed', n)
-flush()
+count_restored(job, (#ARGV - 2) / 2, 'completed')
 return nil
