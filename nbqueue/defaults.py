@@ -46,3 +46,8 @@ def key_file_path() -> str:
         return explicit
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return os.path.join(base, "nbqueue", "secret.key")
+
+
+#: Retry backoff while the storage is unreachable or full (workers, lease keepers): first wait
+#: and cap, in seconds.
+RECONNECT_FIRST, RECONNECT_MAX = 0.1, 5.0

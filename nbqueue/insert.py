@@ -150,10 +150,12 @@ def upload(
     offset: int,
     batch_size: int,
     writer: _Writer,
+    queue_id: str,
     on_batch=None,
 ) -> None:
-    """Encode ``tasks`` (ids from ``offset``) into batches and hand them to ``writer``."""
-    codec = TaskCodec(queue.signer, queue.serializer, queue.queue_id)
+    """Encode ``tasks`` (ids from ``offset``), signed for ``queue_id``, into batches and hand
+    them to ``writer``."""
+    codec = TaskCodec(queue.signer, queue.serializer, queue_id)
     batch: list[tuple[str, bytes]] = []
     batch_bytes = 0
     functions: list[tuple[str, bytes]] = []
@@ -181,7 +183,14 @@ def upload(
 
 # -- parallel slices ------------------------------------------------------------------------------
 def _insert_slice(
-    url: str, insecure: bool, serializer: str, job_id: str, offset: int, blob: bytes, batch_size: int
+    url: str,
+    insecure: bool,
+    serializer: str,
+    queue_id: str,
+    job_id: str,
+    offset: int,
+    blob: bytes,
+    batch_size: int,
 ) -> int:
     """Child process: load one slice and upload it. Returns how many tasks it queued."""
     from .queue import TaskQueue
@@ -189,13 +198,15 @@ def _insert_slice(
     tq = TaskQueue(url, insecure=insecure, serializer=serializer)
     writer = _Writer(tq.backend, job_id)
     try:
-        upload(tq, job_id, tq.serializer.loads(blob), offset, batch_size, writer)
+        upload(tq, job_id, tq.serializer.loads(blob), offset, batch_size, writer, queue_id)
     finally:
         tq.close()
     return writer.written
 
 
-def _insert_sliced(queue: TaskQueue, job_id: str, tasks: Any, parallel: int, batch_size: int, bar) -> int:
+def _insert_sliced(
+    queue: TaskQueue, queue_id: str, job_id: str, tasks: Any, parallel: int, batch_size: int, bar
+) -> int:
     """Cut ``tasks`` into ``parallel`` slices uploaded by as many spawned processes."""
     from .serialize import dumps_checked
 
@@ -209,6 +220,7 @@ def _insert_sliced(queue: TaskQueue, job_id: str, tasks: Any, parallel: int, bat
                 queue._open_url,
                 queue.insecure,
                 queue.serializer.name,
+                queue_id,
                 job_id,
                 lo,
                 dumps_checked(tasks[lo:hi], queue.serializer, f"slice {lo}:{hi} of the tasks"),
@@ -252,7 +264,9 @@ def insert_tasks(
         total = len(tasks)  # type: ignore[arg-type]
     job_id = new_job_id()
     meta = job_meta(job_id, name, source)
-    job = Job(queue, job_id, meta)
+    # Read once: the tasks are signed for it and the job checks it, so the two always agree.
+    queue_id = queue.queue_id
+    job = Job(queue, job_id, meta, queue_id=queue_id)
     bar = insert_progress(job, total, enabled=progress)
     # Children cannot see this process's memory: a mem:// queue is written from threads instead.
     sliced = parallel > 1 and not green and sliceable(tasks) and not queue.url.startswith("mem://")
@@ -274,9 +288,9 @@ def insert_tasks(
     try:
         if sliced:
             before_first_batch()  # children write directly: the job must exist first
-            queued = _insert_sliced(queue, job_id, tasks, parallel, batch_size, bar)
+            queued = _insert_sliced(queue, queue_id, job_id, tasks, parallel, batch_size, bar)
         else:
-            upload(queue, job_id, tasks, 0, batch_size, writer, on_batch=before_first_batch)
+            upload(queue, job_id, tasks, 0, batch_size, writer, queue_id, on_batch=before_first_batch)
             writer.close()
             queued = writer.written
         if not started:

@@ -38,13 +38,15 @@ def _process_gone(producer: dict | None) -> bool:
 class Job:
     """The tasks of one ``insert()``: progress, results in insertion order, errors."""
 
-    def __init__(self, queue: TaskQueue, job_id: str, meta: dict | None = None) -> None:
+    def __init__(
+        self, queue: TaskQueue, job_id: str, meta: dict | None = None, *, queue_id: str | None = None
+    ) -> None:
         self.queue = queue
         self.id = job_id
         self._meta = meta
         self._view: JobView | None = None
         # What the queue held when this job was made or found; a new identity means it is gone.
-        self._queue_id = queue.queue_id
+        self._queue_id = queue.queue_id if queue_id is None else queue_id
 
     # -- record -----------------------------------------------------------------------------
     @property
@@ -109,12 +111,9 @@ class Job:
         return TaskError(r["task_id"], r["type"], r["message"], r["traceback"], r["attempts"], r["worker"])
 
     def workers_seen(self) -> int | None:
-        """Workers the queue has heard from recently, where the backend keeps track."""
-        workers = getattr(self.queue.backend, "workers", None)
-        if workers is None:
-            return None
+        """Workers the queue has heard from recently (None when the storage cannot say now)."""
         try:
-            return len(workers())
+            return len(self.queue.backend.workers())
         except Exception:
             return None
 

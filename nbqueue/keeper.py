@@ -45,11 +45,59 @@ def _stopped(pid: int) -> bool:
     return state in (b"T", b"t")
 
 
-class LeaseKeeper:
+def renew_round(backend, held: dict[str, str], lock: threading.Lock, seconds: float) -> list[tuple[str, str]]:
+    """Renew every lease in ``held`` (task_id -> token) once; the leases refused, which are taken
+    out of ``held``.
+
+    A refusal counts only if the task is still held under that token: the worker may have
+    released the lease and leased the task again since the snapshot, and an old refusal must not
+    void the new lease.
+    """
+    with lock:
+        snapshot = list(held.items())
+    lost = []
+    for task_id, token in snapshot:
+        try:
+            renewed = backend.renew(task_id, token, seconds)
+        except Exception:
+            continue  # a passing storage error: the next round tries again
+        if not renewed:
+            with lock:
+                if held.get(task_id) == token:
+                    del held[task_id]
+                    lost.append((task_id, token))
+    return lost
+
+
+class LostLeases:
+    """The leases a renewer was refused, as (task_id, token): the worker drops a result whose
+    lease another worker may hold now. Shared by the ``Renewer`` thread and ``LeaseKeeper``."""
+
+    def __init__(self) -> None:
+        self._lost: set[tuple[str, str]] = set()
+        self._lost_lock = threading.Lock()
+
+    def _mark_lost(self, task_id: str, token: str) -> None:
+        with self._lost_lock:
+            self._lost.add((task_id, token))
+
+    def _forget_lost(self, task_ids: Iterable[str]) -> None:
+        with self._lost_lock:
+            if self._lost:
+                gone = set(task_ids)
+                self._lost = {lost for lost in self._lost if lost[0] not in gone}
+
+    def has_lost(self, lease: Lease) -> bool:
+        """True when a renewal of this very lease was refused: another worker may hold the task."""
+        with self._lost_lock:
+            return (lease.task_id, lease.token) in self._lost
+
+
+class LeaseKeeper(LostLeases):
     """The worker's side: the same interface as the in-process ``Renewer`` thread."""
 
     def __init__(self, url: str, lease_seconds: float, worker_id: str) -> None:
-        self.lost: set[tuple[str, str]] = set()  # (task_id, token)
+        super().__init__()
         # -c rather than -m: the package imports this module, and runpy warns about running it twice.
         run = "import sys; from nbqueue.keeper import main; sys.exit(main(sys.argv[1:]))"
         # The URL may hold a password: it goes in the environment, not in argv (visible to ps).
@@ -82,8 +130,7 @@ class LeaseKeeper:
             kind, _, rest = line.strip().partition(" ")
             if kind == "lost":
                 task_id, _, token = rest.partition(" ")
-                with self._lock:
-                    self.lost.add((task_id, token))
+                self._mark_lost(task_id, token)
 
     def _send(self, lines: Iterable[str]) -> None:
         if self._proc is None or self._proc.stdin is None:
@@ -99,15 +146,7 @@ class LeaseKeeper:
 
     def drop(self, *task_ids: str) -> None:
         self._send(f"drop {task_id}" for task_id in task_ids)  # one write for a whole batch
-        with self._lock:
-            if self.lost:
-                gone = set(task_ids)
-                self.lost = {lost for lost in self.lost if lost[0] not in gone}
-
-    def has_lost(self, lease: Lease) -> bool:
-        """True when the keeper was refused a renewal of this very lease."""
-        with self._lock:
-            return (lease.task_id, lease.token) in self.lost
+        self._forget_lost(task_ids)
 
     def info(self, data: str) -> None:
         """The heartbeat's information (one JSON line)."""
@@ -141,7 +180,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the worker, which then says quit
     # A worker may start while its storage is down (a Redis restart): wait for it, as the worker
     # itself would, rather than fail the worker.
-    delay = 0.1
+    delay = defaults.RECONNECT_FIRST
     while True:
         try:
             backend = open_backend(url)
@@ -150,7 +189,7 @@ def main(argv: list[str]) -> int:
             if os.getppid() != worker_pid:
                 return 0
             time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, defaults.RECONNECT_MAX)
     print("ready", flush=True)
     held: dict[str, str] = {}
     info = b"{}"
@@ -176,7 +215,6 @@ def main(argv: list[str]) -> int:
         done.set()
 
     threading.Thread(target=read_commands, daemon=True).start()
-    beat = getattr(backend, "heartbeat", None)
     informed.wait(min(lease_seconds / 3, 2.0))  # beat at once, as the worker starts, not a round later
     while True:
         if os.getppid() != worker_pid:
@@ -185,33 +223,13 @@ def main(argv: list[str]) -> int:
             if done.wait(lease_seconds / 3):
                 break
             continue  # a stopped worker must lose its leases
-        with lock:
-            snapshot = list(held.items())
-        for task_id, token in snapshot:
-            try:
-                renewed = backend.renew(task_id, token, lease_seconds)
-            except Exception:
-                continue  # a passing storage error: the next round tries again
-            if not renewed:
-                with lock:
-                    # The worker may have released this lease and leased the task again since
-                    # the snapshot: only the lease still held is lost.
-                    current = held.get(task_id) == token
-                    if current:
-                        del held[task_id]
-                if current:
-                    print(f"lost {task_id} {token}", flush=True)
-        if beat is not None:
-            try:
-                beat(worker_id, info, lease_seconds)
-            except Exception:
-                pass  # the heartbeat is informative: the next round beats again
+        for task_id, token in renew_round(backend, held, lock, lease_seconds):
+            print(f"lost {task_id} {token}", flush=True)
+        with contextlib.suppress(Exception):  # the heartbeat is informative: the next round beats again
+            backend.heartbeat(worker_id, info, lease_seconds)
         if done.wait(lease_seconds / 3):
             break
-    if beat is not None:
-        try:
-            beat(worker_id, info, 0)  # withdraw: this worker is gone
-        except Exception:
-            pass
+    with contextlib.suppress(Exception):
+        backend.heartbeat(worker_id, info, 0)  # withdraw: this worker is gone
     backend.close()
     return 0

@@ -109,16 +109,17 @@ class TaskQueue:
         self.backend.put_job(job_id, json.dumps(meta).encode())
 
     # -- jobs -----------------------------------------------------------------------------------
-    def job(self, job_id: str) -> Job:
+    def job(self, job_id: str, *, queue_id: str | None = None) -> Job:
         """Reattach to a job by id (from any process)."""
         raw = self.backend.get_job(job_id)
         if raw is None:
             raise KeyError(f"no job {job_id!r} in {self.url}")
-        return Job(self, job_id, json.loads(raw))
+        return Job(self, job_id, json.loads(raw), queue_id=queue_id)
 
     def jobs(self) -> list[Job]:
         """Every job of this queue, oldest first."""
-        return [self.job(job_id) for job_id in self.backend.list_jobs()]
+        queue_id = self.queue_id  # once for all of them
+        return [self.job(job_id, queue_id=queue_id) for job_id in self.backend.list_jobs()]
 
     # -- workers --------------------------------------------------------------------------------
     def poll(

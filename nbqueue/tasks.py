@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import reference
-from .backends.base import TaskStatus, job_of
+from .backends.base import job_of
 from .errors import BadSignature, BindError, DecodeError, NbQueueError, NotQueueableError, SerializationError
 from .reference import TaskSpec
 from .serialize import (
@@ -55,7 +55,6 @@ __all__ = [
     "TaskCodec",
     "TaskRefused",
     "TaskSpec",
-    "TaskStatus",
     "is_queueable",
     "load_specs",
     "queueable",

@@ -25,12 +25,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import defaults
 from .backends.base import Lease, TaskStatus, job_of
 from .errors import BackendUnavailable, BadSignature, DecodeError, StorageFull, Terminal
-from .keeper import LeaseKeeper
+from .keeper import LeaseKeeper, LostLeases, renew_round
 from .keeper import available as keeper_available
 from .records import error_info, seal_record
 from .tasks import TaskCodec, TaskContext, TaskRefused, running_as
@@ -39,8 +39,6 @@ if TYPE_CHECKING:
     from .queue import TaskQueue
 
 TERMINAL_ERRORS = (BadSignature, DecodeError, TaskRefused, Terminal)
-#: Retry backoff while the storage is unreachable or full: first wait and cap, in seconds.
-RECONNECT_FIRST, RECONNECT_MAX = 0.1, 5.0
 
 log = logging.getLogger("nbqueue.worker")
 
@@ -89,8 +87,9 @@ _interrupting = threading.Event()
 def execute(codec: TaskCodec, lease: Lease, fetch_function, max_attempts: int, who: str) -> Outcome:
     """Decode and run one leased task; never raises for the task's own errors.
 
-    Raises BackendUnavailable only when the storage failed while loading the task: that is the
-    storage's fault, not the task's, and the worker decides what to do.
+    Raises _GaveUp (or BackendUnavailable, from a ``fetch_function`` that does not retry) when the
+    storage failed while loading the task: that is the storage's fault, not the task's, and the
+    worker decides what to do.
     """
     started = time.time()
     try:
@@ -107,18 +106,22 @@ def execute(codec: TaskCodec, lease: Lease, fetch_function, max_attempts: int, w
         if isinstance(exc, KeyboardInterrupt) and _interrupting.is_set():
             raise
         return _failed(codec, lease, exc, max_attempts, who, started)
-    record = seal_record(
+    return Outcome(lease, _sealed(codec, lease, who, started, value=value), True)
+
+
+def _sealed(codec: TaskCodec, lease: Lease, who: str, started: float, **outcome: Any) -> bytes:
+    """The signed completion record of ``lease``: ``value=``, or ``error=`` (and ``attempt=``)."""
+    outcome.setdefault("attempt", lease.attempt)
+    return seal_record(
         codec.signer,
         codec.serializer,
         lease.task_id,
         job_of(lease.task_id),
-        value=value,
-        attempt=lease.attempt,
         started=started,
         finished=time.time(),
         worker=who,
+        **outcome,
     )
-    return Outcome(lease, record, True)
 
 
 def _failed(
@@ -126,21 +129,11 @@ def _failed(
 ) -> Outcome:
     """A task that raised: retried after a backoff, or dead when terminal or out of attempts."""
     terminal = isinstance(exc, TERMINAL_ERRORS) or lease.attempt >= max_attempts
-    record = seal_record(
-        codec.signer,
-        codec.serializer,
-        lease.task_id,
-        job_of(lease.task_id),
-        error=error_info(exc),
-        attempt=lease.attempt,
-        started=started,
-        finished=time.time(),
-        worker=who,
-    )
+    record = _sealed(codec, lease, who, started, error=error_info(exc))
     return Outcome(lease, record, False, None if terminal else retry_delay(lease.attempt))
 
 
-class Renewer(threading.Thread):
+class Renewer(LostLeases, threading.Thread):
     """Renews every held lease each ``lease_seconds / 3``; records leases it lost.
 
     With ``heartbeat`` it also calls ``heartbeat(ttl)`` at start and every round with one lease
@@ -150,12 +143,12 @@ class Renewer(threading.Thread):
     def __init__(
         self, backend, lease_seconds: float, heartbeat: Callable[[float], None] | None = None
     ) -> None:
-        super().__init__(name="nbqueue-renewer", daemon=True)
+        LostLeases.__init__(self)
+        threading.Thread.__init__(self, name="nbqueue-renewer", daemon=True)
         self.backend = backend
         self.lease_seconds = lease_seconds
         self.heartbeat = heartbeat
         self.held: dict[str, str] = {}  # task_id -> token
-        self.lost: set[tuple[str, str]] = set()  # (task_id, token): a task can come back with a new token
         self._lock = threading.Lock()
         self._stop_event = threading.Event()
 
@@ -167,45 +160,33 @@ class Renewer(threading.Thread):
         with self._lock:
             for task_id in task_ids:
                 self.held.pop(task_id, None)
-            if self.lost:
-                gone = set(task_ids)
-                self.lost = {lost for lost in self.lost if lost[0] not in gone}
+        self._forget_lost(task_ids)
 
-    def has_lost(self, lease: Lease) -> bool:
-        """True when a renewal of this very lease was refused: another worker may hold the task."""
-        return (lease.task_id, lease.token) in self.lost
+    def info(self, data: str) -> None:
+        """The keeper's heartbeat information; this thread beats through ``heartbeat`` instead."""
 
     def run(self) -> None:
         self._beat(self.lease_seconds)
         while not self._stop_event.wait(self.lease_seconds / 3):
-            with self._lock:
-                held = list(self.held.items())
-            for task_id, token in held:
-                try:
-                    ok = self.backend.renew(task_id, token, self.lease_seconds)
-                except Exception:
-                    continue  # a passing storage error: try again next round
-                if not ok:
-                    with self._lock:
-                        # Only if still held under this token: a refusal of a lease released
-                        # meanwhile must not void the next lease of the same task.
-                        if self.held.get(task_id) == token:
-                            self.lost.add((task_id, token))
+            for task_id, token in renew_round(self.backend, self.held, self._lock, self.lease_seconds):
+                self._mark_lost(task_id, token)
             self._beat(self.lease_seconds)
 
     def _beat(self, ttl: float) -> None:
         if self.heartbeat is None:
             return
-        try:
+        with contextlib.suppress(Exception):  # the heartbeat is informative: next round beats again
             self.heartbeat(ttl)
-        except Exception:
-            pass  # a passing storage error: the heartbeat is only informative; next round beats again
 
     def stop(self) -> None:
         self._stop_event.set()
         if self.is_alive():
             self.join()
         self._beat(0)  # withdraw: this worker is gone
+
+
+#: What renews a worker's leases: a thread here, or a keeper process (the default).
+LeaseRenewal = Renewer | LeaseKeeper
 
 
 @dataclass
@@ -292,7 +273,7 @@ class Worker:
         fn,
         *args,
         give_up_after: float | None = None,
-        hold: tuple[Renewer | LeaseKeeper, list[Lease]] | None = None,
+        hold: tuple[LeaseRenewal, list[Lease]] | None = None,
         **kwargs,
     ):
         """Call the backend, retrying with capped exponential backoff while it is unreachable or
@@ -304,7 +285,8 @@ class Worker:
         for each try, so no renewal races the call. Either wait ends (``_GaveUp``) when the worker
         is told to stop; leases not reported then expire and their tasks run again.
         """
-        delay, down, full = RECONNECT_FIRST, None, None  # when the outage, or the full storage, began
+        delay = defaults.RECONNECT_FIRST
+        down = full = None  # when the outage, or the full storage, began
         while True:
             try:
                 result = fn(*args, **kwargs)
@@ -333,7 +315,7 @@ class Worker:
             if keep is not None:
                 keep[0].hold(keep[1])
             self.stop_event.wait(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, RECONNECT_MAX)
+            delay = min(delay * 2, defaults.RECONNECT_MAX)
             if keep is not None:
                 keep[0].drop(*(lease.task_id for lease in keep[1]))
 
@@ -354,7 +336,7 @@ class Worker:
         }
         return json.dumps(info)
 
-    def _make_renewer(self) -> Renewer | LeaseKeeper:
+    def _make_renewer(self) -> LeaseRenewal:
         """Renewal from a keeper process (immune to tasks that hold the GIL) or from a thread."""
         if self.renewal == "process":
             return LeaseKeeper(self.queue._open_url, self.lease_seconds, self.who)
@@ -391,15 +373,14 @@ class Worker:
         start = time.monotonic()
         renewer = self._make_renewer()
         renewer.start()
-        if isinstance(renewer, LeaseKeeper):
-            renewer.info(self._heartbeat_info())
+        renewer.info(self._heartbeat_info())
         idle_since = None
         sleep = defaults.IDLE_SLEEP_MIN
+        block = self.backend.blocking_lease
         try:
             while not self.stop_event.is_set():
                 if self.max_tasks is not None and self._done() >= self.max_tasks:
                     break
-                block = getattr(self.backend, "blocking_lease", False)
                 try:
                     leases = self._call(
                         self.backend.lease,
@@ -423,14 +404,13 @@ class Worker:
                 idle_since, sleep = None, defaults.IDLE_SLEEP_MIN
                 renewer.hold(leases)
                 self._run_batch(leases, renewer)
-                if isinstance(renewer, LeaseKeeper):
-                    renewer.info(self._heartbeat_info())
+                renewer.info(self._heartbeat_info())
         finally:
             renewer.stop()
             self.stats.elapsed = time.monotonic() - start
         return self.stats
 
-    def _isolate_reruns(self, leases: list[Lease], renewer: Renewer | LeaseKeeper) -> list[Lease]:
+    def _isolate_reruns(self, leases: list[Lease], renewer: LeaseRenewal) -> list[Lease]:
         """A re-run may be what killed its last worker, and a crash costs every task of the batch
         an attempt: so a re-run runs alone and the rest of the batch goes back (unstarted, the
         release costs them no attempt)."""
@@ -440,7 +420,7 @@ class Worker:
         self._release([other for other in leases if other is not rerun], renewer)
         return [rerun]
 
-    def _run_batch(self, leases: list[Lease], renewer: Renewer | LeaseKeeper) -> None:
+    def _run_batch(self, leases: list[Lease], renewer: LeaseRenewal) -> None:
         pending: list[Outcome] = []
         first_pending = 0.0
         leases = self._isolate_reruns(leases, renewer)
@@ -480,7 +460,7 @@ class Worker:
         finally:
             self._commit(pending, renewer)  # even when interrupted: finished work is kept
 
-    def _release(self, leases: list[Lease], renewer: Renewer | LeaseKeeper) -> None:
+    def _release(self, leases: list[Lease], renewer: LeaseRenewal) -> None:
         """Give unstarted leases back (their attempts do not count)."""
         for lease in leases:
             with contextlib.suppress(_GaveUp):  # unreleased, it comes back when it expires
@@ -498,21 +478,10 @@ class Worker:
             "crashed (os._exit, a segfault, out of memory) or lost its lease; not run again",
             "traceback": "",
         }
-        now = time.time()
-        record = seal_record(
-            self.codec.signer,
-            self.codec.serializer,
-            lease.task_id,
-            job_of(lease.task_id),
-            error=error,
-            attempt=earlier,
-            started=now,
-            finished=now,
-            worker=self.who,
-        )
+        record = _sealed(self.codec, lease, self.who, time.time(), error=error, attempt=earlier)
         return Outcome(lease, record, False, None)
 
-    def _commit(self, outcomes: list[Outcome], renewer: Renewer | LeaseKeeper) -> None:
+    def _commit(self, outcomes: list[Outcome], renewer: LeaseRenewal) -> None:
         if not outcomes:
             return
         items = [(o.lease.task_id, o.lease.token, o.record) for o in outcomes]
@@ -533,7 +502,7 @@ class Worker:
             else:
                 self.stats.refused += 1
 
-    def _report_failure(self, outcome: Outcome, renewer: Renewer | LeaseKeeper) -> None:
+    def _report_failure(self, outcome: Outcome, renewer: LeaseRenewal) -> None:
         lease = outcome.lease
         renewer.drop(lease.task_id)  # stop renewing first, so no renewal races the report
         try:
@@ -601,13 +570,10 @@ class WorkerProcesses:
     """A set of worker processes started fresh (not forked), in their own session so a kernel
     interrupt does not reach them."""
 
-    def __init__(
-        self, command: list[str], n: int, restart: bool = False, quiet: bool = False, env: dict | None = None
-    ) -> None:
+    def __init__(self, command: list[str], n: int, restart: bool = False, env: dict | None = None) -> None:
         self.command = command
         self.restart = restart
         self._env = {**os.environ, **(env or {})}
-        self._out = subprocess.DEVNULL if quiet else None
         self.procs = [self._start() for _ in range(n)]
 
     def _start(self) -> subprocess.Popen:
@@ -616,8 +582,6 @@ class WorkerProcesses:
             env=self._env,
             start_new_session=True,
             stdin=subprocess.DEVNULL,
-            stdout=self._out,
-            stderr=self._out,
         )
 
     @property
