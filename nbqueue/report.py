@@ -15,7 +15,8 @@ from .backends.base import TaskStatus, index_of, job_of
 from .errors import BadSignature, DecodeError
 from .records import TaskError, TaskRecord, open_record
 from .reference import export_value
-from .serialize import Signer, open_envelope
+from .serialize import Signer
+from .tasks import open_task
 
 if TYPE_CHECKING:
     from .queue import TaskQueue
@@ -52,7 +53,7 @@ def record_header(signer: Signer, task_id: str, blob: bytes, job_id: str) -> Tas
 def task_header(signer: Signer, task_id: str, payload: bytes) -> dict | None:
     """The signed header of a task envelope, or None when it does not verify."""
     try:
-        header, _ = open_envelope(signer, payload, "task", t=task_id, j=job_of(task_id))
+        header, _ = open_task(signer, task_id, payload)
     except (BadSignature, DecodeError):
         return None
     return header
@@ -147,7 +148,7 @@ def _payload_report(tq: TaskQueue, task_id: str, payload: bytes) -> dict[str, An
     """Size, signature, header and function of a task payload, without loading any of it."""
     out: dict[str, Any] = {"bytes": len(payload)}
     try:
-        header, body = open_envelope(tq.signer, payload, "task", t=task_id, j=job_of(task_id))
+        header, body = open_task(tq.signer, task_id, payload)
     except (BadSignature, DecodeError) as exc:
         out["signature"] = f"bad: {exc}"
         return out

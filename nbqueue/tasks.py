@@ -265,6 +265,14 @@ def to_call(task: Any) -> TaskCall:
     return TaskCall(fn, tuple(args), kwargs)
 
 
+def open_task(signer: Signer, task_id: str, blob: bytes) -> tuple[dict, bytes]:
+    """Verify a task envelope made for ``task_id`` (and its job): its header and payload.
+
+    Raises BadSignature or DecodeError; nothing in it is loaded.
+    """
+    return open_envelope(signer, blob, "task", t=task_id, j=job_of(task_id))
+
+
 def reseal_task(signer: Signer, task_id: str, blob: bytes, queue_id: str) -> bytes:
     """The same task envelope signed for another queue (what ``nbqueue cp``/``mv`` write).
 
@@ -272,7 +280,7 @@ def reseal_task(signer: Signer, task_id: str, blob: bytes, queue_id: str) -> byt
     refused (and dead-lettered with the reason) where they land, exactly as in their source.
     """
     try:
-        header, payload = open_envelope(signer, blob, "task", t=task_id, j=job_of(task_id))
+        header, payload = open_task(signer, task_id, blob)
     except (BadSignature, DecodeError):
         return blob
     return seal(signer, {**header, "q": queue_id}, payload)
@@ -348,7 +356,7 @@ class TaskCodec:
 
     def encode(self, task_id: str, job_id: str, call: TaskCall, digest: str | None) -> bytes:
         """A signed task envelope for ``call``."""
-        created = round(time.time(), 3)
+        header = {"kind": "task", "q": self.queue_id, "t": task_id, "j": job_id, "c": round(time.time(), 3)}
         if call.ref is not None:
             try:
                 payload = reference.dumps_spec(TaskSpec(call.ref, call.args, call.kwargs))
@@ -357,7 +365,6 @@ class TaskCodec:
                     f"cannot send the arguments of {call.ref} by reference: {exc}"
                 ) from None
             # No "f": a worker reads the payload as JSON and unpickles nothing.
-            header = {"kind": "task", "q": self.queue_id, "t": task_id, "j": job_id, "c": created}
             return seal(self.signer, header, payload)
         if call.fn is None:
             payload = dumps_checked(call.obj, self.serializer, f"task object {call.obj!r:.60}")
@@ -365,7 +372,7 @@ class TaskCodec:
             payload = dumps_checked(
                 (call.args, call.kwargs), self.serializer, f"arguments of {callable_name(call.fn)}()"
             )
-        header = {"kind": "task", "q": self.queue_id, "t": task_id, "j": job_id, "f": digest, "c": created}
+        header["f"] = digest
         return seal(self.signer, header, payload)
 
     # -- worker side ----------------------------------------------------------------------------
@@ -375,7 +382,7 @@ class TaskCodec:
         Signature and ids are checked before any unpickling; the function blob is checked
         against the digest named in the signed header.
         """
-        header, payload = open_envelope(self.signer, blob, "task", t=task_id, j=job_of(task_id))
+        header, payload = open_task(self.signer, task_id, blob)
         self._check_queue(header.get("q"))
         if "f" not in header:
             return self._by_reference(payload)
