@@ -186,13 +186,10 @@ def drain_with_processes(nb, url: str, n: int, workers: int) -> float:
     tq = TaskQueue(url)
     job = tq.insert((functools.partial(nb.noop, i) for i in range(n)), total=n, progress=False)
     start = time.perf_counter()
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", url, "--burst"]) for _ in range(workers)
-    ]
+    pool = tq.spawn_workers(workers, burst=True, idle_exit=None)  # the URL travels out of sight of ps
     job.wait(progress=False)
     seconds = time.perf_counter() - start
-    for p in procs:
-        p.wait()
+    pool.wait()
     return n / seconds
 
 
@@ -227,7 +224,7 @@ def bench_roundtrip(nb, sizes, redis_server) -> None:
         urls["redis"] = redis_server.url(f"bench{time.time_ns()}")
     for kind, url in urls.items():
         tq = TaskQueue(url)
-        worker = subprocess.Popen([sys.executable, "-m", "nbqueue", "worker", url])
+        pool = tq.spawn_workers(1, idle_exit=None)
         try:
             tq.insert([functools.partial(nb.noop, -1)], progress=False).wait(timeout=60, progress=False)
             times = []
@@ -239,8 +236,7 @@ def bench_roundtrip(nb, sizes, redis_server) -> None:
                     time.sleep(0.001)
                 times.append(time.perf_counter() - start)
         finally:
-            worker.terminate()
-            worker.wait()
+            pool.stop()
         times.sort()
         report(f"roundtrip_{kind}_median", statistics.median(times) * 1000, "ms")
         report(

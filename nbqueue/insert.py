@@ -217,7 +217,7 @@ def _insert_sliced(
         futures = [
             pool.submit(
                 _insert_slice,
-                queue._open_url,
+                queue.worker_url,
                 queue.insecure,
                 queue.serializer.name,
                 queue_id,

@@ -322,7 +322,7 @@ class QueueMagics(Magics):
         if self._server is None:
             return None
         try:
-            pids = start_server_workers(self._server, tq._open_url, n)
+            pids = start_server_workers(self._server, tq.worker_url, n)
         except NbQueueError as exc:
             print(f"nbqueue: the Jupyter server could not start workers ({exc}); starting them here")
             return None

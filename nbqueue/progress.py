@@ -118,15 +118,13 @@ class _WidgetInsertProgress(InsertProgress):
 
     def __init__(self, job: Job) -> None:
         self._job = job
-        self._last = 0.0
 
     def set(self, count: int) -> None:
         view = self._job.view
         if view._handle is None:
             view.show()
-        elif time.monotonic() - self._last >= REFRESH_SECONDS:
-            self._last = time.monotonic()
-            view.refresh()
+        else:
+            view.refresh()  # throttled by the view
 
     def close(self) -> None:
         if self._job.view._handle is not None:
@@ -240,8 +238,8 @@ class JobView:
         self._parts: dict[str, Any] = {}
         self._handle: Any = None
         self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._refreshed = 0.0  # when the last refresh read the storage (monotonic)
         self.last: Snapshot | None = None
 
     # -- state -----------------------------------------------------------------------------------
@@ -261,9 +259,10 @@ class JobView:
                 self._dead_seen = counts.dead
                 self._error = job.latest_error()
         workers = job.workers_seen()
-        created = job.meta.get("created") or time.time()
+        meta = job.meta  # one read (it re-reads the storage while the job is inserting)
+        created = meta.get("created") or time.time()
         elapsed = (self._finished_at or time.time()) - created
-        inserting = job.meta.get("state") == "inserting"
+        inserting = meta.get("state") == "inserting"
         snap = Snapshot(counts, total, inserting, elapsed, rate, workers, self._error)
         if snap.finished:
             if self._finished_at is None:
@@ -375,8 +374,17 @@ class JobView:
         self._handle = display(self.widget, display_id=True)
         self.start()
 
-    def refresh(self) -> Snapshot:
-        """Read the counters and redraw (safe from any thread: it only sets traits)."""
+    def refresh(self, force: bool = False) -> Snapshot:
+        """Read the counters and redraw (safe from any thread: it only sets traits).
+
+        At most every ``REFRESH_SECONDS`` unless ``force``: the updater thread and a waiting
+        cell both call it, and a redraw nobody can see is a wasted read of the storage.
+        """
+        with self._lock:
+            now = time.monotonic()
+            if not force and self.last is not None and now - self._refreshed < REFRESH_SECONDS:
+                return self.last
+            self._refreshed = now
         snap = self.snapshot()
         self._draw(snap)
         return snap
@@ -384,26 +392,21 @@ class JobView:
     def finish(self) -> None:
         """From the waiting thread: draw the last state and re-send the display by its id, so a
         saved notebook keeps the final state (and its text) where the view was first shown."""
-        self.refresh()
+        self.refresh(force=True)
         if self._handle is not None:
             self._handle.update(self.widget)
 
     def start(self) -> None:
         """Start the background updater (once); it stops when the job ends or the widget closes."""
         if self._thread is None or not self._thread.is_alive():
-            self._stop.clear()
             self._thread = threading.Thread(
                 target=self._run, name=f"nbqueue-progress-{self.job.id}", daemon=True
             )
             self._thread.start()
 
-    def stop(self, timeout: float = 2.0) -> None:
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-
     def _run(self) -> None:
-        while not self._stop.wait(REFRESH_SECONDS):
+        while True:
+            time.sleep(REFRESH_SECONDS)
             if self._widget is not None and getattr(self._widget, "comm", True) is None:
                 return  # the widget was closed
             try:

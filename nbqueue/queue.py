@@ -52,6 +52,13 @@ class TaskQueue:
         self.serializer: Serializer = get_serializer(serializer)
 
     @property
+    def worker_url(self) -> str:
+        """The URL another process opens this queue by: fq:// with its absolute path (a process
+        started elsewhere, such as the Jupyter server, resolves a relative one against its own
+        directory); any other URL as given, password included, to travel out of sight of ``ps``."""
+        return self.url if self.url.startswith("fq://") else self._open_url
+
+    @property
     def queue_id(self) -> str:
         """The queue's identity (``Backend.queue_id``), read now: tasks are signed for it.
 
@@ -175,7 +182,7 @@ class TaskQueue:
             insecure=self.insecure,
             only_by_reference=only_by_reference,
         )
-        return WorkerProcesses(cmd, n, restart=False, env=worker_env(self._open_url))
+        return WorkerProcesses(cmd, n, restart=False, env=worker_env(self.worker_url))
 
     # -- status and admin -----------------------------------------------------------------------
     def status(self) -> Counts:

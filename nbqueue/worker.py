@@ -339,7 +339,7 @@ class Worker:
     def _make_renewer(self) -> LeaseRenewal:
         """Renewal from a keeper process (immune to tasks that hold the GIL) or from a thread."""
         if self.renewal == "process":
-            return LeaseKeeper(self.queue._open_url, self.lease_seconds, self.who)
+            return LeaseKeeper(self.queue.worker_url, self.lease_seconds, self.who)
         return Renewer(self.backend, self.lease_seconds, heartbeat=self._heartbeat)
 
     def _fetch_function(self, digest: str) -> bytes:

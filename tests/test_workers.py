@@ -370,3 +370,13 @@ def test_worker_processes_get_the_queue_url_out_of_sight(tmp_path, nb):
     finally:
         pool.wait(timeout=60)
     assert job.wait(timeout=30, progress=False).counts().completed == 1
+
+
+def test_worker_url_is_absolute_for_fq_and_keeps_the_redis_url_as_given(tmp_path, monkeypatch, redis_server):
+    """A relative fq:// path sent to the Jupyter server (another working directory) opened
+    another, empty queue there; worker_url is what other processes are given."""
+    monkeypatch.chdir(tmp_path)
+    assert TaskQueue("fq://./queues/q").worker_url == f"fq://{tmp_path / 'queues' / 'q'}"
+    assert TaskQueue("queues/q").worker_url == f"fq://{tmp_path / 'queues' / 'q'}"
+    url = redis_server.url("named")
+    assert TaskQueue(url).worker_url == url

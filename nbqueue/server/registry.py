@@ -41,7 +41,6 @@ class QueueRegistry:
         self.idle_exit = idle_exit
         self.log = log
         self._queues: dict[str, TaskQueue] = {}
-        self._urls: dict[str, str] = {}
         self._groups: list[WorkerGroup] = []
         self._lock = threading.Lock()
         for url in urls:
@@ -56,7 +55,6 @@ class QueueRegistry:
         with self._lock:
             if qid not in self._queues:
                 self._queues[qid] = TaskQueue(url)
-                self._urls[qid] = url
         return qid
 
     def get(self, qid: str) -> TaskQueue:
