@@ -100,9 +100,3 @@ def pytest_collection_modifyitems(config, items):
         marker = item.get_closest_marker("soak_timeout")
         if marker is not None:
             item.add_marker(pytest.mark.timeout(*marker.args, **marker.kwargs), append=False)
-
-
-@pytest.fixture
-def soak(request) -> bool:
-    """True under --soak or $NBQUEUE_SOAK: size the test as the issue says, not for CI."""
-    return soak_enabled(request.config)

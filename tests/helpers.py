@@ -22,6 +22,11 @@ class Canary:
 """
 
 
+def tasks_of(job: str, n: int, start: int = 0) -> list[tuple[str, bytes]]:
+    """``n`` storage-level tasks of ``job`` (ids from ``start``), for backend tests."""
+    return [(f"{job}-{i}", f"payload {i}".encode()) for i in range(start, start + n)]
+
+
 def notebook(source: str) -> types.ModuleType:
     """Run ``source`` as notebook cells run: in a module named ``__main__`` that no worker can
     import, so dill must ship its functions by value."""

@@ -108,11 +108,6 @@ class RedisServer:
             self.process.wait()
         self.process = None
 
-    def restart(self) -> None:
-        """Start again on the same port and directory, after ``stop`` or ``kill``."""
-        self.stop()
-        self.start()
-
     def log_tail(self, lines: int = 5) -> str:
         """The last lines of the server's log, for failure messages."""
         log = self.directory / "redis.log"

@@ -9,9 +9,7 @@ import pytest
 
 from nbqueue.backends.base import TaskStatus
 
-
-def tasks_of(job: str, n: int, start: int = 0) -> list[tuple[str, bytes]]:
-    return [(f"{job}-{i}", f"payload {i}".encode()) for i in range(start, start + n)]
+from .helpers import tasks_of
 
 
 def test_insert_then_lease_hands_out_payloads(backend):

@@ -89,15 +89,17 @@ def test_redis_killed_and_restarted_mid_run_loses_nothing(nb, tmp_path):
         )
         workers = start_workers(url, 2, "--lease", "5", "--burst")
         for _ in range(3):
-            wait_for(lambda: read_runs(log_dir), what="progress")
-            time.sleep(0.7)
+            # Each kill lands mid-run: after new progress, with work still left.
+            before = sum(map(len, read_runs(log_dir).values()))
+            wait_for(lambda b=before: sum(map(len, read_runs(log_dir).values())) > b + 20, what="progress")
+            assert tq.status().completed < n
             server.kill()
-            time.sleep(2.0)
+            time.sleep(1.0)
             server.start()
         assert wait_all(workers, timeout=120) == [0, 0]
         job.wait(timeout=60, progress=False)
-        report = check_invariants(tq, job, log_dir)  # I1-I4: one result each, none stale, all at rest
-        assert report.lost == 0 and tq.status().completed == n
+        check_invariants(tq, job, log_dir)  # I1-I4: one result each, none stale, all at rest
+        assert tq.status().completed == n
         tq.close()
     finally:
         server.stop()
@@ -141,45 +143,6 @@ def test_redis_restarted_without_persistence_fails_the_wait_clearly(nb, tmp_path
         tq.close()
     finally:
         server.stop()
-
-
-POISON = """
-import ctypes, os
-from nbqueue import queueable
-
-@queueable
-def good(i):
-    return i
-
-@queueable
-def exits(i):
-    os._exit(1)
-
-@queueable
-def segfaults(i):
-    ctypes.string_at(0)
-"""
-
-
-@pytest.mark.slow
-def test_tasks_that_kill_their_worker_are_dead_lettered_not_crash_looped(worker_url, tmp_path):
-    pnb = notebook(POISON)
-    tq = TaskQueue(worker_url)
-    tasks = [functools.partial(pnb.good, i) for i in range(40)]
-    tasks[10] = functools.partial(pnb.exits, 10)
-    tasks[30] = functools.partial(pnb.segfaults, 30)
-    job = tq.insert(tasks, progress=False)
-    # A supervisor restarts its crashed children; burst workers end once nothing is left.
-    cmd = ["worker", worker_url, "-p", "2", "--lease", "1", "--max-attempts", "2", "--burst"]
-    supervisor = subprocess.Popen([sys.executable, "-m", "nbqueue", *cmd], stdin=subprocess.DEVNULL)
-    assert wait_all([supervisor], timeout=120) == [0]
-    job.wait(timeout=30, progress=False)
-    values = job.results(on_error="exception")
-    assert [values[i] for i in range(40) if i not in (10, 30)] == [i for i in range(40) if i not in (10, 30)]
-    for i in (10, 30):
-        assert values[i].type == "WorkerDied" and "2 attempt(s) ended without a result" in values[i].message
-    assert sorted(d.task_id for d in tq.dead()) == sorted([f"{job.id}-10", f"{job.id}-30"])
-    assert tq.status().queued == 0 and tq.status().leased == 0
 
 
 GIL = """
@@ -298,8 +261,10 @@ def test_every_kind_of_poison_is_dead_lettered_and_every_good_task_completes(wor
     assert kinds[7] == ("ValueError", attempts)
     assert kinds[200] == ("MemoryError", attempts)
     assert kinds[50][0] == kinds[120][0] == "WorkerDied"
+    for i in (50, 120):  # not run a third time: dead-lettered unrun after its attempts ran out
+        assert f"{attempts} attempt(s) ended without a result" in values[i].message
     assert kinds[260] == ("DecodeError", 1)  # terminal: not retried
     assert "producer_only" in values[260].message
-    assert len(TaskQueue(worker_url).dead()) == len(poisons)
+    assert sorted(d.task_id for d in TaskQueue(worker_url).dead()) == sorted(f"{job.id}-{i}" for i in poisons)
     c = TaskQueue(worker_url).status()
     assert (c.queued, c.leased) == (0, 0)

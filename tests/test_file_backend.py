@@ -11,9 +11,7 @@ import pytest
 from nbqueue.backends import file as file_backend
 from nbqueue.backends.file import FileBackend
 
-
-def tasks_of(job: str, n: int) -> list[tuple[str, bytes]]:
-    return [(f"{job}-{i}", b"p") for i in range(n)]
+from .helpers import tasks_of
 
 
 def test_status_lists_only_counters_and_state_names_never_results(tmp_path, monkeypatch):

@@ -187,29 +187,74 @@ def test_mutated_envelopes_are_refused(flips):
         open_envelope(SIGNER, bytes(blob), "task", t="j-0")
 
 
-@FUZZ
-@given(st.binary(max_size=512))
-def test_random_segment_bytes_only_raise_corrupt_segment(blob):
-    try:
-        segments.decode(blob)
-    except segments.CorruptSegment:
-        pass
-
-
-@FUZZ
-@given(
-    data=st.binary(max_size=300),
-    name=st.sampled_from(["0000000000000.0.jx.fz.0-1", "0000000000000.0.jx.fz.0-9", "junk"]),
+#: Segments of up to five frames with ASCII ids: a valid one, or one damaged at one byte (or cut).
+FRAMES = st.lists(
+    st.tuples(st.from_regex(r"jx-[0-9]{1,3}", fullmatch=True), st.binary(max_size=64)), min_size=1, max_size=5
 )
-def test_random_queue_files_are_quarantined_and_never_crash_a_lease(tmp_path_factory, data, name):
+DAMAGE = st.one_of(st.none(), st.tuples(st.integers(0, 10_000), st.integers(0, 255)))
+
+
+def damaged(blob: bytes, damage) -> bytes:
+    """``blob`` with one byte changed (mask 0: cut off there instead), or as it was."""
+    if damage is None:
+        return blob
+    at, mask = damage[0] % len(blob), damage[1]
+    return blob[:at] if mask == 0 else blob[:at] + bytes([blob[at] ^ mask]) + blob[at + 1 :]
+
+
+def _outcome(read, source, lo, hi):
+    try:
+        return read(source, lo, hi)
+    except segments.CorruptSegment:
+        return "corrupt"
+
+
+@FUZZ
+@given(frames=FRAMES, damage=DAMAGE, noise=st.binary(max_size=512))
+def test_damaged_segments_only_raise_corrupt_segment_and_read_agrees(tmp_path_factory, frames, damage, noise):
+    """Random bytes never get past the magic, so damage real segments as well: every outcome is
+    the frames, or CorruptSegment, the same from a whole-file decode and a partial read."""
+    for blob in (noise, damaged(segments.encode(frames), damage)):
+        path = tmp_path_factory.mktemp("seg") / "s"
+        path.write_bytes(blob)
+        outcomes = []
+        for lo, hi in ((0, None), (1, 3)):
+            outcomes.append(_outcome(segments.decode, blob, lo, hi))
+            with open(path, "rb") as f:
+                outcomes.append(_outcome(segments.read, f, lo, hi))
+        assert outcomes[0] == outcomes[1] and outcomes[2] == outcomes[3]
+        if blob != noise and damage is None:
+            assert outcomes[0] == frames and outcomes[2] == frames[1:3]  # the valid path was taken
+
+
+ENVELOPES = st.one_of(
+    st.binary(max_size=120),  # junk
+    st.just(GENUINE),  # genuine, but made for another task (and no queue)
+    st.builds(
+        lambda at, mask: damaged(GENUINE, (at, mask or 1)), st.integers(0, 10_000), st.integers(1, 255)
+    ),
+)
+
+
+@FUZZ
+@given(payloads=st.lists(ENVELOPES, min_size=1, max_size=5), damage=DAMAGE, name_ok=st.booleans())
+def test_fuzzed_queue_files_are_refused_unread_or_quarantined(tmp_path_factory, payloads, damage, name_ok):
+    """Queue files holding junk, genuine-but-misplaced or damaged envelopes, in valid or damaged
+    segments, under a valid or foreign name: what a lease hands out is refused before any
+    unpickling, and what cannot be leased is quarantined, never a crash."""
     root = tmp_path_factory.mktemp("fq")
     q = FileBackend(str(root / "q"))
-    (root / "q" / "queue" / name).write_bytes(data)
+    blob = damaged(segments.encode([(f"jx-{k}", p) for k, p in enumerate(payloads)]), damage)
+    name = f"0000000000000.0.jx.fz.0-{len(payloads)}" if name_ok else "junk"
+    (root / "q" / "queue" / name).write_bytes(blob)
     CountingSerializer.loads_calls = 0
+    codec = TaskCodec(SIGNER, SERIALIZERS["counting"], q.queue_id())
     leases = q.lease(10, 30)
-    for lease in leases:  # whatever a lease hands out must still be refused by the envelope check
+    for lease in leases:
         with pytest.raises((BadSignature, DecodeError)):
-            codec = TaskCodec(SIGNER, SERIALIZERS["counting"], q.queue_id())
             codec.decode(lease.task_id, lease.payload, q.get_function)
     assert CountingSerializer.loads_calls == 0
-    assert leases or os.listdir(root / "q" / "quarantine")
+    if name_ok and damage is None:
+        assert len(leases) == len(payloads)  # the leasing path really ran
+    else:
+        assert leases or os.listdir(root / "q" / "quarantine")

@@ -83,7 +83,7 @@ def test_zip_pairs_values_and_last_statement_gives_none(shell, tmp_path):
 
 def test_errors_are_reported_at_the_magic_with_the_line_and_nothing_is_queued(shell, tmp_path):
     url = f"fq://{tmp_path / 'bad'}"
-    with pytest.raises(UsageError, match=r"line 2: .*invalid syntax|line 2: "):
+    with pytest.raises(UsageError, match=r"line 2: .*(invalid syntax|never closed|unexpected EOF)"):
         shell.run_cell_magic("queue", f"{url} --map a=[1]", "x = a\ny = (\n")
     with pytest.raises(UsageError, match=r"line 2: name 'undefined_thing' is not defined"):
         shell.run_cell_magic("queue", f"{url} --map a=[1]", "x = a\nundefined_thing + x\n")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import functools
 import threading
-import time
 
 from nbqueue import TaskQueue
 from nbqueue.progress import JobView
 
-from .helpers import notebook, run_python
+from .helpers import notebook, run_python, wait_for
 
 NB = """
 from nbqueue import queueable, Terminal
@@ -48,10 +47,7 @@ def test_widget_thread_stops_when_the_job_ends_and_text_plain_is_the_text_view()
     view.start()
     assert progress_threads()
     tq.poll()
-    deadline = time.monotonic() + 5
-    while progress_threads() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert progress_threads() == []  # no leaked thread once the job ended
+    wait_for(lambda: not progress_threads(), timeout=5, what="the updater to stop")  # none leaked
     bundle = widget._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
     assert "6/6 done · 1 failed" in bundle["text/plain"]
@@ -65,13 +61,11 @@ def test_closing_the_widget_stops_its_thread():
     tq = TaskQueue("mem://closed-view")
     job = tq.insert((functools.partial(nb.half, i) for i in range(4)), progress=False)
     view = JobView(job)
-    assert view.widget is not None  # built, so closing it is what stops the thread
+    widget = view.widget  # built, so closing it is what stops the thread
     view.start()
-    view.widget.close()
-    deadline = time.monotonic() + 3
-    while progress_threads() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert progress_threads() == []
+    assert progress_threads(), "the updater thread should be running before the widget closes"
+    widget.close()
+    wait_for(lambda: not progress_threads(), timeout=3, what="the updater to stop")
 
 
 def test_text_bar_in_a_non_interactive_run_ends_on_the_final_count(tmp_path):

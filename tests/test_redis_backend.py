@@ -18,13 +18,10 @@ from nbqueue.backends.base import TaskStatus
 from nbqueue.backends.redis import QUEUE_KEYS, RedisBackend, parse_redis_url
 from nbqueue.errors import BackendUnavailable, QueueURLError
 
+from .helpers import tasks_of
 from .redis_server import RedisServer, free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tasks_of(job: str, n: int) -> list[tuple[str, bytes]]:
-    return [(f"{job}-{i}", f"payload {i}".encode()) for i in range(n)]
 
 
 def hash_tag(key: bytes) -> bytes:

@@ -260,19 +260,6 @@ def test_cli_status_jobs_and_dlq(tmp_path, nb):
     assert code == 2 and err.count("\n") == 1 and "unknown queue scheme" in err
 
 
-def test_lease_loss_is_detected_and_result_discarded(tmp_path, nb):
-    """A worker whose lease was taken over gets its complete refused (token fencing)."""
-    tq = TaskQueue(f"fq://{tmp_path / 'queue'}")
-    tq.insert([functools.partial(nb.record, 5, str(tmp_path))], progress=False)
-    (first,) = tq.backend.lease(1, 0.2)
-    time.sleep(0.3)
-    (second,) = tq.backend.lease(1, 30)
-    assert tq.backend.complete([(first.task_id, first.token, b"late")]) == [False]
-    assert tq.backend.fail(first.task_id, first.token, b"late", None) is None
-    assert tq.backend.complete([(second.task_id, second.token, b"x")]) == [True]
-    assert tq.status().completed == 1 and tq.status().leased == 0
-
-
 @pytest.mark.parametrize("renewal", ["thread", "process"])
 def test_a_refused_renewal_of_a_released_lease_does_not_void_the_next_lease(
     worker_url, nb, tmp_path, renewal
