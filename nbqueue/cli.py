@@ -203,7 +203,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    from .report import dead_letters
+    from .report import dead_letter_line, dead_letters
 
     tq = _queue(args)
     ids = args.task_ids or None
@@ -216,7 +216,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         _print(args, {"purged": n}, f"{n} dead letter(s) deleted")
         return EXIT_OK
     rows = dead_letters(tq)
-    text = "\n".join(f"{r['task_id']}  attempts={r['attempts']}  {r['type']}: {r['message']}" for r in rows)
+    text = "\n".join(dead_letter_line(r) for r in rows)
     _print(args, rows, text or "no dead letters")
     return EXIT_OK
 

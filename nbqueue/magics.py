@@ -352,11 +352,11 @@ class QueueMagics(Magics):
         elif action == "purge":
             print(f"{tq.purge_dead()} dead letter(s) deleted")
         elif action == "list":
-            from .report import dead_letters
+            from .report import dead_letter_line, dead_letters
 
             letters = dead_letters(tq)
             for row in letters:
-                print(f"  {row['task_id']}  attempts={row['attempts']}  {row['type']}: {row['message']}")
+                print(f"  {dead_letter_line(row)}")
             if not letters:
                 print(f"no dead letters in {tq.url}")
         else:

@@ -208,6 +208,11 @@ def inspect_task(tq: TaskQueue, task_id: str) -> dict[str, Any]:
     }
 
 
+def dead_letter_line(row: dict[str, Any]) -> str:
+    """One dead letter (a row of ``dead_letters``) as a line of text."""
+    return f"{row['task_id']}  attempts={row['attempts']}  {row['type']}: {row['message']}"
+
+
 def dead_letters(tq: TaskQueue, job_id: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
     """Dead letters as rows (task, attempts, payload size, error type, message, traceback, when),
     newest first; of one job when ``job_id`` is given. Nothing is unpickled."""
