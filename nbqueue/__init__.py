@@ -24,6 +24,7 @@ from .errors import (
 )
 from .handles import TaskHandle, use
 from .jobs import Job
+from .pickling import Shipment, explain
 from .queue import LocalTaskQueue, TaskQueue
 from .records import TaskError
 from .reference import TaskSpec
@@ -47,6 +48,7 @@ __all__ = [
     "QueueURLError",
     "RegisteredTask",
     "SerializationError",
+    "Shipment",
     "StorageFull",
     "TaskError",
     "TaskFailed",
@@ -59,6 +61,7 @@ __all__ = [
     "Terminal",
     "UnsafeQueueError",
     "current_task",
+    "explain",
     "queueable",
     "use",
 ]

@@ -37,6 +37,11 @@ WAIT_IDENTITY_CHECK_SECONDS = 1.0
 ENV_SECRET = "NBQUEUE_SECRET"
 ENV_URL = "NBQUEUE_URL"
 ENV_KEY_FILE = "NBQUEUE_KEY_FILE"
+#: Set (to anything) to keep the full dill traceback behind a SerializationError.
+ENV_DEBUG = "NBQUEUE_DEBUG"
+#: Comma-separated top-level packages every worker has installed although they live outside
+#: site-packages (an editable checkout): their code travels by reference, not by value.
+ENV_BY_REFERENCE = "NBQUEUE_BY_REFERENCE"
 
 
 def key_file_path() -> str:

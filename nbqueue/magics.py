@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import ast
 import builtins
+import hashlib
 import itertools
 import keyword
+import linecache
 import os
 import sys
 import types
@@ -26,7 +28,6 @@ from .records import TaskError
 from .tasks import queueable
 from .worker import WorkerProcesses, pid_alive
 
-CELL_FILENAME = "<%%queue cell>"
 _BUILTINS = frozenset(dir(builtins))
 
 
@@ -86,8 +87,12 @@ def cell_function(cell: str, params: list[str], namespace: dict[str, Any]) -> ty
     Raises:
         UsageError: a syntax error, or a name that is defined nowhere (with its cell line).
     """
+    # A file name of its own, with the cell's lines in linecache (as IPython does for cells):
+    # tracebacks, here and on a worker (the lines travel with the function), show the cell.
+    filename = f"<%%queue cell {hashlib.sha1(cell.encode()).hexdigest()[:12]}>"
+    linecache.cache[filename] = (len(cell), None, cell.splitlines(True), filename)
     try:
-        tree = ast.parse(cell, filename=CELL_FILENAME)
+        tree = ast.parse(cell, filename=filename)
     except SyntaxError as exc:
         raise UsageError(f"%%queue cell, line {exc.lineno}: {exc.msg}") from None
     known = _bound_names(tree) | set(params) | set(namespace) | _BUILTINS
@@ -103,7 +108,7 @@ def cell_function(cell: str, params: list[str], namespace: dict[str, Any]) -> ty
     extra = {"type_params": []} if sys.version_info >= (3, 12) else {}
     definition = ast.FunctionDef(name="queued_cell", args=args, body=body, decorator_list=[], **extra)
     module = ast.fix_missing_locations(ast.Module(body=[definition], type_ignores=[]))
-    code = compile(module, CELL_FILENAME, "exec")
+    code = compile(module, filename, "exec")
     fn_code = next(c for c in code.co_consts if isinstance(c, types.CodeType))
     # The notebook's namespace is the function's globals: dill ships exactly the globals it reads.
     return queueable(types.FunctionType(fn_code, namespace, "queued_cell"))

@@ -12,20 +12,16 @@ valid envelope copied to another task or job is refused by the id check.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import hmac
-import io
 import json
 import os
 import pickle
-import threading
-import warnings
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from . import defaults
+from . import defaults, pickling
 from .errors import BadSignature, DecodeError, SerializationError, SigningKeyError
 
 MAGIC = b"NBQ\x01"
@@ -59,65 +55,17 @@ def _is_plain(obj: Any, depth: int = 0) -> bool:
     return cls.__module__ == "numpy" and cls.__name__ == "ndarray" and not obj.dtype.hasobject
 
 
-def _process_local_types() -> tuple[type, ...]:
-    """Objects that mean nothing in another process. dill would copy them (a lock arrives as a
-    fresh lock that guards nothing), so they are refused instead."""
-    return (
-        type(threading.Lock()),
-        type(threading.RLock()),
-        threading.Condition,
-        threading.Thread,
-        io.FileIO,
-        io.BufferedReader,
-        io.BufferedWriter,
-        io.BufferedRandom,
-        io.TextIOWrapper,
-    )
-
-
-_dill_pickler = None
-
-
-def _refusing_pickler() -> type:
-    global _dill_pickler
-    if _dill_pickler is None:
-        import dill
-
-        local = _process_local_types()
-
-        class RefusingPickler(dill.Pickler):
-            def reducer_override(self, obj: Any) -> Any:
-                if isinstance(obj, local):
-                    raise TypeError(
-                        f"a {type(obj).__name__} belongs to this process and cannot travel to a worker"
-                    )
-                return NotImplemented
-
-        _dill_pickler = RefusingPickler
-    return _dill_pickler
-
-
 class DillSerializer:
-    """dill by value (``recurse=True``): notebook functions, closures and lambdas survive a fresh
-    interpreter. Plain data takes a pickle fast path (40× cheaper); dill loads both."""
+    """dill, shipping by value only what a worker cannot import (see ``pickling``): notebook
+    functions, closures and lambdas survive a fresh interpreter, library code travels as a
+    reference. Plain data takes a pickle fast path (40× cheaper); dill loads both."""
 
     name = "dill"
 
     def dumps(self, obj: Any) -> bytes:
         if _is_plain(obj):
             return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        import dill
-
-        buf = io.BytesIO()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", dill.PicklingWarning)
-            _refusing_pickler()(buf, protocol=pickle.HIGHEST_PROTOCOL, recurse=True).dump(obj)
-        # dill warns, then pickles by reference, when it cannot ship an object by value (an Enum
-        # defined in a notebook): no worker could load that, so it is an error here, at insert.
-        trouble = [w for w in caught if issubclass(w.category, dill.PicklingWarning)]
-        if trouble:
-            raise TypeError(f"dill cannot ship it by value: {trouble[-1].message}")
-        return buf.getvalue()
+        return pickling.dumps(obj)
 
     def loads(self, data: bytes) -> Any:
         import dill
@@ -239,36 +187,27 @@ def open_envelope(signer: Signer, blob: bytes, kind: str, **expect: Any) -> tupl
 
 
 # -- what is serialized ------------------------------------------------------------------------
-def blame(obj: Any, serializer: Serializer) -> list[str]:
-    """Names of the parts of ``obj`` that cannot be serialized, for an error message."""
-    parts: list[tuple[str, Any]] = []
-    code = getattr(obj, "__code__", None)
-    if code is not None:
-        globs = getattr(obj, "__globals__", {})
-        parts += [(f"global {n!r}", globs[n]) for n in code.co_names if n in globs]
-        for name, cell in zip(code.co_freevars, getattr(obj, "__closure__", None) or (), strict=False):
-            with contextlib.suppress(ValueError):
-                parts.append((f"closure variable {name!r}", cell.cell_contents))
-    elif isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[1], dict):
-        parts += [(f"argument {i}", a) for i, a in enumerate(obj[0])]
-        parts += [(f"argument {k!r}", v) for k, v in obj[1].items()]
-    bad = []
-    for label, part in parts:
-        try:
-            serializer.dumps(part)
-        except Exception:
-            bad.append(f"{label} ({type(part).__name__})")
-    return bad
+def dumps_checked(
+    obj: Any, serializer: Serializer, what: str, parts: list[tuple[str, Any]] | None = None
+) -> bytes:
+    """Serialize or raise SerializationError naming the part that cannot travel, the path to it
+    (``fit_eval → model → _lock``) and what to do instead.
 
-
-def dumps_checked(obj: Any, serializer: Serializer, what: str) -> bytes:
-    """Serialize or raise SerializationError naming what could not be serialized."""
+    ``parts`` names the pieces of ``obj`` (a call's arguments, say) for the path's first step.
+    The chained dill traceback is kept only with ``$NBQUEUE_DEBUG`` set.
+    """
     try:
         return serializer.dumps(obj)
     except Exception as exc:
-        culprits = blame(obj, serializer)
-        detail = f": {', '.join(culprits)} cannot be serialized" if culprits else ""
-        raise SerializationError(f"cannot serialize {what}{detail} ({type(exc).__name__}: {exc})") from exc
+        culprit = None
+        for label, part in parts if parts is not None else [("", obj)]:
+            culprit = pickling.find_culprit(part, serializer.dumps)
+            if culprit is not None:
+                culprit.path[:0] = [label] if label else []
+                break
+        detail = culprit.describe() if culprit is not None else f"{type(exc).__name__}: {exc}"
+        cause = exc if os.environ.get(defaults.ENV_DEBUG) else None
+        raise SerializationError(f"cannot serialize {what}: {detail}") from cause
 
 
 def function_blob(fn: Any, serializer: Serializer) -> tuple[str, bytes]:

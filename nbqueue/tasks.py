@@ -369,8 +369,13 @@ class TaskCodec:
         if call.fn is None:
             payload = dumps_checked(call.obj, self.serializer, f"task object {call.obj!r:.60}")
         else:
+            labelled = [(f"argument {i}", a) for i, a in enumerate(call.args)]
+            labelled += [(f"argument {k!r}", v) for k, v in call.kwargs.items()]
             payload = dumps_checked(
-                (call.args, call.kwargs), self.serializer, f"arguments of {callable_name(call.fn)}()"
+                (call.args, call.kwargs),
+                self.serializer,
+                f"arguments of {callable_name(call.fn)}()",
+                parts=labelled,
             )
         header["f"] = digest
         return seal(self.signer, header, payload)

@@ -218,10 +218,15 @@ def memory_bomb(i):
 
 @pytest.mark.slow
 @pytest.mark.soak_timeout(600)
-def test_every_kind_of_poison_is_dead_lettered_and_every_good_task_completes(worker_url, tmp_path, request):
+def test_every_kind_of_poison_is_dead_lettered_and_every_good_task_completes(
+    worker_url, tmp_path, request, monkeypatch
+):
     pnb = notebook(POISONS)
-    # A function from a module this process can import but the workers cannot: dill ships it by
-    # reference, so a worker fails to decode it (terminal: dead at once, never retried).
+    # A function from a module this process imports and declares installed on the workers
+    # (NBQUEUE_BY_REFERENCE), which they lack: it travels by reference, so a worker fails to
+    # decode it (terminal: dead at once, never retried).
+    monkeypatch.setenv("NBQUEUE_BY_REFERENCE", "producer_only")
+    monkeypatch.setattr("nbqueue.pickling._installed_cache", {})
     private = tmp_path / "private_mod"
     private.mkdir()
     (private / "producer_only.py").write_text(

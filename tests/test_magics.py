@@ -137,3 +137,44 @@ def test_wait_stops_with_a_clear_error_when_its_workers_die(tmp_path):
     pool.wait(timeout=30)
     with pytest.raises(RuntimeError, match=r"exited \(codes 3, 3\) before it finished"):
         job.wait(timeout=30, progress=False, check=lambda: _workers_alive(pool, job))
+
+
+SKLEARN_CELLS = """
+from sklearn.datasets import make_classification
+from sklearn.model_selection import cross_val_score
+from sklearn.svm import SVC
+
+X, y = make_classification(n_samples=60, n_features=5, random_state=0)
+
+def fit_eval(C, gamma):
+    return float(cross_val_score(SVC(C=C, gamma=gamma), X, y, cv=3).mean())
+"""
+
+
+def test_a_grid_over_a_from_imported_sklearn_helper_runs_in_about_the_time_the_work_takes(shell, tmp_path):
+    """The walk that failed: a notebook helper calling from-imported cross_val_score, fanned out
+    by %%queue (dill's recurse=True spent 5 s and raised RecursionError before queuing)."""
+    import time
+
+    shell.run_cell(SKLEARN_CELLS)
+    url = f"fq://{tmp_path / 'svc'}"
+    started = time.perf_counter()
+    shell.run_cell_magic(
+        "queue",
+        f"{url} --map C=[0.1, 1.0] --map gamma=[0.1, 1.0] --workers 2 --wait --out grid",
+        "fit_eval(C, gamma)",
+    )
+    elapsed = time.perf_counter() - started
+    grid = shell.user_ns["grid"]
+    assert len(grid) == 4 and all(0.0 < score <= 1.0 for score in grid), grid
+    # The work is milliseconds; what remains is starting two workers that import scikit-learn.
+    assert elapsed < 30, elapsed
+
+
+def test_a_failing_cell_traceback_shows_the_cell_line_from_the_worker(shell, tmp_path):
+    url = f"fq://{tmp_path / 'tb'}"
+    cell = "ratio = 1.0\nratio / (C - C)  # divides by zero on purpose\n"
+    shell.run_cell_magic("queue", f"{url} --map C=[1] --workers 1 --retries 0 --wait --out res", cell)
+    (error,) = shell.user_ns["_job"].errors()
+    assert error.type == "ZeroDivisionError"
+    assert "ratio / (C - C)  # divides by zero on purpose" in error.traceback, error.traceback

@@ -1,0 +1,629 @@
+"""What travels by value and what by reference, when notebook code is shipped to a worker.
+
+The rule (cloudpickle's, applied with dill): an object goes **by reference** when a worker can
+import it: its module is installed (the standard library, site-packages, nbqueue itself, or a
+top-level package named in ``$NBQUEUE_BY_REFERENCE``) and ``module.qualname`` resolves to that
+very object. Everything else goes **by value**: functions, classes, closures and lambdas defined
+in a notebook (``__main__``) or in a local ``.py`` module that is not installed (a helper file
+next to the notebook), with exactly the globals their code reads, followed through other by-value
+functions only. Library code is never walked, which is what made ``dill.dumps(recurse=True)``
+spend seconds in scikit-learn (or hit RecursionError): here ``cross_val_score`` is one reference.
+
+The by-value reducers below are part of the wire format: a worker rebuilds functions, classes
+and modules by calling ``make_function``, ``make_class`` and ``make_module`` of this module, so
+their names and signatures never change.
+
+Serializing a function also ships the source lines of the cells (or files) it came from, and a
+worker registers them in ``linecache``, so a traceback through notebook code shows its lines.
+"""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import enum
+import functools
+import importlib
+import io
+import linecache
+import os
+import pickle
+import sys
+import sysconfig
+import threading
+import types
+import uuid
+import warnings
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import defaults
+
+#: Source files larger than this are not shipped for tracebacks (a generated module, say).
+MAX_SHIPPED_SOURCE = 256 * 1024
+
+
+# -- where a worker can find an object -------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _install_dirs() -> tuple[str, ...]:
+    """Directories whose modules every worker of this environment has: stdlib and site-packages."""
+    import site
+
+    dirs = {sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    dirs.update(site.getsitepackages())
+    user_site = site.getusersitepackages()
+    if isinstance(user_site, str):
+        dirs.add(user_site)
+    return tuple(sorted({os.path.realpath(d) + os.sep for d in dirs if d}))
+
+
+def _declared_installed() -> frozenset[str]:
+    """Top-level packages the user says workers have installed (``$NBQUEUE_BY_REFERENCE``)."""
+    names = os.environ.get(defaults.ENV_BY_REFERENCE, "")
+    return frozenset(n.strip() for n in names.split(",") if n.strip())
+
+
+_installed_cache: dict[str, bool] = {}
+
+
+def is_installed(module_name: str) -> bool:
+    """True when a worker can import ``module_name`` itself: it is part of the standard library,
+    lives in site-packages, is nbqueue, or its top-level package is named in
+    ``$NBQUEUE_BY_REFERENCE``. A local module (a ``.py`` next to the notebook, an editable
+    checkout, a directory on ``PYTHONPATH``) is not: what it defines travels by value.
+    """
+    known = _installed_cache.get(module_name)
+    if known is not None:
+        return known
+    root = module_name.partition(".")[0]
+    if module_name == "__main__":
+        answer = False
+    elif root in sys.stdlib_module_names or root in sys.builtin_module_names or root == "nbqueue":
+        answer = True
+    elif root in _declared_installed():
+        answer = True
+    else:
+        module = sys.modules.get(module_name)
+        if module is None:
+            return False  # not imported (yet): decide, and cache, once it is
+        paths = (
+            [module.__file__] if getattr(module, "__file__", None) else list(getattr(module, "__path__", []))
+        )
+        dirs = _install_dirs()
+        answer = bool(paths) and all(os.path.realpath(p).startswith(dirs) for p in paths)
+    _installed_cache[module_name] = answer
+    return answer
+
+
+def _resolve(module_name: str, qualname: str) -> Any:
+    obj: Any = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def by_reference(obj: Any) -> bool:
+    """True when ``obj`` (a function or class) can travel as ``module.qualname``."""
+    module_name = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None)
+    if not isinstance(module_name, str) or not isinstance(qualname, str) or "<" in qualname:
+        return False  # no name, or a closure / lambda / function defined inside another
+    if not is_installed(module_name) or module_name not in sys.modules:
+        return False
+    try:
+        return _resolve(module_name, qualname) is obj
+    except AttributeError:
+        return False
+
+
+# -- what a function's code reads ------------------------------------------------------------------
+_names_of_code: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def global_names(code: types.CodeType) -> frozenset[str]:
+    """Every name the code (and the code nested in it: inner functions, comprehensions) may
+    look up as a global or an attribute; only those present in the globals travel."""
+    names = _names_of_code.get(code)
+    if names is None:
+        found = set(code.co_names)
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                found |= global_names(const)
+        names = _names_of_code[code] = frozenset(found)
+    return names
+
+
+def _submodules(code: types.CodeType, values: list[Any]) -> list[types.ModuleType]:
+    """Submodules the code reaches by attribute (``sklearn.metrics.f1_score`` after ``import
+    sklearn``): a worker importing only ``sklearn`` would lack ``sklearn.metrics``."""
+    names = global_names(code)
+    found = []
+    for value in values:
+        if not isinstance(value, types.ModuleType):
+            continue
+        prefix = value.__name__ + "."
+        for name, module in list(sys.modules.items()):
+            if module is not None and name.startswith(prefix):
+                if all(part in names for part in name[len(prefix) :].split(".")):
+                    found.append(module)
+    return found
+
+
+def _last_line(code: types.CodeType) -> int:
+    last = max((line for _, _, line in code.co_lines() if line is not None), default=code.co_firstlineno)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            last = max(last, _last_line(const))
+    return last
+
+
+def _source_of(code: types.CodeType) -> tuple[str, int, list[str]] | None:
+    """The function's own lines of the cell (or local file) it was written in, for tracebacks
+    on the worker: ``(filename, first line number, lines)``. Library files are never shipped."""
+    filename = code.co_filename
+    if os.path.realpath(filename).startswith(_install_dirs()):
+        return None
+    lines = linecache.getlines(filename)
+    if not lines:
+        return None
+    first = code.co_firstlineno
+    # A decorated function's code starts at its def; take its decorators too.
+    while first > 1 and lines[first - 2].lstrip().startswith("@"):
+        first -= 1
+    own = lines[first - 1 : _last_line(code)]
+    return (filename, first, own) if sum(map(len, own)) <= MAX_SHIPPED_SOURCE else None
+
+
+# -- the worker side: rebuilding what travelled by value -----------------------------------------
+def make_function(
+    code: types.CodeType, globals_: dict, name: str, cells: tuple[types.CellType, ...] | None
+) -> types.FunctionType:
+    """A function shell; ``set_function_state`` fills in its globals, closure and attributes."""
+    globals_.setdefault("__builtins__", builtins.__dict__)
+    return types.FunctionType(code, globals_, name, None, cells)
+
+
+def set_function_state(fn: types.FunctionType, state: dict) -> None:
+    """Finish a function made by ``make_function`` (after everything it refers to exists)."""
+    fn.__globals__.update(state["globals"])
+    for index, value in state["closure"]:
+        fn.__closure__[index].cell_contents = value  # type: ignore[index]
+    fn.__defaults__ = state["defaults"]
+    fn.__kwdefaults__ = state["kwdefaults"]
+    fn.__qualname__ = state["qualname"]
+    fn.__module__ = state["module"]
+    fn.__doc__ = state["doc"]
+    fn.__annotations__ = state["annotations"]
+    fn.__dict__.update(state["dict"])
+    if state.get("source") is not None:
+        _register_source(*state["source"])
+
+
+#: Lines of notebook cells known on this worker, by cell file name (only what functions brought).
+_sources: dict[str, list[str]] = {}
+
+
+def _register_source(filename: str, first: int, lines: list[str]) -> None:
+    """Put a shipped function's lines where ``linecache`` (so every traceback) finds them."""
+    if os.path.exists(filename):
+        return  # the worker has the file itself
+    known = _sources.setdefault(filename, [])
+    end = first - 1 + len(lines)
+    if len(known) < end:
+        known.extend("\n" for _ in range(end - len(known)))
+    known[first - 1 : end] = lines
+    # An entry without a modification time is never dropped by linecache.checkcache.
+    linecache.cache[filename] = (sum(map(len, known)), None, known, filename)
+
+
+#: Classes rebuilt on this worker, by the id their producer gave them: the class a function
+#: refers to and the class of an argument are one class, so ``isinstance`` holds across them.
+_classes: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_classes_lock = threading.Lock()
+
+
+def make_class(class_id: str, metaclass: type, name: str, bases: tuple, namespace: dict) -> type:
+    """A class shell (or the one already rebuilt under ``class_id``); ``set_class_state`` fills it."""
+    with _classes_lock:
+        cls = _classes.get(class_id)
+        if cls is None:
+            cls = types.new_class(name, bases, {"metaclass": metaclass}, lambda ns: ns.update(namespace))
+            _classes[class_id] = cls
+    return cls
+
+
+def set_class_state(cls: type, state: dict) -> None:
+    """Set a rebuilt class's attributes: methods, class variables, dataclass fields."""
+    for key, value in state.items():
+        setattr(cls, key, value)
+
+
+def make_module(name: str) -> types.ModuleType:
+    """A local module that travelled by value (a worker may not have its file)."""
+    return types.ModuleType(name)
+
+
+def set_module_state(module: types.ModuleType, state: dict) -> None:
+    """Fill a module made by ``make_module``."""
+    vars(module).update(state)
+
+
+# -- the producer side --------------------------------------------------------------------------------
+def _process_local_types() -> tuple[type, ...]:
+    """Objects that mean nothing in another process. dill would copy them (a lock arrives as a
+    fresh lock that guards nothing), so they are refused instead."""
+    return (
+        type(threading.Lock()),
+        type(threading.RLock()),
+        threading.Condition,
+        threading.Thread,
+        io.FileIO,
+        io.BufferedReader,
+        io.BufferedWriter,
+        io.BufferedRandom,
+        io.TextIOWrapper,
+    )
+
+
+class Unshippable(TypeError):
+    """An object that cannot travel to a worker, with the reason and what to do instead."""
+
+    def __init__(self, obj: Any, reason: str, fix: str) -> None:
+        super().__init__(reason)
+        self.obj = obj
+        self.reason = reason
+        self.fix = fix
+
+
+#: What to do instead, for objects dill cannot pickle, by type name.
+_FIXES = {
+    "socket": "connect inside the task function",
+    "generator": "pass a list, or create the generator inside the task function",
+    "Connection": "connect inside the task function",
+    "Cursor": "connect inside the task function",
+    "SSLContext": "create it inside the task function",
+}
+
+
+def fix_for(obj: Any) -> str | None:
+    """What to do instead of shipping ``obj``, when nbqueue knows."""
+    problem = refusal(obj)
+    return problem.fix if problem is not None else _FIXES.get(type(obj).__name__)
+
+
+def refusal(obj: Any) -> Unshippable | None:
+    """Why ``obj`` itself can never travel, or None."""
+    if isinstance(obj, _process_local_types()):
+        kind = type(obj).__name__
+        if isinstance(obj, io.IOBase):
+            return Unshippable(
+                obj,
+                f"an open file ({kind}) belongs to this process",
+                "pass its path and open it inside the task",
+            )
+        return Unshippable(obj, f"a {kind} belongs to this process", "create it inside the task function")
+    if isinstance(obj, enum.EnumMeta) and not by_reference(obj):
+        return Unshippable(
+            obj,
+            f"the Enum {obj.__qualname__} is defined in the notebook; an Enum class cannot be rebuilt",
+            "define it in an installed module, or pass its members' values",
+        )
+    return None
+
+
+_SKIPPED_CLASS_ATTRS = frozenset(
+    {"__dict__", "__weakref__", "__module__", "__qualname__", "_abc_impl", "__slots__"}
+)
+_FIELD_TYPE = getattr(dataclasses, "_FIELD_BASE", None)
+#: Ids given to classes that travel by value (see ``make_class``), kept while the class lives.
+_class_ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class Shipment:
+    """What serializing an object shipped: by value (with sizes, where measured) and by reference."""
+
+    what: str
+    nbytes: int = 0
+    seconds: float = 0.0
+    by_value: dict[str, str] = field(default_factory=dict)  #: qualified name -> kind
+    by_reference: dict[str, str] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)  #: global name -> bytes of its own
+
+    def summary(self) -> str:
+        """One line: the total and what went each way."""
+
+        def sized(name: str) -> str:
+            size = self.sizes.get(name.rpartition(".")[2])
+            return f"{name} ({_kb(size)})" if size is not None else name
+
+        value = ", ".join(sized(n) for n in self.by_value) or "nothing"
+        refs = ", ".join(self.by_reference) or "nothing"
+        return (
+            f"{self.what}: {_kb(self.nbytes)} in {self.seconds * 1000:.0f} ms; by value: {value}; "
+            f"by reference: {refs}"
+        )
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(self.summary())
+
+
+def _kb(size: int) -> str:
+    return f"{size} B" if size < 1024 else f"{size / 1024:.1f} KB"
+
+
+def _qualified(obj: Any) -> str:
+    module = getattr(obj, "__module__", None) or getattr(obj, "__name__", "?")
+    qualname = getattr(obj, "__qualname__", None)
+    if isinstance(obj, types.ModuleType):
+        return obj.__name__
+    return f"{module}.{qualname}" if qualname else module
+
+
+_pickler_class: type | None = None
+
+
+def pickler_class() -> type:
+    """The dill Pickler that applies the rule above (dill is imported on first use)."""
+    global _pickler_class
+    if _pickler_class is not None:
+        return _pickler_class
+    import dill
+
+    class ShippingPickler(dill.Pickler):  # type: ignore[misc, name-defined]
+        def __init__(self, file: io.BytesIO, shipment: Shipment | None = None) -> None:
+            super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL, recurse=False, byref=False)
+            self.shipment = shipment
+            self._globals: dict[int, tuple[dict, dict]] = {}  # id(original) -> (original, shipped)
+            self._cells: dict[int, tuple[types.CellType, types.CellType]] = {}
+
+        def reducer_override(self, obj: Any) -> Any:
+            kind = type(obj)
+            if kind is types.FunctionType:
+                return self._function(obj)
+            if isinstance(obj, type):
+                return self._class(obj)
+            if kind is types.ModuleType:
+                return self._module(obj)
+            if kind is _FIELD_TYPE:  # dataclasses' sentinels must stay themselves
+                return getattr, (dataclasses, obj.name)
+            problem = refusal(obj)
+            if problem is not None:
+                raise problem
+            return NotImplemented
+
+        def _note(self, obj: Any, kind: str, value: bool) -> None:
+            if self.shipment is not None:
+                (self.shipment.by_value if value else self.shipment.by_reference)[_qualified(obj)] = kind
+
+        def _function(self, fn: types.FunctionType) -> Any:
+            if by_reference(fn):
+                self._note(fn, "function", False)
+                return NotImplemented
+            self._note(fn, "function", True)
+            code = fn.__code__
+            original = fn.__globals__
+            # Functions of one module share one globals dict on the worker, as they do here.
+            known = self._globals.get(id(original))
+            if known is None:
+                known = self._globals[id(original)] = (original, {"__name__": original.get("__name__")})
+            shipped_globals = known[1]
+            names = global_names(code)
+            reads = {name: original[name] for name in names if name in original and name != "__builtins__"}
+            cells = None
+            closure: list[tuple[int, Any]] = []
+            if fn.__closure__ is not None:
+                placeholders = []
+                for index, cell in enumerate(fn.__closure__):
+                    # One empty placeholder per original cell keeps cells shared between closures
+                    # shared; the contents follow in the state, after the function exists.
+                    pair = self._cells.get(id(cell))
+                    if pair is None:
+                        pair = self._cells[id(cell)] = (cell, types.CellType())
+                    placeholders.append(pair[1])
+                    try:
+                        closure.append((index, cell.cell_contents))
+                    except ValueError:
+                        pass  # an empty cell stays empty
+                cells = tuple(placeholders)
+            state = {
+                "globals": reads,
+                "closure": closure,
+                "defaults": fn.__defaults__,
+                "kwdefaults": fn.__kwdefaults__,
+                "qualname": fn.__qualname__,
+                "module": fn.__module__,
+                "doc": fn.__doc__,
+                "annotations": fn.__annotations__,
+                "dict": dict(fn.__dict__),
+                "submodules": _submodules(code, [*reads.values(), *(v for _, v in closure)]),
+                "source": _source_of(code),
+            }
+            return (
+                make_function,
+                (code, shipped_globals, fn.__name__, cells),
+                state,
+                None,
+                None,
+                set_function_state,
+            )
+
+        def _class(self, cls: type) -> Any:
+            if by_reference(cls) or cls.__module__ == "builtins":
+                self._note(cls, "class", False)
+                return NotImplemented
+            problem = refusal(cls)
+            if problem is not None:
+                raise problem
+            if issubclass(cls, tuple) and hasattr(cls, "_fields"):
+                self._note(cls, "namedtuple", True)
+                return NotImplemented  # dill rebuilds namedtuples itself
+            self._note(cls, "class", True)
+            namespace: dict[str, Any] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+            attrs = vars(cls)
+            slots = attrs.get("__slots__")
+            if slots is not None:
+                namespace["__slots__"] = slots
+                slots = (slots,) if isinstance(slots, str) else tuple(slots)
+            state = {
+                k: v for k, v in attrs.items() if k not in _SKIPPED_CLASS_ATTRS and k not in (slots or ())
+            }
+            class_id = _class_ids.get(cls)
+            if class_id is None:
+                class_id = _class_ids[cls] = uuid.uuid4().hex
+            args = (class_id, type(cls), cls.__name__, cls.__bases__, namespace)
+            return make_class, args, state, None, None, set_class_state
+
+        def _module(self, module: types.ModuleType) -> Any:
+            name = module.__name__
+            if name == "__main__":
+                raise Unshippable(
+                    module, "the notebook's own module cannot travel", "refer to the names you need"
+                )
+            if is_installed(name):
+                self._note(module, "module", False)
+                return importlib.import_module, (name,)
+            self._note(module, "module", True)
+            state = {
+                k: v
+                for k, v in vars(module).items()
+                if k not in ("__builtins__", "__loader__", "__spec__", "__cached__")
+            }
+            return make_module, (name,), state, None, None, set_module_state
+
+    _pickler_class = ShippingPickler
+    return ShippingPickler
+
+
+def dumps(obj: Any, shipment: Shipment | None = None) -> bytes:
+    """Pickle ``obj`` by the rule above; ``shipment`` (if given) records what went which way.
+
+    Raises:
+        Unshippable: an object that can never travel (a lock, an open file, a notebook Enum).
+        Exception: whatever dill raises for anything else it cannot pickle.
+    """
+    import dill
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", dill.PicklingWarning)
+        pickler_class()(buf, shipment).dump(obj)
+    # dill warns, then pickles by reference, when it cannot ship an object by value: no worker
+    # could load that, so it is an error here, at insert.
+    trouble = [w for w in caught if issubclass(w.category, dill.PicklingWarning)]
+    if trouble:
+        raise TypeError(f"dill cannot ship it by value: {trouble[-1].message}")
+    return buf.getvalue()
+
+
+# -- finding the culprit --------------------------------------------------------------------------
+def _parts(obj: Any) -> Iterator[tuple[str, Any]]:
+    """The named parts of ``obj`` a pickle of it would contain, for the culprit search."""
+    if type(obj) is types.FunctionType:
+        if by_reference(obj):
+            return
+        for name in sorted(global_names(obj.__code__)):
+            if name in obj.__globals__:
+                yield name, obj.__globals__[name]
+        for name, cell in zip(obj.__code__.co_freevars, obj.__closure__ or (), strict=False):
+            try:
+                yield name, cell.cell_contents
+            except ValueError:
+                pass
+        for i, value in enumerate(obj.__defaults__ or ()):
+            yield f"default {i}", value
+        return
+    if isinstance(obj, type):
+        if not by_reference(obj):
+            yield from ((k, v) for k, v in vars(obj).items() if k not in _SKIPPED_CLASS_ATTRS)
+        return
+    if isinstance(obj, types.ModuleType):
+        if not is_installed(obj.__name__):
+            yield from vars(obj).items()
+        return
+    if isinstance(obj, functools.partial):
+        yield "func", obj.func
+        yield from ((f"[{i}]", v) for i, v in enumerate(obj.args))
+        yield from ((k, v) for k, v in obj.keywords.items())
+        return
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        yield from ((f"[{i}]", v) for i, v in enumerate(obj))
+        return
+    if isinstance(obj, dict):
+        yield from ((f"[{k!r}]", v) for k, v in obj.items())
+        return
+    yield "__class__", type(obj)
+    state = getattr(obj, "__dict__", None)
+    if isinstance(state, dict):
+        yield from state.items()
+
+
+@dataclass
+class Culprit:
+    """The innermost part of an object that cannot be pickled: the path to it (``["fit_eval",
+    "model", "_lock"]`` reads "the global fit_eval, its attribute model, that one's _lock"), the
+    part itself and the error pickling it raised."""
+
+    path: list[str]
+    obj: Any
+    error: BaseException
+
+    def describe(self) -> str:
+        """``fit_eval → model → _lock: a lock belongs to this process …; create it inside …``."""
+        where = " → ".join(self.path)
+        if isinstance(self.error, Unshippable):
+            text = f"{self.error.reason} and cannot travel to a worker; {self.error.fix}"
+        else:
+            text = f"{type(self.obj).__name__} ({type(self.error).__name__}: {self.error})"
+            fix = fix_for(self.obj)
+            if fix:
+                text += f"; {fix}"
+        return f"{where}: {text}" if where else text
+
+
+def find_culprit(obj: Any, dump: Any = dumps, limit: int = 12) -> Culprit | None:
+    """The innermost part of ``obj`` that cannot be pickled (None when ``obj`` pickles)."""
+    try:
+        dump(obj)
+        return None
+    except Exception as exc:
+        culprit = Culprit([], obj, exc)
+    seen = {id(obj)}
+    while len(culprit.path) < limit:
+        for name, part in _parts(culprit.obj):
+            if id(part) in seen:
+                continue
+            try:
+                dump(part)
+            except Exception as exc:
+                seen.add(id(part))
+                culprit = Culprit([*culprit.path, name], part, exc)
+                break
+        else:
+            break  # every part pickles alone: the trouble is this object itself
+    return culprit
+
+
+def explain(fn: Any) -> Shipment:
+    """What serializing ``fn`` ships: which names travel by value (with the size of each global
+    the function reads) and which by reference, the total size and the time it took.
+
+    ``print(nbqueue.explain(score))``, or ``tq.insert(..., explain=True)`` for each job's function.
+    """
+    import time
+
+    shipment = Shipment(getattr(fn, "__qualname__", None) or repr(fn))
+    started = time.perf_counter()
+    shipment.nbytes = len(dumps(fn, shipment))
+    shipment.seconds = time.perf_counter() - started
+    if type(fn) is types.FunctionType and not by_reference(fn):
+        for name in global_names(fn.__code__):
+            value = fn.__globals__.get(name)
+            if name in fn.__globals__ and not isinstance(value, types.ModuleType) and not by_reference(value):
+                shipment.sizes[name] = len(dumps(value))
+    return shipment
