@@ -31,7 +31,7 @@ from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from typing import TYPE_CHECKING, Any
 
-from . import defaults
+from . import defaults, pickling
 from .progress import insert_progress
 from .tasks import TaskCodec, to_call
 
@@ -152,9 +152,10 @@ def upload(
     writer: _Writer,
     queue_id: str,
     on_batch=None,
+    explain: bool = False,
 ) -> None:
     """Encode ``tasks`` (ids from ``offset``), signed for ``queue_id``, into batches and hand
-    them to ``writer``."""
+    them to ``writer``; with ``explain``, print what each new function ships."""
     codec = TaskCodec(queue.signer, queue.serializer, queue_id)
     batch: list[tuple[str, bytes]] = []
     batch_bytes = 0
@@ -166,6 +167,8 @@ def upload(
             digest, blob, new = codec.function_digest(call.fn)
             if new:
                 functions.append((digest, blob))
+                if explain:
+                    print(pickling.explain(call.fn).summary())
         task_id = f"{job_id}-{index}"
         envelope = codec.encode(task_id, job_id, call, digest)
         batch.append((task_id, envelope))
@@ -250,6 +253,7 @@ def insert_tasks(
     source: str | None = None,
     parallel: int = 1,
     green: bool = False,
+    explain: bool = False,
 ) -> Job:
     """Insert every task of ``tasks`` as one job; see ``TaskQueue.insert``."""
     from .jobs import Job
@@ -290,7 +294,17 @@ def insert_tasks(
             before_first_batch()  # children write directly: the job must exist first
             queued = _insert_sliced(queue, queue_id, job_id, tasks, parallel, batch_size, bar)
         else:
-            upload(queue, job_id, tasks, 0, batch_size, writer, queue_id, on_batch=before_first_batch)
+            upload(
+                queue,
+                job_id,
+                tasks,
+                0,
+                batch_size,
+                writer,
+                queue_id,
+                on_batch=before_first_batch,
+                explain=explain,
+            )
             writer.close()
             queued = writer.written
         if not started:
@@ -316,9 +330,15 @@ def insert_tasks(
                 )
             if hasattr(exc, "add_note"):
                 exc.add_note(note)
+        else:
+            # Nothing was queued and no record written: the Job object says so, and its view
+            # (never shown) has nothing to wait for.
+            meta.update(total=0, state="insert_failed", error=f"{type(exc).__name__}: {exc}")
+        bar.fail()
         raise
     finally:
-        bar.set(queue.backend.job_counts(job_id).inserted if sliced else writer.written)
+        if started:
+            bar.set(queue.backend.job_counts(job_id).inserted if sliced else writer.written)
         bar.close()
     return job
 

@@ -96,6 +96,9 @@ class InsertProgress:
     def set(self, count: int) -> None:
         pass
 
+    def fail(self) -> None:
+        """The insert failed: ``close()`` will draw that as the final state."""
+
     def close(self) -> None:
         pass
 
@@ -109,6 +112,9 @@ class _TextInsertProgress(InsertProgress):
     def set(self, count: int) -> None:
         self._bar.update(count - self._bar.n)
 
+    def fail(self) -> None:
+        self._bar.set_postfix_str("insert failed", refresh=False)
+
     def close(self) -> None:
         self._bar.close()
 
@@ -118,6 +124,10 @@ class _WidgetInsertProgress(InsertProgress):
 
     def __init__(self, job: Job) -> None:
         self._job = job
+        self._failed = False
+
+    def fail(self) -> None:
+        self._failed = True
 
     def set(self, count: int) -> None:
         view = self._job.view
@@ -127,8 +137,11 @@ class _WidgetInsertProgress(InsertProgress):
             view.refresh()  # throttled by the view
 
     def close(self) -> None:
-        if self._job.view._handle is not None:
-            self._job.view.finish()
+        view = self._job.view
+        if view._handle is not None:
+            view.finish()
+        if self._failed:
+            view.stop()  # the final state is drawn; nothing more will happen to watch live
 
 
 def insert_progress(job: Job, total: int | None, enabled: bool = True) -> InsertProgress:
@@ -182,6 +195,7 @@ class Snapshot:
     rate: float | None
     workers: int | None
     error: TaskError | None
+    insert_error: str | None = None  #: why the insert stopped part-way, when it did
 
     @property
     def finished(self) -> bool:
@@ -205,6 +219,8 @@ class Snapshot:
         head = f"job {name} {bar} {describe(c, total)}"
         if self.inserting:
             head += f" · inserting ({c.inserted:,} queued so far)"
+        if self.insert_error:
+            head += f" · insert failed after {c.inserted:,} queued: {self.insert_error}"
         if self.finished:
             line = (
                 f"{head}\nfinished in {_duration(self.elapsed)}: {c.completed:,} completed, {c.dead:,} failed"
@@ -238,6 +254,7 @@ class JobView:
         self._parts: dict[str, Any] = {}
         self._handle: Any = None
         self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._refreshed = 0.0  # when the last refresh read the storage (monotonic)
         self.last: Snapshot | None = None
@@ -263,7 +280,8 @@ class JobView:
         created = meta.get("created") or time.time()
         elapsed = (self._finished_at or time.time()) - created
         inserting = meta.get("state") == "inserting"
-        snap = Snapshot(counts, total, inserting, elapsed, rate, workers, self._error)
+        insert_error = meta.get("error") if meta.get("state") == "insert_failed" else None
+        snap = Snapshot(counts, total, inserting, elapsed, rate, workers, self._error, insert_error)
         if snap.finished:
             if self._finished_at is None:
                 self._finished_at = time.time()
@@ -346,6 +364,8 @@ class JobView:
             stats.append(f"{snap.workers} worker(s) seen")
         if snap.inserting:
             stats.append(f"inserting: {c.inserted:,} queued so far")
+        if snap.insert_error:
+            stats.append(f"insert failed after {c.inserted:,} queued: {snap.insert_error}")
         p["stats"].value = html.escape(" · ".join(stats))
         if snap.error is not None:
             e = snap.error
@@ -399,14 +419,20 @@ class JobView:
     def start(self) -> None:
         """Start the background updater (once); it stops when the job ends or the widget closes."""
         if self._thread is None or not self._thread.is_alive():
+            self._stopped.clear()
             self._thread = threading.Thread(
                 target=self._run, name=f"nbqueue-progress-{self.job.id}", daemon=True
             )
             self._thread.start()
 
+    def stop(self) -> None:
+        """Stop the background updater (it also stops by itself when the job ends)."""
+        self._stopped.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
     def _run(self) -> None:
-        while True:
-            time.sleep(REFRESH_SECONDS)
+        while not self._stopped.wait(REFRESH_SECONDS):
             if self._widget is not None and getattr(self._widget, "comm", True) is None:
                 return  # the widget was closed
             try:

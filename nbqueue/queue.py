@@ -78,6 +78,7 @@ class TaskQueue:
         source: str | None = None,
         parallel: int = 1,
         green: bool = False,
+        explain: bool = False,
     ) -> Job:
         """Queue every task of ``tasks`` as one job and return the Job.
 
@@ -99,6 +100,8 @@ class TaskQueue:
                 overlap the encoding; memory stays bounded).
             green: write batches from gevent greenlets, for network backends. You must run
                 ``from gevent import monkey; monkey.patch_all()`` first; nbqueue never patches.
+            explain: print one line per job function: what travels by value (with sizes) and
+                what by reference (see ``nbqueue.explain``).
         """
         return insert_tasks(
             self,
@@ -110,6 +113,7 @@ class TaskQueue:
             source=source,
             parallel=parallel,
             green=green,
+            explain=explain,
         )
 
     def _put_meta(self, job_id: str, meta: dict) -> None:

@@ -89,3 +89,60 @@ job.wait()
     assert "insert" in done.stderr and "40/40" in done.stderr
     last = done.stderr.replace("\r", "\n").strip().splitlines()[-1]
     assert "40/40" in last
+
+
+UNSHIPPABLE = """
+import threading
+from nbqueue import queueable
+
+class Model:
+    def __init__(self):
+        self._lock = threading.Lock()
+
+model = Model()
+
+def fit_eval(i):
+    return model, i
+
+@queueable
+def half(i):
+    return fit_eval(i)[1] / 2
+
+@queueable
+def takes(x):
+    return x
+"""
+
+
+def test_an_insert_that_fails_before_queuing_shows_nothing_and_leaves_no_thread(monkeypatch):
+    import pytest
+
+    from nbqueue import SerializationError
+
+    monkeypatch.setattr("nbqueue.progress.detect_mode", lambda: "widget")  # as in a kernel
+    nb = notebook(UNSHIPPABLE)
+    tq = TaskQueue("mem://failed-insert")
+    with pytest.raises(SerializationError, match="fit_eval → model → _lock: a lock belongs"):
+        tq.insert(functools.partial(nb.half, i) for i in range(3))
+    assert not progress_threads()
+    assert tq.jobs() == [] and tq.status().inserted == 0
+
+
+def test_an_insert_that_fails_part_way_draws_the_failure_and_stops_its_thread(monkeypatch):
+    import pytest
+
+    from nbqueue import SerializationError
+
+    monkeypatch.setattr("nbqueue.progress.detect_mode", lambda: "widget")  # as in a kernel
+    nb = notebook(UNSHIPPABLE)
+    tq = TaskQueue("mem://failed-part-way")
+    tasks = [functools.partial(nb.takes, i) for i in range(10)] + [
+        functools.partial(nb.takes, threading.Lock())
+    ]
+    with pytest.raises(SerializationError, match="argument 0: a lock belongs"):
+        tq.insert(tasks, batch_size=5)
+    assert not progress_threads()  # the final state is drawn; the updater does not poll on
+    (job,) = tq.jobs()
+    assert job.total == 10
+    text = JobView(job).refresh_text()
+    assert "insert failed after 10 queued: SerializationError" in text
