@@ -17,18 +17,21 @@ from .errors import (
     QueueURLError,
     SerializationError,
     SigningKeyError,
+    SpecError,
     StorageFull,
     TaskFailed,
+    TaskRefused,
     Terminal,
+    TransferRefused,
     UnsafeQueueError,
 )
-from .handles import TaskHandle, use
+from .handles import TaskHandle, queueable, use
 from .jobs import Job
 from .pickling import Shipment, explain
 from .queue import LocalTaskQueue, TaskQueue
 from .records import TaskError
 from .reference import TaskSpec
-from .tasks import RegisteredTask, TaskContext, TaskRefused, current_task, queueable
+from .tasks import RegisteredTask, TaskContext, current_task
 
 __version__ = "0.1.0"
 
@@ -48,6 +51,7 @@ __all__ = [
     "QueueURLError",
     "RegisteredTask",
     "SerializationError",
+    "SpecError",
     "Shipment",
     "StorageFull",
     "TaskError",
@@ -56,6 +60,7 @@ __all__ = [
     "TaskQueue",
     "TaskRefused",
     "TaskSpec",
+    "TransferRefused",
     "TaskContext",
     "TaskStatus",
     "Terminal",
@@ -76,6 +81,6 @@ def load_ipython_extension(ipython) -> None:  # noqa: ANN001 - IPython's shell
 
 def _jupyter_server_extension_points() -> list[dict]:
     """The jupyter-server extension (jupyter_server is imported only when the server asks)."""
-    from .server import NbQueue
+    from .server.app import NbQueue
 
-    return [{"module": "nbqueue.server", "app": NbQueue}]
+    return [{"module": "nbqueue.server.app", "app": NbQueue}]

@@ -48,7 +48,8 @@ def _error_line(error: dict) -> str:
 
 # -- workers ---------------------------------------------------------------------------------------
 def cmd_worker(args: argparse.Namespace) -> int:
-    from .worker import Worker, WorkerProcesses, worker_command, worker_env
+    from .procs import WorkerProcesses
+    from .worker import Worker, worker_command, worker_env
 
     # One set of options, for the child processes of -p N and for a worker in this process.
     options = dict(
@@ -159,7 +160,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     tq = _queue(args)
     job = tq.job(args.job_id)
     records = job.records()
-    failed = sum(not r.ok for r in records)
+    dead = sum(not r.ok for r in records)
     if args.pickle:
         total = job.total
         if total is None or len(records) < total:
@@ -170,11 +171,11 @@ def cmd_results(args: argparse.Namespace) -> int:
     if args.out:
         with open(args.out, "wb") as f:
             f.write(data)
-        print(f"{len(records)} result(s), {failed} failed, written to {args.out}", file=sys.stderr)
+        print(f"{len(records)} result(s), {dead} dead, written to {args.out}", file=sys.stderr)
     else:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
-    return EXIT_TASKS_FAILED if failed else EXIT_OK
+    return EXIT_TASKS_FAILED if dead else EXIT_OK
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

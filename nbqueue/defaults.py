@@ -33,10 +33,15 @@ WAIT_POLL_MAX = 0.5
 WAIT_OUTAGE_SECONDS = 120.0
 #: Job.wait checks at most this often that the queue still holds its state (``Backend.queue_id``).
 WAIT_IDENTITY_CHECK_SECONDS = 1.0
+#: Progress views: how often a widget redraws (≤ 4 Hz) and how often it reads the newest error.
+REFRESH_SECONDS = 0.25
+ERROR_REFRESH_SECONDS = 1.0
 #: Environment variables.
 ENV_SECRET = "NBQUEUE_SECRET"
 ENV_URL = "NBQUEUE_URL"
 ENV_KEY_FILE = "NBQUEUE_KEY_FILE"
+#: widget | text | off: overrides the detected progress display.
+ENV_PROGRESS = "NBQUEUE_PROGRESS"
 #: Set (to anything) to keep the full dill traceback behind a SerializationError.
 ENV_DEBUG = "NBQUEUE_DEBUG"
 #: Comma-separated top-level packages every worker has installed although they live outside

@@ -73,7 +73,7 @@ def run_demo(tasks: int = 3000, workers: int = 2, directory: str | None = None, 
     print(f"  tasks       {tasks}")
     print(f"  completed   {counts.completed}")
     print(
-        f"  failed      {len(failures)}"
+        f"  dead        {len(failures)}"
         + (f"  (first: {failures[0].type}: {failures[0].message})" if failures else "")
     )
     print(f"  insert      {tasks / inserted:,.0f} tasks/s ({inserted:.2f}s)")

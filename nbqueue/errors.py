@@ -71,3 +71,15 @@ class StorageFull(NbQueueError, OSError):
 class QueueStateLost(NbQueueError):
     """The queue no longer holds what it held: its storage lost its data (a Redis server restarted
     without persistence, a flushed database) or the queue was purged. The job's tasks are gone."""
+
+
+class TaskRefused(NbQueueError):
+    """A worker refused to run a task (it goes to the dead letters, never retried)."""
+
+
+class SpecError(NbQueueError, ValueError):
+    """A JSON task spec is malformed or names a function no worker would run."""
+
+
+class TransferRefused(NbQueueError):
+    """A copy that would lose or duplicate tasks; nothing was written."""

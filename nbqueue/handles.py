@@ -1,4 +1,5 @@
-"""Single tasks: ``fn.submit(...)`` gives a ``TaskHandle``, ``fn.map(items)`` a ``Job``.
+"""``@queueable``, and single tasks: ``fn.submit(...)`` gives a ``TaskHandle``, ``fn.map(items)``
+a ``Job``.
 
 Both use the process's default queue: the one set by ``nbqueue.use(URL)``, else one opened from
 ``$NBQUEUE_URL`` on first use.
@@ -7,19 +8,23 @@ Both use the process's default queue: the one set by ``nbqueue.use(URL)``, else 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from . import defaults
-from .backends.base import TaskStatus, check_id, job_of
+from .backends.base import TaskStatus
 from .errors import QueueURLError, TaskFailed
+from .ids import check_id, job_of, task_id
 from .jobs import Job
 from .queue import TaskQueue
 from .records import TaskRecord, open_record
-from .tasks import callable_name
+from .tasks import callable_name, mark
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 _default: TaskQueue | None = None
 _default_lock = threading.Lock()
@@ -52,11 +57,45 @@ def default_queue() -> TaskQueue:
         return _default
 
 
+@overload
+def queueable(fn: F, *, by_reference: bool = False) -> F: ...
+
+
+@overload
+def queueable(fn: None = None, *, by_reference: bool = False) -> Callable[[F], F]: ...
+
+
+def queueable(fn: Any = None, *, by_reference: bool = False) -> Any:
+    """Mark a function (or a class whose instances have ``execute()``) as allowed on the queue.
+
+    Workers run only queueable code. Functions defined in a notebook, closures and lambdas are
+    shipped by value, with the notebook globals they use. Use bare (``@queueable``) or with
+    options (``@queueable(by_reference=True)``).
+
+    A queueable function gains ``fn.submit(*args, **kwargs)`` (one task, a ``TaskHandle``) and
+    ``fn.map(iterable)`` (a task per item, a ``Job``), on the queue set by ``nbqueue.use``.
+
+    Args:
+        by_reference: ship no code: tasks name the function as ``module:qualname`` and carry
+            JSON arguments (see ``nbqueue.reference``), so the function must be importable
+            on the workers. For production pipelines whose workers run only installed code.
+    """
+    if fn is None:
+        return functools.partial(queueable, by_reference=by_reference)
+    mark(fn, by_reference=by_reference)
+    if inspect.isfunction(fn):
+        # Module-level functions in partials: a function shipped by value carries these as
+        # references to nbqueue.handles, never as code.
+        fn.submit = functools.partial(submit, fn)  # type: ignore[attr-defined]
+        fn.map = functools.partial(map_tasks, fn)  # type: ignore[attr-defined]
+    return fn
+
+
 def submit(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskHandle:
     """Queue one call ``fn(*args, **kwargs)`` as a job of its own on the default queue."""
     tq = default_queue()
     job = tq.insert([functools.partial(fn, *args, **kwargs)], name=callable_name(fn), progress=False)
-    return TaskHandle(tq, f"{job.id}-0")
+    return TaskHandle(tq, task_id(job.id, 0))
 
 
 def map_tasks(fn: Callable[..., Any], iterable: Iterable[Any], **options: Any) -> Job:
@@ -73,10 +112,10 @@ def map_tasks(fn: Callable[..., Any], iterable: Iterable[Any], **options: Any) -
 class TaskHandle:
     """One queued task, reattachable from any process by queue and task id."""
 
-    def __init__(self, queue: TaskQueue, task_id: str) -> None:
+    def __init__(self, queue: TaskQueue, task: str) -> None:
         self.queue = queue
-        self.task_id = check_id(task_id, "task id")
-        self.job_id = job_of(task_id)
+        self.task_id = check_id(task, "task id")
+        self.job_id = job_of(task)
 
     @property
     def job(self) -> Job:

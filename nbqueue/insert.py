@@ -20,45 +20,21 @@ Three ways to upload, chosen by ``parallel`` and ``green``:
 from __future__ import annotations
 
 import contextlib
-import os
 import queue as queue_module
-import socket
 import threading
-import time
-import uuid
 from collections.abc import Iterable
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from multiprocessing import get_context
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import defaults, pickling
+from .connection import QueueConnection
+from .ids import new_job_id, task_id
+from .jobs import Job, JobState, new_job_record, save_job_record
 from .progress import insert_progress
 from .tasks import TaskCodec, to_call
 
-if TYPE_CHECKING:
-    from .jobs import Job
-    from .queue import TaskQueue
-
 GREEN_FIX = "from gevent import monkey; monkey.patch_all()"
-
-
-def new_job_id() -> str:
-    """Job ids sort by creation time and never collide."""
-    return f"{time.time_ns() // 1_000_000:x}_{uuid.uuid4().hex[:10]}"
-
-
-def job_meta(job_id: str, name: str | None, source: str | None) -> dict[str, Any]:
-    """A fresh job record."""
-    return {
-        "id": job_id,
-        "name": name or job_id,
-        "created": time.time(),
-        "total": None,
-        "state": "inserting",
-        "error": None,
-        "source": source,
-        "producer": {"host": socket.gethostname(), "pid": os.getpid()},
-    }
 
 
 def sliceable(tasks: Any) -> bool:
@@ -144,7 +120,7 @@ class _PipelinedWriter(_Writer):
 
 
 def upload(
-    queue: TaskQueue,
+    queue: QueueConnection,
     job_id: str,
     tasks: Iterable[Any],
     offset: int,
@@ -169,9 +145,9 @@ def upload(
                 functions.append((digest, blob))
                 if explain:
                     print(pickling.explain(call.fn).summary())
-        task_id = f"{job_id}-{index}"
-        envelope = codec.encode(task_id, job_id, call, digest)
-        batch.append((task_id, envelope))
+        tid = task_id(job_id, index)
+        envelope = codec.encode(tid, job_id, call, digest)
+        batch.append((tid, envelope))
         batch_bytes += len(envelope)
         if len(batch) >= batch_size or batch_bytes >= defaults.INSERT_BATCH_BYTES:
             if on_batch is not None:
@@ -186,9 +162,7 @@ def upload(
 
 # -- parallel slices ------------------------------------------------------------------------------
 def _insert_slice(
-    url: str,
-    insecure: bool,
-    serializer: str,
+    reopen: tuple[str, bool, str],
     queue_id: str,
     job_id: str,
     offset: int,
@@ -196,19 +170,17 @@ def _insert_slice(
     batch_size: int,
 ) -> int:
     """Child process: load one slice and upload it. Returns how many tasks it queued."""
-    from .queue import TaskQueue
-
-    tq = TaskQueue(url, insecure=insecure, serializer=serializer)
-    writer = _Writer(tq.backend, job_id)
+    queue = QueueConnection.reopen(reopen)
+    writer = _Writer(queue.backend, job_id)
     try:
-        upload(tq, job_id, tq.serializer.loads(blob), offset, batch_size, writer, queue_id)
+        upload(queue, job_id, queue.serializer.loads(blob), offset, batch_size, writer, queue_id)
     finally:
-        tq.close()
+        queue.close()
     return writer.written
 
 
 def _insert_sliced(
-    queue: TaskQueue, queue_id: str, job_id: str, tasks: Any, parallel: int, batch_size: int, bar
+    queue: QueueConnection, queue_id: str, job_id: str, tasks: Any, parallel: int, batch_size: int, bar
 ) -> int:
     """Cut ``tasks`` into ``parallel`` slices uploaded by as many spawned processes."""
     from .serialize import dumps_checked
@@ -220,9 +192,7 @@ def _insert_sliced(
         futures = [
             pool.submit(
                 _insert_slice,
-                queue.worker_url,
-                queue.insecure,
-                queue.serializer.name,
+                queue.reopen_args(),
                 queue_id,
                 job_id,
                 lo,
@@ -243,7 +213,7 @@ def _insert_sliced(
 
 # -- the entry point ------------------------------------------------------------------------------
 def insert_tasks(
-    queue: TaskQueue,
+    queue: QueueConnection,
     tasks: Iterable[Any],
     *,
     total: int | None = None,
@@ -256,7 +226,6 @@ def insert_tasks(
     explain: bool = False,
 ) -> Job:
     """Insert every task of ``tasks`` as one job; see ``TaskQueue.insert``."""
-    from .jobs import Job
 
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -267,11 +236,11 @@ def insert_tasks(
     if total is None and hasattr(tasks, "__len__"):
         total = len(tasks)  # type: ignore[arg-type]
     job_id = new_job_id()
-    meta = job_meta(job_id, name, source)
+    meta = new_job_record(job_id, name, source)
     # Read once: the tasks are signed for it and the job checks it, so the two always agree.
     queue_id = queue.queue_id
     job = Job(queue, job_id, meta, queue_id=queue_id)
-    bar = insert_progress(job, total, enabled=progress)
+    bar = insert_progress(job.view, total, enabled=progress)
     # Children cannot see this process's memory: a mem:// queue is written from threads instead.
     sliced = parallel > 1 and not green and sliceable(tasks) and not queue.url.startswith("mem://")
     if green:
@@ -285,7 +254,7 @@ def insert_tasks(
     def before_first_batch() -> None:
         nonlocal started
         if not started:
-            queue._put_meta(job_id, meta)  # only now: a bad first batch leaves nothing behind
+            save_job_record(queue, job_id, meta)  # only now: a bad first batch leaves nothing behind
             started = True
         bar.set(writer.written)
 
@@ -309,18 +278,19 @@ def insert_tasks(
             queued = writer.written
         if not started:
             before_first_batch()  # an empty job is still a job
-        meta.update(total=queued, state="inserted")
-        queue._put_meta(job_id, meta)
+        meta.update(total=queued, state=JobState.INSERTED.value)
+        save_job_record(queue, job_id, meta)
     except BaseException as exc:
         if not sliced:
             with contextlib.suppress(BaseException):  # the first error is the one to report
                 writer.close()
         if started:
             queued = queue.backend.job_counts(job_id).inserted if sliced else writer.written
-            meta.update(total=queued, state="insert_failed", error=f"{type(exc).__name__}: {exc}")
+            error = f"{type(exc).__name__}: {exc}"
+            meta.update(total=queued, state=JobState.INSERT_FAILED.value, error=error)
             note = f"nbqueue: {queued} task(s) of job {job_id} were queued before this error; "
             try:
-                queue._put_meta(job_id, meta)
+                save_job_record(queue, job_id, meta)
                 note += f"the job's total is {queued}."
             except Exception as meta_exc:
                 # The first error is the one to raise: a full disk often refuses this write too.
@@ -333,7 +303,7 @@ def insert_tasks(
         else:
             # Nothing was queued and no record written: the Job object says so, and its view
             # (never shown) has nothing to wait for.
-            meta.update(total=0, state="insert_failed", error=f"{type(exc).__name__}: {exc}")
+            meta.update(total=0, state=JobState.INSERT_FAILED.value, error=f"{type(exc).__name__}: {exc}")
         bar.fail()
         raise
     finally:

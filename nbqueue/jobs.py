@@ -1,58 +1,147 @@
-"""Jobs: the tasks of one insert, read back as counts, results and errors.
+"""Jobs: the tasks of one insert, read back as counts, results and errors; the job record
+(``JobState``) and what a progress view shows of a job (``Job.snapshot``: rate, ETA, newest
+error), computed here and drawn by ``progress``.
 
 A job outlives the process that made it: ``TaskQueue.job(id)`` reattaches from anywhere.
 """
 
 from __future__ import annotations
 
+import enum
 import json
+import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import defaults
-from .backends.base import Counts, index_of
+from .backends.base import Counts
 from .errors import BackendUnavailable, QueueStateLost, TaskFailed
-from .progress import JobBar, JobView, describe, progress_mode
-from .records import TaskError, TaskRecord, open_record
-from .worker import pid_alive
+from .ids import in_job, index_of
+from .procs import process_gone
+from .progress import JobBar, JobView, Snapshot, describe, progress_mode
+from .records import TaskError, TaskRecord, dead_letter_record, open_record
 
 if TYPE_CHECKING:
-    from .queue import TaskQueue
+    from .connection import QueueConnection
 
 #: Seconds of unchanged counters after which wait() confirms the end by an exact count.
 _STALL_CHECK_SECONDS = 5.0
+#: The window over which a view's rate is measured.
+_RATE_WINDOW_SECONDS = 10.0
 
 
-def _process_gone(producer: dict | None) -> bool:
-    """True when the process that was inserting ran on this host and is gone."""
-    if not producer or producer.get("host") != socket.gethostname():
-        return False
-    try:
-        return not pid_alive(int(producer["pid"]))
-    except (KeyError, ValueError, TypeError):
-        return False
+class JobState(str, enum.Enum):
+    """Where a job's insert is; the strings are the job record's ``state`` (a wire format)."""
+
+    INSERTING = "inserting"  #: the producer is still queuing tasks
+    INSERTED = "inserted"  #: every task is queued; ``total`` is final
+    INSERT_FAILED = "insert_failed"  #: the insert stopped part-way; ``total`` is what was queued
+
+
+def new_job_record(job_id: str, name: str | None, source: str | None) -> dict[str, Any]:
+    """A fresh job record (JSON keys are a wire format: never renamed)."""
+    return {
+        "id": job_id,
+        "name": name or job_id,
+        "created": time.time(),
+        "total": None,
+        "state": JobState.INSERTING.value,
+        "error": None,
+        "source": source,
+        "producer": {"host": socket.gethostname(), "pid": os.getpid()},
+    }
+
+
+def save_job_record(queue: QueueConnection, job_id: str, record: dict[str, Any]) -> None:
+    """Write a job's record (replacing the one stored)."""
+    queue.backend.put_job(job_id, json.dumps(record).encode())
+
+
+class _Tracker:
+    """What a job's view shows, computed from its counters: the rate over the last
+    ``_RATE_WINDOW_SECONDS``, the newest error (read at most every ``ERROR_REFRESH_SECONDS``, and
+    only when failures grew), and the elapsed time frozen when the job ends."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self._lock = threading.Lock()
+        self._finished_at: float | None = None  # wall clock, when first seen finished
+        self._samples: list[tuple[float, int]] = []  # (time, finished) for the rate
+        self._error: TaskError | None = None
+        self._error_checked = 0.0
+        self._dead_seen = 0
+
+    def snapshot(self) -> Snapshot:
+        job = self.job
+        counts = job.counts()
+        total = job.total
+        now = time.monotonic()
+        with self._lock:
+            self._samples.append((now, counts.finished))
+            self._samples = [s for s in self._samples if now - s[0] <= _RATE_WINDOW_SECONDS]
+            first_t, first_n = self._samples[0]
+            rate = (counts.finished - first_n) / (now - first_t) if now - first_t > 0.5 else None
+            due = now - self._error_checked >= defaults.ERROR_REFRESH_SECONDS
+            read_error = counts.dead > self._dead_seen and due
+            if read_error:
+                self._error_checked = now
+                self._dead_seen = counts.dead
+        if read_error:
+            self._error = job.latest_error()
+        workers = job.workers_seen()
+        meta = job.meta  # one read (it re-reads the storage while the job is inserting)
+        created = meta.get("created") or time.time()
+        elapsed = (self._finished_at or time.time()) - created
+        state = job.state
+        insert_error = meta.get("error") if state is JobState.INSERT_FAILED else None
+        snap = Snapshot(
+            counts, total, state is JobState.INSERTING, elapsed, rate, workers, self._error, insert_error
+        )
+        if snap.finished:
+            if self._finished_at is None:
+                self._finished_at = time.time()
+                snap.elapsed = self._finished_at - created
+            # A finished job's rate is its average, not a window that decays after the end.
+            snap.rate = counts.finished / snap.elapsed if snap.elapsed > 0 else None
+            if self._error is None and counts.dead:
+                self._error = snap.error = job.latest_error()
+        return snap
 
 
 class Job:
     """The tasks of one ``insert()``: progress, results in insertion order, errors."""
 
     def __init__(
-        self, queue: TaskQueue, job_id: str, meta: dict | None = None, *, queue_id: str | None = None
+        self, queue: QueueConnection, job_id: str, meta: dict | None = None, *, queue_id: str | None = None
     ) -> None:
         self.queue = queue
         self.id = job_id
         self._meta = meta
         self._view: JobView | None = None
+        self._tracker = _Tracker(self)
         # What the queue held when this job was made or found; a new identity means it is gone.
         self._queue_id = queue.queue_id if queue_id is None else queue_id
+
+    @classmethod
+    def attach(cls, queue: QueueConnection, job_id: str, *, queue_id: str | None = None) -> Job:
+        """The job ``job_id`` of ``queue``, from its stored record.
+
+        Raises:
+            KeyError: the queue has no such job.
+        """
+        raw = queue.backend.get_job(job_id)
+        if raw is None:
+            raise KeyError(f"no job {job_id!r} in {queue.url}")
+        return cls(queue, job_id, json.loads(raw), queue_id=queue_id)
 
     # -- record -----------------------------------------------------------------------------
     @property
     def meta(self) -> dict:
         """The job record (re-read while the job is still being inserted)."""
-        if self._meta is None or self._meta.get("state") == "inserting":
+        if self._meta is None or self._meta.get("state") == JobState.INSERTING:
             raw = self.queue.backend.get_job(self.id)
             if raw is not None:
                 self._meta = json.loads(raw)
@@ -65,11 +154,19 @@ class Job:
         return self.meta.get("name") or self.id
 
     @property
+    def state(self) -> JobState:
+        """Where the job's insert is (a record of unknown state reads as inserted)."""
+        try:
+            return JobState(self.meta.get("state"))
+        except ValueError:
+            return JobState.INSERTED
+
+    @property
     def total(self) -> int | None:
         """Tasks in the job; None while an insert is still streaming them."""
         meta = self.meta
-        if meta.get("state") == "inserting":
-            if _process_gone(meta.get("producer")):
+        if meta.get("state") == JobState.INSERTING:
+            if process_gone(meta.get("producer")):
                 return self.counts().inserted
             return None
         return meta.get("total")
@@ -100,15 +197,16 @@ class Job:
             self._view = JobView(self)
         return self._view
 
+    def snapshot(self) -> Snapshot:
+        """What a progress view shows now: counts, total, rate, ETA, workers, newest error."""
+        return self._tracker.snapshot()
+
     def latest_error(self) -> TaskError | None:
         """The most recently failed task's error, from the dead letters (not a scan of results)."""
-        from .report import dead_letters
-
-        rows = dead_letters(self.queue, self.id, limit=1)
-        if not rows:
-            return None
-        r = rows[0]
-        return TaskError(r["task_id"], r["type"], r["message"], r["traceback"], r["attempts"], r["worker"])
+        letters = [letter for letter in self.queue.backend.dead() if in_job(letter.task_id, self.id)]
+        records = [dead_letter_record(self.queue.signer, letter) for letter in letters]
+        newest = max(records, key=lambda r: r.finished or 0.0, default=None)
+        return None if newest is None else newest.error
 
     def workers_seen(self) -> int | None:
         """Workers the queue has heard from recently (None when the storage cannot say now)."""
@@ -193,7 +291,7 @@ class Job:
     def _wait_with_widget(self, timeout: float | None, check: Callable[[], None] | None) -> Job:
         """Wait while redrawing the widget from this (the cell's) thread; end on the final state."""
         view = self.view
-        if view._handle is None:
+        if not view.shown:
             view.show()
 
         def poll() -> None:

@@ -23,10 +23,10 @@ from IPython.core.magic_arguments import argument, magic_arguments
 
 from . import defaults
 from .errors import NbQueueError
+from .handles import queueable
+from .procs import WorkerProcesses, pid_alive
 from .queue import TaskQueue
 from .records import TaskError
-from .tasks import queueable
-from .worker import WorkerProcesses, pid_alive
 
 _BUILTINS = frozenset(dir(builtins))
 
@@ -105,7 +105,7 @@ def cell_function(cell: str, params: list[str], namespace: dict[str, Any]) -> ty
     args = ast.arguments(
         posonlyargs=[], args=[ast.arg(arg=p) for p in params], kwonlyargs=[], kw_defaults=[], defaults=[]
     )
-    extra = {"type_params": []} if sys.version_info >= (3, 12) else {}
+    extra: dict[str, Any] = {"type_params": []} if sys.version_info >= (3, 12) else {}
     definition = ast.FunctionDef(name="queued_cell", args=args, body=body, decorator_list=[], **extra)
     module = ast.fix_missing_locations(ast.Module(body=[definition], type_ignores=[]))
     code = compile(module, filename, "exec")
@@ -159,6 +159,12 @@ class QueueMagics(Magics):
         self._workers: list[WorkerProcesses] = []
         self._server: dict[str, Any] | None = None  # the Jupyter server we run under, once found
         self._server_pids: list[int] = []
+
+    @property
+    def _ip(self) -> Any:
+        """The IPython shell these magics were registered on (always set once loaded)."""
+        assert self.shell is not None, "magics are used only from the shell they were loaded in"
+        return self.shell
 
     def _queue_for(self, url: str | None) -> TaskQueue:
         url = url or self._last_url or os.environ.get(defaults.ENV_URL)
@@ -215,11 +221,11 @@ class QueueMagics(Magics):
     # -- cell ------------------------------------------------------------------------------------
     def _cell(self, line: str, cell: str) -> None:
         args = self.queue.parser.parse_args(split_args(line))
-        ns = self.shell.user_ns
+        ns = self._ip.user_ns
         names, grid = parameter_grid(args.map, ns, args.zip)
         fn = cell_function(cell, names, ns)
         tq = self._queue_for(args.url)
-        count = self.shell.execution_count
+        count = self._ip.execution_count
         job = tq.insert(
             (partial(fn, **kwargs) for kwargs in grid),
             total=len(grid),
@@ -239,9 +245,9 @@ class QueueMagics(Magics):
         job.wait(timeout=args.timeout, check=None if pool is None else partial(_workers_alive, pool, job))
         results = job.results(on_error="exception")
         ns[args.out or "_results"] = results
-        failed = sum(isinstance(value, TaskError) for value in results)
-        if failed:
-            print(f"{failed} of {len(results)} tasks failed: their places hold TaskError; see _job.errors()")
+        dead = sum(isinstance(value, TaskError) for value in results)
+        if dead:
+            print(f"{dead} of {len(results)} tasks are dead: their places hold TaskError; see _job.errors()")
 
     # -- line ------------------------------------------------------------------------------------
     def _line(self, line: str) -> None:
@@ -298,7 +304,7 @@ class QueueMagics(Magics):
             for pool in self._workers:
                 pool.stop()
             self._workers.clear()
-            if self._server_pids:
+            if self._server_pids and self._server is not None:
                 from .server.client import stop_server_workers
 
                 stopped += stop_server_workers(self._server, self._server_pids)
@@ -346,7 +352,7 @@ class QueueMagics(Magics):
             raise UsageError("%queue results JOB [--out VAR] [URL]")
         job = self._queue_for(rest[1] if len(rest) > 1 else None).job(rest[0])
         values = job.results(on_error="exception")
-        self.shell.user_ns[out] = values
+        self._ip.user_ns[out] = values
         print(f"{len(values):,} results of job {job.name} in {out}")
 
     def _cmd_dlq(self, rest: list[str]) -> None:

@@ -88,9 +88,8 @@ def is_installed(module_name: str) -> bool:
         module = sys.modules.get(module_name)
         if module is None:
             return False  # not imported (yet): decide, and cache, once it is
-        paths = (
-            [module.__file__] if getattr(module, "__file__", None) else list(getattr(module, "__path__", []))
-        )
+        file = getattr(module, "__file__", None)
+        paths: list[str] = [file] if isinstance(file, str) else list(getattr(module, "__path__", []))
         dirs = _install_dirs()
         answer = bool(paths) and all(os.path.realpath(p).startswith(dirs) for p in paths)
     _installed_cache[module_name] = answer
@@ -358,10 +357,10 @@ def _kb(size: int) -> str:
 
 
 def _qualified(obj: Any) -> str:
-    module = getattr(obj, "__module__", None) or getattr(obj, "__name__", "?")
-    qualname = getattr(obj, "__qualname__", None)
     if isinstance(obj, types.ModuleType):
         return obj.__name__
+    module = str(getattr(obj, "__module__", None) or getattr(obj, "__name__", "?"))
+    qualname = getattr(obj, "__qualname__", None)
     return f"{module}.{qualname}" if qualname else module
 
 
@@ -375,7 +374,7 @@ def pickler_class() -> type:
         return _pickler_class
     import dill
 
-    class ShippingPickler(dill.Pickler):  # type: ignore[misc, name-defined]
+    class ShippingPickler(dill.Pickler):
         def __init__(self, file: io.BytesIO, shipment: Shipment | None = None) -> None:
             super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL, recurse=False, byref=False)
             self.shipment = shipment

@@ -22,19 +22,15 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .backends.base import Counts
+from .defaults import ENV_PROGRESS, REFRESH_SECONDS
 
 if TYPE_CHECKING:
-    from .jobs import Job
     from .records import TaskError
 
-ENV_PROGRESS = "NBQUEUE_PROGRESS"
-#: The widget thread's refresh interval (≤ 4 Hz) and the interval for reading the newest error.
-REFRESH_SECONDS = 0.25
-ERROR_REFRESH_SECONDS = 1.0
-COLORS = {"completed": "#2e7d32", "failed": "#c62828", "running": "#1565c0", "queued": "#bdbdbd"}
+COLORS = {"completed": "#2e7d32", "dead": "#c62828", "running": "#1565c0", "queued": "#bdbdbd"}
 
 _detected: str | None = None
 
@@ -76,7 +72,7 @@ def describe(counts: Counts, total: int | None) -> str:
     """One line: ``done/total, failed, running, queued``."""
     of = "?" if total is None else f"{total:,}"
     return (
-        f"{counts.completed + counts.dead:,}/{of} done · {counts.dead:,} failed · "
+        f"{counts.completed + counts.dead:,}/{of} done · {counts.dead:,} dead · "
         f"{counts.leased:,} running · {counts.queued:,} queued"
     )
 
@@ -122,35 +118,35 @@ class _TextInsertProgress(InsertProgress):
 class _WidgetInsertProgress(InsertProgress):
     """The job's own widget, shown once the job exists and redrawn by the inserting thread."""
 
-    def __init__(self, job: Job) -> None:
-        self._job = job
+    def __init__(self, view: JobView) -> None:
+        self._view = view
         self._failed = False
 
     def fail(self) -> None:
         self._failed = True
 
     def set(self, count: int) -> None:
-        view = self._job.view
-        if view._handle is None:
+        view = self._view
+        if not view.shown:
             view.show()
         else:
             view.refresh()  # throttled by the view
 
     def close(self) -> None:
-        view = self._job.view
-        if view._handle is not None:
+        view = self._view
+        if view.shown:
             view.finish()
         if self._failed:
             view.stop()  # the final state is drawn; nothing more will happen to watch live
 
 
-def insert_progress(job: Job, total: int | None, enabled: bool = True) -> InsertProgress:
+def insert_progress(view: JobView, total: int | None, enabled: bool = True) -> InsertProgress:
     """The right display for an insert: the job's widget in a notebook, a tqdm bar elsewhere."""
     mode = progress_mode() if enabled else "off"
     if mode == "widget":
-        return _WidgetInsertProgress(job)
+        return _WidgetInsertProgress(view)
     if mode == "text":
-        return _TextInsertProgress(total, f"insert {job.name}")
+        return _TextInsertProgress(total, f"insert {view.job.name}")
     return InsertProgress()
 
 
@@ -174,7 +170,7 @@ class JobBar:
         if total is not None and self._bar.total != total:
             self._bar.total = total
         self._bar.set_postfix_str(
-            f"failed={counts.dead} running={counts.leased} queued={counts.queued}", refresh=False
+            f"dead={counts.dead} running={counts.leased} queued={counts.queued}", refresh=False
         )
         self._bar.update(counts.finished - self._bar.n)  # tqdm rate-limits the redraw
 
@@ -223,7 +219,7 @@ class Snapshot:
             head += f" · insert failed after {c.inserted:,} queued: {self.insert_error}"
         if self.finished:
             line = (
-                f"{head}\nfinished in {_duration(self.elapsed)}: {c.completed:,} completed, {c.dead:,} failed"
+                f"{head}\nfinished in {_duration(self.elapsed)}: {c.completed:,} completed, {c.dead:,} dead"
             )
         else:
             extras = [f"elapsed {_duration(self.elapsed)}"]
@@ -240,16 +236,26 @@ class Snapshot:
         return line
 
 
-class JobView:
-    """The live view of one job. ``text()`` anywhere; ``widget`` and ``show()`` in a notebook."""
+class Watched(Protocol):
+    """What a view needs of a job: its names, a snapshot, and its results (the button)."""
 
-    def __init__(self, job: Job) -> None:
+    id: str
+
+    @property
+    def name(self) -> str: ...
+
+    def snapshot(self) -> Snapshot: ...
+
+    def results(self, on_error: Literal["raise", "none", "exception"] = "raise") -> list[Any]: ...
+
+
+class JobView:
+    """The live view of one job. ``text()`` anywhere; ``widget`` and ``show()`` in a notebook.
+
+    It draws what the job computes (``Watched.snapshot``) and computes nothing itself."""
+
+    def __init__(self, job: Watched) -> None:
         self.job = job
-        self._finished_at: float | None = None  # wall clock, when first seen finished
-        self._samples: list[tuple[float, int]] = []  # (time, finished) for the rate
-        self._error: TaskError | None = None
-        self._error_checked = 0.0
-        self._dead_seen = 0
         self._widget: Any = None
         self._parts: dict[str, Any] = {}
         self._handle: Any = None
@@ -261,35 +267,8 @@ class JobView:
 
     # -- state -----------------------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
-        """Read the job's counters (O(1)) and, when failures grew, its newest error."""
-        job = self.job
-        counts = job.counts()
-        total = job.total
-        now = time.monotonic()
-        with self._lock:
-            self._samples.append((now, counts.finished))
-            self._samples = [s for s in self._samples if now - s[0] <= 10.0]
-            first_t, first_n = self._samples[0]
-            rate = (counts.finished - first_n) / (now - first_t) if now - first_t > 0.5 else None
-            if counts.dead > self._dead_seen and now - self._error_checked >= ERROR_REFRESH_SECONDS:
-                self._error_checked = now
-                self._dead_seen = counts.dead
-                self._error = job.latest_error()
-        workers = job.workers_seen()
-        meta = job.meta  # one read (it re-reads the storage while the job is inserting)
-        created = meta.get("created") or time.time()
-        elapsed = (self._finished_at or time.time()) - created
-        inserting = meta.get("state") == "inserting"
-        insert_error = meta.get("error") if meta.get("state") == "insert_failed" else None
-        snap = Snapshot(counts, total, inserting, elapsed, rate, workers, self._error, insert_error)
-        if snap.finished:
-            if self._finished_at is None:
-                self._finished_at = time.time()
-                snap.elapsed = self._finished_at - created
-            # A finished job's rate is its average, not a window that decays after the end.
-            snap.rate = counts.finished / snap.elapsed if snap.elapsed > 0 else None
-        if snap.finished and self._error is None and counts.dead:
-            self._error = snap.error = job.latest_error()
+        """A fresh snapshot of the job (what ``Job.snapshot`` computes)."""
+        snap = self.job.snapshot()
         self.last = snap
         return snap
 
@@ -339,7 +318,7 @@ class JobView:
         p["title"].value = f"<b>job {html.escape(self.job.name)}</b> <code>{self.job.id}</code>"
         segments = [
             ("completed", c.completed),
-            ("failed", c.dead),
+            ("dead", c.dead),
             ("running", c.leased),
             ("queued", c.queued),
         ]
@@ -374,7 +353,7 @@ class JobView:
             p["error"].layout.display = ""
         if snap.finished:
             p["summary"].value = html.escape(
-                f"finished in {_duration(snap.elapsed)}: {c.completed:,} completed, {c.dead:,} failed"
+                f"finished in {_duration(snap.elapsed)}: {c.completed:,} completed, {c.dead:,} dead"
             )
             p["button"].disabled = False
             p["done"].layout.display = ""
@@ -387,6 +366,11 @@ class JobView:
         self._parts["summary"].value += html.escape(f" · {len(values):,} results in job_results")
 
     # -- showing and updating --------------------------------------------------------------------
+    @property
+    def shown(self) -> bool:
+        """True once ``show()`` displayed the view."""
+        return self._handle is not None
+
     def show(self) -> None:
         """Display the view in the running cell (by display id) and start the live updates."""
         from IPython.display import display

@@ -3,35 +3,22 @@ jobs, status and the admin verbs; ``LocalTaskQueue`` runs tasks in local process
 
 from __future__ import annotations
 
-import json
-import os
 import threading
 import uuid
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from typing import Any
 
 from . import defaults
-from .backends import open_backend
 from .backends.base import Counts, DeadLetter
+from .connection import QueueConnection
 from .errors import QueueURLError
 from .insert import insert_tasks
 from .jobs import Job
-from .serialize import Serializer, Signer, get_serializer
-from .worker import (
-    Outcome,
-    Worker,
-    WorkerProcesses,
-    WorkerStats,
-    execute,
-    worker_command,
-    worker_env,
-    worker_id,
-)
+from .procs import WorkerProcesses
+from .worker import Worker, WorkerStats, run_in_processes, worker_command, worker_env
 
 
-class TaskQueue:
+class TaskQueue(QueueConnection):
     """A queue reached by URL: ``fq://PATH``, ``redis://host:port/db?queue=NAME``, ``mem://NAME``.
 
     Args:
@@ -39,32 +26,6 @@ class TaskQueue:
         insecure: neither sign nor check signatures (only for queues no one else can write).
         serializer: name of the serializer for tasks and results.
     """
-
-    def __init__(self, url: str | None = None, *, insecure: bool = False, serializer: str = "dill") -> None:
-        url = url or os.environ.get(defaults.ENV_URL)
-        if not url:
-            raise QueueURLError(f"no queue URL given and ${defaults.ENV_URL} is not set")
-        self.backend = open_backend(url)
-        self.url = self.backend.url
-        self._open_url = url
-        self.insecure = insecure
-        self.signer = Signer.default(insecure)
-        self.serializer: Serializer = get_serializer(serializer)
-
-    @property
-    def worker_url(self) -> str:
-        """The URL another process opens this queue by: fq:// with its absolute path (a process
-        started elsewhere, such as the Jupyter server, resolves a relative one against its own
-        directory); any other URL as given, password included, to travel out of sight of ``ps``."""
-        return self.url if self.url.startswith("fq://") else self._open_url
-
-    @property
-    def queue_id(self) -> str:
-        """The queue's identity (``Backend.queue_id``), read now: tasks are signed for it.
-
-        Not cached: another process may purge the queue, which gives it a new identity.
-        """
-        return self.backend.queue_id()
 
     # -- inserting ------------------------------------------------------------------------------
     def insert(
@@ -116,16 +77,10 @@ class TaskQueue:
             explain=explain,
         )
 
-    def _put_meta(self, job_id: str, meta: dict) -> None:
-        self.backend.put_job(job_id, json.dumps(meta).encode())
-
     # -- jobs -----------------------------------------------------------------------------------
     def job(self, job_id: str, *, queue_id: str | None = None) -> Job:
         """Reattach to a job by id (from any process)."""
-        raw = self.backend.get_job(job_id)
-        if raw is None:
-            raise KeyError(f"no job {job_id!r} in {self.url}")
-        return Job(self, job_id, json.loads(raw), queue_id=queue_id)
+        return Job.attach(self, job_id, queue_id=queue_id)
 
     def jobs(self) -> list[Job]:
         """Every job of this queue, oldest first."""
@@ -234,34 +189,8 @@ class TaskQueue:
         """Delete dead letters."""
         return self.backend.purge_dead(task_ids)
 
-    def close(self) -> None:
-        self.backend.close()
-
-    def __enter__(self) -> TaskQueue:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"TaskQueue({self.url!r})"
-
-
-# -- local execution ------------------------------------------------------------------------------
-_child_codec = None
-_child_functions: dict[str, bytes] = {}
-
-
-def _child_init(insecure: bool, serializer: str, queue_id: str, functions: dict[str, bytes]) -> None:
-    global _child_codec, _child_functions
-    from .tasks import TaskCodec
-
-    _child_codec = TaskCodec(Signer.default(insecure), get_serializer(serializer), queue_id)
-    _child_functions = functions
-
-
-def _child_execute(lease, max_attempts: int) -> Outcome:
-    return execute(_child_codec, lease, _child_functions.__getitem__, max_attempts, worker_id())
 
 
 class LocalTaskQueue(TaskQueue):
@@ -286,28 +215,5 @@ class LocalTaskQueue(TaskQueue):
         if self.parallel <= 1:
             self.poll(max_attempts=self.max_attempts, lease_seconds=3600)
         else:
-            self._run_in_processes()
+            run_in_processes(self, self.parallel, self.max_attempts)
         return job
-
-    def _run_in_processes(self) -> None:
-        backend = self.backend
-        # Function blobs go to each child once, not with every task.
-        functions = dict(backend._functions)  # our own mem:// store, in this process
-        ctx = get_context("spawn")  # never fork a kernel
-        with ProcessPoolExecutor(
-            self.parallel,
-            mp_context=ctx,
-            initializer=_child_init,
-            initargs=(self.insecure, self.serializer.name, self.queue_id, functions),
-        ) as pool:
-            while True:
-                leases = backend.lease(self.parallel * 8, 3600, wait=0.5)
-                if not leases:
-                    if backend.counts().queued <= 0:
-                        return
-                    continue  # retries are waiting out their backoff
-                outcomes = list(pool.map(_child_execute, leases, [self.max_attempts] * len(leases)))
-                backend.complete([(o.lease.task_id, o.lease.token, o.record) for o in outcomes if o.ok])
-                for o in outcomes:
-                    if not o.ok:
-                        backend.fail(o.lease.task_id, o.lease.token, o.record, o.retry_in)

@@ -8,10 +8,12 @@ worker. The notebook checks the signature before loading a value.
 from __future__ import annotations
 
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from .backends.base import DeadLetter
 from .errors import BadSignature, DecodeError
+from .ids import job_of
 from .serialize import Serializer, Signer, open_envelope, seal
 
 
@@ -95,8 +97,8 @@ def open_record(signer: Signer, serializer: Serializer, task_id: str, blob: byte
         header, payload = open_envelope(signer, blob, "result", t=task_id, j=job_id)
     except DecodeError:
         reason = blob.decode("utf-8", "replace")[:2000]
-        err = TaskError(task_id, "Quarantined", reason, "", 0)
-        return TaskRecord(task_id, False, None, err, 0, None, None, None)
+        quarantined = TaskError(task_id, "Quarantined", reason, "", 0)
+        return TaskRecord(task_id, False, None, quarantined, 0, None, None, None)
     err = header.get("err")
     if header.get("ok"):
         try:
@@ -126,3 +128,46 @@ def open_record(signer: Signer, serializer: Serializer, task_id: str, blob: byte
         header.get("e"),
         header.get("w"),
     )
+
+
+class _ValuesUnloaded:
+    """A serializer that loads nothing, so ``open_record`` reads a record's header only."""
+
+    name = "unloaded"
+
+    def dumps(self, obj: Any) -> bytes:
+        raise TypeError("a header-only reader cannot serialize")
+
+    def loads(self, data: bytes) -> Any:
+        return None
+
+
+_UNLOADED = _ValuesUnloaded()
+
+
+def record_header(signer: Signer, task_id: str, blob: bytes, job_id: str) -> TaskRecord:
+    """A completion record without its value (``value`` is None): status, error, attempt,
+    times, worker. A record that fails its signature check reads as a BadSignature error."""
+    try:
+        return open_record(signer, _UNLOADED, task_id, blob, job_id)
+    except BadSignature as exc:
+        error = TaskError(task_id, "BadSignature", str(exc), "", 0)
+        return TaskRecord(task_id, False, None, error, 0, None, None, None)
+
+
+def dead_letter_record(signer: Signer, letter: DeadLetter) -> TaskRecord:
+    """A dead letter read as a header-only record, its error carrying the letter's attempts.
+
+    A quarantined file (``quarantine/...``) reads as a ``Quarantined`` error with its reason; a
+    letter without an error record as an error of unknown type. Nothing is unpickled.
+    """
+    unknown = TaskError(letter.task_id, "?", "", "", letter.attempts)
+    if letter.task_id.startswith("quarantine/"):
+        reason = (letter.error or b"").decode("utf-8", "replace")
+        error = TaskError(letter.task_id, "Quarantined", reason, "", letter.attempts)
+        return TaskRecord(letter.task_id, False, None, error, letter.attempts, None, None, None)
+    if letter.error is None:
+        return TaskRecord(letter.task_id, False, None, unknown, letter.attempts, None, None, None)
+    record = record_header(signer, letter.task_id, letter.error, job_of(letter.task_id))
+    error = unknown if record.error is None else replace(record.error, attempts=letter.attempts)
+    return replace(record, error=error)

@@ -11,9 +11,10 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from .backends.base import TaskStatus, index_of, job_of
+from .backends.base import TaskStatus
 from .errors import BadSignature, DecodeError
-from .records import TaskError, TaskRecord, open_record
+from .ids import in_job, index_of, job_of
+from .records import TaskError, TaskRecord, dead_letter_record, record_header
 from .reference import export_value
 from .serialize import Signer
 from .tasks import open_task
@@ -25,31 +26,6 @@ if TYPE_CHECKING:
 LEASES_SHOWN = 5
 
 
-class _ValuesUnloaded:
-    """A serializer that loads nothing, so ``open_record`` reads a record's header only."""
-
-    name = "unloaded"
-
-    def dumps(self, obj: Any) -> bytes:
-        raise TypeError("a header-only reader cannot serialize")
-
-    def loads(self, data: bytes) -> Any:
-        return None
-
-
-_UNLOADED = _ValuesUnloaded()
-
-
-def record_header(signer: Signer, task_id: str, blob: bytes, job_id: str) -> TaskRecord:
-    """A completion record without its value (``value`` is None): status, error, attempt,
-    times, worker. A record that fails its signature check reads as a BadSignature error."""
-    try:
-        return open_record(signer, _UNLOADED, task_id, blob, job_id)
-    except BadSignature as exc:
-        error = TaskError(task_id, "BadSignature", str(exc), "", 0)
-        return TaskRecord(task_id, False, None, error, 0, None, None, None)
-
-
 def task_header(signer: Signer, task_id: str, payload: bytes) -> dict | None:
     """The signed header of a task envelope, or None when it does not verify."""
     try:
@@ -59,10 +35,12 @@ def task_header(signer: Signer, task_id: str, payload: bytes) -> dict | None:
     return header
 
 
-def _error_dict(error: TaskError | None) -> dict[str, Any] | None:
-    if error is None:
-        return None
+def _error_fields(error: TaskError) -> dict[str, Any]:
     return {"type": error.type, "message": error.message, "traceback": error.traceback}
+
+
+def _error_dict(error: TaskError | None) -> dict[str, Any] | None:
+    return None if error is None else _error_fields(error)
 
 
 # -- the queue -------------------------------------------------------------------------------------
@@ -112,7 +90,7 @@ def job_report(tq: TaskQueue, job_id: str) -> dict[str, Any]:
     started = [r.started for r in records if r.started is not None]
     finished = [r.finished for r in records if r.finished is not None]
     errors = [
-        {"task_id": r.task_id, "attempts": r.error.attempts, **_error_dict(r.error)}
+        {"task_id": r.error.task_id, "attempts": r.error.attempts, **_error_fields(r.error)}
         for r in records
         if not r.ok and r.error is not None
     ]
@@ -216,33 +194,23 @@ def dead_letter_line(row: dict[str, Any]) -> str:
 def dead_letters(tq: TaskQueue, job_id: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
     """Dead letters as rows (task, attempts, payload size, error type, message, traceback, when),
     newest first; of one job when ``job_id`` is given. Nothing is unpickled."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for letter in tq.dead():
-        if job_id is not None and not letter.task_id.startswith(f"{job_id}-"):
+        if job_id is not None and not in_job(letter.task_id, job_id):
             continue
-        row: dict[str, Any] = {
-            "task_id": letter.task_id,
-            "attempts": letter.attempts,
-            "bytes": len(letter.payload),
-            "type": "?",
-            "message": "",
-            "traceback": "",
-            "finished": None,
-            "worker": None,
-        }
-        if letter.task_id.startswith("quarantine/"):
-            reason = (letter.error or b"").decode("utf-8", "replace")
-            row.update(type="Quarantined", message=reason)
-        elif letter.error is not None:
-            record = record_header(tq.signer, letter.task_id, letter.error, job_of(letter.task_id))
-            if record.error is not None:
-                row.update(
-                    type=record.error.type,
-                    message=record.error.message,
-                    traceback=record.error.traceback,
-                    finished=record.finished,
-                    worker=record.worker,
-                )
-        rows.append(row)
-    rows.sort(key=lambda r: r["finished"] or 0, reverse=True)
+        record = dead_letter_record(tq.signer, letter)
+        error = record.error
+        rows.append(
+            {
+                "task_id": letter.task_id,
+                "attempts": letter.attempts,
+                "bytes": len(letter.payload),
+                "type": error.type if error else "?",
+                "message": error.message if error else "",
+                "traceback": error.traceback if error else "",
+                "finished": record.finished,
+                "worker": record.worker,
+            }
+        )
+    rows.sort(key=lambda r: float(r["finished"] or 0), reverse=True)
     return rows[:limit] if limit else rows

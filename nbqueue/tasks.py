@@ -24,11 +24,20 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import Any
 
 from . import reference
-from .backends.base import job_of
-from .errors import BadSignature, BindError, DecodeError, NbQueueError, NotQueueableError, SerializationError
+from .errors import (
+    BadSignature,
+    BindError,
+    DecodeError,
+    NbQueueError,
+    NotQueueableError,
+    SerializationError,
+    SpecError,
+    TaskRefused,
+)
+from .ids import job_of
 from .reference import TaskSpec
 from .serialize import (
     Serializer,
@@ -40,74 +49,28 @@ from .serialize import (
     seal,
 )
 
-if TYPE_CHECKING:
-    from .handles import TaskHandle
-    from .jobs import Job
-
-F = TypeVar("F", bound=Callable[..., Any])
 _MARK = "__nbqueue_queueable__"
 _BY_REFERENCE = "__nbqueue_by_reference__"
 
 __all__ = [
     "RegisteredTask",
-    "SpecError",
     "TaskCall",
     "TaskCodec",
-    "TaskRefused",
     "TaskSpec",
     "is_queueable",
     "load_specs",
-    "queueable",
+    "mark",
 ]
 
 
-class TaskRefused(NbQueueError):
-    """A worker refused to run a task (it goes to the dead letters, never retried)."""
-
-
-class SpecError(NbQueueError, ValueError):
-    """A JSON task spec is malformed or names a function no worker would run."""
-
-
-# Module-level, so that dill ships a notebook function's ``submit``/``map`` attributes as
-# references to these (the queue layer is imported only when they are called).
-def _submit(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskHandle:
-    from .handles import submit
-
-    return submit(fn, *args, **kwargs)
-
-
-def _map(fn: Callable[..., Any], iterable: Iterable[Any], **options: Any) -> Job:
-    from .handles import map_tasks
-
-    return map_tasks(fn, iterable, **options)
-
-
-@overload
-def queueable(fn: F, *, by_reference: bool = False) -> F: ...
-
-
-@overload
-def queueable(fn: None = None, *, by_reference: bool = False) -> Callable[[F], F]: ...
-
-
-def queueable(fn: Any = None, *, by_reference: bool = False) -> Any:
+def mark(fn: Any, *, by_reference: bool = False) -> Any:
     """Mark a function (or a class whose instances have ``execute()``) as allowed on the queue.
 
-    Workers run only queueable code. Functions defined in a notebook, closures and lambdas are
-    shipped by value, with the notebook globals they use. Use bare (``@queueable``) or with
-    options (``@queueable(by_reference=True)``).
+    This is the mark workers check; ``nbqueue.queueable`` adds ``submit``/``map`` on top.
 
-    A queueable function gains ``fn.submit(*args, **kwargs)`` (one task, a ``TaskHandle``) and
-    ``fn.map(iterable)`` (a task per item, a ``Job``), on the queue set by ``nbqueue.use``.
-
-    Args:
-        by_reference: ship no code: tasks name the function as ``module:qualname`` and carry
-            JSON arguments (see ``nbqueue.reference``), so the function must be importable
-            on the workers. For production pipelines whose workers run only installed code.
+    Raises:
+        TypeError: ``fn`` is not callable, or ``by_reference`` is asked of a non-function.
     """
-    if fn is None:
-        return functools.partial(queueable, by_reference=by_reference)
     if not callable(fn):
         raise TypeError(f"@queueable needs a function or class, not {type(fn).__name__}")
     if by_reference and not inspect.isfunction(fn):
@@ -115,10 +78,18 @@ def queueable(fn: Any = None, *, by_reference: bool = False) -> Any:
     setattr(fn, _MARK, True)
     if by_reference:
         setattr(fn, _BY_REFERENCE, True)
-    if inspect.isfunction(fn):
-        fn.submit = functools.partial(_submit, fn)
-        fn.map = functools.partial(_map, fn)
     return fn
+
+
+# Function blobs queued before ``queueable`` moved to ``nbqueue.handles`` name these two by
+# reference (as ``fn.submit``/``fn.map``): they must keep loading on workers, which never call
+# them. Calling one says where the real one lives.
+def _submit(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    raise NbQueueError("this function was queued by an older nbqueue: use nbqueue.handles.submit(fn, ...)")
+
+
+def _map(fn: Callable[..., Any], iterable: Iterable[Any], **options: Any) -> Any:
+    raise NbQueueError("this function was queued by an older nbqueue: use nbqueue.handles.map_tasks(fn, ...)")
 
 
 def is_queueable(obj: Any) -> bool:

@@ -25,17 +25,14 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from . import defaults
-from .backends.base import ID_PATTERN, Backend, DeadLetter, index_of, job_of
-from .errors import NbQueueError
-from .report import record_header
+from .backends.base import Backend, DeadLetter
+from .errors import TransferRefused
+from .ids import ID_PATTERN, index_of, job_of
+from .records import record_header
 from .tasks import reseal_task
 
 if TYPE_CHECKING:
     from .queue import TaskQueue
-
-
-class TransferRefused(NbQueueError):
-    """A copy that would lose or duplicate tasks; nothing was written."""
 
 
 @dataclass

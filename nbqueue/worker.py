@@ -19,7 +19,6 @@ import os
 import random
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -28,15 +27,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import defaults
-from .backends.base import Lease, TaskStatus, job_of
-from .errors import BackendUnavailable, BadSignature, DecodeError, StorageFull, Terminal
+from .backends.base import Lease, TaskStatus
+from .errors import BackendUnavailable, BadSignature, DecodeError, StorageFull, TaskRefused, Terminal
+from .ids import job_of
 from .keeper import LeaseKeeper, LostLeases, renew_round
 from .keeper import available as keeper_available
+from .procs import worker_id
 from .records import error_info, seal_record
-from .tasks import TaskCodec, TaskContext, TaskRefused, running_as
+from .serialize import Signer, get_serializer
+from .tasks import TaskCodec, TaskContext, running_as
 
 if TYPE_CHECKING:
-    from .queue import TaskQueue
+    from .connection import QueueConnection
 
 TERMINAL_ERRORS = (BadSignature, DecodeError, TaskRefused, Terminal)
 
@@ -46,22 +48,6 @@ log = logging.getLogger("nbqueue.worker")
 class _GaveUp(Exception):
     """The storage stayed unreachable past the point where the call could still matter, or the
     worker was told to stop while it waited."""
-
-
-def worker_id() -> str:
-    """``host:pid`` of this process, recorded with every result."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def pid_alive(pid: int) -> bool:
-    """True while a process with this pid exists on this machine (ours or not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, and belongs to someone else
-    return True
 
 
 def retry_delay(attempt: int) -> float:
@@ -212,7 +198,7 @@ class Worker:
 
     def __init__(
         self,
-        queue: TaskQueue,
+        queue: QueueConnection,
         *,
         lease_seconds: float = defaults.LEASE_SECONDS,
         max_attempts: int = defaults.MAX_ATTEMPTS,
@@ -566,70 +552,49 @@ def worker_command(
     return cmd
 
 
-class WorkerProcesses:
-    """A set of worker processes started fresh (not forked), in their own session so a kernel
-    interrupt does not reach them."""
+# -- a local process pool (LocalTaskQueue) ---------------------------------------------------------
+_child_codec: TaskCodec | None = None
+_child_functions: dict[str, bytes] = {}
 
-    def __init__(self, command: list[str], n: int, restart: bool = False, env: dict | None = None) -> None:
-        self.command = command
-        self.restart = restart
-        self._env = {**os.environ, **(env or {})}
-        self.procs = [self._start() for _ in range(n)]
 
-    def _start(self) -> subprocess.Popen:
-        return subprocess.Popen(
-            self.command,
-            env=self._env,
-            start_new_session=True,
-            stdin=subprocess.DEVNULL,
-        )
+def _child_init(insecure: bool, serializer: str, queue_id: str, functions: dict[str, bytes]) -> None:
+    global _child_codec, _child_functions
+    _child_codec = TaskCodec(Signer.default(insecure), get_serializer(serializer), queue_id)
+    _child_functions = functions
 
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
 
-    def alive(self) -> int:
-        """How many are still running."""
-        return sum(p.poll() is None for p in self.procs)
+def _child_execute(lease: Lease, max_attempts: int) -> Outcome:
+    assert _child_codec is not None, "the pool initializer sets the codec"
+    return execute(_child_codec, lease, _child_functions.__getitem__, max_attempts, worker_id())
 
-    def supervise(self, stop: threading.Event) -> int:
-        """Wait for all to exit, restarting crashed ones (nonzero exit) if ``restart``; returns the
-        number of crashes seen. Restarts back off so a poison task cannot spin the machine."""
-        crashes = 0
-        backoff = 0.5
-        while not stop.is_set():
-            running = False
-            for i, p in enumerate(self.procs):
-                code = p.poll()
-                if code is None:
-                    running = True
-                elif code != 0 and self.restart:
-                    crashes += 1
-                    stop.wait(backoff)
-                    backoff = min(backoff * 2, 10.0)
-                    if not stop.is_set():
-                        self.procs[i] = self._start()
-                        running = True
-            if not running:
-                break
-            stop.wait(0.2)
-        return crashes
 
-    def stop(self, timeout: float = 30.0, pids: list[int] | None = None) -> None:
-        """SIGTERM each (or those in ``pids``): they finish their running task; then SIGKILL
-        what is left after ``timeout``."""
-        chosen = [p for p in self.procs if pids is None or p.pid in pids]
-        for p in chosen:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for p in chosen:
-            try:
-                p.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+def run_in_processes(queue: QueueConnection, parallel: int, max_attempts: int) -> None:
+    """Run every task of ``queue`` in ``parallel`` spawned processes until none is left.
 
-    def wait(self, timeout: float | None = None) -> list[int]:
-        """Wait for every process to exit; their exit codes."""
-        return [p.wait(timeout) for p in self.procs]
+    The tasks stay in this process's storage (a mem:// queue): leases, retries and the
+    completion store work as on any queue, and the children only execute.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    backend = queue.backend
+    # Function blobs go to each child once, not with every task.
+    functions = dict(backend.iter_functions())
+    ctx = multiprocessing.get_context("spawn")  # never fork a kernel
+    with ProcessPoolExecutor(
+        parallel,
+        mp_context=ctx,
+        initializer=_child_init,
+        initargs=(queue.insecure, queue.serializer.name, queue.queue_id, functions),
+    ) as pool:
+        while True:
+            leases = backend.lease(parallel * 8, 3600, wait=0.5)
+            if not leases:
+                if backend.counts().queued <= 0:
+                    return
+                continue  # retries are waiting out their backoff
+            outcomes = list(pool.map(_child_execute, leases, [max_attempts] * len(leases)))
+            backend.complete([(o.lease.task_id, o.lease.token, o.record) for o in outcomes if o.ok])
+            for o in outcomes:
+                if not o.ok:
+                    backend.fail(o.lease.task_id, o.lease.token, o.record, o.retry_in)

@@ -282,7 +282,7 @@ def test_readme_command_line_examples_run(tmp_path):
 
 
 def test_a_forced_copy_queues_leased_tasks_again(tmp_path):
-    from nbqueue.transfer import TransferRefused
+    from nbqueue import TransferRefused
 
     nb = notebook(NOTEBOOK)
     source = TaskQueue(f"fq://{tmp_path / 'source'}")

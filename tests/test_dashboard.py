@@ -63,7 +63,7 @@ def test_dashboard_shows_counts_jobs_errors_and_redrives(server):
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 900})
             page.goto(f"{proc.base}/nbqueue?token={proc.token}")
-            page.locator(".job-line", has_text="30/30 done · 1 failed").wait_for(timeout=30_000)
+            page.locator(".job-line", has_text="30/30 done · 1 dead").wait_for(timeout=30_000)
             counts = page.locator(".queue-counts").first.inner_text()
             assert "completed 29" in counts and "dead 1" in counts
             assert "cubes" in page.locator("tr.job").first.inner_text()

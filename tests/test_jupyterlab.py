@@ -62,7 +62,7 @@ def test_job_widget_renders_and_updates_live_in_jupyterlab(jupyterlab):
                     if "200/200 done" in text:
                         break
                 time.sleep(0.1)
-            assert seen and "200/200 done · 1 failed · 0 running · 0 queued" in seen[-1], seen
+            assert seen and "200/200 done · 1 dead · 0 running · 0 queued" in seen[-1], seen
             assert any("200/200" not in s for s in seen), f"no intermediate state was drawn: {seen}"
             error_title = page.locator(
                 ".jupyter-widget-Collapse-header, .p-Collapse-header, .lm-Collapse-header",

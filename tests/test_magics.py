@@ -10,7 +10,7 @@ from IPython.core.interactiveshell import InteractiveShell
 
 from nbqueue import TaskQueue
 from nbqueue.magics import _workers_alive, split_args
-from nbqueue.worker import WorkerProcesses
+from nbqueue.procs import WorkerProcesses
 
 from .helpers import notebook
 
@@ -106,7 +106,7 @@ def test_line_magics(shell, tmp_path, capsys):
     assert "completed" in out and "dead" in out
     shell.run_line_magic("queue", "jobs")
     listing = capsys.readouterr().out
-    assert "job trio" in listing and "3/3 done · 1 failed" in listing
+    assert "job trio" in listing and "3/3 done · 1 dead" in listing
     shell.run_line_magic("queue", f"results {job.id} --out res")
     values = shell.user_ns["res"]
     assert values[0] == -1.0 and values[2] == 1.0 and values[1].type == "ZeroDivisionError"

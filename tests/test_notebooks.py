@@ -41,9 +41,9 @@ def test_quickstart_notebook(tmp_path):
     nb = run_notebook("quickstart", tmp_path)
     texts = outputs(nb)
     insert_output = texts[0]  # the insert cell's view, brought to its final state by wait()
-    assert "200/200 done · 1 failed · 0 running · 0 queued" in insert_output
+    assert "200/200 done · 1 dead · 0 running · 0 queued" in insert_output
     assert "latest error" in insert_output and "ValueError: 13 is unlucky" in insert_output
-    assert any("200 results, 1 failed" in t for t in texts)
+    assert any("200 results, 1 dead" in t for t in texts)
     assert any("ValueError: 13 is unlucky (after 3 attempt(s))" in t for t in texts)
     assert not any(t.startswith("ERROR") for t in texts)
 
@@ -51,7 +51,7 @@ def test_quickstart_notebook(tmp_path):
 def test_cell_magic_notebook(tmp_path):
     nb = run_notebook("cell_magic", tmp_path)
     texts = outputs(nb)
-    assert any("15/15 done · 0 failed" in t for t in texts)
+    assert any("15/15 done · 0 dead" in t for t in texts)
     table = next(t for t in texts if "mean mse" in t)
     assert len(table.strip().splitlines()) == 7  # header, five alphas, the best row
     assert not any(t.startswith("ERROR") for t in texts)
@@ -71,7 +71,7 @@ def test_papermill_pipeline(tmp_path):
         progress_bar=False,
     )
     texts = outputs(nbformat.read(out, as_version=4))
-    assert any("job nightly" in t and "200/200 done · 0 failed" in t for t in texts)  # the final state, saved
+    assert any("job nightly" in t and "200/200 done · 0 dead" in t for t in texts)  # the final state, saved
     assert any("200 walks" in t for t in texts)
 
 

@@ -33,8 +33,8 @@ def test_text_view_shows_final_counts_and_the_latest_error():
     assert "0/6 done" in view.refresh_text()
     tq.poll()
     text = view.refresh_text()
-    assert "6/6 done · 1 failed · 0 running · 0 queued" in text
-    assert "finished in" in text and "5 completed, 1 failed" in text
+    assert "6/6 done · 1 dead · 0 running · 0 queued" in text
+    assert "finished in" in text and "5 completed, 1 dead" in text
     assert "latest error: " in text and "Terminal: three is not allowed" in text
 
 
@@ -50,7 +50,7 @@ def test_widget_thread_stops_when_the_job_ends_and_text_plain_is_the_text_view()
     wait_for(lambda: not progress_threads(), timeout=5, what="the updater to stop")  # none leaked
     bundle = widget._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
-    assert "6/6 done · 1 failed" in bundle["text/plain"]
+    assert "6/6 done · 1 dead" in bundle["text/plain"]
     assert "three is not allowed" in view._parts["error"].get_title(0)
     assert view._parts["button"].disabled is False  # "Load results" once finished
     widget.close()

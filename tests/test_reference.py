@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 import nbqueue
-from nbqueue import NotQueueableError, SerializationError, TaskQueue, TaskSpec, handles
+from nbqueue import NotQueueableError, SerializationError, SpecError, TaskQueue, TaskSpec, handles
 from nbqueue.reference import decode_value, dumps_spec, encode_value, export_value, loads_spec, parse_spec
 from nbqueue.serialize import open_envelope, seal
-from nbqueue.tasks import SpecError, load_specs
+from nbqueue.tasks import load_specs
 
 from .helpers import CANARY_SOURCE, notebook, start_workers, wait_all
 

@@ -169,6 +169,6 @@ async def test_dashboard_page_is_served(jp_fetch):
 
 def test_extension_point_names_the_app():
     import nbqueue
-    from nbqueue.server import NbQueue
+    from nbqueue.server.app import NbQueue
 
-    assert nbqueue._jupyter_server_extension_points() == [{"module": "nbqueue.server", "app": NbQueue}]
+    assert nbqueue._jupyter_server_extension_points() == [{"module": "nbqueue.server.app", "app": NbQueue}]

@@ -23,14 +23,27 @@ backend; it is the executable form of this docstring.
 from __future__ import annotations
 
 import enum
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9_]+(-[0-9]+)?$")
-#: Worker ids are ``host:pid``; they name files on fq://, so no '/' and no leading '.'.
-WORKER_ID_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,254}$")
+# The id grammar lives in nbqueue.ids; these names stay importable from here for the backends.
+from ..ids import ID_PATTERN, check_batch, check_id, check_worker_id, index_of, job_of
+
+__all__ = [
+    "ID_PATTERN",
+    "Backend",
+    "Counts",
+    "DeadLetter",
+    "Lease",
+    "TaskInfo",
+    "TaskStatus",
+    "check_batch",
+    "check_id",
+    "check_worker_id",
+    "index_of",
+    "job_of",
+]
 
 
 class TaskStatus(str, enum.Enum):
@@ -110,44 +123,6 @@ class Counts:
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
         return asdict(self)
-
-
-def job_of(task_id: str) -> str:
-    """The job id a task id belongs to."""
-    return task_id.rsplit("-", 1)[0]
-
-
-def index_of(task_id: str) -> int:
-    """The insertion index of a task within its job."""
-    return int(task_id.rsplit("-", 1)[1])
-
-
-def check_id(value: str, what: str = "id") -> str:
-    """Refuse ids that could escape a directory or a key namespace."""
-    if not isinstance(value, str) or not ID_PATTERN.match(value):
-        raise ValueError(f"invalid {what} {value!r}: use letters, digits and '_' (task ids end in -N)")
-    return value
-
-
-def check_batch(job_id: str, tasks: Sequence[tuple[str, bytes]]) -> None:
-    """Refuse an insert batch with a bad job id, a foreign or malformed task id, or a repeat,
-    before anything is written."""
-    check_id(job_id, "job id")
-    seen: set[str] = set()
-    for task_id, _ in tasks:
-        check_id(task_id, "task id")
-        if job_of(task_id) != job_id:
-            raise ValueError(f"task {task_id!r} does not belong to job {job_id!r}")
-        if task_id in seen:
-            raise ValueError(f"task {task_id!r} appears twice in one insert")
-        seen.add(task_id)
-
-
-def check_worker_id(value: str) -> str:
-    """Refuse worker ids that could escape a directory or a key namespace."""
-    if not isinstance(value, str) or not WORKER_ID_PATTERN.match(value):
-        raise ValueError(f"invalid worker id {value!r}: use letters, digits and '_.:-'")
-    return value
 
 
 class Backend(ABC):

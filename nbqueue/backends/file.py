@@ -329,7 +329,7 @@ class FileBackend(Backend):
             self._flushed = snapshot
 
     def _read_counters(self) -> list[dict]:
-        rows = []
+        rows: list[dict] = []
         try:
             names = os.listdir(self._dirs["counters"])
         except FileNotFoundError:

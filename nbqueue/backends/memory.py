@@ -143,7 +143,7 @@ class MemoryBackend(Backend):
                 if self._leases:
                     timeout = min(timeout, min(d for _, d in self._leases.values()) - time.monotonic())
                 self._cond.wait(max(timeout, 0.001))
-            leases = []
+            leases: list[Lease] = []
             deadline = time.monotonic() + seconds
             while self._ready and len(leases) < n:
                 task_id = self._ready.popleft()
@@ -358,12 +358,14 @@ class MemoryBackend(Backend):
     def put_dead(self, job_id: str, letters: Sequence[DeadLetter]) -> None:
         with self._cond:
             self._check_unrecorded(job_id, [(d.task_id, d.payload) for d in letters])
-            if any(d.error is None for d in letters):
+            errors = [d.error for d in letters]
+            if any(e is None for e in errors):
                 raise ValueError("a dead letter needs its error record")
             done = self._results.setdefault(job_id, {})
-            for d in letters:
-                self._dead[d.task_id] = DeadLetter(d.task_id, d.attempts, bytes(d.payload), bytes(d.error))
-                done[d.task_id] = bytes(d.error)
+            for d, error in zip(letters, errors, strict=True):
+                assert error is not None  # checked above
+                self._dead[d.task_id] = DeadLetter(d.task_id, d.attempts, bytes(d.payload), bytes(error))
+                done[d.task_id] = bytes(error)
             self._bump(job_id, inserted=len(letters), dead=len(letters))
 
 

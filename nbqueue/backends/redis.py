@@ -244,7 +244,9 @@ class RedisBackend(Backend):
         """
         self.url = url
         self.queue = queue
-        self._client = client
+        # Any: redis-py annotates replies as ``bytes | str`` for either decode_responses; this
+        # client never decodes, so every reply is bytes.
+        self._client: Any = client
         self._ttl = int(result_ttl)
         self._password = password
         self._max_block = max_block

@@ -177,7 +177,7 @@ class DashboardHandler(JupyterHandler):
     @web.authenticated
     @authorized
     def get(self) -> None:
-        page = resources.files("nbqueue.server").joinpath("static", "dashboard.html").read_text()
+        page = resources.files("nbqueue.server").joinpath("static").joinpath("dashboard.html").read_text()
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.finish(page.replace("{{base_url}}", self.base_url))
 

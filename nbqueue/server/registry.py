@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass, field
 
 from ..backends import redact_url
+from ..procs import WorkerProcesses
 from ..queue import TaskQueue
-from ..worker import WorkerProcesses
 
 
 def queue_id(url: str) -> str:

@@ -1,0 +1,106 @@
+"""This machine's processes: the ``host:pid`` id of a worker, whether a process lives, and a
+set of worker processes started fresh (never forked from a kernel)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+
+def worker_id() -> str:
+    """``host:pid`` of this process, recorded with every result."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def pid_alive(pid: int) -> bool:
+    """True while a process with this pid exists on this machine (ours or not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, and belongs to someone else
+    return True
+
+
+def process_gone(producer: dict | None) -> bool:
+    """True when the process ``{"host", "pid"}`` ran on this host and is gone."""
+    if not producer or producer.get("host") != socket.gethostname():
+        return False
+    try:
+        return not pid_alive(int(producer["pid"]))
+    except (KeyError, ValueError, TypeError):
+        return False
+
+
+class WorkerProcesses:
+    """A set of worker processes started fresh (not forked), in their own session so a kernel
+    interrupt does not reach them."""
+
+    def __init__(self, command: list[str], n: int, restart: bool = False, env: dict | None = None) -> None:
+        self.command = command
+        self.restart = restart
+        self._env = {**os.environ, **(env or {})}
+        self.procs = [self._start() for _ in range(n)]
+
+    def _start(self) -> subprocess.Popen:
+        return subprocess.Popen(
+            self.command,
+            env=self._env,
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+        )
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def alive(self) -> int:
+        """How many are still running."""
+        return sum(p.poll() is None for p in self.procs)
+
+    def supervise(self, stop: threading.Event) -> int:
+        """Wait for all to exit, restarting crashed ones (nonzero exit) if ``restart``; returns the
+        number of crashes seen. Restarts back off so a poison task cannot spin the machine."""
+        crashes = 0
+        backoff = 0.5
+        while not stop.is_set():
+            running = False
+            for i, p in enumerate(self.procs):
+                code = p.poll()
+                if code is None:
+                    running = True
+                elif code != 0 and self.restart:
+                    crashes += 1
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, 10.0)
+                    if not stop.is_set():
+                        self.procs[i] = self._start()
+                        running = True
+            if not running:
+                break
+            stop.wait(0.2)
+        return crashes
+
+    def stop(self, timeout: float = 30.0, pids: list[int] | None = None) -> None:
+        """SIGTERM each (or those in ``pids``): they finish their running task; then SIGKILL
+        what is left after ``timeout``."""
+        chosen = [p for p in self.procs if pids is None or p.pid in pids]
+        for p in chosen:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in chosen:
+            try:
+                p.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def wait(self, timeout: float | None = None) -> list[int]:
+        """Wait for every process to exit; their exit codes."""
+        return [p.wait(timeout) for p in self.procs]
