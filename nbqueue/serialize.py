@@ -18,6 +18,7 @@ import hmac
 import json
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -188,19 +189,20 @@ def open_envelope(signer: Signer, blob: bytes, kind: str, **expect: Any) -> tupl
 
 # -- what is serialized ------------------------------------------------------------------------
 def dumps_checked(
-    obj: Any, serializer: Serializer, what: str, parts: list[tuple[str, Any]] | None = None
+    obj: Any, serializer: Serializer, what: str, parts: Callable[[], list[tuple[str, Any]]] | None = None
 ) -> bytes:
     """Serialize or raise SerializationError naming the part that cannot travel, the path to it
     (``fit_eval → model → _lock``) and what to do instead.
 
-    ``parts`` names the pieces of ``obj`` (a call's arguments, say) for the path's first step.
+    ``parts()`` names the pieces of ``obj`` (a call's arguments, say) for the path's first step;
+    it is called only on failure, so the hot path pays nothing for it.
     The chained dill traceback is kept only with ``$NBQUEUE_DEBUG`` set.
     """
     try:
         return serializer.dumps(obj)
     except Exception as exc:
         culprit = None
-        for label, part in parts if parts is not None else [("", obj)]:
+        for label, part in parts() if parts is not None else [("", obj)]:
             culprit = pickling.find_culprit(part, serializer.dumps)
             if culprit is not None:
                 culprit.path[:0] = [label] if label else []

@@ -236,6 +236,12 @@ def to_call(task: Any) -> TaskCall:
     return TaskCall(fn, tuple(args), kwargs)
 
 
+def _arguments(call: TaskCall) -> list[tuple[str, Any]]:
+    """A call's arguments by name, for an error that says which one cannot travel."""
+    named = [(f"argument {i}", a) for i, a in enumerate(call.args)]
+    return named + [(f"argument {k!r}", v) for k, v in call.kwargs.items()]
+
+
 def open_task(signer: Signer, task_id: str, blob: bytes) -> tuple[dict, bytes]:
     """Verify a task envelope made for ``task_id`` (and its job): its header and payload.
 
@@ -340,13 +346,11 @@ class TaskCodec:
         if call.fn is None:
             payload = dumps_checked(call.obj, self.serializer, f"task object {call.obj!r:.60}")
         else:
-            labelled = [(f"argument {i}", a) for i, a in enumerate(call.args)]
-            labelled += [(f"argument {k!r}", v) for k, v in call.kwargs.items()]
             payload = dumps_checked(
                 (call.args, call.kwargs),
                 self.serializer,
                 f"arguments of {callable_name(call.fn)}()",
-                parts=labelled,
+                parts=functools.partial(_arguments, call),
             )
         header["f"] = digest
         return seal(self.signer, header, payload)
