@@ -83,3 +83,8 @@ class SpecError(NbQueueError, ValueError):
 
 class TransferRefused(NbQueueError):
     """A copy that would lose or duplicate tasks; nothing was written."""
+
+
+class SliceContractError(NbQueueError, ValueError):
+    """``insert(parallel=N)`` was given an iterable whose ``__getitem__(slice)`` does not return
+    exactly the items of the slice (it ignores the bounds, or yields too few)."""

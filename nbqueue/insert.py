@@ -22,16 +22,18 @@ from __future__ import annotations
 import contextlib
 import queue as queue_module
 import threading
-from collections.abc import Iterable
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from multiprocessing import get_context
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, wait
 from typing import Any
 
 from . import defaults, pickling
 from .connection import QueueConnection
+from .errors import SliceContractError
 from .ids import new_job_id, task_id
 from .jobs import Job, JobState, new_job_record, save_job_record
+from .procs import spawn_pool
 from .progress import insert_progress
+from .serialize import dumps_checked
 from .tasks import TaskCodec, to_call
 
 GREEN_FIX = "from gevent import monkey; monkey.patch_all()"
@@ -161,46 +163,80 @@ def upload(
 
 
 # -- parallel slices ------------------------------------------------------------------------------
+def _exactly(tasks: Iterable[Any], lo: int, hi: int) -> Iterator[Any]:
+    """The tasks of slice ``lo:hi``, checked to be exactly ``hi - lo`` of them: never one more
+    (its id would be the next slice's), and not fewer (the job's total would never be reached)."""
+    count = 0
+    for task in tasks:
+        if count == hi - lo:
+            raise SliceContractError(
+                f"tasks[{lo}:{hi}] yielded more than {hi - lo} tasks: insert(parallel=N) needs "
+                "__getitem__(slice) to return exactly the items of the slice (this one ignores "
+                "its bounds); use parallel=1, or slice properly"
+            )
+        count += 1
+        yield task
+    if count != hi - lo:
+        raise SliceContractError(
+            f"tasks[{lo}:{hi}] yielded {count} tasks, not {hi - lo}: insert(parallel=N) needs "
+            "__getitem__(slice) to return exactly the items of the slice"
+        )
+
+
 def _insert_slice(
     reopen: tuple[str, bool, str],
     queue_id: str,
     job_id: str,
     offset: int,
+    size: int,
     blob: bytes,
     batch_size: int,
 ) -> int:
-    """Child process: load one slice and upload it. Returns how many tasks it queued."""
+    """Child process: load one slice (``size`` tasks from ``offset``) and upload it. Returns how
+    many tasks it queued."""
     queue = QueueConnection.reopen(reopen)
     writer = _Writer(queue.backend, job_id)
     try:
-        upload(queue, job_id, queue.serializer.loads(blob), offset, batch_size, writer, queue_id)
+        tasks = _exactly(queue.serializer.loads(blob), offset, offset + size)
+        upload(queue, job_id, tasks, offset, batch_size, writer, queue_id)
     finally:
         queue.close()
     return writer.written
 
 
 def _insert_sliced(
-    queue: QueueConnection, queue_id: str, job_id: str, tasks: Any, parallel: int, batch_size: int, bar
+    queue: QueueConnection,
+    queue_id: str,
+    job_id: str,
+    tasks: Any,
+    parallel: int,
+    batch_size: int,
+    bar: Any,
+    before_first_batch: Callable[[], None],
 ) -> int:
-    """Cut ``tasks`` into ``parallel`` slices uploaded by as many spawned processes."""
-    from .serialize import dumps_checked
+    """Cut ``tasks`` into ``parallel`` slices uploaded by as many spawned processes.
 
+    Every slice is cut and serialized here first, and one whose ``len()`` is not its size is
+    refused before anything is written; the children check what the slices yield.
+    """
     n = len(tasks)
-    bounds = [(n * k // parallel, n * (k + 1) // parallel) for k in range(parallel)]
-    ctx = get_context("spawn")  # an explicit context: never change the global start method
-    with ProcessPoolExecutor(parallel, mp_context=ctx) as pool:
-        futures = [
-            pool.submit(
-                _insert_slice,
-                queue.reopen_args(),
-                queue_id,
-                job_id,
-                lo,
-                dumps_checked(tasks[lo:hi], queue.serializer, f"slice {lo}:{hi} of the tasks"),
-                batch_size,
+    slices = []
+    for lo, hi in ((n * k // parallel, n * (k + 1) // parallel) for k in range(parallel)):
+        if hi == lo:
+            continue
+        part = tasks[lo:hi]
+        if hasattr(part, "__len__") and len(part) != hi - lo:
+            raise SliceContractError(
+                f"len(tasks[{lo}:{hi}]) is {len(part)}, not {hi - lo}: insert(parallel=N) needs "
+                "__getitem__(slice) to return exactly the items of the slice (this one ignores "
+                "its bounds); use parallel=1, or slice properly. Nothing was queued."
             )
-            for lo, hi in bounds
-            if hi > lo
+        slices.append((lo, hi, dumps_checked(part, queue.serializer, f"slice {lo}:{hi} of the tasks")))
+    before_first_batch()  # children write directly: the job must exist first
+    with spawn_pool(parallel) as pool:
+        futures = [
+            pool.submit(_insert_slice, queue.reopen_args(), queue_id, job_id, lo, hi - lo, blob, batch_size)
+            for lo, hi, blob in slices
         ]
         pending = set(futures)
         while pending:
@@ -260,8 +296,9 @@ def insert_tasks(
 
     try:
         if sliced:
-            before_first_batch()  # children write directly: the job must exist first
-            queued = _insert_sliced(queue, queue_id, job_id, tasks, parallel, batch_size, bar)
+            queued = _insert_sliced(
+                queue, queue_id, job_id, tasks, parallel, batch_size, bar, before_first_batch
+            )
         else:
             upload(
                 queue,

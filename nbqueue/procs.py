@@ -3,12 +3,18 @@ set of worker processes started fresh (never forked from a kernel)."""
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
 
 
 def worker_id() -> str:
@@ -25,6 +31,34 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # it exists, and belongs to someone else
     return True
+
+
+@contextlib.contextmanager
+def spawn_pool(
+    n: int, initializer: Callable[..., Any] | None = None, initargs: tuple = ()
+) -> Iterator[ProcessPoolExecutor]:
+    """A pool of ``n`` fresh interpreters (``spawn``: a kernel is never forked) that never run the
+    caller's script.
+
+    multiprocessing's spawn imports the parent's ``__main__`` in each child, so a script without
+    ``if __name__ == "__main__":`` would run again there and fail in multiprocessing's bootstrap.
+    nbqueue's children need nothing from it (tasks travel by value), so while the pool starts and
+    runs, ``__main__`` shows multiprocessing neither a file nor a module spec to import.
+    """
+    main = sys.modules.get("__main__")
+    hidden: dict[str, Any] = {}
+    if main is not None:
+        for attr in ("__file__", "__spec__"):
+            if getattr(main, attr, None) is not None:
+                hidden[attr] = getattr(main, attr)
+                setattr(main, attr, None)
+    try:
+        ctx = multiprocessing.get_context("spawn")  # explicit: never change the global method
+        with ProcessPoolExecutor(n, mp_context=ctx, initializer=initializer, initargs=initargs) as pool:
+            yield pool
+    finally:
+        for attr, value in hidden.items():
+            setattr(main, attr, value)
 
 
 def process_gone(producer: dict | None) -> bool:

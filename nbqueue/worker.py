@@ -32,7 +32,7 @@ from .errors import BackendUnavailable, BadSignature, DecodeError, StorageFull, 
 from .ids import job_of
 from .keeper import LeaseKeeper, LostLeases, renew_round
 from .keeper import available as keeper_available
-from .procs import worker_id
+from .procs import spawn_pool, worker_id
 from .records import error_info, seal_record
 from .serialize import Signer, get_serializer
 from .tasks import TaskCodec, TaskContext, running_as
@@ -574,19 +574,11 @@ def run_in_processes(queue: QueueConnection, parallel: int, max_attempts: int) -
     The tasks stay in this process's storage (a mem:// queue): leases, retries and the
     completion store work as on any queue, and the children only execute.
     """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     backend = queue.backend
     # Function blobs go to each child once, not with every task.
     functions = dict(backend.iter_functions())
-    ctx = multiprocessing.get_context("spawn")  # never fork a kernel
-    with ProcessPoolExecutor(
-        parallel,
-        mp_context=ctx,
-        initializer=_child_init,
-        initargs=(queue.insecure, queue.serializer.name, queue.queue_id, functions),
-    ) as pool:
+    init = (queue.insecure, queue.serializer.name, queue.queue_id, functions)
+    with spawn_pool(parallel, _child_init, init) as pool:
         while True:
             leases = backend.lease(parallel * 8, 3600, wait=0.5)
             if not leases:

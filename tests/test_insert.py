@@ -135,3 +135,137 @@ print("ok", job.total)
     done = run_python(script, redis_url)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["ok", "3000"]
+
+
+SLICES = """
+from functools import partial
+from nbqueue import queueable
+
+@queueable
+def double(i):
+    return 2 * i
+
+class IgnoresBounds:
+    # python-task-queue's own test iterator: slicing returns the whole thing.
+    def __init__(self, n):
+        self.n = n
+    def __len__(self):
+        return self.n
+    def __getitem__(self, part):
+        return self
+    def __iter__(self):
+        return (partial(double, i) for i in range(self.n))
+
+class Off:
+    # Slices with no len() that yield `extra` tasks more (or fewer) than they should.
+    def __init__(self, lo, hi, extra):
+        self.lo, self.hi, self.extra = lo, hi, extra
+    def __len__(self):
+        return self.hi - self.lo
+    def __getitem__(self, part):
+        lo, hi, _ = part.indices(len(self))
+        return OffSlice(self.lo + lo, self.lo + hi, self.extra)
+    def __iter__(self):
+        return (partial(double, i) for i in range(self.lo, self.hi))
+
+class OffSlice:
+    def __init__(self, lo, hi, extra):
+        self.lo, self.hi, self.extra = lo, hi, extra
+    def __iter__(self):
+        return (partial(double, i) for i in range(self.lo, self.hi + self.extra))
+"""
+
+
+@pytest.fixture(scope="module")
+def slices():
+    return notebook(SLICES)
+
+
+def test_a_slice_that_ignores_its_bounds_is_refused_before_anything_is_queued(worker_url, slices):
+    from nbqueue import SliceContractError
+
+    tq = TaskQueue(worker_url)
+    with pytest.raises(SliceContractError, match=r"len\(tasks\[0:2\]\) is 4, not 2.*Nothing was queued"):
+        tq.insert(slices.IgnoresBounds(4), parallel=2, progress=False)
+    assert tq.status().inserted == 0 and tq.jobs() == []
+
+
+@pytest.mark.parametrize(
+    "extra,message,queued",
+    [
+        (1, "yielded more than 50 tasks", range(100)),
+        (-1, "yielded 49 tasks, not 50", [*range(40), *range(50, 90)]),
+    ],
+)
+def test_a_slice_that_yields_more_or_fewer_stops_the_insert_with_an_exact_total(
+    worker_url, slices, extra, message, queued
+):
+    """Each child checks what its slice yields: it never writes a task past its slice (that id is
+    the next slice's) and stops before its last batch when the slice comes up short."""
+    from nbqueue import SliceContractError
+
+    tq = TaskQueue(worker_url)
+    with pytest.raises(SliceContractError, match=message):
+        tq.insert(slices.Off(0, 100, extra), parallel=2, batch_size=10, progress=False)
+    (job,) = tq.jobs()
+    assert job.total == job.counts().inserted == len(queued)
+    tq.poll()
+    records = job.wait(timeout=30, progress=False).records()  # the total is reachable
+    assert [r.task_id for r in records] == [f"{job.id}-{i}" for i in queued]  # no duplicate ids
+    assert [r.value for r in records] == [2 * i for i in queued]
+
+
+def test_exact_slices_insert_every_task_once_and_memory_queues_never_slice(backend_url, slices):
+    tq = TaskQueue(backend_url)
+    job = tq.insert(slices.Off(0, 100, 0), parallel=2, progress=False)
+    tq.poll()
+    assert job.wait(timeout=30, progress=False).results() == [2 * i for i in range(100)]
+    if backend_url.startswith("mem://"):  # mem:// reads the iterable here, so even this one works
+        job = tq.insert(slices.IgnoresBounds(4), parallel=2, progress=False)
+        tq.poll()
+        assert job.wait(timeout=30, progress=False).results() == [0, 2, 4, 6]
+
+
+NO_MAIN_GUARD = """
+import functools, sys
+from nbqueue import LocalTaskQueue, TaskQueue, queueable
+
+@queueable
+def double(i):
+    return 2 * i
+
+class Tasks:
+    def __init__(self, lo, hi):
+        self.lo, self.hi = lo, hi
+    def __len__(self):
+        return self.hi - self.lo
+    def __getitem__(self, part):
+        lo, hi, _ = part.indices(len(self))
+        return Tasks(self.lo + lo, self.lo + hi)
+    def __iter__(self):
+        return (functools.partial(double, i) for i in range(self.lo, self.hi))
+
+print("script body ran", file=sys.stderr)
+tq = TaskQueue(sys.argv[1])
+job = tq.insert(Tasks(0, 40), parallel=2, progress=False)
+tq.poll()
+print(job.wait(timeout=60, progress=False).results() == [2 * i for i in range(40)])
+local = LocalTaskQueue(parallel=2, progress=False)
+print(local.insert([functools.partial(double, i) for i in range(10)]).results())
+"""
+
+
+def test_a_script_without_a_main_guard_inserts_in_parallel_and_runs_local_processes(tmp_path):
+    """Written the way python-task-queue's README writes its listings: no __main__ guard. The
+    spawned children never run the script (it would start them again, and fail)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "listing.py"
+    script.write_text(NO_MAIN_GUARD)
+    done = subprocess.run(
+        [sys.executable, str(script), f"fq://{tmp_path / 'q'}"], capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == ["True", str([2 * i for i in range(10)])]
+    assert done.stderr.count("script body ran") == 1  # children did not run the script again

@@ -217,7 +217,11 @@ class Backend(ABC):
     # -- admin ----------------------------------------------------------------------------------
     @abstractmethod
     def release_all(self, force: bool = False) -> int:
-        """Return expired leases (every lease with ``force``) to the queue; how many moved."""
+        """Return expired leases (every lease with ``force``) to the queue; how many moved.
+
+        An expired lease keeps its attempt (its worker died or stalled). A live lease taken back
+        by ``force`` is a release, not a crash: its attempt is given back, as ``release`` does.
+        """
 
     @abstractmethod
     def purge(self) -> None:

@@ -751,10 +751,12 @@ class FileBackend(Backend):
                 continue
             if deadline > now and not force:
                 break  # sorted by deadline: the rest are live
+            # A live lease taken back by force is a release, not a crash: its attempt is given back.
+            charged = attempt if deadline <= now else attempt - 1
             try:
                 os.rename(
                     self._path("leased", name),
-                    self._path("queue", _single(now, attempt, job, seg, k)),
+                    self._path("queue", _single(now, charged, job, seg, k)),
                 )
             except FileNotFoundError:
                 continue

@@ -87,6 +87,8 @@ class MemoryBackend(Backend):
         now = time.monotonic()
         expired = [t for t, (_, deadline) in self._leases.items() if force or deadline <= now]
         for task_id in expired:
+            if self._leases[task_id][1] > now:  # a live lease taken back by force: a release
+                self._attempts[task_id] -= 1
             del self._leases[task_id]
             self._bump(job_of(task_id), leased=-1, queued=1)
             self._ready.append(task_id)

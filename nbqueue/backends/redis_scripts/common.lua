@@ -104,6 +104,10 @@ local function reclaim(now, force, limit)
     expired = redis.call('ZRANGEBYSCORE', K.leases, '-inf', now, 'LIMIT', 0, limit)
   end
   for _, task in ipairs(expired) do
+    -- A live lease taken back by force is a release, not a crash: its attempt is given back.
+    if force and tonumber(redis.call('ZSCORE', K.leases, task)) > now then
+      redis.call('HINCRBY', K.attempts, task, -1)
+    end
     drop_lease(task)
     redis.call('RPUSH', K.ready, task)
     bump(job_of(task), 'leased', -1)
