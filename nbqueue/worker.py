@@ -114,9 +114,9 @@ def _failed(
     codec: TaskCodec, lease: Lease, exc: BaseException, max_attempts: int, who: str, started: float
 ) -> Outcome:
     """A task that raised: retried after a backoff, or dead when terminal or out of attempts."""
-    terminal = isinstance(exc, TERMINAL_ERRORS) or lease.attempt >= max_attempts
+    terminal = isinstance(exc, TERMINAL_ERRORS) or lease.charged >= max_attempts
     record = _sealed(codec, lease, who, started, error=error_info(exc))
-    return Outcome(lease, record, False, None if terminal else retry_delay(lease.attempt))
+    return Outcome(lease, record, False, None if terminal else retry_delay(lease.charged))
 
 
 class Renewer(LostLeases, threading.Thread):
@@ -396,20 +396,20 @@ class Worker:
             self.stats.elapsed = time.monotonic() - start
         return self.stats
 
-    def _isolate_reruns(self, leases: list[Lease], renewer: LeaseRenewal) -> list[Lease]:
-        """A re-run may be what killed its last worker, and a crash costs every task of the batch
-        an attempt: so a re-run runs alone and the rest of the batch goes back (unstarted, the
-        release costs them no attempt)."""
-        rerun = next((lease for lease in leases if lease.attempt > 1), None)
-        if rerun is None or len(leases) == 1:
+    def _isolate_suspects(self, leases: list[Lease], renewer: LeaseRenewal) -> list[Lease]:
+        """A suspect (a lease of it expired: its worker died with it) may be what killed that
+        worker, and its next expiry is charged: so it runs alone, and an innocent batch-mate is
+        never lost with it. The rest of the batch goes back unstarted (a release costs nothing)."""
+        suspect = next((lease for lease in leases if lease.suspect), None)
+        if suspect is None or len(leases) == 1:
             return leases
-        self._release([other for other in leases if other is not rerun], renewer)
-        return [rerun]
+        self._release([other for other in leases if other is not suspect], renewer)
+        return [suspect]
 
     def _run_batch(self, leases: list[Lease], renewer: LeaseRenewal) -> None:
         pending: list[Outcome] = []
         first_pending = 0.0
-        leases = self._isolate_reruns(leases, renewer)
+        leases = self._isolate_suspects(leases, renewer)
         try:
             for i, lease in enumerate(leases):
                 # Commit what is done before starting more work once it has waited half a second,
@@ -420,9 +420,9 @@ class Worker:
                 if self.stop_event.is_set():
                     self._release(leases[i:], renewer)
                     break
-                if lease.attempt > self.max_attempts:
-                    # Earlier attempts never reported back: the task kills (or hangs) its worker.
-                    # Running it again would only crash-loop the workers: dead-lettered unrun.
+                if lease.charged > self.max_attempts:
+                    # Its charged attempts never reported back: each time it ran alone, its worker
+                    # died (or hung). Running it again would only crash-loop the workers.
                     self._report_failure(self._crashed(lease), renewer)
                     continue
                 t = time.monotonic()
@@ -457,11 +457,11 @@ class Worker:
 
     def _crashed(self, lease: Lease) -> Outcome:
         """The dead letter of a task whose earlier attempts all ended without a result."""
-        earlier = lease.attempt - 1
+        earlier = lease.charged - 1
         error = {
             "type": "WorkerDied",
-            "message": f"{earlier} attempt(s) ended without a result: the worker running it was killed or "
-            "crashed (os._exit, a segfault, out of memory) or lost its lease; not run again",
+            "message": f"{earlier} attempt(s) ended without a result: each time it ran alone, its worker "
+            "was killed or crashed (os._exit, a segfault, out of memory) or lost its lease; not run again",
             "traceback": "",
         }
         record = _sealed(self.codec, lease, self.who, time.time(), error=error, attempt=earlier)

@@ -129,6 +129,29 @@ def test_release_all_moves_expired_or_all_leases(backend):
     assert backend.release_all(force=True) == 2
     c = backend.counts()
     assert (c.queued, c.leased) == (3, 0)
+    # An operator's release is not a crash: no attempt spent, no suspect made.
+    assert [(lease.attempt, lease.suspect) for lease in backend.lease(3, 30)] == [(1, False)] * 3
+
+
+def test_an_expiry_makes_a_suspect_whose_first_death_is_not_charged(backend):
+    """Lease.suspect: the first expiry keeps the run count (a re-run sees attempt 2) but is not
+    charged; the mark stays through releases and retries, and every later expiry is charged."""
+    backend.insert("j1", tasks_of("j1", 2))
+    first = backend.lease(2, 0.3)
+    assert [(lease.attempt, lease.suspect, lease.charged) for lease in first] == [(1, False, 1)] * 2
+    time.sleep(0.5)
+    assert backend.release_all() == 2  # reclaims the expired leases
+    again = sorted(backend.lease(2, 30), key=lambda lease: lease.task_id)
+    assert [(lease.attempt, lease.suspect, lease.charged) for lease in again] == [(2, True, 1)] * 2
+    assert backend.release(again[0].task_id, again[0].token) is True  # a release keeps the mark
+    assert backend.fail(again[1].task_id, again[1].token, b"boom", 0.01) == TaskStatus.QUEUED
+    time.sleep(0.1)
+    kept = sorted(backend.lease(2, 0.3), key=lambda lease: lease.task_id)
+    assert [(lease.attempt, lease.suspect, lease.charged) for lease in kept] == [(2, True, 1), (3, True, 2)]
+    time.sleep(0.5)  # a suspect's expiry is charged
+    last = sorted(backend.lease(2, 30), key=lambda lease: lease.task_id)
+    assert [(lease.attempt, lease.charged) for lease in last] == [(3, 2), (4, 3)]
+    assert backend.complete([(lease.task_id, lease.token, b"done") for lease in last]) == [True, True]
 
 
 def test_function_blobs_are_stored_once_by_digest(backend):

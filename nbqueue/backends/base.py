@@ -61,12 +61,23 @@ class Lease:
 
     ``attempt`` counts leases of this task that were not released, this one included (1 on the
     first run). Only ``token`` may renew, complete, fail or release the task.
+
+    ``suspect`` is set once a lease of the task expired (its worker died, stalled or was cut
+    off). Nobody can tell which task of a dead worker's batch killed it, so that first expiry is
+    not charged; a suspect then runs alone, and every later expiry is (``charged``).
     """
 
     task_id: str
     token: str
     attempt: int
     payload: bytes
+    suspect: bool = False
+
+    @property
+    def charged(self) -> int:
+        """Attempts that count against ``max_attempts``, this one included: all but the first
+        expiry, which nobody can pin on this task."""
+        return self.attempt - int(self.suspect)
 
 
 @dataclass(frozen=True)
@@ -219,8 +230,9 @@ class Backend(ABC):
     def release_all(self, force: bool = False) -> int:
         """Return expired leases (every lease with ``force``) to the queue; how many moved.
 
-        An expired lease keeps its attempt (its worker died or stalled). A live lease taken back
-        by ``force`` is a release, not a crash: its attempt is given back, as ``release`` does.
+        An expired lease keeps its attempt (its worker died or stalled) and makes the task a
+        suspect (``Lease.suspect``). A live lease taken back by ``force`` is a release, not a
+        crash: its attempt is given back, as ``release`` does, and it makes no suspect.
         """
 
     @abstractmethod

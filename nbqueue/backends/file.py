@@ -8,6 +8,7 @@ Layout (every name is a hard link to a segment; a segment's bytes live while any
 
     nbqueue.json                              marks the directory as a queue (format version)
     queue/<ready_ms>.<attempts>.<job>.<seg>.<lo>-<hi>   tasks lo..hi-1 of a segment, queued
+                                              (<attempts> is N, or Ns for a suspect: Lease.suspect)
     claim/<claim_ms>.<token>.<queue name>     a range being split into leases (milliseconds)
     leased/<deadline_ms>.<attempt>.<token>.<job>.<seg>.<k>   task k leased until the deadline
     completing/<leased name>                  a lease whose result is being linked (fenced)
@@ -124,9 +125,24 @@ def _subtract(a: dict[str, dict[str, int]], b: dict[str, dict[str, int]]) -> dic
 _MOVE_TRIES = 4
 
 
-def _single(ready_ms: int, attempts: int, job: str, seg: str, k: int | str) -> str:
+def _single(ready_ms: int, attempts: str, job: str, seg: str, k: int | str) -> str:
     """The queue/ name of one task (task k of a segment) ready at ``ready_ms``."""
     return f"{ready_ms:013d}.{attempts}.{job}.{seg}.{k}-{int(k) + 1}"
+
+
+def _attempts(field: str) -> tuple[int, bool]:
+    """The attempts field of a name: ``3``, or ``3s`` once the task is a suspect (a lease of it
+    expired: ``Lease.suspect``). Raises ValueError for anything else."""
+    suspect = field.endswith("s")
+    count = int(field[:-1] if suspect else field)
+    if count < 0:
+        raise ValueError(f"negative attempts {field!r}")
+    return count, suspect
+
+
+def _field(attempts: int, suspect: bool) -> str:
+    """The attempts field for a name (see ``_attempts``)."""
+    return f"{attempts}s" if suspect else str(attempts)
 
 
 def _now_ms() -> int:
@@ -403,15 +419,17 @@ class FileBackend(Backend):
 
     # -- names ----------------------------------------------------------------------------------
     @staticmethod
-    def _parse_queued(name: str) -> tuple[int, int, str, str, int, int]:
+    def _parse_queued(name: str) -> tuple[int, str, str, str, int, int]:
         ready, attempts, job, seg, span = name.split(".")
         lo, hi = span.split("-")
-        return int(ready), int(attempts), job, seg, int(lo), int(hi)
+        _attempts(attempts)  # checked; kept as the field, which carries the suspect mark
+        return int(ready), attempts, job, seg, int(lo), int(hi)
 
     @staticmethod
-    def _parse_leased(name: str) -> tuple[int, int, str, str, str, int]:
+    def _parse_leased(name: str) -> tuple[int, str, str, str, str, int]:
         deadline, attempt, token, job, seg, k = name.split(".")
-        return int(deadline), int(attempt), token, job, seg, int(k)
+        _attempts(attempt)  # checked; kept as the field, which carries the suspect mark
+        return int(deadline), attempt, token, job, seg, int(k)
 
     def _find_lease(self, token: str) -> str | None:
         """The leased/ name of a token: this process's record of it, else a scan of leased/.
@@ -594,13 +612,14 @@ class FileBackend(Backend):
                 os.link(claim_path, self._path("queue", rest))
                 rest_linked = True
             deadline = f"{_now_ms() + int(seconds * 1000):013d}"
+            count, suspect = _attempts(attempts)
             for k in range(lo, lo + take):
                 token = os.urandom(8).hex()
-                leased = f"{deadline}.{attempts + 1}.{token}.{job}.{seg}.{k}"
+                leased = f"{deadline}.{_field(count + 1, suspect)}.{token}.{job}.{seg}.{k}"
                 os.link(claim_path, self._path("leased", leased))
                 self._lease_names[token] = leased
                 task_id, payload = frames[k - lo]
-                leases.append(Lease(task_id, token, attempts + 1, payload))
+                leases.append(Lease(task_id, token, count + 1, payload, suspect))
             os.unlink(claim_path)
         except FileNotFoundError:
             # Another process took the claim for an orphan (we were paused or cut off beyond
@@ -716,7 +735,8 @@ class FileBackend(Backend):
                 with contextlib.suppress(FileExistsError):
                     self._link_done(tmp, job, task_id)
                     recorded = True
-                os.rename(self._path("completing", moved), self._path("dead", f"{attempt}.{job}.{seg}.{k}"))
+                letter = f"{_attempts(attempt)[0]}.{job}.{seg}.{k}"
+                os.rename(self._path("completing", moved), self._path("dead", letter))
             except OSError:
                 # A full disk part-way: the lease goes back as it was, so the report can be retried.
                 _unlink_all([self._path("done", job, task_id)] if recorded else [])
@@ -735,7 +755,8 @@ class FileBackend(Backend):
         if name is None:
             return False
         _, attempt, _, job, seg, k = self._parse_leased(name)
-        back = _single(_now_ms(), attempt - 1, job, seg, k)
+        count, suspect = _attempts(attempt)
+        back = _single(_now_ms(), _field(count - 1, suspect), job, seg, k)
         return self._move_lease(token, "queue", back) is not None
 
     def _reclaim(self, force: bool = False) -> int:
@@ -752,7 +773,9 @@ class FileBackend(Backend):
             if deadline > now and not force:
                 break  # sorted by deadline: the rest are live
             # A live lease taken back by force is a release, not a crash: its attempt is given back.
-            charged = attempt if deadline <= now else attempt - 1
+            # An expired one keeps its attempt and makes the task a suspect (Lease.suspect).
+            count, suspect = _attempts(attempt)
+            charged = _field(count, True) if deadline <= now else _field(count - 1, suspect)
             try:
                 os.rename(
                     self._path("leased", name),
@@ -1037,7 +1060,7 @@ class FileBackend(Backend):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path("done", job, task_id))
             try:
-                again = _single(_now_ms(), 0, job, seg, k)
+                again = _single(_now_ms(), "0", job, seg, k)
                 os.rename(self._path("dead", name), self._path("queue", again))
             except FileNotFoundError:
                 continue
@@ -1066,8 +1089,8 @@ class FileBackend(Backend):
         return removed
 
     # -- inspection -----------------------------------------------------------------------------
-    def _leased_frame(self, area: str, name: str) -> tuple[int, int, tuple[str, bytes]]:
-        """``(deadline_ms, attempt, (task_id, payload))`` of a leased/ or completing/ name."""
+    def _leased_frame(self, area: str, name: str) -> tuple[int, str, tuple[str, bytes]]:
+        """``(deadline_ms, attempts field, (task_id, payload))`` of a leased/ or completing/ name."""
         deadline, attempt, _, _, _, k = self._parse_leased(name)
         return deadline, attempt, self._read_frames(self._path(area, name), k, k + 1)[0]
 
@@ -1113,7 +1136,7 @@ class FileBackend(Backend):
                 except (OSError, ValueError, segments.CorruptSegment):
                     continue
                 if task_id in frames:
-                    return TaskInfo(task_id, TaskStatus.QUEUED, attempts, frames[task_id])
+                    return TaskInfo(task_id, TaskStatus.QUEUED, _attempts(attempts)[0], frames[task_id])
         now = _now_ms()
         for area in ("leased", "completing"):
             for name in os.listdir(self._dirs[area]):
@@ -1124,10 +1147,11 @@ class FileBackend(Backend):
                 except (OSError, ValueError, IndexError, segments.CorruptSegment):
                     continue
                 if found == task_id:
-                    return TaskInfo(task_id, TaskStatus.LEASED, attempt, payload, (deadline - now) / 1000)
-        for _, found, attempts, payload in self._dead_entries(job):
+                    left = (deadline - now) / 1000
+                    return TaskInfo(task_id, TaskStatus.LEASED, _attempts(attempt)[0], payload, left)
+        for _, found, dead_attempts, payload in self._dead_entries(job):
             if found == task_id:
-                return TaskInfo(task_id, TaskStatus.DEAD, attempts, payload)
+                return TaskInfo(task_id, TaskStatus.DEAD, dead_attempts, payload)
         if os.path.exists(self._path("done", job, task_id)):
             return TaskInfo(task_id, TaskStatus.COMPLETED, 0, None)
         return None

@@ -59,6 +59,7 @@ class MemoryBackend(Backend):
         self._ready: deque[str] = deque()
         self._delayed: list[tuple[float, str]] = []  # (ready_at, task_id)
         self._leases: dict[str, tuple[str, float]] = {}  # task_id -> (token, deadline)
+        self._suspects: set[str] = set()  # tasks a lease of which expired (Lease.suspect)
         self._results: dict[str, dict[str, bytes]] = {}
         self._dead: dict[str, DeadLetter] = {}
         self._counts = Counts()
@@ -89,6 +90,8 @@ class MemoryBackend(Backend):
         for task_id in expired:
             if self._leases[task_id][1] > now:  # a live lease taken back by force: a release
                 self._attempts[task_id] -= 1
+            else:
+                self._suspects.add(task_id)
             del self._leases[task_id]
             self._bump(job_of(task_id), leased=-1, queued=1)
             self._ready.append(task_id)
@@ -155,7 +158,8 @@ class MemoryBackend(Backend):
                 token = os.urandom(8).hex()
                 self._leases[task_id] = (token, deadline)
                 self._bump(job_of(task_id), queued=-1, leased=1)
-                leases.append(Lease(task_id, token, self._attempts[task_id], self._payloads[task_id]))
+                attempt, suspect = self._attempts[task_id], task_id in self._suspects
+                leases.append(Lease(task_id, token, attempt, self._payloads[task_id], suspect))
             return leases
 
     def renew(self, task_id: str, token: str, seconds: float) -> bool:
@@ -175,6 +179,7 @@ class MemoryBackend(Backend):
                 del self._leases[task_id]
                 del self._payloads[task_id]
                 del self._attempts[task_id]
+                self._suspects.discard(task_id)
                 self._results.setdefault(job_of(task_id), {})[task_id] = bytes(result)
                 self._bump(job_of(task_id), leased=-1, completed=1)
                 out.append(True)
@@ -194,6 +199,7 @@ class MemoryBackend(Backend):
             self._dead[task_id] = DeadLetter(
                 task_id, self._attempts.pop(task_id), self._payloads.pop(task_id), bytes(error)
             )
+            self._suspects.discard(task_id)
             self._results.setdefault(job_id, {})[task_id] = bytes(error)
             self._bump(job_id, leased=-1, failed=1, dead=1)
             self._cond.notify_all()

@@ -19,6 +19,7 @@ puts a queue's keys in one Redis Cluster slot:
 ``tokens``              hash    task id -> token of its current lease
 ``payload``             hash    task id -> payload, for every queued or leased task
 ``attempts``            hash    task id -> leases that counted (see ``Lease.attempt``)
+``suspects``            set     task ids a lease of which expired (see ``Lease.suspect``)
 ``counts``              hash    queue counters (``COUNT_FIELDS``), changed with HINCRBY
 ``dead``                hash    task id -> error record of a dead letter
 ``dead_payload``        hash    task id -> payload of a dead letter
@@ -91,6 +92,7 @@ QUEUE_KEYS = (
     "tokens",
     "payload",
     "attempts",
+    "suspects",
     "counts",
     "dead",
     "dead_payload",
@@ -383,8 +385,10 @@ class RedisBackend(Backend):
         tokens = [os.urandom(8).hex() for _ in range(n)]
         out = self._run("lease", _ms(seconds), *tokens)
         leases = [
-            Lease(task.decode(), token.decode(), int(attempt), payload)
-            for task, token, attempt, payload in zip(out[1::4], out[2::4], out[3::4], out[4::4], strict=True)
+            Lease(task.decode(), token.decode(), int(attempt), payload, bool(suspect))
+            for task, token, attempt, payload, suspect in zip(
+                out[1::5], out[2::5], out[3::5], out[4::5], out[5::5], strict=True
+            )
         ]
         return leases, int(out[0])
 

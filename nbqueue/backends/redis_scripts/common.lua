@@ -105,8 +105,11 @@ local function reclaim(now, force, limit)
   end
   for _, task in ipairs(expired) do
     -- A live lease taken back by force is a release, not a crash: its attempt is given back.
+    -- An expired one keeps its attempt and makes the task a suspect (Lease.suspect).
     if force and tonumber(redis.call('ZSCORE', K.leases, task)) > now then
       redis.call('HINCRBY', K.attempts, task, -1)
+    else
+      redis.call('SADD', K.suspects, task)
     end
     drop_lease(task)
     redis.call('RPUSH', K.ready, task)

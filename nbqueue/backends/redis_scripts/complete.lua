@@ -8,6 +8,7 @@ for i = 2, #ARGV, 3 do
     drop_lease(task)
     redis.call('HDEL', K.payload, task)
     redis.call('HDEL', K.attempts, task)
+    redis.call('SREM', K.suspects, task)
     redis.call('HSET', JK('results', job), task, ARGV[i + 2])
     bump(job, 'leased', -1)
     bump(job, 'completed', 1)

@@ -24,6 +24,7 @@ end
 store_dead(task, job, err, redis.call('HGET', K.payload, task), redis.call('HGET', K.attempts, task))
 redis.call('HDEL', K.payload, task)
 redis.call('HDEL', K.attempts, task)
+redis.call('SREM', K.suspects, task)
 bump(job, 'dead', 1)
 flush()
 return 'dead'

@@ -1,5 +1,5 @@
 -- lease(lease_ms, token_1, ..., token_n): lease up to n ready tasks.
--- Returns {wait_ms, task, token, attempt, payload, ...}; when nothing was leased, wait_ms is how
+-- Returns {wait_ms, task, token, attempt, payload, suspect (0/1), ...}; when nothing was leased, wait_ms is how
 -- long until the next delayed task is due or lease expires (-1: neither, or tasks were leased),
 -- so a blocking caller knows when to retry.
 local now = now_ms()
@@ -21,6 +21,7 @@ for i = 3, #ARGV do
   out[#out + 1] = token
   out[#out + 1] = attempt
   out[#out + 1] = redis.call('HGET', K.payload, task)
+  out[#out + 1] = redis.call('SISMEMBER', K.suspects, task)
 end
 flush()
 -- Wake-up tokens only say "there is ready work"; with none left they would wake waiters
