@@ -259,3 +259,20 @@ def test_a_partial_segment_read_agrees_with_decoding_the_whole_file(tmp_path):
     path.write_bytes(segments.encode(frames)[:-1])  # one byte short: refused, as decode refuses it
     with open(path, "rb") as f, pytest.raises(segments.CorruptSegment):
         segments.read(f, 0, 1)
+
+
+def test_reclaimed_neighbours_go_back_as_one_range(tmp_path):
+    """Leases taken back together (expired, or released by force) are queued as runs of
+    consecutive tasks, not one name each: leasing them again costs a claim per run."""
+    from nbqueue.backends.file import FileBackend
+
+    backend = FileBackend(str(tmp_path / "q"))
+    backend.insert("j1", tasks_of("j1", 10))
+    leases = backend.lease(10, 30)
+    assert backend.complete([(leases[4].task_id, leases[4].token, b"done")]) == [True]
+    assert backend.release_all(force=True) == 9
+    assert sorted(name.rsplit(".", 1)[1] for name in os.listdir(tmp_path / "q" / "queue")) == ["0-4", "5-10"]
+    assert os.listdir(tmp_path / "q" / "claim") == []
+    again = backend.lease(10, 30)
+    assert sorted(lease.task_id for lease in again) == [f"j1-{i}" for i in range(10) if i != 4]
+    assert all(lease.attempt == 1 and not lease.suspect for lease in again)

@@ -764,6 +764,7 @@ class FileBackend(Backend):
         self._last_reclaim = time.monotonic()
         now = _now_ms()
         moved = 0
+        staged: dict[tuple[str, str, str], list[tuple[int, str]]] = {}
         for name in sorted(os.listdir(self._dirs["leased"])):
             try:
                 deadline, attempt, _, job, seg, k = self._parse_leased(name)
@@ -776,14 +777,17 @@ class FileBackend(Backend):
             # An expired one keeps its attempt and makes the task a suspect (Lease.suspect).
             count, suspect = _attempts(attempt)
             charged = _field(count, True) if deadline <= now else _field(count - 1, suspect)
+            # Into claim/ first (the rename is the fence, as in a worker's claim; should we die
+            # now, the orphan repair queues it), so neighbours can go back as one range.
+            claim = f"{now:013d}.{os.urandom(8).hex()}.{_single(now, charged, job, seg, k)}"
             try:
-                os.rename(
-                    self._path("leased", name),
-                    self._path("queue", _single(now, charged, job, seg, k)),
-                )
+                os.rename(self._path("leased", name), self._path("claim", claim))
             except FileNotFoundError:
                 continue
+            staged.setdefault((job, seg, charged), []).append((k, claim))
             moved += 1
+        for (job, seg, charged), claims in staged.items():
+            self._requeue_runs(now, job, seg, charged, sorted(claims))
         orphan_before = now - int(ORPHAN_SECONDS * 1000)
         for name in os.listdir(self._dirs["claim"]):
             try:
@@ -799,6 +803,31 @@ class FileBackend(Backend):
             self._repair_completing(name, orphan_before)
         self._flush()  # a repaired commit counts as completed
         return moved
+
+    def _requeue_runs(self, now: int, job: str, seg: str, field: str, claims: list[tuple[int, str]]) -> None:
+        """Queue reclaimed tasks (``claims``: task k of the segment and its claim/ name) again,
+        each run of consecutive tasks as one range: leasing 1,000 released tasks then costs a few
+        claims, not a thousand."""
+        start = 0
+        for i in range(1, len(claims) + 1):
+            if i < len(claims) and claims[i][0] == claims[i - 1][0] + 1:
+                continue
+            run, start = claims[start:i], i
+            lo, hi = run[0][0], run[-1][0] + 1
+            try:
+                os.link(
+                    self._path("claim", run[0][1]),
+                    self._path("queue", f"{now:013d}.{field}.{job}.{seg}.{lo}-{hi}"),
+                )
+            except OSError:
+                # No room for the range's name (a full disk): each task goes back on its own.
+                for k, claim in run:
+                    with contextlib.suppress(OSError):
+                        os.rename(
+                            self._path("claim", claim), self._path("queue", _single(now, field, job, seg, k))
+                        )
+                continue
+            _unlink_all([self._path("claim", claim) for _, claim in run])
 
     def _repair_claim(self, claim: str, original: str) -> None:
         """Queue again the tasks of an orphaned claim that are nowhere else.
