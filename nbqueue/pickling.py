@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import dis
 import enum
 import functools
 import importlib
@@ -35,7 +36,7 @@ import types
 import uuid
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,18 +119,41 @@ def by_reference(obj: Any) -> bool:
 
 
 # -- what a function's code reads ------------------------------------------------------------------
+_globals_of_code: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _names_of_code: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: Opcodes that look a name up in (or bind it to) the globals; LOAD_NAME and friends are what a
+#: class body defined inside a function uses.
+_GLOBAL_OPS = frozenset(
+    dis.opmap[op]
+    for op in ("LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL", "LOAD_NAME", "STORE_NAME", "DELETE_NAME")
+    if op in dis.opmap
+)
+
+
+def _nested(code: types.CodeType) -> Iterator[types.CodeType]:
+    return (const for const in code.co_consts if isinstance(const, types.CodeType))
 
 
 def global_names(code: types.CodeType) -> frozenset[str]:
-    """Every name the code (and the code nested in it: inner functions, comprehensions) may
-    look up as a global or an attribute; only those present in the globals travel."""
+    """Every name the code (and the code nested in it: inner functions, comprehensions) looks up
+    as a global; only those present in the globals travel. Attribute names do not count:
+    ``obj.data`` must not ship a notebook global that happens to be called ``data``."""
+    names = _globals_of_code.get(code)
+    if names is None:
+        found = {ins.argval for ins in dis.get_instructions(code) if ins.opcode in _GLOBAL_OPS}
+        for inner in _nested(code):
+            found |= global_names(inner)
+        names = _globals_of_code[code] = frozenset(found)
+    return names
+
+
+def _all_names(code: types.CodeType) -> frozenset[str]:
+    """Global and attribute names of the code and the code nested in it."""
     names = _names_of_code.get(code)
     if names is None:
         found = set(code.co_names)
-        for const in code.co_consts:
-            if isinstance(const, types.CodeType):
-                found |= global_names(const)
+        for inner in _nested(code):
+            found |= _all_names(inner)
         names = _names_of_code[code] = frozenset(found)
     return names
 
@@ -137,7 +161,7 @@ def global_names(code: types.CodeType) -> frozenset[str]:
 def _submodules(code: types.CodeType, values: list[Any]) -> list[types.ModuleType]:
     """Submodules the code reaches by attribute (``sklearn.metrics.f1_score`` after ``import
     sklearn``): a worker importing only ``sklearn`` would lack ``sklearn.metrics``."""
-    names = global_names(code)
+    names = _all_names(code)
     found = []
     for value in values:
         if not isinstance(value, types.ModuleType):
@@ -230,7 +254,17 @@ def make_class(class_id: str, metaclass: type, name: str, bases: tuple, namespac
         if cls is None:
             cls = types.new_class(name, bases, {"metaclass": metaclass}, lambda ns: ns.update(namespace))
             _classes[class_id] = cls
+            # A result holding an instance travels back under the same id, so the notebook
+            # finds its own class again.
+            _class_ids[cls] = class_id
     return cls
+
+
+def make_cached_property(func: Callable[..., Any], attrname: str | None) -> functools.cached_property:
+    """A ``functools.cached_property`` (whose own pickle would carry a lock on Python < 3.12)."""
+    prop = functools.cached_property(func)
+    prop.attrname = attrname
+    return prop
 
 
 def set_class_state(cls: type, state: dict) -> None:
@@ -364,6 +398,9 @@ def _qualified(obj: Any) -> str:
     return f"{module}.{qualname}" if qualname else module
 
 
+#: Modules whose names in a pickle are the machinery of rebuilding, left out of ``explain``.
+_PLUMBING = frozenset({"nbqueue", "dill", "builtins", "copyreg", "types", "functools", "importlib"})
+
 _pickler_class: type | None = None
 
 
@@ -391,14 +428,20 @@ def pickler_class() -> type:
                 return self._module(obj)
             if kind is _FIELD_TYPE:  # dataclasses' sentinels must stay themselves
                 return getattr, (dataclasses, obj.name)
+            if kind is functools.cached_property:
+                return make_cached_property, (obj.func, obj.attrname)
             problem = refusal(obj)
             if problem is not None:
                 raise problem
             return NotImplemented
 
         def _note(self, obj: Any, kind: str, value: bool) -> None:
-            if self.shipment is not None:
-                (self.shipment.by_value if value else self.shipment.by_reference)[_qualified(obj)] = kind
+            if self.shipment is None:
+                return
+            name = _qualified(obj)
+            if not value and name.partition(".")[0] in _PLUMBING:
+                return  # how things are rebuilt, not what the user's code uses
+            (self.shipment.by_value if value else self.shipment.by_reference)[name] = kind
 
         def _function(self, fn: types.FunctionType) -> Any:
             if by_reference(fn):
@@ -459,9 +502,6 @@ def pickler_class() -> type:
             problem = refusal(cls)
             if problem is not None:
                 raise problem
-            if issubclass(cls, tuple) and hasattr(cls, "_fields"):
-                self._note(cls, "namedtuple", True)
-                return NotImplemented  # dill rebuilds namedtuples itself
             self._note(cls, "class", True)
             namespace: dict[str, Any] = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
             attrs = vars(cls)
@@ -475,6 +515,7 @@ def pickler_class() -> type:
             class_id = _class_ids.get(cls)
             if class_id is None:
                 class_id = _class_ids[cls] = uuid.uuid4().hex
+                _classes[class_id] = cls  # so a result holding one comes back as this class
             args = (class_id, type(cls), cls.__name__, cls.__bases__, namespace)
             return make_class, args, state, None, None, set_class_state
 

@@ -235,6 +235,7 @@ class Worker:
         self.who = worker_id()
         self.started = time.time()
         self._task_seconds = 0.05  # running estimate of one task's duration
+        self._one_at_a_time = False  # after a batch with a suspect: lease singly (_isolate_suspects)
 
     # -- control --------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -333,6 +334,8 @@ class Worker:
 
     # -- loop -----------------------------------------------------------------------------------
     def _batch_size(self) -> int:
+        if self._one_at_a_time:
+            return 1
         want = int(defaults.LEASE_BATCH_TARGET_SECONDS / max(self._task_seconds, 1e-4))
         if self.max_tasks is not None:
             want = min(want, self.max_tasks - self._done())
@@ -401,6 +404,9 @@ class Worker:
         worker, and its next expiry is charged: so it runs alone, and an innocent batch-mate is
         never lost with it. The rest of the batch goes back unstarted (a release costs nothing)."""
         suspect = next((lease for lease in leases if lease.suspect), None)
+        # A dead worker's batch comes back as suspects side by side: lease them one at a time
+        # until a batch holds none, instead of releasing the rest of a batch of them each round.
+        self._one_at_a_time = suspect is not None
         if suspect is None or len(leases) == 1:
             return leases
         self._release([other for other in leases if other is not suspect], renewer)

@@ -276,3 +276,43 @@ def test_reclaimed_neighbours_go_back_as_one_range(tmp_path):
     again = backend.lease(10, 30)
     assert sorted(lease.task_id for lease in again) == [f"j1-{i}" for i in range(10) if i != 4]
     assert all(lease.attempt == 1 and not lease.suspect for lease in again)
+
+
+def test_a_reclaim_that_stalls_past_the_orphan_repair_queues_each_task_once(tmp_path, monkeypatch):
+    """Leases staged in claim/ by a reclaim that then stalls beyond ORPHAN_SECONDS may be
+    repaired by another process meanwhile; the rename that wins decides who queues each task."""
+    root = str(tmp_path / "q")
+    a, b = FileBackend(root), FileBackend(root)
+    a.insert("j1", tasks_of("j1", 3))
+    assert len(a.lease(3, 0.05)) == 3
+    time.sleep(0.1)
+    requeue = FileBackend._requeue_runs
+
+    def stalled(self, now, job, seg, field, claims):
+        k, claim = claims[1]  # another process repairs the middle task's claim first
+        b._repair_claim(claim, claim.split(".", 2)[2])
+        return requeue(self, now, job, seg, field, claims)
+
+    monkeypatch.setattr(FileBackend, "_requeue_runs", stalled)
+    assert a.release_all() == 3
+    monkeypatch.undo()
+    assert a.counts().queued == 3
+    again = []
+    while leases := a.lease(10, 30):
+        again += [lease.task_id for lease in leases]
+    assert sorted(again) == ["j1-0", "j1-1", "j1-2"]
+
+
+def test_a_commit_whose_process_died_comes_back_as_a_suspect(tmp_path, monkeypatch):
+    root = tmp_path / "q"
+    backend = FileBackend(str(root))
+    backend.insert("j1", tasks_of("j1", 1))
+    (lease,) = backend.lease(1, 0.05)
+    name = backend._find_lease(lease.token)
+    os.rename(root / "leased" / name, root / "completing" / name)  # the committer dies here
+    time.sleep(0.1)
+    monkeypatch.setattr(file_backend, "ORPHAN_SECONDS", 0)
+    monkeypatch.setattr(file_backend, "COMPLETED_GRACE_SECONDS", 0)
+    backend.release_all()
+    (again,) = backend.lease(1, 30)
+    assert (again.attempt, again.suspect, again.charged) == (2, True, 1)

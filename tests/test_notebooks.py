@@ -56,7 +56,9 @@ def test_cell_magic_notebook(tmp_path):
     assert len(table.strip().splitlines()) == 7  # header, five alphas, the best row
     # A helper calling from-imported scikit-learn ships by value, the library by reference.
     explained = next(t for t in texts if t.startswith("fit_eval: "))
-    assert "by reference: sklearn.model_selection._validation.cross_val_score" in explained
+    by_value, by_reference = explained.split("; by reference: ")
+    assert "by value: __main__.fit_eval" in by_value and "nbqueue" not in by_reference
+    assert "sklearn.model_selection._validation.cross_val_score" in by_reference
     assert any("6/6 done · 0 dead" in t for t in texts)
     best = next(t for t in texts if t.startswith("best SVC accuracy:"))
     assert 0.5 < float(best.split()[-1]) <= 1.0

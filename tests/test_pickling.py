@@ -19,7 +19,7 @@ import pytest
 from nbqueue import SerializationError, TaskQueue
 from nbqueue.pickling import by_reference, explain, is_installed
 
-from .helpers import notebook, wait_all
+from .helpers import notebook, run_python, wait_all
 
 LOCAL_MODULE = """
 import numpy as np
@@ -421,3 +421,72 @@ def is_point(p):
     fn = dill.loads(serializer.dumps(nb.is_point))
     arg = dill.loads(serializer.dumps(nb.Point(3)))
     assert fn(arg) is True
+
+
+ROUND_TRIP = '''
+import dataclasses, functools, json, os, subprocess, sys, typing
+from nbqueue import TaskQueue, queueable
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    x: int
+    y: int
+
+class Pair(typing.NamedTuple):
+    a: int
+    b: int = 5
+    def total(self):
+        return self.a + self.b
+
+class Data:
+    def __init__(self, values):
+        self.values = values
+    @functools.cached_property
+    def total(self):
+        return sum(self.values)
+
+data = list(range(1_000_000))  # a notebook global that no task reads: only an attribute is named so
+
+@queueable
+def shift(p, pair, d):
+    assert isinstance(p, Point) and isinstance(pair, Pair)
+    return {"moved": Point(p.x + 1, p.y), "orig": p, "pair": pair.total(), "total": d.total}
+
+@queueable
+def length(obj):
+    return len(obj.data)
+
+tq = TaskQueue(sys.argv[1])
+job = tq.insert([functools.partial(shift, Point(1, 2), Pair(1), Data([1, 2, 3]))], progress=False)
+holder = type("Holder", (), {"data": [1, 2]})()
+small = tq.insert([functools.partial(length, holder)], progress=False)
+env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+worker = [sys.executable, "-m", "nbqueue", "worker", sys.argv[1], "--burst"]
+subprocess.run(worker, cwd=sys.argv[2], env=env, check=True)
+(res,) = job.wait(timeout=60, progress=False).results()
+fn_dir = os.path.join(sys.argv[1][len("fq://"):], "fn")
+blob_bytes = sum(os.path.getsize(os.path.join(fn_dir, f)) for f in os.listdir(fn_dir))
+print(json.dumps({
+    "moved_is_point": isinstance(res["moved"], Point),
+    "orig_equal": res["orig"] == Point(1, 2),
+    "dedupe": len({res["orig"], Point(1, 2)}),
+    "pair": res["pair"],
+    "total": res["total"],
+    "length": small.wait(timeout=60, progress=False).results(),
+    "function_bytes": blob_bytes,
+}))
+'''
+
+
+def test_notebook_classes_come_back_as_themselves_and_attributes_ship_no_globals(tmp_path):
+    """A result holding instances of notebook classes is made of the notebook's own classes
+    (isinstance, ==, hashing); a NamedTuple keeps its methods; a cached_property travels; and
+    ``obj.data`` does not ship a notebook global called ``data``."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    made = run_python(ROUND_TRIP, f"fq://{tmp_path / 'q'}", str(empty))
+    assert made.returncode == 0, made.stderr[-3000:]
+    out = json.loads(made.stdout.strip().splitlines()[-1])
+    assert (out["moved_is_point"], out["orig_equal"], out["dedupe"]) == (True, True, 1)
+    assert (out["pair"], out["total"], out["length"]) == (6, 6, [2])
+    assert out["function_bytes"] < 200_000, out  # the million-item list stayed home

@@ -27,24 +27,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
-# The id grammar lives in nbqueue.ids; these names stay importable from here for the backends.
-from ..ids import ID_PATTERN, check_batch, check_id, check_worker_id, index_of, job_of
-
-__all__ = [
-    "ID_PATTERN",
-    "Backend",
-    "Counts",
-    "DeadLetter",
-    "Lease",
-    "TaskInfo",
-    "TaskStatus",
-    "check_batch",
-    "check_id",
-    "check_worker_id",
-    "index_of",
-    "job_of",
-]
-
 
 class TaskStatus(str, enum.Enum):
     """Where a task is in its life: queued → leased → completed, or leased → dead."""

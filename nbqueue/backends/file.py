@@ -66,20 +66,16 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from ..errors import FULL_ERRNOS, QueueURLError, StorageFull, UnsafeQueueError
+from ..ids import ID_PATTERN, check_batch, check_id, check_worker_id, job_of
 from . import segments
 from .base import (
     COUNT_FIELDS,
-    ID_PATTERN,
     Backend,
     Counts,
     DeadLetter,
     Lease,
     TaskInfo,
     TaskStatus,
-    check_batch,
-    check_id,
-    check_worker_id,
-    job_of,
 )
 
 FORMAT = 1
@@ -779,7 +775,7 @@ class FileBackend(Backend):
             charged = _field(count, True) if deadline <= now else _field(count - 1, suspect)
             # Into claim/ first (the rename is the fence, as in a worker's claim; should we die
             # now, the orphan repair queues it), so neighbours can go back as one range.
-            claim = f"{now:013d}.{os.urandom(8).hex()}.{_single(now, charged, job, seg, k)}"
+            claim = f"{_now_ms():013d}.{os.urandom(8).hex()}.{_single(now, charged, job, seg, k)}"
             try:
                 os.rename(self._path("leased", name), self._path("claim", claim))
             except FileNotFoundError:
@@ -807,7 +803,19 @@ class FileBackend(Backend):
     def _requeue_runs(self, now: int, job: str, seg: str, field: str, claims: list[tuple[int, str]]) -> None:
         """Queue reclaimed tasks (``claims``: task k of the segment and its claim/ name) again,
         each run of consecutive tasks as one range: leasing 1,000 released tasks then costs a few
-        claims, not a thousand."""
+        claims, not a thousand.
+
+        Each claim is renamed once more first: should this reclaim have stalled past
+        ORPHAN_SECONDS, another process's orphan repair may have taken some (it renames a claim
+        before queuing it), and the rename that wins decides who queues the task.
+        """
+        kept = []
+        for k, claim in claims:
+            fresh = f"{_now_ms():013d}.{os.urandom(8).hex()}.{claim.split('.', 2)[2]}"
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self._path("claim", claim), self._path("claim", fresh))
+                kept.append((k, fresh))
+        claims = kept
         start = 0
         for i in range(1, len(claims) + 1):
             if i < len(claims) and claims[i][0] == claims[i - 1][0] + 1:
@@ -900,8 +908,10 @@ class FileBackend(Backend):
                 os.unlink(path)
                 self._bump(job, completed=1)
         elif deadline < orphan_before:
+            # Its committer died with it: a crash like any other, so the task becomes a suspect.
+            suspect = _field(_attempts(attempt)[0], True)
             with contextlib.suppress(FileNotFoundError):
-                os.rename(path, self._path("queue", _single(_now_ms(), attempt, job, seg, k)))
+                os.rename(path, self._path("queue", _single(_now_ms(), suspect, job, seg, k)))
 
     # -- reads ----------------------------------------------------------------------------------
     def counts(self) -> Counts:

@@ -14,6 +14,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterator, Sequence
 
+from ..ids import check_batch, check_id, check_worker_id, job_of
 from .base import (
     Backend,
     Counts,
@@ -21,10 +22,6 @@ from .base import (
     Lease,
     TaskInfo,
     TaskStatus,
-    check_batch,
-    check_id,
-    check_worker_id,
-    job_of,
 )
 
 _stores: dict[str, MemoryBackend] = {}

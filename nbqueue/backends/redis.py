@@ -58,6 +58,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .. import defaults
 from ..errors import BackendUnavailable, QueueURLError, StorageFull
+from ..ids import check_batch, check_id, check_worker_id, index_of, job_of
 from . import redact_url
 from .base import (
     Backend,
@@ -66,11 +67,6 @@ from .base import (
     Lease,
     TaskInfo,
     TaskStatus,
-    check_batch,
-    check_id,
-    check_worker_id,
-    index_of,
-    job_of,
 )
 
 try:
