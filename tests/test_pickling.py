@@ -423,7 +423,7 @@ def is_point(p):
     assert fn(arg) is True
 
 
-ROUND_TRIP = '''
+ROUND_TRIP = """
 import dataclasses, functools, json, os, subprocess, sys, typing
 from nbqueue import TaskQueue, queueable
 
@@ -475,7 +475,7 @@ print(json.dumps({
     "length": small.wait(timeout=60, progress=False).results(),
     "function_bytes": blob_bytes,
 }))
-'''
+"""
 
 
 def test_notebook_classes_come_back_as_themselves_and_attributes_ship_no_globals(tmp_path):
