@@ -33,6 +33,7 @@ import sys
 import sysconfig
 import threading
 import types
+import typing
 import uuid
 import warnings
 import weakref
@@ -260,6 +261,13 @@ def make_class(class_id: str, metaclass: type, name: str, bases: tuple, namespac
     return cls
 
 
+def make_typevar(
+    name: str, bound: Any, constraints: tuple, covariant: bool, contravariant: bool
+) -> typing.TypeVar:
+    """A TypeVar defined in a notebook (its own pickle names it as ``__main__.T``)."""
+    return typing.TypeVar(name, *constraints, bound=bound, covariant=covariant, contravariant=contravariant)
+
+
 def make_cached_property(func: Callable[..., Any], attrname: str | None) -> functools.cached_property:
     """A ``functools.cached_property`` (whose own pickle would carry a lock on Python < 3.12)."""
     prop = functools.cached_property(func)
@@ -430,6 +438,9 @@ def pickler_class() -> type:
                 return getattr, (dataclasses, obj.name)
             if kind is functools.cached_property:
                 return make_cached_property, (obj.func, obj.attrname)
+            if kind is typing.TypeVar and not is_installed(getattr(obj, "__module__", "__main__")):
+                variance = (obj.__covariant__, obj.__contravariant__)
+                return make_typevar, (obj.__name__, obj.__bound__, obj.__constraints__, *variance)
             problem = refusal(obj)
             if problem is not None:
                 raise problem
@@ -516,7 +527,12 @@ def pickler_class() -> type:
             if class_id is None:
                 class_id = _class_ids[cls] = uuid.uuid4().hex
                 _classes[class_id] = cls  # so a result holding one comes back as this class
-            args = (class_id, type(cls), cls.__name__, cls.__bases__, namespace)
+            # A Generic[T] subclass is rebuilt from what it was written with (its __orig_bases__):
+            # typing refuses a plain Generic among the bases. A NamedTuple's are not bases.
+            bases = cls.__bases__
+            if "__orig_bases__" in attrs and typing.Generic in cls.__mro__:
+                bases = attrs["__orig_bases__"]
+            args = (class_id, type(cls), cls.__name__, bases, namespace)
             return make_class, args, state, None, None, set_class_state
 
         def _module(self, module: types.ModuleType) -> Any:

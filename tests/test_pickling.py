@@ -438,6 +438,18 @@ class Pair(typing.NamedTuple):
     def total(self):
         return self.a + self.b
 
+T = typing.TypeVar("T")
+
+
+class Box(typing.Generic[T]):
+    def __init__(self, item: T):
+        self.item = item
+
+
+def first(xs: list[T]) -> T:
+    return xs[0]
+
+
 class Data:
     def __init__(self, values):
         self.values = values
@@ -450,7 +462,8 @@ data = list(range(1_000_000))  # a notebook global that no task reads: only an a
 @queueable
 def shift(p, pair, d):
     assert isinstance(p, Point) and isinstance(pair, Pair)
-    return {"moved": Point(p.x + 1, p.y), "orig": p, "pair": pair.total(), "total": d.total}
+    box = first([Box(7)]).item
+    return {"moved": Point(p.x + 1, p.y), "orig": p, "pair": pair.total(), "total": d.total, "box": box}
 
 @queueable
 def length(obj):
@@ -472,6 +485,7 @@ print(json.dumps({
     "dedupe": len({res["orig"], Point(1, 2)}),
     "pair": res["pair"],
     "total": res["total"],
+    "box": res["box"],
     "length": small.wait(timeout=60, progress=False).results(),
     "function_bytes": blob_bytes,
 }))
@@ -480,13 +494,13 @@ print(json.dumps({
 
 def test_notebook_classes_come_back_as_themselves_and_attributes_ship_no_globals(tmp_path):
     """A result holding instances of notebook classes is made of the notebook's own classes
-    (isinstance, ==, hashing); a NamedTuple keeps its methods; a cached_property travels; and
-    ``obj.data`` does not ship a notebook global called ``data``."""
+    (isinstance, ==, hashing); a NamedTuple keeps its methods; a cached_property, a Generic[T]
+    class and a notebook TypeVar travel; and ``obj.data`` does not ship a global ``data``."""
     empty = tmp_path / "empty"
     empty.mkdir()
     made = run_python(ROUND_TRIP, f"fq://{tmp_path / 'q'}", str(empty))
     assert made.returncode == 0, made.stderr[-3000:]
     out = json.loads(made.stdout.strip().splitlines()[-1])
     assert (out["moved_is_point"], out["orig_equal"], out["dedupe"]) == (True, True, 1)
-    assert (out["pair"], out["total"], out["length"]) == (6, 6, [2])
+    assert (out["pair"], out["total"], out["length"], out["box"]) == (6, 6, [2], 7)
     assert out["function_bytes"] < 200_000, out  # the million-item list stayed home
