@@ -22,15 +22,29 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def jupyterlab(tmp_path):
-    """JupyterLab on a free loopback port with a token, serving a copy of the quickstart."""
+    """JupyterLab on a free loopback port with a token, serving copies of the notebooks."""
     chromium = chromium_path()
-    shutil.copy(NOTEBOOKS / "quickstart.ipynb", tmp_path)
+    for name in ("quickstart.ipynb", "cell_magic.ipynb"):
+        shutil.copy(NOTEBOOKS / name, tmp_path)
     lab = JupyterProcess("jupyterlab", str(tmp_path), "--expose-app-in-browser")
     try:
         lab.wait_ready()
         yield lab.base, lab.token, chromium, tmp_path
     finally:
         lab.stop()
+
+
+def run_all_cells(page, base: str, token: str, notebook: str) -> None:
+    """Open ``notebook`` in JupyterLab, wait for an idle kernel, and run every cell."""
+    page.goto(f"{base}/lab/tree/{notebook}?token={token}")
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
+    page.wait_for_function(
+        "() => { const w = window.jupyterapp.shell.currentWidget;"
+        " return w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel"
+        " && w.sessionContext.session.kernel.status === 'idle'; }",
+        timeout=60_000,
+    )
+    page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
 
 
 def test_job_widget_renders_and_updates_live_in_jupyterlab(jupyterlab):
@@ -41,15 +55,7 @@ def test_job_widget_renders_and_updates_live_in_jupyterlab(jupyterlab):
         browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"{base}/lab/tree/quickstart.ipynb?token={token}")
-            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
-            page.wait_for_function(
-                "() => { const w = window.jupyterapp.shell.currentWidget;"
-                " return w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel"
-                " && w.sessionContext.session.kernel.status === 'idle'; }",
-                timeout=60_000,
-            )
-            page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+            run_all_cells(page, base, token, "quickstart.ipynb")
             # Sample the widget while the job runs: its counts must change in place.
             seen: list[str] = []
             deadline = time.monotonic() + 120
@@ -77,5 +83,29 @@ def test_job_widget_renders_and_updates_live_in_jupyterlab(jupyterlab):
                 timeout=30_000
             )
             page.screenshot(path=str(workdir / "jupyterlab-widget.png"), full_page=False)
+        finally:
+            browser.close()
+
+
+def test_a_scikit_learn_grid_runs_from_a_cell_in_jupyterlab(jupyterlab):
+    """The walk that used to fail: a notebook helper calling from-imported cross_val_score,
+    fanned out with %%queue over C and gamma, in JupyterLab with its kernel."""
+    from playwright.sync_api import sync_playwright
+
+    base, token, chromium, workdir = jupyterlab
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            started = time.monotonic()
+            run_all_cells(page, base, token, "cell_magic.ipynb")
+            best = page.locator(".jp-OutputArea-output", has_text="best SVC accuracy:").first
+            best.wait_for(timeout=240_000)
+            print(f"\ncell_magic.ipynb ran in JupyterLab in {time.monotonic() - started:.1f}s")
+            assert 0.5 < float(best.inner_text().split()[-1]) <= 1.0
+            explained = page.locator(".jp-OutputArea-output", has_text="fit_eval: ").first.inner_text()
+            assert "sklearn.model_selection._validation.cross_val_score" in explained
+            assert not page.locator(".jp-OutputArea-output", has_text="SerializationError").count()
+            page.screenshot(path=str(workdir / "jupyterlab-sklearn.png"), full_page=False)
         finally:
             browser.close()
