@@ -292,6 +292,7 @@ def set_module_state(module: types.ModuleType, state: dict) -> None:
 
 
 # -- the producer side --------------------------------------------------------------------------------
+@functools.cache
 def _process_local_types() -> tuple[type, ...]:
     """Objects that mean nothing in another process. dill would copy them (a lock arrives as a
     fresh lock that guards nothing), so they are refused instead."""
