@@ -26,7 +26,9 @@ def jupyterlab(tmp_path):
     chromium = chromium_path()
     for name in ("quickstart.ipynb", "cell_magic.ipynb"):
         shutil.copy(NOTEBOOKS / name, tmp_path)
-    lab = JupyterProcess("jupyterlab", str(tmp_path), "--expose-app-in-browser")
+    # Workspaces in the test's directory, not the user's settings: each test starts clean.
+    workspaces = f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}"
+    lab = JupyterProcess("jupyterlab", str(tmp_path), "--expose-app-in-browser", workspaces)
     try:
         lab.wait_ready()
         yield lab.base, lab.token, chromium, tmp_path
@@ -35,13 +37,21 @@ def jupyterlab(tmp_path):
 
 
 def run_all_cells(page, base: str, token: str, notebook: str) -> None:
-    """Open ``notebook`` in JupyterLab, wait for an idle kernel, and run every cell."""
-    page.goto(f"{base}/lab/tree/{notebook}?token={token}")
+    """Open ``notebook`` in JupyterLab, wait for an idle kernel, and run every cell.
+
+    A workspace of its own, reset: JupyterLab otherwise restores the documents an earlier test
+    left open (its workspaces live in the user's settings), and "run all" would run another one.
+    """
+    import uuid
+
+    page.goto(f"{base}/lab/workspaces/{uuid.uuid4().hex}/tree/{notebook}?token={token}&reset")
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
     page.wait_for_function(
-        "() => { const w = window.jupyterapp.shell.currentWidget;"
-        " return w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel"
+        "(name) => { const w = window.jupyterapp.shell.currentWidget;"
+        " return w && w.context && w.context.path === name && w.sessionContext"
+        " && w.sessionContext.session && w.sessionContext.session.kernel"
         " && w.sessionContext.session.kernel.status === 'idle'; }",
+        arg=notebook,
         timeout=60_000,
     )
     page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
