@@ -381,7 +381,10 @@ class Shipment:
             size = self.sizes.get(name.rpartition(".")[2])
             return f"{name} ({_kb(size)})" if size is not None else name
 
-        value = ", ".join(sized(n) for n in self.by_value) or "nothing"
+        # Code by its qualified name, then the data globals the function reads, by name.
+        code_names = {name.rpartition(".")[2] for name in self.by_value}
+        data = [f"{name} ({_kb(size)})" for name, size in self.sizes.items() if name not in code_names]
+        value = ", ".join([*(sized(n) for n in self.by_value), *data]) or "nothing"
         refs = ", ".join(self.by_reference) or "nothing"
         return (
             f"{self.what}: {_kb(self.nbytes)} in {self.seconds * 1000:.0f} ms; by value: {value}; "
@@ -679,7 +682,7 @@ def explain(fn: Any) -> Shipment:
     shipment.nbytes = len(dumps(fn, shipment))
     shipment.seconds = time.perf_counter() - started
     if type(fn) is types.FunctionType and not by_reference(fn):
-        for name in global_names(fn.__code__):
+        for name in sorted(global_names(fn.__code__)):
             value = fn.__globals__.get(name)
             if name in fn.__globals__ and not isinstance(value, types.ModuleType) and not by_reference(value):
                 shipment.sizes[name] = len(dumps(value))

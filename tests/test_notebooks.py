@@ -58,6 +58,7 @@ def test_cell_magic_notebook(tmp_path):
     explained = next(t for t in texts if t.startswith("fit_eval: "))
     by_value, by_reference = explained.split("; by reference: ")
     assert "by value: __main__.fit_eval" in by_value and "nbqueue" not in by_reference
+    assert "Xc (12.7 KB)" in by_value and "yc (1.7 KB)" in by_value  # the data it reads, with sizes
     assert "sklearn.model_selection._validation.cross_val_score" in by_reference
     assert any("6/6 done · 0 dead" in t for t in texts)
     best = next(t for t in texts if t.startswith("best SVC accuracy:"))

@@ -349,7 +349,8 @@ def test_library_code_travels_by_reference_and_notebook_code_by_value():
     assert shipment.sizes["DATA"] > 80_000  # the array's own bytes, reported by name
     # dill's recurse=True: RecursionError for cross_val_score, 12.8 s for f1_score
     assert shipment.seconds < 0.5, shipment.summary()
-    assert "by value: __main__.task" in shipment.summary()
+    summary = shipment.summary()
+    assert "by value: __main__.task" in summary and "DATA (78.3 KB)" in summary  # data by name
 
 
 def test_a_package_named_in_the_environment_travels_by_reference(tmp_path, monkeypatch):
