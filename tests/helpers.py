@@ -9,6 +9,21 @@ import textwrap
 import time
 import types
 
+#: Notebook source of an object that holds a lock (process-local: it cannot travel), reached from a
+#: task through a notebook helper: ``fit_with -> model -> _lock``.
+LOCKED_MODEL_SOURCE = """
+import threading
+
+class Model:
+    def __init__(self):
+        self._lock = threading.Lock()
+
+model = Model()
+
+def fit_with(x):
+    return model, x
+"""
+
 #: Notebook source of a Canary: unpickling one makes a directory at its path, the proof that bytes
 #: were loaded. Tests add it to their notebook source and check the path never appears.
 CANARY_SOURCE = """
@@ -35,10 +50,16 @@ def notebook(source: str) -> types.ModuleType:
     return module
 
 
-def start_workers(url: str, n: int = 1, *extra: str) -> list[subprocess.Popen]:
-    """Start ``n`` real ``nbqueue worker`` processes (one each) on ``url``."""
+def start_workers(url: str, n: int = 1, *extra: str, cwd=None, env=None) -> list[subprocess.Popen]:
+    """Start ``n`` real ``nbqueue worker`` processes (one each) on ``url``, in ``cwd`` with
+    ``env`` when given (a worker in an empty directory, say)."""
     cmd = [sys.executable, "-m", "nbqueue", "worker", url, *extra]
-    return [subprocess.Popen(cmd, stdin=subprocess.DEVNULL) for _ in range(n)]
+    return [subprocess.Popen(cmd, stdin=subprocess.DEVNULL, cwd=cwd, env=env) for _ in range(n)]
+
+
+def without_pythonpath() -> dict[str, str]:
+    """This environment without PYTHONPATH: a worker that can import only what is installed."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
 def wait_all(procs: list[subprocess.Popen], timeout: float = 120) -> list[int]:

@@ -19,7 +19,7 @@ import pytest
 from nbqueue import SerializationError, TaskQueue
 from nbqueue.pickling import by_reference, explain, is_installed
 
-from .helpers import notebook, run_python, wait_all
+from .helpers import LOCKED_MODEL_SOURCE, notebook, run_python, start_workers, wait_all, without_pythonpath
 
 LOCAL_MODULE = """
 import numpy as np
@@ -245,14 +245,8 @@ def _produce(tmp_path, url):
 def _run_in_empty_directory(tmp_path, url):
     empty = tmp_path / "empty"
     empty.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "nbqueue", "worker", url, "--burst"],
-        cwd=empty,
-        env=env,
-        stdin=subprocess.DEVNULL,
-    )
-    assert wait_all([worker], timeout=240) == [0]
+    workers = start_workers(url, 1, "--burst", cwd=empty, env=without_pythonpath())
+    assert wait_all(workers, timeout=240) == [0]
 
 
 @pytest.mark.slow
@@ -292,18 +286,14 @@ print(TaskQueue(sys.argv[1]).insert([functools.partial(both, [1.0, 2.0])], progr
         [sys.executable, "-c", code, worker_url], capture_output=True, text=True, cwd=producer, timeout=120
     )
     assert made.returncode == 0, made.stderr
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "nbqueue", "worker", worker_url, "--burst"],
-        cwd=producer,
-        stdin=subprocess.DEVNULL,
-    )
-    assert wait_all([worker], timeout=120) == [0]
+    assert wait_all(start_workers(worker_url, 1, "--burst", cwd=producer), timeout=120) == [0]
     job = TaskQueue(worker_url).job(made.stdout.strip())
     assert job.wait(timeout=30, progress=False).results() == [([3.0, 6.0], [3.0])]
 
 
-LIBRARY_HELPERS = """
-import threading
+LIBRARY_HELPERS = (
+    LOCKED_MODEL_SOURCE
+    + """
 import numpy as np
 from sklearn.metrics import f1_score
 from sklearn.model_selection import cross_val_score
@@ -321,19 +311,11 @@ def scored(y):
 def task(C):
     return fit_eval(C), scored([0, 1]), DATA.sum()
 
-class Model:
-    def __init__(self):
-        self._lock = threading.Lock()
-
-model = Model()
-
-def fit_with(x):
-    return model, x
-
 @queueable
 def locked_task(x):
     return fit_with(x)
 """
+)
 
 
 def test_library_code_travels_by_reference_and_notebook_code_by_value():
@@ -401,27 +383,6 @@ def test_insert_can_explain_what_it_ships(tmp_path, capsys):
     )
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and lines[0].startswith("task: ") and "by reference: " in lines[0]
-
-
-def test_classes_stay_one_class_across_the_function_and_its_arguments():
-    """A notebook class referenced by the function and the class of an argument are rebuilt as
-    one class in the worker, so isinstance holds."""
-    import dill
-
-    from nbqueue.serialize import get_serializer
-
-    nb = notebook("""
-import dataclasses
-@dataclasses.dataclass
-class Point:
-    x: int
-def is_point(p):
-    return isinstance(p, Point) and dataclasses.fields(p)[0].name == "x"
-""")
-    serializer = get_serializer()
-    fn = dill.loads(serializer.dumps(nb.is_point))
-    arg = dill.loads(serializer.dumps(nb.Point(3)))
-    assert fn(arg) is True
 
 
 ROUND_TRIP = """

@@ -8,7 +8,7 @@ import threading
 from nbqueue import TaskQueue
 from nbqueue.progress import JobView
 
-from .helpers import notebook, run_python, wait_for
+from .helpers import LOCKED_MODEL_SOURCE, notebook, run_python, wait_for
 
 NB = """
 from nbqueue import queueable, Terminal
@@ -91,27 +91,20 @@ job.wait()
     assert "40/40" in last
 
 
-UNSHIPPABLE = """
-import threading
+UNSHIPPABLE = (
+    LOCKED_MODEL_SOURCE
+    + """
 from nbqueue import queueable
-
-class Model:
-    def __init__(self):
-        self._lock = threading.Lock()
-
-model = Model()
-
-def fit_eval(i):
-    return model, i
 
 @queueable
 def half(i):
-    return fit_eval(i)[1] / 2
+    return fit_with(i)[1] / 2
 
 @queueable
 def takes(x):
     return x
 """
+)
 
 
 def test_an_insert_that_fails_before_queuing_shows_nothing_and_leaves_no_thread(monkeypatch):
@@ -122,7 +115,7 @@ def test_an_insert_that_fails_before_queuing_shows_nothing_and_leaves_no_thread(
     monkeypatch.setattr("nbqueue.progress.detect_mode", lambda: "widget")  # as in a kernel
     nb = notebook(UNSHIPPABLE)
     tq = TaskQueue("mem://failed-insert")
-    with pytest.raises(SerializationError, match="fit_eval → model → _lock: a lock belongs"):
+    with pytest.raises(SerializationError, match="fit_with → model → _lock: a lock belongs"):
         tq.insert(functools.partial(nb.half, i) for i in range(3))
     assert not progress_threads()
     assert tq.jobs() == [] and tq.status().inserted == 0
