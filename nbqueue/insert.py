@@ -163,24 +163,25 @@ def upload(
 
 
 # -- parallel slices ------------------------------------------------------------------------------
+def _slice_error(what: str) -> SliceContractError:
+    """The one message for a broken slice contract, after ``what`` the slice did."""
+    return SliceContractError(
+        f"{what}: insert(parallel=N) needs __getitem__(slice) to return exactly the items of the "
+        "slice; use parallel=1, or slice properly"
+    )
+
+
 def _exactly(tasks: Iterable[Any], lo: int, hi: int) -> Iterator[Any]:
     """The tasks of slice ``lo:hi``, checked to be exactly ``hi - lo`` of them: never one more
     (its id would be the next slice's), and not fewer (the job's total would never be reached)."""
     count = 0
     for task in tasks:
         if count == hi - lo:
-            raise SliceContractError(
-                f"tasks[{lo}:{hi}] yielded more than {hi - lo} tasks: insert(parallel=N) needs "
-                "__getitem__(slice) to return exactly the items of the slice (this one ignores "
-                "its bounds); use parallel=1, or slice properly"
-            )
+            raise _slice_error(f"tasks[{lo}:{hi}] yielded more than {hi - lo} tasks")
         count += 1
         yield task
     if count != hi - lo:
-        raise SliceContractError(
-            f"tasks[{lo}:{hi}] yielded {count} tasks, not {hi - lo}: insert(parallel=N) needs "
-            "__getitem__(slice) to return exactly the items of the slice"
-        )
+        raise _slice_error(f"tasks[{lo}:{hi}] yielded {count} tasks, not {hi - lo}")
 
 
 def _insert_slice(
@@ -226,11 +227,7 @@ def _insert_sliced(
             continue
         part = tasks[lo:hi]
         if hasattr(part, "__len__") and len(part) != hi - lo:
-            raise SliceContractError(
-                f"len(tasks[{lo}:{hi}]) is {len(part)}, not {hi - lo}: insert(parallel=N) needs "
-                "__getitem__(slice) to return exactly the items of the slice (this one ignores "
-                "its bounds); use parallel=1, or slice properly. Nothing was queued."
-            )
+            raise _slice_error(f"len(tasks[{lo}:{hi}]) is {len(part)}, not {hi - lo}; nothing was queued")
         slices.append((lo, hi, dumps_checked(part, queue.serializer, f"slice {lo}:{hi} of the tasks")))
     before_first_batch()  # children write directly: the job must exist first
     with spawn_pool(parallel) as pool:

@@ -165,7 +165,7 @@ class Job:
     def total(self) -> int | None:
         """Tasks in the job; None while an insert is still streaming them."""
         meta = self.meta
-        if meta.get("state") == JobState.INSERTING:
+        if self.state is JobState.INSERTING:
             if process_gone(meta.get("producer")):
                 return self.counts().inserted
             return None
