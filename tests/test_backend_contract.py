@@ -85,6 +85,22 @@ def test_fail_with_retry_requeues_after_the_delay(backend):
     assert again.task_id == lease.task_id and again.attempt == 2
 
 
+def test_insert_with_a_delay_queues_tasks_that_are_ready_only_when_due(backend, backend_factory):
+    backend.insert("j1", tasks_of("j1", 2), delay=0.6)
+    backend.insert("j2", tasks_of("j2", 1))
+    c = backend.counts()
+    assert (c.inserted, c.queued, c.leased) == (3, 3, 0)
+    assert [lease.task_id for lease in backend.lease(10, 30)] == ["j2-0"]  # the delayed wait
+    assert backend.lease(10, 30) == []
+    # A blocked lease (a waiting worker) wakes for them when they come due.
+    t = time.monotonic()
+    leased = backend_factory().lease(10, 30, wait=3.0)
+    leased += backend.lease(10, 30)
+    assert sorted(lease.task_id for lease in leased) == ["j1-0", "j1-1"]
+    assert 0.3 < time.monotonic() - t < 2.5
+    assert all(lease.attempt == 1 for lease in leased)
+
+
 def test_fail_without_retry_goes_to_dead_letters_and_redrives(backend):
     backend.insert("j1", tasks_of("j1", 2))
     for lease in backend.lease(2, 30):

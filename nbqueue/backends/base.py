@@ -151,8 +151,12 @@ class Backend(ABC):
 
     # -- tasks ----------------------------------------------------------------------------------
     @abstractmethod
-    def insert(self, job_id: str, tasks: Sequence[tuple[str, bytes]]) -> None:
-        """Queue many tasks of one job in one call: all of them become visible, or none."""
+    def insert(self, job_id: str, tasks: Sequence[tuple[str, bytes]], delay: float = 0.0) -> None:
+        """Queue many tasks of one job in one call: all of them become visible, or none.
+
+        With ``delay`` (seconds) they are queued but not ready until then, like a retry waiting
+        out its backoff (the storage's clock decides when: the server's, on a network backend).
+        """
 
     @abstractmethod
     def lease(self, n: int, seconds: float, wait: float = 0.0) -> list[Lease]:

@@ -517,7 +517,7 @@ class FileBackend(Backend):
 
     # -- tasks ----------------------------------------------------------------------------------
     @_full_translated
-    def insert(self, job_id: str, tasks: Sequence[tuple[str, bytes]]) -> None:
+    def insert(self, job_id: str, tasks: Sequence[tuple[str, bytes]], delay: float = 0.0) -> None:
         check_batch(job_id, tasks)
         if not tasks:
             return
@@ -527,7 +527,8 @@ class FileBackend(Backend):
         try:
             # Counted before visible: a full disk refuses the batch whole, never queues it uncounted.
             with self._counted(job_id, inserted=n):
-                os.rename(tmp, self._path("queue", f"{_now_ms():013d}.0.{job_id}.{seg}.0-{n}"))
+                ready = _now_ms() + int(max(delay, 0.0) * 1000)  # the name says when it is ready
+                os.rename(tmp, self._path("queue", f"{ready:013d}.0.{job_id}.{seg}.0-{n}"))
         except BaseException:
             _unlink_all([tmp])
             raise

@@ -119,7 +119,7 @@ class MemoryBackend(Backend):
             return list(self._jobs)
 
     # -- tasks ----------------------------------------------------------------------------------
-    def insert(self, job_id: str, tasks: Sequence[tuple[str, bytes]]) -> None:
+    def insert(self, job_id: str, tasks: Sequence[tuple[str, bytes]], delay: float = 0.0) -> None:
         check_batch(job_id, tasks)
         with self._cond:
             for task_id, _ in tasks:
@@ -128,7 +128,7 @@ class MemoryBackend(Backend):
             for task_id, payload in tasks:
                 self._payloads[task_id] = bytes(payload)
                 self._attempts[task_id] = 0
-                self._ready.append(task_id)
+                self._requeue(task_id, delay)
             self._bump(job_id, inserted=len(tasks), queued=len(tasks))
             self._cond.notify_all()
 

@@ -351,14 +351,15 @@ class RedisBackend(Backend):
 
     # -- tasks ----------------------------------------------------------------------------------
     @_translated
-    def insert(self, job_id: str, tasks: Sequence[tuple[str, bytes]]) -> None:
+    def insert(self, job_id: str, tasks: Sequence[tuple[str, bytes]], delay: float = 0.0) -> None:
         check_batch(job_id, tasks)
         args: list[Any] = []
         for task_id, payload in tasks:
             args += (task_id, bytes(payload))
         if not args:
             return
-        _refuse(self._run("insert", job_id, os.urandom(16).hex(), *args), "already exists")
+        delay_ms = _ms(max(delay, 0.0)) if delay > 0 else ""
+        _refuse(self._run("insert", job_id, os.urandom(16).hex(), delay_ms, *args), "already exists")
 
     @_translated
     def lease(self, n: int, seconds: float, wait: float = 0.0) -> list[Lease]:
