@@ -12,7 +12,9 @@ from .errors import (
     BindError,
     DecodeError,
     NbQueueError,
+    NotLeasedHere,
     NotQueueableError,
+    QueueEmptyError,
     QueueStateLost,
     QueueURLError,
     SerializationError,
@@ -32,7 +34,7 @@ from .pickling import Shipment, explain
 from .queue import LocalTaskQueue, TaskQueue
 from .records import TaskError
 from .reference import TaskSpec
-from .tasks import RegisteredTask, TaskContext, current_task
+from .tasks import FunctionTask, RegisteredTask, TaskContext, current_task
 
 __version__ = "0.1.0"
 
@@ -45,10 +47,13 @@ __all__ = [
     "BindError",
     "Counts",
     "DeadLetter",
+    "FunctionTask",
     "Job",
     "LocalTaskQueue",
     "NbQueueError",
+    "NotLeasedHere",
     "NotQueueableError",
+    "QueueEmptyError",
     "QueueStateLost",
     "QueueURLError",
     "RegisteredTask",

@@ -88,3 +88,12 @@ class TransferRefused(NbQueueError):
 class SliceContractError(NbQueueError, ValueError):
     """``insert(parallel=N)`` was given an iterable whose ``__getitem__(slice)`` does not return
     exactly the items of the slice (it ignores the bounds, or yields too few)."""
+
+
+class QueueEmptyError(NbQueueError, LookupError):
+    """``TaskQueue.lease`` found no task ready (python-task-queue's name)."""
+
+
+class NotLeasedHere(NbQueueError):
+    """``delete`` or ``renew`` of a task this TaskQueue did not lease: its lease token, which
+    fences both, is held by whoever leased it."""

@@ -15,6 +15,7 @@ and unpickles nothing, which is what a worker started with ``--only-by-reference
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -53,12 +54,16 @@ _MARK = "__nbqueue_queueable__"
 _BY_REFERENCE = "__nbqueue_by_reference__"
 
 __all__ = [
+    "FunctionTask",
     "RegisteredTask",
     "TaskCall",
     "TaskCodec",
     "TaskSpec",
     "is_queueable",
+    "is_single_task",
     "load_specs",
+    "queue_id_of",
+    "set_queue_id",
     "mark",
 ]
 
@@ -99,16 +104,131 @@ def is_queueable(obj: Any) -> bool:
     return bool(getattr(type(obj), _MARK, False)) and callable(getattr(obj, "execute", None))
 
 
+#: python-task-queue's registry: class name -> the latest RegisteredTask subclass of that name,
+#: which is how ``RegisteredTask.deserialize`` turns a payload back into a task.
+_registered: dict[str, type] = {}
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON-friendly data, as python-task-queue's payloads have it: numpy arrays
+    as lists, objects with a ``serialize()`` method as what it returns, bytes as text."""
+    if callable(getattr(value, "serialize", None)):
+        return value.serialize()
+    if callable(getattr(value, "tolist", None)):  # numpy arrays and scalars, without numpy
+        return value.tolist()
+    if isinstance(value, bytes):
+        return value.decode("utf8")
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
 class RegisteredTask:
     """Base class for task objects in python-task-queue's style: state in ``__init__``, work in
-    ``execute()``. Subclasses are queueable."""
+    ``execute()``. Subclasses are queueable.
+
+    As there, a subclass may hand its constructor's arguments to ``super().__init__(a, b)``: they
+    are recorded by name and set as attributes, ``payload()`` describes the task as JSON-friendly
+    data, and ``RegisteredTask.deserialize(payload)`` builds it again. On a queue the object
+    itself travels (with dill), so attributes need not be JSON.
+    """
+
+    _arg_names: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         setattr(cls, _MARK, True)
+        init = cls.__dict__.get("__init__")
+        if init is not None:  # without one, the parent's names hold
+            params = list(inspect.signature(init).parameters.values())[1:]  # after self
+            cls._arg_names = tuple(p.name for p in params if p.kind in _POSITIONAL)
+        _registered[cls.__name__] = cls
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Record the arguments by the subclass constructor's parameter names, as attributes."""
+        if len(args) > len(self._arg_names):
+            raise TypeError(
+                f"{type(self).__name__}: {len(args)} positional arguments for "
+                f"{len(self._arg_names)} parameters {self._arg_names}"
+            )
+        named = dict(zip(self._arg_names, args, strict=False))  # fewer: the rest by keyword
+        named.update(kwargs)
+        self._args = named
+        self.__dict__.update(named)
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    @property
+    def id(self) -> Any:
+        """The task's id in the queue it was leased or listed from (-1 before that)."""
+        return self.__dict__.get("nbqueue_task_id", -1)
+
+    def _arg_values(self) -> dict[str, Any]:
+        names = self.__dict__.get("_args")
+        if names is None:  # a subclass that set its attributes itself
+            return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "nbqueue_task_id"}
+        return {name: getattr(self, name) for name in names}
+
+    def payload(self) -> dict[str, Any]:
+        """The task as JSON-friendly data: its arguments' current values and its class name."""
+        data = _plain(self._arg_values())
+        data["class"] = type(self).__name__
+        return data
+
+    @classmethod
+    def deserialize(cls, data: dict[str, Any] | str | bytes) -> RegisteredTask:
+        """The task a ``payload()`` (a dict, or its JSON) describes, built by its class.
+
+        Raises:
+            NotQueueableError: no RegisteredTask subclass of that name was defined in this process,
+                or it is not a ``cls``.
+        """
+        if isinstance(data, (str, bytes)):
+            data = json.loads(data)
+        assert isinstance(data, dict)
+        arguments = dict(data)
+        name = arguments.pop("class", None)
+        target = _registered.get(str(name))
+        if target is None or not issubclass(target, cls):
+            raise NotQueueableError(f"no {cls.__name__} subclass named {name!r} is defined here")
+        return target(**arguments)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in self._arg_values().items())
+        return f"{type(self).__name__}({shown})"
+
+
+class FunctionTask:
+    """A call of a queueable function read back from a queue (``TaskQueue.lease``, ``list``,
+    ``tasks``): python-task-queue's name for it. ``execute()`` (or calling it) runs it."""
+
+    def __init__(
+        self, fn: Callable[..., Any], args: tuple, kwargs: dict, task_id: str, ref: str | None = None
+    ) -> None:
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.id = task_id
+        self.ref = ref  #: ``module:qualname`` for a task by reference
+        self.ran = False
+        self.value: Any = None  #: what the function returned, once it ran
 
     def execute(self) -> Any:
-        raise NotImplementedError
+        """Run the call; the value is kept for the completion record ``delete()`` writes."""
+        self.value = self.fn(*self.args, **self.kwargs)
+        self.ran = True
+        return self.value
+
+    __call__ = execute
+
+    def __repr__(self) -> str:
+        shown = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        return f"FunctionTask({callable_name(self.fn)}({', '.join(shown)}), id={self.id!r})"
 
 
 @dataclass(frozen=True)
@@ -146,7 +266,8 @@ def running_as(context: TaskContext) -> Iterator[None]:
 
 @dataclass
 class TaskCall:
-    """One call to run: ``fn(*args, **kwargs)``, or ``obj.execute()`` when ``fn`` is None.
+    """One call to run: ``fn(*args, **kwargs)``, or ``obj.execute(*args, **kwargs)`` when ``fn``
+    is None.
 
     A call by reference has ``ref`` (``module:qualname``); on the producer its ``fn`` is None,
     since the function is named rather than shipped, and a worker fills it in by importing it.
@@ -160,7 +281,7 @@ class TaskCall:
 
     def run(self) -> Any:
         if self.fn is None:
-            return self.obj.execute()
+            return self.obj.execute(*self.args, **self.kwargs)
         return self.fn(*self.args, **self.kwargs)
 
 
@@ -216,6 +337,12 @@ def to_call(task: Any) -> TaskCall:
     """
     if isinstance(task, TaskSpec):
         return _spec_call(task)
+    if isinstance(task, FunctionTask):  # read back from a queue: insert it again as it was
+        if task.ref is not None:
+            return TaskCall(None, task.args, task.kwargs, ref=task.ref)
+        return to_call(functools.partial(task.fn, *task.args, **task.kwargs))
+    if _is_call_tuple(task):
+        return _tuple_call(*task)
     if isinstance(task, functools.partial):
         fn, args, kwargs = task.func, task.args, dict(task.keywords)
     elif inspect.isfunction(task):
@@ -234,6 +361,52 @@ def to_call(task: Any) -> TaskCall:
     if getattr(fn, _BY_REFERENCE, False):
         return TaskCall(None, tuple(args), kwargs, ref=_reference_of(fn))
     return TaskCall(fn, tuple(args), kwargs)
+
+
+def set_queue_id(task: Any, task_id: str) -> None:
+    """Give a task object read back from a queue its id there (``task.id`` on a RegisteredTask)."""
+    with contextlib.suppress(AttributeError):  # an object without a __dict__ keeps no id
+        task.nbqueue_task_id = task_id
+
+
+def queue_id_of(task: Any) -> str | None:
+    """The id a task read back from a queue has there (None for any other object)."""
+    task_id = task.id if isinstance(task, FunctionTask) else getattr(task, "nbqueue_task_id", None)
+    return task_id if isinstance(task_id, str) else None
+
+
+def is_single_task(obj: Any) -> bool:
+    """True for one task (rather than an iterable of them): what ``insert(task)`` accepts."""
+    return (
+        isinstance(obj, (functools.partial, TaskSpec, FunctionTask))
+        or inspect.isfunction(obj)
+        or is_queueable(obj)
+    )
+
+
+def _is_call_tuple(task: Any) -> bool:
+    """python-task-queue's ``(task, args, kwargs)``: a task and the arguments to call it with."""
+    return (
+        isinstance(task, tuple)
+        and len(task) == 3
+        and isinstance(task[1], (list, tuple))
+        and isinstance(task[2], dict)
+        and (
+            isinstance(task[0], functools.partial)
+            or callable(getattr(task[0], "execute", None))
+            or inspect.isfunction(task[0])
+        )
+    )
+
+
+def _tuple_call(task: Any, args: list | tuple, kwargs: dict) -> TaskCall:
+    """``(fn or partial, args, kwargs)`` calls it with them; ``(obj, args, kwargs)`` calls
+    ``obj.execute(*args, **kwargs)``."""
+    if isinstance(task, functools.partial) or inspect.isfunction(task):
+        return to_call(functools.partial(task, *args, **kwargs))
+    call = to_call(task)
+    _bind(task.execute, tuple(args), dict(kwargs))
+    return TaskCall(None, tuple(args), dict(kwargs), obj=call.obj)
 
 
 def _arguments(call: TaskCall) -> list[tuple[str, Any]]:
@@ -343,7 +516,13 @@ class TaskCodec:
                 ) from None
             # No "f": a worker reads the payload as JSON and unpickles nothing.
             return seal(self.signer, header, payload)
-        if call.fn is None:
+        if call.fn is None and (call.args or call.kwargs):
+            # "a": the payload is the object and the arguments its execute() is called with.
+            payload = dumps_checked(
+                (call.obj, call.args, call.kwargs), self.serializer, f"task object {call.obj!r:.60}"
+            )
+            header["a"] = 1
+        elif call.fn is None:
             payload = dumps_checked(call.obj, self.serializer, f"task object {call.obj!r:.60}")
         else:
             payload = dumps_checked(
@@ -373,10 +552,11 @@ class TaskCodec:
             )
         digest = header.get("f")
         if digest is None:
-            obj = self._load(payload, "task object")
+            loaded = self._load(payload, "task object")
+            obj, args, kwargs = loaded if header.get("a") else (loaded, (), {})
             if not is_queueable(obj):
                 raise BadSignature(f"refused: {type(obj).__name__} is not a queueable task object")
-            return TaskCall(None, obj=obj)
+            return TaskCall(None, tuple(args), dict(kwargs), obj=obj)
         fn = self._functions.get(digest)
         if fn is None:
             try:
