@@ -237,7 +237,10 @@ def cmd_insert(args: argparse.Namespace) -> int:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    n = _queue(args).release_all(force=args.all)
+    # Explicit on purpose: without --all only expired leases (python-task-queue's `ptq release`
+    # returns every lease; here that takes --all, since it re-runs tasks that are still running).
+    tq = _queue(args)
+    n = tq.release_all() if args.all else tq.release_expired()
     _print(args, {"released": n}, f"{n} lease(s) returned to the queue")
     return EXIT_OK
 

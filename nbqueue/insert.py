@@ -48,16 +48,17 @@ def sliceable(tasks: Any) -> bool:
 class _Writer:
     """Writes encoded batches (and a job's new function blobs before its first task)."""
 
-    def __init__(self, backend, job_id: str) -> None:
+    def __init__(self, backend, job_id: str, delay: float = 0.0) -> None:
         self.backend = backend
         self.job_id = job_id
+        self.delay = delay
         self.written = 0
         self._lock = threading.Lock()
 
     def write(self, functions: list[tuple[str, bytes]], batch: list[tuple[str, bytes]]) -> None:
         for digest, blob in functions:
             self.backend.put_function(digest, blob)
-        self.backend.insert(self.job_id, batch)
+        self.backend.insert(self.job_id, batch, delay=self.delay)
         with self._lock:
             self.written += len(batch)
 
@@ -71,8 +72,8 @@ class _Writer:
 class _PipelinedWriter(_Writer):
     """Writes from background threads (or greenlets) through a bounded queue of batches."""
 
-    def __init__(self, backend, job_id: str, writers: int, green: bool = False) -> None:
-        super().__init__(backend, job_id)
+    def __init__(self, backend, job_id: str, writers: int, green: bool = False, delay: float = 0.0) -> None:
+        super().__init__(backend, job_id, delay)
         self._queue: queue_module.Queue = queue_module.Queue(maxsize=writers)
         self._error: BaseException | None = None
         if green:
@@ -192,11 +193,12 @@ def _insert_slice(
     size: int,
     blob: bytes,
     batch_size: int,
+    delay: float,
 ) -> int:
     """Child process: load one slice (``size`` tasks from ``offset``) and upload it. Returns how
     many tasks it queued."""
     queue = QueueConnection.reopen(reopen)
-    writer = _Writer(queue.backend, job_id)
+    writer = _Writer(queue.backend, job_id, delay)
     try:
         tasks = _exactly(queue.serializer.loads(blob), offset, offset + size)
         upload(queue, job_id, tasks, offset, batch_size, writer, queue_id)
@@ -214,6 +216,7 @@ def _insert_sliced(
     batch_size: int,
     bar: Any,
     before_first_batch: Callable[[], None],
+    delay: float,
 ) -> int:
     """Cut ``tasks`` into ``parallel`` slices uploaded by as many spawned processes.
 
@@ -232,7 +235,9 @@ def _insert_sliced(
     before_first_batch()  # children write directly: the job must exist first
     with spawn_pool(parallel) as pool:
         futures = [
-            pool.submit(_insert_slice, queue.reopen_args(), queue_id, job_id, lo, hi - lo, blob, batch_size)
+            pool.submit(
+                _insert_slice, queue.reopen_args(), queue_id, job_id, lo, hi - lo, blob, batch_size, delay
+            )
             for lo, hi, blob in slices
         ]
         pending = set(futures)
@@ -257,6 +262,7 @@ def insert_tasks(
     parallel: int = 1,
     green: bool = False,
     explain: bool = False,
+    delay: float = 0.0,
 ) -> Job:
     """Insert every task of ``tasks`` as one job; see ``TaskQueue.insert``."""
 
@@ -275,13 +281,17 @@ def insert_tasks(
     job = Job(queue, job_id, meta, queue_id=queue_id)
     bar = insert_progress(job.view, total, enabled=progress)
     # Children cannot see this process's memory: a mem:// queue is written from threads instead.
-    sliced = parallel > 1 and not green and sliceable(tasks) and not queue.url.startswith("mem://")
-    if green:
-        writer: _Writer = _PipelinedWriter(queue.backend, job_id, max(parallel, 8), green=True)
-    elif parallel > 1 and not sliced:
-        writer = _PipelinedWriter(queue.backend, job_id, parallel)
+    # Slices go to processes with green=True too (the children write plainly), as
+    # python-task-queue's do.
+    sliced = parallel > 1 and sliceable(tasks) and not queue.url.startswith("mem://")
+    if sliced:
+        writer = _Writer(queue.backend, job_id, delay)
+    elif green:
+        writer = _PipelinedWriter(queue.backend, job_id, max(parallel, 8), green=True, delay=delay)
+    elif parallel > 1:
+        writer = _PipelinedWriter(queue.backend, job_id, parallel, delay=delay)
     else:
-        writer = _Writer(queue.backend, job_id)
+        writer = _Writer(queue.backend, job_id, delay)
     started = False
 
     def before_first_batch() -> None:
@@ -294,7 +304,7 @@ def insert_tasks(
     try:
         if sliced:
             queued = _insert_sliced(
-                queue, queue_id, job_id, tasks, parallel, batch_size, bar, before_first_batch
+                queue, queue_id, job_id, tasks, parallel, batch_size, bar, before_first_batch, delay
             )
         else:
             upload(

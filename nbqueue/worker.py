@@ -35,7 +35,7 @@ from .keeper import available as keeper_available
 from .procs import spawn_pool, worker_id
 from .records import error_info, seal_record
 from .serialize import Signer, get_serializer
-from .tasks import TaskCodec, TaskContext, running_as
+from .tasks import FunctionTask, TaskCodec, TaskContext, running_as, set_queue_id
 
 if TYPE_CHECKING:
     from .connection import QueueConnection
@@ -208,6 +208,7 @@ class Worker:
         batch_max: int = defaults.LEASE_BATCH_MAX,
         only_by_reference: bool = False,
         renewal: str = "thread",
+        stop_when: Callable[[], bool] | None = None,
     ) -> None:
         self.queue = queue
         self.backend = queue.backend
@@ -231,6 +232,12 @@ class Worker:
         self.idle_exit = idle_exit
         self.batch_max = max(1, batch_max)
         self.stats = WorkerStats()
+        #: Asked after every task run and every lease that found nothing: True stops the worker
+        #: as ``stop()`` does (python-task-queue's ``stop_fn``).
+        self.stop_when = stop_when
+        self.executed = 0  #: tasks run, whatever their outcome
+        self.empty_leases = 0  #: leases in a row that found nothing
+        self.last_task_seconds = 0.0
         self.stop_event = threading.Event()
         self.who = worker_id()
         self.started = time.time()
@@ -249,6 +256,12 @@ class Worker:
             if self.stop_event.is_set() and signum == signal.SIGINT:
                 _interrupting.set()
                 raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                print(
+                    "nbqueue: interrupted: stopping after the running task; interrupt again to stop now",
+                    file=sys.stderr,
+                    flush=True,
+                )
             self.stop()
 
         signal.signal(signal.SIGTERM, graceful)
@@ -380,6 +393,9 @@ class Worker:
                 except _GaveUp:
                     break  # told to stop while the storage was down: nothing is held
                 if not leases:
+                    self.empty_leases += 1
+                    if self._asked_to_stop():
+                        break
                     idle_since = idle_since or time.monotonic()
                     idle = time.monotonic() - idle_since
                     if self.burst and self._nothing_left(idle):
@@ -391,6 +407,7 @@ class Worker:
                         sleep = min(sleep * 2, defaults.IDLE_SLEEP_MAX)
                     continue
                 idle_since, sleep = None, defaults.IDLE_SLEEP_MIN
+                self.empty_leases = 0
                 renewer.hold(leases)
                 self._run_batch(leases, renewer)
                 renewer.info(self._heartbeat_info())
@@ -398,6 +415,12 @@ class Worker:
             renewer.stop()
             self.stats.elapsed = time.monotonic() - start
         return self.stats
+
+    def _asked_to_stop(self) -> bool:
+        """Ask ``stop_when``; a yes stops the worker (as ``stop()`` does)."""
+        if self.stop_when is not None and self.stop_when():
+            self.stop_event.set()
+        return self.stop_event.is_set()
 
     def _isolate_suspects(self, leases: list[Lease], renewer: LeaseRenewal) -> list[Lease]:
         """A suspect (a lease of it expired: its worker died with it) may be what killed that
@@ -438,7 +461,16 @@ class Worker:
                     self.stats.abandoned += 1
                     renewer.drop(lease.task_id)
                     continue
-                self._task_seconds = 0.8 * self._task_seconds + 0.2 * (time.monotonic() - t)
+                self.last_task_seconds = time.monotonic() - t
+                self._task_seconds = 0.8 * self._task_seconds + 0.2 * self.last_task_seconds
+                self.executed += 1
+                log.info(
+                    "%s %s in %.3fs",
+                    "ran" if outcome.ok else "failed",
+                    lease.task_id,
+                    self.last_task_seconds,
+                )
+                self._asked_to_stop()  # the rest of the batch goes back at the top of the loop
                 if renewer.has_lost(lease):  # another worker has it now: our result is void
                     self.stats.abandoned += 1
                     renewer.drop(lease.task_id)
@@ -516,6 +548,58 @@ class Worker:
         self.stats.failed += 1
         if state == TaskStatus.DEAD:
             self.stats.dead += 1
+
+
+# -- leases held by user code (python-task-queue's lease / delete / renew) ---------------------------
+@dataclass
+class HeldTask:
+    """A task leased by user code rather than a worker loop: what ``TaskQueue.lease`` handed out,
+    and the lease that fences its ``delete`` and ``renew``."""
+
+    lease: Lease
+    task: Any  #: a FunctionTask, or the task object itself
+    started: float
+
+
+def readable_task(codec: TaskCodec, task_id: str, blob: bytes, fetch_function: Callable[[str], bytes]) -> Any:
+    """A queued task as user code sees it: the task object itself (its ``_id`` set), or a
+    ``FunctionTask``. The envelope is verified before anything in it is loaded.
+
+    Raises BadSignature, DecodeError or TaskRefused for a task no worker would run.
+    """
+    call = codec.decode(task_id, blob, fetch_function)
+    if call.fn is None and not (call.args or call.kwargs):
+        set_queue_id(call.obj, task_id)
+        return call.obj
+    fn = call.obj.execute if call.fn is None else call.fn
+    return FunctionTask(fn, call.args, call.kwargs, task_id, ref=call.ref)
+
+
+def lease_by_hand(
+    queue: QueueConnection, codec: TaskCodec, n: int, seconds: float, wait: float
+) -> list[HeldTask]:
+    """Lease up to ``n`` tasks for user code to run. A task no worker would run (bad signature,
+    unloadable, refused) goes to the dead letters with the reason, as a worker sends it."""
+    held = []
+    who = worker_id()
+    for lease in queue.backend.lease(n, seconds, wait=wait):
+        try:
+            task = readable_task(codec, lease.task_id, lease.payload, queue.backend.get_function)
+        except TERMINAL_ERRORS as exc:
+            log.warning("task %s sent to the dead letters: %s", lease.task_id, exc)
+            record = _sealed(codec, lease, who, time.time(), error=error_info(exc))
+            queue.backend.fail(lease.task_id, lease.token, record, None)
+            continue
+        held.append(HeldTask(lease, task, time.time()))
+    return held
+
+
+def complete_by_hand(queue: QueueConnection, codec: TaskCodec, held: HeldTask) -> bool:
+    """Commit a task leased by hand as completed, with the value its ``execute()`` returned if
+    it ran as a FunctionTask (else None). False when the lease was no longer ours."""
+    value = held.task.value if isinstance(held.task, FunctionTask) else None
+    record = _sealed(codec, held.lease, worker_id(), held.started, value=value)
+    return queue.backend.complete([(held.lease.task_id, held.lease.token, record)])[0]
 
 
 # -- processes ------------------------------------------------------------------------------------
