@@ -259,7 +259,7 @@ def bench_drain(nb, sizes, redis_server) -> None:
     n = sizes["drain"]
     tq = TaskQueue(f"fq://{fresh_dir()}/q")
     tq.insert((functools.partial(nb.noop, i) for i in range(n)), total=n, progress=False)
-    in_process = n / timed(lambda: tq.poll())
+    in_process = n / timed(lambda: tq.poll(burst=True))
     peer = ptq_poll_rate(n) if has_ptq() else None
     report("drain_fq_in_process", in_process, "tasks/s", peer, "python-task-queue poll")
     for workers in (1, 2):

@@ -295,7 +295,7 @@ def test_a_forced_copy_queues_leased_tasks_again(tmp_path):
     report = copy_queue(source, destination, force=True)
     assert (report.queued, report.leased) == (2, 1)
     assert destination.status().queued == 3 and source.status().leased == 1  # the source is untouched
-    destination.poll()
+    destination.poll(burst=True)
     assert destination.job(job.id).results() == [0, 2, 4]
     assert source.backend.complete([(lease.task_id, lease.token, b"late")]) == [True]
 

@@ -25,7 +25,7 @@ def test_a_queue_written_before_the_layered_house_still_reads_and_runs(tmp_path)
     assert (counts.queued, counts.completed, counts.dead) == (3, 4, 1)
     (letter,) = tq.dead()
     assert letter.task_id == f"{job.id}-4"
-    tq.poll(max_attempts=1)  # the queued tasks run from the old function blob and envelopes
+    tq.poll(max_attempts=1, burst=True)  # the queued tasks run from the old function blob and envelopes
     values = job.wait(timeout=30, progress=False).results(on_error="exception")
     assert values[:4] == [100, 101, 102, 103] and values[5:] == [105, 106, 107]
     assert values[4].type == "Terminal" and values[4].message == "four is refused"

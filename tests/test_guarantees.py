@@ -84,7 +84,7 @@ TaskQueue(sys.argv[1]).insert(slow(), batch_size=100, progress=False)
     assert job.meta["state"] == "inserting"  # it never got to say otherwise
     assert job.total == job.counts().inserted == tq.status().queued >= 500  # the dead producer's exact total
     assert job.total % 100 == 0  # whole batches only: nothing half-written is visible
-    tq.poll()
+    tq.poll(burst=True)
     assert job.results() == list(range(job.total))
 
 
@@ -128,7 +128,7 @@ def test_tampered_unsigned_and_replayed_tasks_are_never_loaded(tmp_path, nb):
     elsewhere = TaskCodec(Signer.default(), other.serializer, other.queue_id)
     tq.backend.insert("je", [("je-0", envelope(elsewhere, "je-0", str(canaries["other-queue"])))])
     CountingSerializer.loads_calls = 0
-    stats = tq.poll()
+    stats = tq.poll(burst=True)
     assert stats.dead == 4 and CountingSerializer.loads_calls == 0  # not one unpickle
     assert not any(path.exists() for path in canaries.values())
     letters = {letter.task_id: letter.error for letter in tq.dead()}
@@ -136,7 +136,7 @@ def test_tampered_unsigned_and_replayed_tasks_are_never_loaded(tmp_path, nb):
     assert b"signed for queue" in letters["je-0"]
     # The control: the same canary, genuinely signed, is loaded (and fires) when run.
     tq.backend.insert("jd", [("jd-0", envelope(good, "jd-0", str(canaries["genuine"])))])
-    tq.poll()
+    tq.poll(burst=True)
     assert canaries["genuine"].exists()
 
 

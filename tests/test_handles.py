@@ -63,7 +63,7 @@ def test_a_handle_reattaches_from_another_process(tmp_path, nb):
     url = f"fq://{tmp_path / 'queue'}"
     tq = nbqueue.use(url)
     handle = nb.score.submit(1)
-    tq.poll()
+    tq.poll(burst=True)
     out = run_python(
         f"""
         from nbqueue import TaskHandle, TaskQueue
@@ -78,7 +78,7 @@ def test_a_handle_reattaches_from_another_process(tmp_path, nb):
 def test_get_raises_the_tasks_error_and_status_says_dead(nb):
     tq = nbqueue.use("mem://handles-failures")
     handle = nb.refuse.submit("no good")
-    tq.poll()
+    tq.poll(burst=True)
     assert handle.ready() and handle.status == TaskStatus.DEAD
     with pytest.raises(TaskFailed, match="no good") as info:
         handle.get()
@@ -92,10 +92,10 @@ def test_map_queues_one_job_of_the_items(nb):
     tq = nbqueue.use("mem://handles-map")
     job = nb.score.map(range(4), name="scores", progress=False)
     assert job.name == "scores" and job.total == 4
-    tq.poll()
+    tq.poll(burst=True)
     assert [value for value, _ in job.wait(timeout=5, progress=False).results()] == [10, 14, 18, 22]
     generated = nb.helper.map((x for x in (5, 6)), progress=False)
-    tq.poll()
+    tq.poll(burst=True)
     assert generated.wait(timeout=5, progress=False).results() == [10, 12]
 
 
@@ -105,7 +105,7 @@ def test_default_queue_comes_from_the_environment_else_a_clear_error(nb, monkeyp
     monkeypatch.setenv("NBQUEUE_URL", "mem://handles-from-env")
     handle = nb.score.submit(2)
     assert handle.queue.url == "mem://handles-from-env"
-    handle.queue.poll()
+    handle.queue.poll(burst=True)
     assert handle.get()[0] == 18
 
 

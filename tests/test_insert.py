@@ -59,7 +59,7 @@ def test_parallel_slices_are_built_and_uploaded_by_child_processes(worker_url, n
     builders = {name.split("-")[0] for name in os.listdir(log)}
     starts = sorted(int(name.split("-")[1]) for name in os.listdir(log))
     assert starts == [0, 1500] and len(builders) == 2 and str(os.getpid()) not in builders
-    tq.poll()
+    tq.poll(burst=True)
     assert job.results() == [i * i for i in range(3000)]
 
 
@@ -88,7 +88,7 @@ def test_parallel_generator_streams_through_writer_threads(worker_url, nb):
         (functools.partial(nb.square, i) for i in range(2500)), parallel=3, batch_size=100, progress=False
     )
     assert job.total == 2500
-    tq.poll()
+    tq.poll(burst=True)
     assert job.results() == [i * i for i in range(2500)]
 
 
@@ -128,7 +128,7 @@ def square(i):
 tq = TaskQueue(sys.argv[1])
 job = tq.insert((functools.partial(square, i) for i in range(3000)), green=True, batch_size=100,
                 progress=False)
-tq.poll()
+tq.poll(burst=True)
 assert job.results() == [i * i for i in range(3000)], "wrong results"
 print("ok", job.total)
 """
@@ -209,7 +209,7 @@ def test_a_slice_that_yields_more_or_fewer_stops_the_insert_with_an_exact_total(
         tq.insert(slices.Off(0, 100, extra), parallel=2, batch_size=10, progress=False)
     (job,) = tq.jobs()
     assert job.total == job.counts().inserted == len(queued)
-    tq.poll()
+    tq.poll(burst=True)
     records = job.wait(timeout=30, progress=False).records()  # the total is reachable
     assert [r.task_id for r in records] == [f"{job.id}-{i}" for i in queued]  # no duplicate ids
     assert [r.value for r in records] == [2 * i for i in queued]
@@ -218,11 +218,11 @@ def test_a_slice_that_yields_more_or_fewer_stops_the_insert_with_an_exact_total(
 def test_exact_slices_insert_every_task_once_and_memory_queues_never_slice(backend_url, slices):
     tq = TaskQueue(backend_url)
     job = tq.insert(slices.Off(0, 100, 0), parallel=2, progress=False)
-    tq.poll()
+    tq.poll(burst=True)
     assert job.wait(timeout=30, progress=False).results() == [2 * i for i in range(100)]
     if backend_url.startswith("mem://"):  # mem:// reads the iterable here, so even this one works
         job = tq.insert(slices.IgnoresBounds(4), parallel=2, progress=False)
-        tq.poll()
+        tq.poll(burst=True)
         assert job.wait(timeout=30, progress=False).results() == [0, 2, 4, 6]
 
 
@@ -248,7 +248,7 @@ class Tasks:
 print("script body ran", file=sys.stderr)
 tq = TaskQueue(sys.argv[1])
 job = tq.insert(Tasks(0, 40), parallel=2, progress=False)
-tq.poll()
+tq.poll(burst=True)
 print(job.wait(timeout=60, progress=False).results() == [2 * i for i in range(40)])
 local = LocalTaskQueue(parallel=2, progress=False)
 print(local.insert([functools.partial(double, i) for i in range(10)]).results())

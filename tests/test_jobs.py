@@ -70,7 +70,7 @@ def test_snapshot_counts_rate_and_the_newest_error_of_this_job_only(tq):
     job = tq.insert((functools.partial(nb.half, i) for i in range(4)), progress=False)
     first = job.snapshot()
     assert (first.total, first.finished, first.rate, first.error) == (4, False, None, None)
-    tq.poll()
+    tq.poll(burst=True)
     snap = job.snapshot()
     assert snap.finished and snap.counts.completed == 3 and snap.counts.dead == 1
     assert snap.rate is not None and snap.rate > 0  # a finished job's average rate
@@ -83,7 +83,7 @@ def test_results_in_order_with_errors_and_before_the_end(tq):
     job = tq.insert((functools.partial(nb.half, i) for i in range(4)), progress=False)
     with pytest.raises(RuntimeError, match="not finished"):
         job.results()
-    tq.poll()
+    tq.poll(burst=True)
     assert job.wait(timeout=5, progress=False) is job
     with pytest.raises(TaskFailed, match="1 of 4 tasks failed"):
         job.results()

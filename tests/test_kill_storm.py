@@ -223,7 +223,7 @@ def test_the_checker_sees_each_violation(tmp_path):
     log_dir.mkdir()
     tq = TaskQueue(f"mem://checker-{os.getpid()}-{time.monotonic_ns()}")
     job = tq.insert([functools.partial(nb.side_effect, str(log_dir)) for _ in range(4)], progress=False)
-    tq.poll(max_attempts=1)
+    tq.poll(max_attempts=1, burst=True)
     report = check_invariants(tq, job, log_dir)
     assert (report.tasks, report.executions, report.duplicates, report.lost) == (4, 4, 0, 0)
 

@@ -74,10 +74,10 @@ def test_zip_pairs_values_and_last_statement_gives_none(shell, tmp_path):
     shell.run_cell_magic("queue", f"{url} --map a=[1, 2, 3] --map b=[10, 20, 30] --zip --name pairs", "a * b")
     job = shell.user_ns["_job"]
     assert job.total == 3 and job.name == "pairs"
-    TaskQueue(url).poll()
+    TaskQueue(url).poll(burst=True)
     assert job.results() == [10, 40, 90]
     shell.run_cell_magic("queue", f"{url} --map a=[1] --out j2", "x = a + 1")
-    TaskQueue(url).poll()
+    TaskQueue(url).poll(burst=True)
     assert shell.user_ns["j2"].results() == [None]
 
 
@@ -99,7 +99,7 @@ def test_line_magics(shell, tmp_path, capsys):
     url = f"fq://{tmp_path / 'lines'}"
     shell.run_cell_magic("queue", f"{url} --map i=range(3) --name trio", "1 / (i - 1)")
     job = shell.user_ns["_job"]
-    TaskQueue(url).poll(max_attempts=1)
+    TaskQueue(url).poll(max_attempts=1, burst=True)
     capsys.readouterr()
     shell.run_line_magic("queue", f"status {url}")
     out = capsys.readouterr().out

@@ -31,7 +31,7 @@ def test_text_view_shows_final_counts_and_the_latest_error():
     job = tq.insert((functools.partial(nb.half, i) for i in range(6)), progress=False)
     view = JobView(job)
     assert "0/6 done" in view.refresh_text()
-    tq.poll()
+    tq.poll(burst=True)
     text = view.refresh_text()
     assert "6/6 done · 1 dead · 0 running · 0 queued" in text
     assert "finished in" in text and "5 completed, 1 dead" in text
@@ -46,7 +46,7 @@ def test_widget_thread_stops_when_the_job_ends_and_text_plain_is_the_text_view()
     widget = view.widget
     view.start()
     assert progress_threads()
-    tq.poll()
+    tq.poll(burst=True)
     wait_for(lambda: not progress_threads(), timeout=5, what="the updater to stop")  # none leaked
     bundle = widget._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
@@ -80,7 +80,7 @@ def inc(i):
 
 tq = TaskQueue(sys.argv[1])
 job = tq.insert(functools.partial(inc, i) for i in range(40))
-tq.poll()
+tq.poll(burst=True)
 job.wait()
 """,
         f"fq://{tmp_path / 'q'}",

@@ -225,7 +225,7 @@ def test_worker_refuses_a_signed_spec_naming_code_that_is_not_queueable(steps):
         header = {"kind": "task", "q": tq.queue_id, "t": f"jx-{index}", "j": "jx", "c": 0}
         envelope = seal(tq.signer, header, payload)
         tq.backend.insert("jx", [(f"jx-{index}", envelope)])
-    stats = tq.poll(max_attempts=3)
+    stats = tq.poll(max_attempts=3, burst=True)
     assert stats.dead == 3 and stats.completed == 0
     errors = {d.task_id: d.error for d in tq.dead()}
     assert b"TaskRefused" in errors["jx-0"] and b"not an @queueable function" in errors["jx-0"]
@@ -262,5 +262,5 @@ def test_submit_and_map_by_reference_run_under_only_by_reference(steps, monkeypa
     tq = nbqueue.use("mem://by-reference-submit")
     handle = steps.scale.submit(4, factor=3)
     job = steps.scale.map(["a", "b"], progress=False)
-    assert tq.poll(only_by_reference=True).completed == 3
+    assert tq.poll(only_by_reference=True, burst=True).completed == 3
     assert handle.get(timeout=5) == 12 and job.results() == ["aa", "bb"]

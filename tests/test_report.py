@@ -45,7 +45,7 @@ def test_queue_status_has_counts_head_age_leases_and_workers(tq):
 def test_job_report_has_counts_timings_and_errors(tq):
     nb = notebook(NB)
     job = tq.insert((functools.partial(nb.check, i) for i in range(6)), name="six", progress=False)
-    tq.poll()
+    tq.poll(burst=True)
     report = job_report(tq, job.id)
     assert (report["name"], report["state"], report["total"], report["completed"], report["dead"]) == (
         "six",
@@ -80,9 +80,9 @@ def test_inspect_reads_a_task_without_loading_it(tmp_path, tq):
 def test_dead_letters_newest_first_of_one_job_and_their_lines(tq):
     nb = notebook(NB)
     first = tq.insert((functools.partial(nb.check, i) for i in range(3)), progress=False)
-    tq.poll()
+    tq.poll(burst=True)
     second = tq.insert((functools.partial(nb.check, i) for i in range(6)), progress=False)
-    tq.poll()
+    tq.poll(burst=True)
     rows = dead_letters(tq)
     assert [r["task_id"] for r in rows][:2] == [f"{second.id}-5", f"{second.id}-2"]
     assert [r["task_id"] for r in dead_letters(tq, first.id)] == [f"{first.id}-2"]

@@ -62,7 +62,7 @@ def insert_job(url: str, n: int = 6):
 
 async def test_queues_jobs_and_job_detail(jp_fetch, queue_url):
     job = insert_job(queue_url)
-    TaskQueue(queue_url).poll()
+    TaskQueue(queue_url).poll(burst=True)
     (queue,) = await get(jp_fetch, "queues")
     qid = queue_id(queue_url)
     assert queue["id"] == qid and queue["counts"]["completed"] == 5 and queue["counts"]["dead"] == 1
@@ -77,7 +77,7 @@ async def test_queues_jobs_and_job_detail(jp_fetch, queue_url):
 
 async def test_dead_letters_and_redrive(jp_fetch, queue_url):
     insert_job(queue_url)
-    TaskQueue(queue_url).poll()
+    TaskQueue(queue_url).poll(burst=True)
     qid = queue_id(queue_url)
     (letter,) = await get(jp_fetch, "queues", qid, "dead")
     assert letter["type"] == "Terminal" and "payload" not in letter

@@ -28,7 +28,7 @@ def _filled():
     nb = notebook(NB)
     src = TaskQueue(f"mem://src-{uuid.uuid4().hex}")
     done = src.insert((functools.partial(nb.check, i) for i in range(3)), name="done", progress=False)
-    src.poll()
+    src.poll(burst=True)
     waiting = src.insert(
         (functools.partial(nb.check, i) for i in range(2, 5)), name="waiting", progress=False
     )
@@ -43,7 +43,7 @@ def test_copy_keeps_jobs_results_dead_letters_and_queued_tasks(tmp_path):
     assert [j.name for j in dst.jobs()] == ["done", "waiting"]
     assert dst.job(done.id).results(on_error="none") == [0, None, 20]
     assert [d.task_id for d in dst.dead()] == [f"{done.id}-1"]
-    dst.poll()  # the copied tasks were signed again for the destination, so they run there
+    dst.poll(burst=True)  # the copied tasks were signed again for the destination, so they run there
     assert dst.job(waiting.id).wait(timeout=10, progress=False).results() == [20, 30, 40]
     assert src.status().queued == 3  # a copy leaves the source as it was
 
@@ -71,7 +71,7 @@ def test_leased_tasks_are_refused_unless_forced(tmp_path):
     assert dst.jobs() == []
     report = copy_queue(src, dst, force=True)
     assert report.queued + report.leased == 3
-    dst.poll()
+    dst.poll(burst=True)
     assert dst.job(waiting.id).wait(timeout=10, progress=False).results() == [20, 30, 40]
     with pytest.raises(TransferRefused, match="both the source and the destination"):
         copy_queue(dst, dst)

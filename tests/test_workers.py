@@ -208,7 +208,7 @@ def test_poll_runs_in_process_on_memory_queue(nb):
     job = tq.insert((functools.partial(nb.record, i, "/dev/null") for i in range(0)), progress=False)
     assert job.total == 0 and job.wait(timeout=1, progress=False).results() == []
     job = tq.insert([nb.refuse, functools.partial(nb.slow, 0, os.devnull)], progress=False)
-    stats = tq.poll(max_attempts=1)
+    stats = tq.poll(max_attempts=1, burst=True)
     assert stats.completed == 1 and stats.dead == 1
     values = job.results(on_error="exception")
     assert values[0].type == "Terminal" and values[1] == os.getpid()
@@ -326,7 +326,7 @@ def leave(i):
 """)
     tq = TaskQueue("mem://sys-exit")
     job = tq.insert([functools.partial(nb.leave, i) for i in range(5)], progress=False)
-    stats = tq.poll(max_attempts=1)
+    stats = tq.poll(max_attempts=1, burst=True)
     assert stats.completed == 3 and stats.dead == 2
     values = job.results(on_error="exception")
     assert [values[i] for i in (0, 3, 4)] == [0, 3, 4]
@@ -391,7 +391,7 @@ def test_a_forced_release_costs_no_attempt_and_causes_no_churn(backend_url, nb):
             job = tq.insert((functools.partial(nb.double, i) for i in range(1000)), progress=False)
             if released:
                 assert len(tq.backend.lease(1000, 60)) == 1000  # every task out on a lease
-                assert tq.release_all(force=True) == 1000
+                assert tq.release_all() == 1000
                 counts = tq.status()
                 assert (counts.queued, counts.leased) == (1000, 0)
             started = time.perf_counter()
