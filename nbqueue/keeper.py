@@ -136,8 +136,9 @@ class LeaseKeeper(LostLeases):
         if self._proc is None or self._proc.stdin is None:
             return
         try:
-            self._proc.stdin.write("".join(f"{line}\n" for line in lines))
-            self._proc.stdin.flush()
+            with self._lock:  # the worker's loop and its give-back thread both send
+                self._proc.stdin.write("".join(f"{line}\n" for line in lines))
+                self._proc.stdin.flush()
         except (BrokenPipeError, ValueError):
             pass  # the keeper is gone: leases then expire and are retried, as after a crash
 

@@ -12,6 +12,7 @@ what ``nbqueue status`` lists as the workers seen.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -188,12 +189,61 @@ class WorkerStats:
     elapsed: float = 0.0
 
 
+#: How often a worker checks whether its running task has outlasted its batch.
+_GIVE_BACK_CHECK_SECONDS = 0.1
+#: Jobs whose task durations a worker remembers (the most recently run).
+_ESTIMATES_KEPT = 256
+
+
+class _Batch:
+    """The leases of one batch not started yet, shared between the worker's loop, which starts
+    them one by one, and its give-back thread, which takes them back when the running task has
+    outlasted what the batch was sized for."""
+
+    def __init__(self, leases: list[Lease]) -> None:
+        self._lock = threading.Lock()
+        self._unstarted = collections.deque(leases)
+        self._running_since: float | None = None
+        self._budget = 0.0
+
+    def start_next(self, budget: Callable[[Lease], float]) -> Lease | None:
+        """The next lease to run (None: the batch is done, or was given back)."""
+        with self._lock:
+            if not self._unstarted:
+                return None
+            lease = self._unstarted.popleft()
+            self._running_since, self._budget = time.monotonic(), budget(lease)
+            return lease
+
+    def finished(self) -> None:
+        with self._lock:
+            self._running_since = None
+
+    def rest(self) -> list[Lease]:
+        """Every lease not started yet, taken out of the batch."""
+        with self._lock:
+            taken = list(self._unstarted)
+            self._unstarted.clear()
+            return taken
+
+    def overdue(self) -> list[Lease]:
+        """``rest()`` once the running task has run past its budget; else nothing."""
+        with self._lock:
+            running = self._running_since
+            if running is None or not self._unstarted or time.monotonic() - running <= self._budget:
+                return []
+        return self.rest()
+
+
 class Worker:
     """The lease loop of one process or thread.
 
-    Leases in batches sized to hold about ``LEASE_BATCH_TARGET_SECONDS`` of work, renews leases
-    from a thread, commits a batch's results together (at least every half second), retries
-    failures with backoff and sends terminal ones to the dead letters.
+    Leases in batches sized to hold about ``LEASE_BATCH_TARGET_SECONDS`` of work by each job's
+    measured task duration (slow start: a job not measured yet is leased one task at a time, so
+    slow tasks spread over every worker), gives a batch's unstarted tasks back while a task
+    outlasts what the batch was sized for, renews leases from a thread, commits a batch's results
+    together (at least every half second), retries failures with backoff and sends terminal ones
+    to the dead letters.
     """
 
     def __init__(
@@ -241,7 +291,11 @@ class Worker:
         self.stop_event = threading.Event()
         self.who = worker_id()
         self.started = time.time()
-        self._task_seconds = 0.05  # running estimate of one task's duration
+        # Slow start: a task's duration is estimated per job (seconds, a moving average), and a
+        # job with no estimate yet is leased one task at a time until its first task has run.
+        self._estimates: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._next_job: str | None = None  # the job the queue handed out last: likely next
+        self._batch: _Batch | None = None  # the batch running now (see _give_back_overdue)
         self._one_at_a_time = False  # after a batch with a suspect: lease singly (_isolate_suspects)
 
     # -- control --------------------------------------------------------------------------------
@@ -346,10 +400,24 @@ class Worker:
         return self._call(self.backend.get_function, digest, give_up_after=self.lease_seconds)
 
     # -- loop -----------------------------------------------------------------------------------
+    def _estimate(self, job_id: str | None) -> float | None:
+        return None if job_id is None else self._estimates.get(job_id)
+
+    def _measured(self, job_id: str, seconds: float) -> None:
+        estimates = self._estimates
+        known = estimates.get(job_id)
+        if known is not None:  # the common case, task after task of one job: no reordering
+            estimates[job_id] = 0.8 * known + 0.2 * seconds
+            return
+        estimates[job_id] = seconds  # new: the most recent, so the last to be forgotten
+        while len(estimates) > _ESTIMATES_KEPT:
+            estimates.popitem(last=False)
+
     def _batch_size(self) -> int:
-        if self._one_at_a_time:
+        estimate = self._estimate(self._next_job)
+        if self._one_at_a_time or estimate is None:
             return 1
-        want = int(defaults.LEASE_BATCH_TARGET_SECONDS / max(self._task_seconds, 1e-4))
+        want = int(defaults.LEASE_BATCH_TARGET_SECONDS / max(estimate, 1e-4))
         if self.max_tasks is not None:
             want = min(want, self.max_tasks - self._done())
         return max(1, min(self.batch_max, want))
@@ -376,6 +444,11 @@ class Worker:
         renewer = self._make_renewer()
         renewer.start()
         renewer.info(self._heartbeat_info())
+        finished = threading.Event()
+        giver = threading.Thread(
+            target=self._give_back_overdue, args=(renewer, finished), name="nbqueue-give-back", daemon=True
+        )
+        giver.start()
         idle_since = None
         sleep = defaults.IDLE_SLEEP_MIN
         block = self.backend.blocking_lease
@@ -412,6 +485,8 @@ class Worker:
                 self._run_batch(leases, renewer)
                 renewer.info(self._heartbeat_info())
         finally:
+            finished.set()
+            giver.join()
             renewer.stop()
             self.stats.elapsed = time.monotonic() - start
         return self.stats
@@ -435,19 +510,47 @@ class Worker:
         self._release([other for other in leases if other is not suspect], renewer)
         return [suspect]
 
+    def _fit_to_estimates(self, leases: list[Lease], renewer: LeaseRenewal) -> list[Lease]:
+        """Keep what fits the batch's target time by each job's estimate (always the first task;
+        a job not measured yet counts as too long), and give the rest back unstarted: a lease
+        sized for one job may bring tasks of another, slower or unknown one."""
+        self._next_job = job_of(leases[-1].task_id)
+        planned = 0.0
+        for i, lease in enumerate(leases):
+            estimate = self._estimate(job_of(lease.task_id))
+            planned += float("inf") if estimate is None else estimate
+            if i and planned > defaults.LEASE_BATCH_TARGET_SECONDS:
+                self._release(leases[i:], renewer)
+                return leases[:i]
+        return leases
+
+    def _give_back_overdue(self, renewer: LeaseRenewal, done: threading.Event) -> None:
+        """Thread: while a task runs longer than its batch was sized for, the batch's unstarted
+        tasks go back to the queue (uncharged) for idle workers, instead of waiting behind it."""
+        while not done.wait(_GIVE_BACK_CHECK_SECONDS):
+            batch = self._batch
+            overdue = batch.overdue() if batch is not None else []
+            if overdue:
+                log.info("gave back %d unstarted task(s): the running one outlasted its batch", len(overdue))
+                self._release(overdue, renewer)
+
     def _run_batch(self, leases: list[Lease], renewer: LeaseRenewal) -> None:
         pending: list[Outcome] = []
         first_pending = 0.0
-        leases = self._isolate_suspects(leases, renewer)
+        leases = self._isolate_suspects(self._fit_to_estimates(leases, renewer), renewer)
+        batch = self._batch = _Batch(leases)
         try:
-            for i, lease in enumerate(leases):
+            while True:
                 # Commit what is done before starting more work once it has waited half a second,
                 # so a slow task never holds back its batch-mates' results.
                 if pending and time.monotonic() - first_pending > 0.5:
                     self._commit(pending, renewer)
                     pending = []
                 if self.stop_event.is_set():
-                    self._release(leases[i:], renewer)
+                    self._release(batch.rest(), renewer)
+                    break
+                lease = batch.start_next(self._give_back_after)
+                if lease is None:
                     break
                 if lease.charged > self.max_attempts:
                     # Its charged attempts never reported back: each time it ran alone, its worker
@@ -461,8 +564,9 @@ class Worker:
                     self.stats.abandoned += 1
                     renewer.drop(lease.task_id)
                     continue
+                batch.finished()
                 self.last_task_seconds = time.monotonic() - t
-                self._task_seconds = 0.8 * self._task_seconds + 0.2 * self.last_task_seconds
+                self._measured(job_of(lease.task_id), self.last_task_seconds)
                 self.executed += 1
                 log.info(
                     "%s %s in %.3fs",
@@ -482,7 +586,14 @@ class Worker:
                 else:
                     self._report_failure(outcome, renewer)
         finally:
+            self._batch = None
             self._commit(pending, renewer)  # even when interrupted: finished work is kept
+
+    def _give_back_after(self, lease: Lease) -> float:
+        """Seconds ``lease``'s task may run before its batch-mates are given back: what the
+        batch was sized for, or twice the task's own estimate when that is longer."""
+        estimate = self._estimate(job_of(lease.task_id)) or 0.0
+        return max(defaults.LEASE_BATCH_TARGET_SECONDS, 2 * estimate)
 
     def _release(self, leases: list[Lease], renewer: LeaseRenewal) -> None:
         """Give unstarted leases back (their attempts do not count)."""
