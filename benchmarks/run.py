@@ -32,11 +32,17 @@ from nbqueue import TaskQueue  # noqa: E402
 from tests.helpers import notebook  # noqa: E402
 
 NOTEBOOK = """
+import asyncio
 from nbqueue import queueable
 import numpy as np
 
 @queueable
 def noop(i):
+    return i
+
+@queueable
+async def wait_for_io(i, seconds):
+    await asyncio.sleep(seconds)
     return i
 
 class NoopTasks:
@@ -122,8 +128,24 @@ def with_params(p, k):
 """
 SHIP_FUNCTIONS = ["cv_score", "f1", "synthetic", "importance", "ttest", "grouped", "with_params"]
 
-FULL = {"insert": 100_000, "drain": 20_000, "roundtrip": 50, "rss": 1_000_000, "closure": 10_000, "ship": 20}
-QUICK = {"insert": 2_000, "drain": 1_000, "roundtrip": 5, "rss": 20_000, "closure": 200, "ship": 2}
+FULL = {
+    "insert": 100_000,
+    "drain": 20_000,
+    "roundtrip": 50,
+    "rss": 1_000_000,
+    "closure": 10_000,
+    "ship": 20,
+    "async": 1_000,
+}
+QUICK = {
+    "insert": 2_000,
+    "drain": 1_000,
+    "roundtrip": 5,
+    "rss": 20_000,
+    "closure": 200,
+    "ship": 2,
+    "async": 100,
+}
 
 ROWS: list[dict] = []
 
@@ -425,6 +447,29 @@ def bench_ship(nb, sizes, redis_server) -> None:
     )
 
 
+def bench_async(nb, sizes, redis_server) -> None:
+    """``async def`` tasks of 0.1 s of awaiting, one worker process at --concurrency 100 (one at
+    a time they would take n / 10 seconds), worker start-up excluded."""
+    n = sizes["async"]
+    url = f"fq://{fresh_dir()}/q"
+    tq = TaskQueue(url)
+    pool = tq.spawn_workers(1, concurrency=100, idle_exit=None)
+    try:
+        tq.insert([functools.partial(nb.wait_for_io, -1, 0.0)], progress=False).wait(progress=False)
+        start = time.perf_counter()
+        job = tq.insert((functools.partial(nb.wait_for_io, i, 0.1) for i in range(n)), progress=False)
+        job.wait(progress=False)
+        seconds = time.perf_counter() - start
+    finally:
+        pool.stop()
+    report(
+        "async_fq_concurrency_100",
+        seconds,
+        "s",
+        note=f"{n} tasks awaiting 0.1 s; one at a time: {n / 10:g} s",
+    )
+
+
 FIGURES = {
     "ship": bench_ship,
     "insert": bench_insert,
@@ -432,6 +477,7 @@ FIGURES = {
     "roundtrip": bench_roundtrip,
     "rss": bench_rss,
     "closure": bench_closure,
+    "async": bench_async,
 }
 
 

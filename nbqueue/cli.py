@@ -60,6 +60,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         idle_exit=args.idle_exit,
         only_by_reference=args.only_by_reference,
         renewal=args.renew,
+        concurrency=args.concurrency,
     )
     if args.processes > 1:
         cmd = worker_command(insecure=args.insecure, **options)
@@ -338,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["process", "thread"],
         default="process",
         help="renew leases from a keeper process (default: safe with tasks that hold the GIL) or a thread",
+    )
+    w.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="async def tasks one worker process runs at once on its event loop (default 1)",
     )
     w.add_argument("-v", "--verbose", action="store_true", help="print a summary on exit")
 

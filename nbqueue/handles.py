@@ -7,12 +7,13 @@ Both use the process's default queue: the one set by ``nbqueue.use(URL)``, else 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar, overload
 
 from . import defaults
@@ -158,19 +159,35 @@ class TaskHandle:
             TimeoutError: ``timeout`` seconds passed first.
             KeyError: the queue does not know the task.
         """
+        for pause in self._waiting(timeout):
+            time.sleep(pause)
+        return self._value()
+
+    async def get_async(self, timeout: float | None = None) -> Any:
+        """``get()`` for ``await`` (IPython and Jupyter run top-level ``await``): the event loop
+        runs other work between polls. Raises as ``get`` does."""
+        for pause in self._waiting(timeout):
+            await asyncio.sleep(pause)
+        return self._value()
+
+    def _waiting(self, timeout: float | None) -> Iterator[float]:
+        """The polls of a wait for this task: yields how long to pause before the next one, and
+        ends once it finished."""
         start = time.monotonic()
         sleep = defaults.WAIT_POLL_MIN
-        blob = self._blob()
-        if blob is None and self.queue.backend.find_task(self.task_id) is None:
-            blob = self._blob()  # it may have finished in between
-            if blob is None:
+        if self._blob() is None and self.queue.backend.find_task(self.task_id) is None:
+            if self._blob() is None:  # it may have finished in between
                 raise KeyError(f"no task {self.task_id!r} in {self.queue.url}")
-        while blob is None:
+        while self._blob() is None:
             if timeout is not None and time.monotonic() - start >= timeout:
                 raise TimeoutError(f"task {self.task_id} not finished after {timeout:g}s")
-            time.sleep(sleep)
+            yield sleep
             sleep = min(sleep * 1.5, defaults.WAIT_POLL_MAX)
-            blob = self._blob()
+
+    def _value(self) -> Any:
+        """The finished task's value; raises TaskFailed if it failed for good."""
+        blob = self._blob()
+        assert blob is not None, "called once the task finished"
         record = self._open(blob)
         if not record.ok:
             raise TaskFailed(f"task {self.task_id} failed: {record.error}", [record.error])

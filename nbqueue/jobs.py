@@ -7,13 +7,14 @@ A job outlives the process that made it: ``TaskQueue.job(id)`` reattaches from a
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import defaults
@@ -244,49 +245,65 @@ class Job:
         """
         if progress and progress_mode() == "widget":
             return self._wait_with_widget(timeout, check)
-        start = time.monotonic()
         bar = JobBar(self.total, f"job {self.name}", enabled=progress)
+        try:
+            for pause in self._waiting(timeout, bar, check):
+                time.sleep(pause)
+        finally:
+            bar.close()
+        return self
+
+    async def wait_async(self, timeout: float | None = None, check: Callable[[], None] | None = None) -> Job:
+        """``wait()`` for ``await`` (IPython and Jupyter run top-level ``await``): the event loop
+        runs other work between polls. Draws no progress; the job's widget still updates."""
+        for pause in self._waiting(timeout, JobBar(self.total, f"job {self.name}", enabled=False), check):
+            await asyncio.sleep(pause)
+        return self
+
+    def _waiting(
+        self, timeout: float | None, bar: JobBar, check: Callable[[], None] | None
+    ) -> Iterator[float]:
+        """The polls of a wait: yields how long to pause before the next one, and ends when the
+        job finished (see ``wait`` for what it raises)."""
+        start = time.monotonic()
         sleep = defaults.WAIT_POLL_MIN
         last_finished, last_change = -1, start
         last_identity_check, outage_since = start, None
-        try:
-            while True:
-                try:
-                    total = self.total
-                    counts = self.counts()
-                    if time.monotonic() - last_identity_check > defaults.WAIT_IDENTITY_CHECK_SECONDS:
-                        self.check_queue()
-                        last_identity_check = time.monotonic()
-                    outage_since = None
-                except BackendUnavailable:
-                    outage_since = outage_since or time.monotonic()
-                    if time.monotonic() - outage_since > defaults.WAIT_OUTAGE_SECONDS:
-                        raise
-                    if timeout is not None and time.monotonic() - start > timeout:
-                        raise
-                    time.sleep(defaults.WAIT_POLL_MAX)
-                    continue
-                bar.show(counts, total)
-                if check is not None:
-                    check()
-                if counts.finished != last_finished:
-                    last_finished, last_change = counts.finished, time.monotonic()
-                    sleep = defaults.WAIT_POLL_MIN
-                if total is not None and (
-                    counts.finished >= total or time.monotonic() - last_change > _STALL_CHECK_SECONDS
-                ):
-                    # Counters can lag a killed process: the records themselves decide.
-                    if self.queue.backend.exact_job_finished(self.id) >= total:
-                        return self
-                    last_change = time.monotonic()
+        while True:
+            try:
+                total = self.total
+                counts = self.counts()
+                if time.monotonic() - last_identity_check > defaults.WAIT_IDENTITY_CHECK_SECONDS:
+                    self.check_queue()
+                    last_identity_check = time.monotonic()
+                outage_since = None
+            except BackendUnavailable:
+                outage_since = outage_since or time.monotonic()
+                if time.monotonic() - outage_since > defaults.WAIT_OUTAGE_SECONDS:
+                    raise
                 if timeout is not None and time.monotonic() - start > timeout:
-                    raise TimeoutError(
-                        f"job {self.name} not finished after {timeout:g}s: {describe(counts, total)}"
-                    )
-                time.sleep(sleep)
-                sleep = min(sleep * 1.5, defaults.WAIT_POLL_MAX)
-        finally:
-            bar.close()
+                    raise
+                yield defaults.WAIT_POLL_MAX
+                continue
+            bar.show(counts, total)
+            if check is not None:
+                check()
+            if counts.finished != last_finished:
+                last_finished, last_change = counts.finished, time.monotonic()
+                sleep = defaults.WAIT_POLL_MIN
+            if total is not None and (
+                counts.finished >= total or time.monotonic() - last_change > _STALL_CHECK_SECONDS
+            ):
+                # Counters can lag a killed process: the records themselves decide.
+                if self.queue.backend.exact_job_finished(self.id) >= total:
+                    return
+                last_change = time.monotonic()
+            if timeout is not None and time.monotonic() - start > timeout:
+                raise TimeoutError(
+                    f"job {self.name} not finished after {timeout:g}s: {describe(counts, total)}"
+                )
+            yield sleep
+            sleep = min(sleep * 1.5, defaults.WAIT_POLL_MAX)
 
     def _wait_with_widget(self, timeout: float | None, check: Callable[[], None] | None) -> Job:
         """Wait while redrawing the widget from this (the cell's) thread; end on the final state."""

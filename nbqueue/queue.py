@@ -162,6 +162,7 @@ class TaskQueue(QueueConnection):
         max_tasks: int | None = None,
         stop_event: threading.Event | None = None,
         only_by_reference: bool = False,
+        concurrency: int = 1,
     ) -> WorkerStats:
         """Run tasks in this process, as a worker does, until told to stop; returns what it did.
 
@@ -179,6 +180,7 @@ class TaskQueue(QueueConnection):
                 main thread, a first Ctrl-C does that too; a second interrupts the task.
             only_by_reference: refuse every task that ships pickled code, unread (it goes to
                 the dead letters); only tasks by reference run.
+            concurrency: ``async def`` tasks run at once on this worker's event loop.
         """
         del tally  # every completion is counted: there is nothing to switch on
         worker = Worker(
@@ -188,6 +190,7 @@ class TaskQueue(QueueConnection):
             burst=burst,
             max_tasks=max_tasks,
             only_by_reference=only_by_reference,
+            concurrency=concurrency,
         )
         if stop_fn is not None:
             worker.stop_when = _stop_asker(stop_fn, worker)
@@ -205,12 +208,14 @@ class TaskQueue(QueueConnection):
         burst: bool = False,
         idle_exit: float | None = 300.0,
         only_by_reference: bool = False,
+        concurrency: int = 1,
     ) -> WorkerProcesses:
         """Start ``n`` worker processes on this queue (fresh interpreters, not forks of the kernel).
 
         They keep running if the kernel restarts; they exit after ``idle_exit`` idle seconds, when
         the queue is empty with ``burst``, or on ``.stop()``. With ``only_by_reference`` they
-        refuse every task that ships pickled code.
+        refuse every task that ships pickled code. Each runs up to ``concurrency`` ``async def``
+        tasks at once on its event loop.
         """
         if self.url.startswith("mem://"):
             raise QueueURLError("mem:// lives in this process only: use poll(), LocalTaskQueue, or fq://")
@@ -221,6 +226,7 @@ class TaskQueue(QueueConnection):
             idle_exit=idle_exit,
             insecure=self.insecure,
             only_by_reference=only_by_reference,
+            concurrency=concurrency,
         )
         return WorkerProcesses(cmd, n, restart=False, env=worker_env(self.worker_url))
 

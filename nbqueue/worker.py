@@ -12,8 +12,10 @@ what ``nbqueue status`` lists as the workers seen.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -36,7 +38,7 @@ from .keeper import available as keeper_available
 from .procs import spawn_pool, worker_id
 from .records import error_info, seal_record
 from .serialize import Signer, get_serializer
-from .tasks import FunctionTask, TaskCodec, TaskContext, running_as, set_queue_id
+from .tasks import FunctionTask, TaskCall, TaskCodec, TaskContext, running_as, set_queue_id
 
 if TYPE_CHECKING:
     from .connection import QueueConnection
@@ -71,8 +73,27 @@ class Outcome:
 _interrupting = threading.Event()
 
 
-def execute(codec: TaskCodec, lease: Lease, fetch_function, max_attempts: int, who: str) -> Outcome:
-    """Decode and run one leased task; never raises for the task's own errors.
+@dataclass
+class Loaded:
+    """A leased task decoded and ready to run, with when its attempt started."""
+
+    lease: Lease
+    call: TaskCall
+    started: float
+
+    @property
+    def is_coroutine(self) -> bool:
+        """True for an ``async def`` task: running it gives a coroutine to await."""
+        fn = self.call.fn if self.call.fn is not None else getattr(self.call.obj, "execute", None)
+        return inspect.iscoroutinefunction(fn)
+
+    def context(self, who: str) -> TaskContext:
+        lease = self.lease
+        return TaskContext(lease.task_id, job_of(lease.task_id), lease.attempt, lease.token, who)
+
+
+def load(codec: TaskCodec, lease: Lease, fetch_function, max_attempts: int, who: str) -> Loaded | Outcome:
+    """Decode one leased task: ready to run, or the failure of a task that cannot be loaded.
 
     Raises _GaveUp (or BackendUnavailable, from a ``fetch_function`` that does not retry) when the
     storage failed while loading the task: that is the storage's fault, not the task's, and the
@@ -80,20 +101,63 @@ def execute(codec: TaskCodec, lease: Lease, fetch_function, max_attempts: int, w
     """
     started = time.time()
     try:
-        call = codec.decode(lease.task_id, lease.payload, fetch_function)
+        return Loaded(lease, codec.decode(lease.task_id, lease.payload, fetch_function), started)
     except (BackendUnavailable, _GaveUp):
         raise
     except Exception as exc:
         return _failed(codec, lease, exc, max_attempts, who, started)
+
+
+def run_loaded(
+    codec: TaskCodec,
+    task: Loaded,
+    max_attempts: int,
+    who: str,
+    run_coroutine: Callable[[Any], Any] = asyncio.run,
+) -> Outcome:
+    """Run a loaded task here and now (a coroutine task through ``run_coroutine``); never raises
+    for the task's own errors."""
     try:
-        with running_as(TaskContext(lease.task_id, job_of(lease.task_id), lease.attempt, lease.token, who)):
-            value = call.run()
+        with running_as(task.context(who)):
+            value = task.call.run()
+            if inspect.iscoroutine(value):
+                value = run_coroutine(value)
     except BaseException as exc:
-        # sys.exit(), KeyboardInterrupt or any error inside a task fails the task, not the worker.
-        if isinstance(exc, KeyboardInterrupt) and _interrupting.is_set():
-            raise
-        return _failed(codec, lease, exc, max_attempts, who, started)
-    return Outcome(lease, _sealed(codec, lease, who, started, value=value), True)
+        return _raised(codec, task, exc, max_attempts, who)
+    return Outcome(task.lease, _sealed(codec, task.lease, who, task.started, value=value), True)
+
+
+async def run_loaded_async(codec: TaskCodec, task: Loaded, max_attempts: int, who: str) -> Outcome:
+    """Await a loaded coroutine task on the running event loop; never raises for its errors."""
+    try:
+        with running_as(task.context(who)):  # in this asyncio task's own context
+            value = await task.call.run()
+    except BaseException as exc:
+        return _raised(codec, task, exc, max_attempts, who)
+    return Outcome(task.lease, _sealed(codec, task.lease, who, task.started, value=value), True)
+
+
+def _raised(codec: TaskCodec, task: Loaded, exc: BaseException, max_attempts: int, who: str) -> Outcome:
+    """The outcome of a task that raised: sys.exit(), KeyboardInterrupt or any error inside a task
+    fails the task, not the worker (but for the worker's own second Ctrl-C)."""
+    if isinstance(exc, KeyboardInterrupt) and _interrupting.is_set():
+        raise exc
+    return _failed(codec, task.lease, exc, max_attempts, who, task.started)
+
+
+def execute(
+    codec: TaskCodec,
+    lease: Lease,
+    fetch_function,
+    max_attempts: int,
+    who: str,
+    run_coroutine: Callable[[Any], Any] = asyncio.run,
+) -> Outcome:
+    """Decode and run one leased task; never raises for the task's own errors (see ``load``)."""
+    task = load(codec, lease, fetch_function, max_attempts, who)
+    if isinstance(task, Outcome):
+        return task
+    return run_loaded(codec, task, max_attempts, who, run_coroutine)
 
 
 def _sealed(codec: TaskCodec, lease: Lease, who: str, started: float, **outcome: Any) -> bytes:
@@ -259,7 +323,10 @@ class Worker:
         only_by_reference: bool = False,
         renewal: str = "thread",
         stop_when: Callable[[], bool] | None = None,
+        concurrency: int = 1,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         self.queue = queue
         self.backend = queue.backend
         self.codec = TaskCodec(
@@ -280,7 +347,11 @@ class Worker:
         self.burst = burst
         self.max_tasks = max_tasks
         self.idle_exit = idle_exit
-        self.batch_max = max(1, batch_max)
+        #: ``async def`` tasks a batch runs at once on this worker's event loop; with more than
+        #: one, a batch holds up to that many tasks even past ``batch_max``.
+        self.concurrency = concurrency
+        self.batch_max = max(1, batch_max, concurrency)
+        self._loop: asyncio.AbstractEventLoop | None = None  # made at the first coroutine task
         self.stats = WorkerStats()
         #: Asked after every task run and every lease that found nothing: True stops the worker
         #: as ``stop()`` does (python-task-queue's ``stop_fn``).
@@ -487,6 +558,9 @@ class Worker:
         finally:
             finished.set()
             giver.join()
+            if self._loop is not None:
+                self._loop.close()
+                self._loop = None
             renewer.stop()
             self.stats.elapsed = time.monotonic() - start
         return self.stats
@@ -534,7 +608,17 @@ class Worker:
                 log.info("gave back %d unstarted task(s): the running one outlasted its batch", len(overdue))
                 self._release(overdue, renewer)
 
+    def _await(self, coroutine: Any) -> Any:
+        """Run a coroutine task to its end on this worker's event loop (kept from task to task,
+        so what a task caches on the loop, a client session say, lives on)."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(coroutine)
+
     def _run_batch(self, leases: list[Lease], renewer: LeaseRenewal) -> None:
+        if self.concurrency > 1:
+            self._run_batch_concurrently(leases, renewer)
+            return
         pending: list[Outcome] = []
         first_pending = 0.0
         leases = self._isolate_suspects(self._fit_to_estimates(leases, renewer), renewer)
@@ -559,21 +643,15 @@ class Worker:
                     continue
                 t = time.monotonic()
                 try:
-                    outcome = execute(self.codec, lease, self._fetch_function, self.max_attempts, self.who)
+                    outcome = execute(
+                        self.codec, lease, self._fetch_function, self.max_attempts, self.who, self._await
+                    )
                 except _GaveUp:  # could not even load the task: its lease expires and it runs again
                     self.stats.abandoned += 1
                     renewer.drop(lease.task_id)
                     continue
                 batch.finished()
-                self.last_task_seconds = time.monotonic() - t
-                self._measured(job_of(lease.task_id), self.last_task_seconds)
-                self.executed += 1
-                log.info(
-                    "%s %s in %.3fs",
-                    "ran" if outcome.ok else "failed",
-                    lease.task_id,
-                    self.last_task_seconds,
-                )
+                self._ran(lease, time.monotonic() - t, outcome.ok)
                 self._asked_to_stop()  # the rest of the batch goes back at the top of the loop
                 if renewer.has_lost(lease):  # another worker has it now: our result is void
                     self.stats.abandoned += 1
@@ -588,6 +666,76 @@ class Worker:
         finally:
             self._batch = None
             self._commit(pending, renewer)  # even when interrupted: finished work is kept
+
+    def _run_batch_concurrently(self, leases: list[Lease], renewer: LeaseRenewal) -> None:
+        """A batch on a worker with ``concurrency`` > 1: its ``async def`` tasks run side by side
+        on the event loop, up to ``concurrency`` at once; its other tasks run one by one first,
+        outside the loop (a task may run its own event loop)."""
+        leases = self._isolate_suspects(self._fit_to_estimates(leases, renewer), renewer)
+        outcomes: list[Outcome] = []
+        coroutines: list[Loaded] = []
+        for lease in leases:
+            if self.stop_event.is_set():
+                self._release([lease], renewer)
+                continue
+            if lease.charged > self.max_attempts:
+                outcomes.append(self._crashed(lease))
+                continue
+            t = time.monotonic()
+            try:
+                task = load(self.codec, lease, self._fetch_function, self.max_attempts, self.who)
+            except _GaveUp:  # could not even load the task: its lease expires and it runs again
+                self.stats.abandoned += 1
+                renewer.drop(lease.task_id)
+                continue
+            if isinstance(task, Loaded) and task.is_coroutine:
+                coroutines.append(task)
+                continue
+            if isinstance(task, Loaded):
+                task = run_loaded(self.codec, task, self.max_attempts, self.who, self._await)
+            self._ran(lease, time.monotonic() - t, task.ok)
+            outcomes.append(task)
+        if coroutines:
+            t = time.monotonic()
+            awaited = self._await(self._gather(coroutines))
+            # Side by side, each costs the batch its share of the time: that sizes the next one.
+            share = (time.monotonic() - t) / len(coroutines)
+            for outcome in awaited:
+                self._ran(outcome.lease, share, outcome.ok)
+            outcomes += awaited
+        self._settle(outcomes, renewer)
+
+    async def _gather(self, tasks: list[Loaded]) -> list[Outcome]:
+        slots = asyncio.Semaphore(self.concurrency)
+
+        async def one(task: Loaded) -> Outcome:
+            async with slots:
+                return await run_loaded_async(self.codec, task, self.max_attempts, self.who)
+
+        return list(await asyncio.gather(*(one(task) for task in tasks)))
+
+    def _ran(self, lease: Lease, seconds: float, ok: bool) -> None:
+        """Count one task run and learn its job's task time from it."""
+        self.last_task_seconds = seconds
+        self._measured(job_of(lease.task_id), seconds)
+        self.executed += 1
+        log.info("%s %s in %.3fs", "ran" if ok else "failed", lease.task_id, seconds)
+
+    def _settle(self, outcomes: list[Outcome], renewer: LeaseRenewal) -> None:
+        """Commit the successes together and report each failure; a result whose lease was lost
+        meanwhile is void (another worker has the task)."""
+        pending = []
+        for outcome in outcomes:
+            lease = outcome.lease
+            if renewer.has_lost(lease):
+                self.stats.abandoned += 1
+                renewer.drop(lease.task_id)
+            elif outcome.ok:
+                pending.append(outcome)
+            else:
+                self._report_failure(outcome, renewer)
+        self._commit(pending, renewer)
+        self._asked_to_stop()
 
     def _give_back_after(self, lease: Lease) -> float:
         """Seconds ``lease``'s task may run before its batch-mates are given back: what the
@@ -729,6 +877,7 @@ def worker_command(
     insecure: bool = False,
     only_by_reference: bool = False,
     renewal: str | None = None,
+    concurrency: int = 1,
 ) -> list[str]:
     """The command line of one worker process (the queue URL travels in its environment)."""
     # No URL here: it may hold a password, and argv is visible to every user (ps). Children get
@@ -750,6 +899,8 @@ def worker_command(
         cmd.append("--only-by-reference")
     if renewal is not None:
         cmd += ["--renew", renewal]
+    if concurrency != 1:
+        cmd += ["--concurrency", str(concurrency)]
     return cmd
 
 
