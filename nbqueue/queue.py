@@ -322,8 +322,8 @@ class TaskQueue(QueueConnection):
         for task_id, item in _task_items(tasks):
             held = self._held.get(task_id)
             if held is not None and (item is task_id or item is held.task):
+                done += complete_by_hand(self, self._codec(), held)  # may raise: still held then
                 del self._held[task_id]
-                done += complete_by_hand(self, self._codec(), held)
                 continue
             if held is not None:
                 continue  # an older lease of it, since leased again: void, as a late result is

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .backends.base import DeadLetter
-from .errors import BadSignature, DecodeError
+from .errors import BadSignature, DecodeError, SerializationError
 from .ids import job_of
 from .serialize import Serializer, Signer, open_envelope, seal
 
@@ -68,14 +68,20 @@ def seal_record(
     finished: float | None,
     worker: str,
 ) -> bytes:
-    """A signed record of a success (``value``) or a failure (``error`` from ``error_info``)."""
+    """A signed record of a success (``value``) or a failure (``error`` from ``error_info``).
+
+    Raises:
+        SerializationError: ``value`` cannot be serialized (nothing is recorded: a worker fails
+            the attempt, so the task is never "completed" without a value).
+    """
     payload = b""
     if error is None:
         try:
             payload = serializer.dumps(value)
-        except Exception as exc:  # the task worked but its value cannot travel: record why
-            error = error_info(exc)
-            error["message"] = f"the task's return value cannot be serialized: {error['message']}"
+        except Exception as exc:
+            raise SerializationError(
+                f"the task's return value cannot be serialized: {type(exc).__name__}: {exc}"
+            ) from exc
     header = {
         "kind": "result",
         "t": task_id,

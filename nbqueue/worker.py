@@ -31,7 +31,15 @@ from typing import TYPE_CHECKING, Any
 
 from . import defaults
 from .backends.base import Lease, TaskStatus
-from .errors import BackendUnavailable, BadSignature, DecodeError, StorageFull, TaskRefused, Terminal
+from .errors import (
+    BackendUnavailable,
+    BadSignature,
+    DecodeError,
+    SerializationError,
+    StorageFull,
+    TaskRefused,
+    Terminal,
+)
 from .ids import job_of
 from .keeper import LeaseKeeper, LostLeases, renew_round
 from .keeper import available as keeper_available
@@ -124,7 +132,7 @@ def run_loaded(
                 value = run_coroutine(value)
     except BaseException as exc:
         return _raised(codec, task, exc, max_attempts, who)
-    return Outcome(task.lease, _sealed(codec, task.lease, who, task.started, value=value), True)
+    return _succeeded(codec, task, value, max_attempts, who)
 
 
 async def run_loaded_async(codec: TaskCodec, task: Loaded, max_attempts: int, who: str) -> Outcome:
@@ -134,7 +142,16 @@ async def run_loaded_async(codec: TaskCodec, task: Loaded, max_attempts: int, wh
             value = await task.call.run()
     except BaseException as exc:
         return _raised(codec, task, exc, max_attempts, who)
-    return Outcome(task.lease, _sealed(codec, task.lease, who, task.started, value=value), True)
+    return _succeeded(codec, task, value, max_attempts, who)
+
+
+def _succeeded(codec: TaskCodec, task: Loaded, value: Any, max_attempts: int, who: str) -> Outcome:
+    """The outcome of a task that returned ``value``: a failed attempt when the value cannot be
+    serialized (a task never counts as completed without a value to read back)."""
+    try:
+        return Outcome(task.lease, _sealed(codec, task.lease, who, task.started, value=value), True)
+    except SerializationError as exc:
+        return _failed(codec, task.lease, exc, max_attempts, who, task.started)
 
 
 def _raised(codec: TaskCodec, task: Loaded, exc: BaseException, max_attempts: int, who: str) -> Outcome:
@@ -855,7 +872,11 @@ def lease_by_hand(
 
 def complete_by_hand(queue: QueueConnection, codec: TaskCodec, held: HeldTask) -> bool:
     """Commit a task leased by hand as completed, with the value its ``execute()`` returned if
-    it ran as a FunctionTask (else None). False when the lease was no longer ours."""
+    it ran as a FunctionTask (else None). False when the lease was no longer ours.
+
+    Raises:
+        SerializationError: the value cannot be serialized; nothing was committed.
+    """
     value = held.task.value if isinstance(held.task, FunctionTask) else None
     record = _sealed(codec, held.lease, worker_id(), held.started, value=value)
     return queue.backend.complete([(held.lease.task_id, held.lease.token, record)])[0]

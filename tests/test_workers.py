@@ -53,6 +53,12 @@ def touch(obj):
     return "ran"
 
 @queueable
+def fitted_with_lock(i):
+    import threading
+    # A model object that holds a lock, as some clients do: it cannot travel back.
+    return {"score": i, "lock": threading.Lock()} if i else {"score": i}
+
+@queueable
 def whoami():
     from nbqueue import current_task
     return current_task()
@@ -129,6 +135,25 @@ def test_failing_task_retries_then_dead_letters_then_redrives(worker_url, nb, tm
     assert wait_all(start_workers(worker_url, 1, "--burst"), timeout=60) == [0]
     assert job.wait(timeout=30, progress=False).results() == ["fixed"]
     assert tq.dead() == [] and tq.status().dead == 0
+
+
+@pytest.mark.slow
+def test_a_value_that_cannot_travel_back_is_a_failed_attempt_never_completed(worker_url, nb):
+    """At the defaults: retried, then dead with the reason; counts, results() and errors()
+    agree, and the job's other task is unaffected."""
+    tq = TaskQueue(worker_url)
+    job = tq.insert((functools.partial(nb.fitted_with_lock, i) for i in range(2)), progress=False)
+    assert wait_all(start_workers(worker_url, 1, "--burst"), timeout=60) == [0]
+    job.wait(timeout=30, progress=False)
+    counts = job.counts()
+    assert (counts.completed, counts.dead, counts.failed) == (1, 1, 3)
+    assert job.results(on_error="none") == [{"score": 0}, None]
+    with pytest.raises(TaskFailed):
+        job.results()
+    (error,) = job.errors()
+    assert error.type == "SerializationError" and error.attempts == 3
+    assert "return value cannot be serialized" in error.message and "lock" in error.message
+    assert [letter.task_id for letter in tq.dead()] == [f"{job.id}-1"]
 
 
 def test_terminal_errors_skip_retries(worker_url, nb):
