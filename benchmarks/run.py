@@ -266,13 +266,21 @@ def raw_lpush_rate(redis_server, url: str, n: int) -> float:
     return len(payloads) / seconds
 
 
-def drain_with_processes(nb, url: str, n: int, workers: int) -> float:
+def drain_with_processes(nb, url: str, n: int, workers: int, jobs: int = 1) -> float:
+    """Tasks/s of ``workers`` processes draining ``n`` trivial tasks in ``jobs`` jobs (which the
+    workers serve in turn)."""
     tq = TaskQueue(url)
-    job = tq.insert((functools.partial(nb.noop, i) for i in range(n)), total=n, progress=False)
+    each = n // jobs
+    inserted = [
+        tq.insert((functools.partial(nb.noop, i) for i in range(each)), total=each, progress=False)
+        for _ in range(jobs)
+    ]
     start = time.perf_counter()
     pool = tq.spawn_workers(workers, burst=True, idle_exit=None)  # the URL travels out of sight of ps
-    job.wait(progress=False)
+    for job in inserted:
+        job.wait(progress=False)
     seconds = time.perf_counter() - start
+    n = each * jobs
     pool.wait()
     return n / seconds
 
@@ -291,6 +299,12 @@ def bench_drain(nb, sizes, redis_server) -> None:
             "tasks/s",
             note="includes worker start-up",
         )
+    report(
+        "drain_fq_100_jobs_2_workers",
+        drain_with_processes(nb, f"fq://{fresh_dir()}/q", n, 2, jobs=100),
+        "tasks/s",
+        note="the same tasks in 100 jobs, served in turn",
+    )
     if redis_server is not None:
         for workers in (1, 2):
             url = redis_server.url(f"bench{time.time_ns()}")
@@ -300,6 +314,12 @@ def bench_drain(nb, sizes, redis_server) -> None:
                 "tasks/s",
                 note="includes worker start-up",
             )
+        report(
+            "drain_redis_100_jobs_2_workers",
+            drain_with_processes(nb, redis_server.url(f"bench{time.time_ns()}"), n, 2, jobs=100),
+            "tasks/s",
+            note="the same tasks in 100 jobs, served in turn",
+        )
 
 
 def bench_roundtrip(nb, sizes, redis_server) -> None:

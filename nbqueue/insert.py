@@ -48,17 +48,18 @@ def sliceable(tasks: Any) -> bool:
 class _Writer:
     """Writes encoded batches (and a job's new function blobs before its first task)."""
 
-    def __init__(self, backend, job_id: str, delay: float = 0.0) -> None:
+    def __init__(self, backend, job_id: str, delay: float = 0.0, priority: int = 0) -> None:
         self.backend = backend
         self.job_id = job_id
         self.delay = delay
+        self.priority = priority
         self.written = 0
         self._lock = threading.Lock()
 
     def write(self, functions: list[tuple[str, bytes]], batch: list[tuple[str, bytes]]) -> None:
         for digest, blob in functions:
             self.backend.put_function(digest, blob)
-        self.backend.insert(self.job_id, batch, delay=self.delay)
+        self.backend.insert(self.job_id, batch, delay=self.delay, priority=self.priority)
         with self._lock:
             self.written += len(batch)
 
@@ -72,8 +73,10 @@ class _Writer:
 class _PipelinedWriter(_Writer):
     """Writes from background threads (or greenlets) through a bounded queue of batches."""
 
-    def __init__(self, backend, job_id: str, writers: int, green: bool = False, delay: float = 0.0) -> None:
-        super().__init__(backend, job_id, delay)
+    def __init__(
+        self, backend, job_id: str, writers: int, green: bool = False, delay: float = 0.0, priority: int = 0
+    ) -> None:
+        super().__init__(backend, job_id, delay, priority)
         self._queue: queue_module.Queue = queue_module.Queue(maxsize=writers)
         self._error: BaseException | None = None
         if green:
@@ -194,11 +197,12 @@ def _insert_slice(
     blob: bytes,
     batch_size: int,
     delay: float,
+    priority: int,
 ) -> int:
     """Child process: load one slice (``size`` tasks from ``offset``) and upload it. Returns how
     many tasks it queued."""
     queue = QueueConnection.reopen(reopen)
-    writer = _Writer(queue.backend, job_id, delay)
+    writer = _Writer(queue.backend, job_id, delay, priority)
     try:
         tasks = _exactly(queue.serializer.loads(blob), offset, offset + size)
         upload(queue, job_id, tasks, offset, batch_size, writer, queue_id)
@@ -217,6 +221,7 @@ def _insert_sliced(
     bar: Any,
     before_first_batch: Callable[[], None],
     delay: float,
+    priority: int,
 ) -> int:
     """Cut ``tasks`` into ``parallel`` slices uploaded by as many spawned processes.
 
@@ -236,7 +241,16 @@ def _insert_sliced(
     with spawn_pool(parallel) as pool:
         futures = [
             pool.submit(
-                _insert_slice, queue.reopen_args(), queue_id, job_id, lo, hi - lo, blob, batch_size, delay
+                _insert_slice,
+                queue.reopen_args(),
+                queue_id,
+                job_id,
+                lo,
+                hi - lo,
+                blob,
+                batch_size,
+                delay,
+                priority,
             )
             for lo, hi, blob in slices
         ]
@@ -263,6 +277,7 @@ def insert_tasks(
     green: bool = False,
     explain: bool = False,
     delay: float = 0.0,
+    priority: int = 0,
 ) -> Job:
     """Insert every task of ``tasks`` as one job; see ``TaskQueue.insert``."""
 
@@ -276,6 +291,8 @@ def insert_tasks(
         total = len(tasks)  # type: ignore[arg-type]
     job_id = new_job_id()
     meta = new_job_record(job_id, name, source)
+    if priority:
+        meta["priority"] = priority
     # Read once: the tasks are signed for it and the job checks it, so the two always agree.
     queue_id = queue.queue_id
     job = Job(queue, job_id, meta, queue_id=queue_id)
@@ -285,13 +302,15 @@ def insert_tasks(
     # python-task-queue's do.
     sliced = parallel > 1 and sliceable(tasks) and not queue.url.startswith("mem://")
     if sliced:
-        writer = _Writer(queue.backend, job_id, delay)
+        writer = _Writer(queue.backend, job_id, delay, priority)
     elif green:
-        writer = _PipelinedWriter(queue.backend, job_id, max(parallel, 8), green=True, delay=delay)
+        writer = _PipelinedWriter(
+            queue.backend, job_id, max(parallel, 8), green=True, delay=delay, priority=priority
+        )
     elif parallel > 1:
-        writer = _PipelinedWriter(queue.backend, job_id, parallel, delay=delay)
+        writer = _PipelinedWriter(queue.backend, job_id, parallel, delay=delay, priority=priority)
     else:
-        writer = _Writer(queue.backend, job_id, delay)
+        writer = _Writer(queue.backend, job_id, delay, priority)
     started = False
 
     def before_first_batch() -> None:
@@ -304,7 +323,16 @@ def insert_tasks(
     try:
         if sliced:
             queued = _insert_sliced(
-                queue, queue_id, job_id, tasks, parallel, batch_size, bar, before_first_batch, delay
+                queue,
+                queue_id,
+                job_id,
+                tasks,
+                parallel,
+                batch_size,
+                bar,
+                before_first_batch,
+                delay,
+                priority,
             )
         else:
             upload(

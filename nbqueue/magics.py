@@ -186,6 +186,7 @@ class QueueMagics(Magics):
     @argument("--map", action="append", default=[], metavar="NAME=EXPR", help="a parameter and its values")
     @argument("--zip", action="store_true", help="pair the --map values instead of crossing them")
     @argument("--name", default=None, help="the job's name")
+    @argument("--priority", type=int, default=0, help="workers serve higher-priority jobs first (default 0)")
     @argument("--wait", action="store_true", help="block until done and bind the results to --out")
     @argument("--workers", type=int, default=0, help="start N local workers that stop when the queue drains")
     @argument("--out", default=None, help="variable for the Job (or the results, with --wait)")
@@ -231,6 +232,7 @@ class QueueMagics(Magics):
             total=len(grid),
             name=args.name or f"cell {count}",
             source=cell,
+            priority=args.priority,
         )
         ns["_job"] = job
         pool = None

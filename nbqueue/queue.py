@@ -81,6 +81,7 @@ class TaskQueue(QueueConnection):
         green: bool | None = None,
         explain: bool = False,
         delay_seconds: float = 0.0,
+        priority: int = 0,
     ) -> Job:
         """Queue every task of ``tasks`` as one job and return the Job.
 
@@ -109,6 +110,8 @@ class TaskQueue(QueueConnection):
                 what by reference (see ``nbqueue.explain``).
             delay_seconds: the tasks are queued now and become ready this many seconds later
                 (the storage's clock decides: the server's, on redis://).
+            priority: workers serve jobs of a higher priority first; jobs of one priority take
+                turns, so a small job inserted behind a big one starts at once (default 0).
         """
         if isinstance(tasks, TaskQueue):
             if tasks.url == self.url:
@@ -133,6 +136,7 @@ class TaskQueue(QueueConnection):
             green=self.green if green is None else green,
             explain=explain,
             delay=delay_seconds,
+            priority=int(priority),
         )
 
     def insert_all(self, tasks: Any, **options: Any) -> Job:

@@ -320,9 +320,10 @@ class Worker:
     """The lease loop of one process or thread.
 
     Leases in batches sized to hold about ``LEASE_BATCH_TARGET_SECONDS`` of work by each job's
-    measured task duration (slow start: a job not measured yet is leased one task at a time, so
-    slow tasks spread over every worker), gives a batch's unstarted tasks back while a task
-    outlasts what the batch was sized for, renews leases from a thread, commits a batch's results
+    measured task duration (slow start: the first lease takes one task, and a batch grows only
+    once the job served last is measured quick, so slow tasks spread over every worker), gives a
+    batch's unstarted tasks back while a task outlasts what the batch was sized for, renews
+    leases from a thread, commits a batch's results
     together (at least every half second), retries failures with backoff and sends terminal ones
     to the dead letters.
     """
@@ -602,14 +603,15 @@ class Worker:
         return [suspect]
 
     def _fit_to_estimates(self, leases: list[Lease], renewer: LeaseRenewal) -> list[Lease]:
-        """Keep what fits the batch's target time by each job's estimate (always the first task;
-        a job not measured yet counts as too long), and give the rest back unstarted: a lease
-        sized for one job may bring tasks of another, slower or unknown one."""
+        """Keep what fits the batch's target time by each job's estimate (always the first task)
+        and give the rest back unstarted: jobs take turns, so a lease sized for one job may bring
+        tasks of another, slower one. A job not measured yet counts as quick: its first task
+        measures it, and should that one run long, the give-back thread returns the rest (giving
+        them back now would cost a release per task whenever a new job's turn comes)."""
         self._next_job = job_of(leases[-1].task_id)
         planned = 0.0
         for i, lease in enumerate(leases):
-            estimate = self._estimate(job_of(lease.task_id))
-            planned += float("inf") if estimate is None else estimate
+            planned += self._estimate(job_of(lease.task_id)) or 0.0
             if i and planned > defaults.LEASE_BATCH_TARGET_SECONDS:
                 self._release(leases[i:], renewer)
                 return leases[:i]

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from nbqueue.backends.base import TaskStatus
+from nbqueue.ids import job_of
 
 from .helpers import tasks_of
 
@@ -99,6 +100,30 @@ def test_insert_with_a_delay_queues_tasks_that_are_ready_only_when_due(backend, 
     assert sorted(lease.task_id for lease in leased) == ["j1-0", "j1-1"]
     assert 0.3 < time.monotonic() - t < 2.5
     assert all(lease.attempt == 1 for lease in leased)
+
+
+def test_jobs_take_turns_and_a_higher_priority_goes_first(backend, backend_factory):
+    big = tasks_of("j1", 100)
+    for start in range(0, 100, 25):  # inserted in batches, as an insert writes them
+        backend.insert("j1", big[start : start + 25])
+    backend.insert("j2", tasks_of("j2", 3))
+    first = backend.lease(5, 30)
+    assert [job_of(lease.task_id) for lease in first] == ["j1"] * 5
+    second = backend.lease(5, 30)  # j2's turn: all of it, then j1's again
+    assert sorted(job_of(lease.task_id) for lease in second) == ["j1", "j1", "j2", "j2", "j2"]
+    backend.insert("j3", tasks_of("j3", 2), priority=5)
+    third = backend_factory().lease(4, 30)  # another worker
+    assert [job_of(lease.task_id) for lease in third][:2] == ["j3", "j3"]
+    assert backend.counts().queued == 100 - 5 - 2 - 2 and backend.counts().leased == 14
+    # A task given back rejoins its job's turn; nothing is lost or handed out twice.
+    assert backend.release(third[0].task_id, third[0].token)
+    time.sleep(0.3)  # an fq:// worker sees a change to queue/ at its next listing (0.25 s)
+    rest = []
+    while batch := backend.lease(50, 30):
+        rest += batch
+    assert rest[0].task_id == third[0].task_id  # j3 still has the highest priority
+    leased = [lease.task_id for lease in first + second + third[1:] + rest]
+    assert sorted(leased) == sorted(t for t, _ in big + tasks_of("j2", 3) + tasks_of("j3", 2))
 
 
 def test_fail_without_retry_goes_to_dead_letters_and_redrives(backend):

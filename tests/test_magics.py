@@ -81,6 +81,18 @@ def test_zip_pairs_values_and_last_statement_gives_none(shell, tmp_path):
     assert shell.user_ns["j2"].results() == [None]
 
 
+def test_a_cell_with_a_priority_goes_before_a_big_job(shell, tmp_path):
+    url = f"fq://{tmp_path / 'prio'}"
+    shell.run_cell_magic("queue", f"{url} --map a=range(50) --name big", "a")
+    shell.run_cell_magic("queue", f"{url} --map a=[1, 2] --priority 3 --out urgent", "a * 100")
+    urgent = shell.user_ns["urgent"]
+    assert urgent.meta["priority"] == 3
+    tq = TaskQueue(url)
+    assert tq.poll(max_tasks=2).completed == 2
+    assert urgent.results() == [100, 200]  # both ran before any of the big job's 50 tasks
+    assert tq.status().completed == 2
+
+
 def test_errors_are_reported_at_the_magic_with_the_line_and_nothing_is_queued(shell, tmp_path):
     url = f"fq://{tmp_path / 'bad'}"
     with pytest.raises(UsageError, match=r"line 2: .*(invalid syntax|never closed|unexpected EOF)"):

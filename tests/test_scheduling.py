@@ -164,3 +164,30 @@ def test_wait_async_and_get_async_leave_the_event_loop_running(worker_url, nb):
     finally:
         worker.terminate()
         wait_all([worker])
+
+
+@pytest.mark.slow
+def test_a_small_job_behind_a_big_one_runs_at_once_and_a_priority_goes_first(worker_url, nb):
+    """Jobs take turns: 4 quick tasks inserted behind 400 tasks of 0.1 s (20 s of work for two
+    workers) finish in about a second, not after the big job; a job with a priority runs before
+    the big job's next tasks."""
+    tq = TaskQueue(worker_url, progress=False)
+    procs = started_workers(worker_url, 2)
+    try:
+        big = tq.insert(functools.partial(nb.fit_slowly, i, 0.1) for i in range(400))
+        wait_for(lambda: big.counts().completed >= 10, timeout=30, what="the big job to get going")
+        t = time.monotonic()
+        small = tq.insert(functools.partial(nb.fit_slowly, i, 0.1) for i in range(4))
+        assert small.wait(timeout=30, progress=False)
+        took = time.monotonic() - t
+        assert took < 2.0, f"4 tasks behind a big job took {took:.1f}s"
+        inserted = time.time()
+        urgent = tq.insert((functools.partial(nb.fit_slowly, i, 0.1) for i in range(10)), priority=5)
+        assert urgent.wait(timeout=30, progress=False)
+        done = max(r.finished for r in urgent.records())
+        # Once the workers' batches in hand were done (~0.5 s), only the urgent job ran.
+        overtaken = [r for r in big.records() if inserted + 1.0 < r.started < done]
+        assert overtaken == [], f"{len(overtaken)} big-job tasks started while the urgent job waited"
+        assert big.counts().completed < 300  # the big job was still far from done
+    finally:
+        stop(procs)

@@ -151,16 +151,24 @@ class Backend(ABC):
 
     # -- tasks ----------------------------------------------------------------------------------
     @abstractmethod
-    def insert(self, job_id: str, tasks: Sequence[tuple[str, bytes]], delay: float = 0.0) -> None:
+    def insert(
+        self, job_id: str, tasks: Sequence[tuple[str, bytes]], delay: float = 0.0, priority: int = 0
+    ) -> None:
         """Queue many tasks of one job in one call: all of them become visible, or none.
 
         With ``delay`` (seconds) they are queued but not ready until then, like a retry waiting
         out its backoff (the storage's clock decides when: the server's, on a network backend).
+        A job's ``priority`` is the one its first insert gives (every insert of a job passes the
+        same): see ``lease``.
         """
 
     @abstractmethod
     def lease(self, n: int, seconds: float, wait: float = 0.0) -> list[Lease]:
         """Lease up to ``n`` ready tasks for ``seconds``.
+
+        Jobs take turns: the tasks come from the job with the highest priority whose turn it is
+        (the one served least recently), then the next, so a small job queued behind a big one
+        starts at once instead of after it. Within a job, tasks go in insertion order, roughly.
 
         Expired leases are returned to the queue first (no daemon needed). With ``wait`` > 0
         the call may block up to that long for work to arrive.

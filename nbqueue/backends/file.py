@@ -50,6 +50,7 @@ process's next change (or when it closes). Renewals, leases and releases only re
 from __future__ import annotations
 
 import atexit
+import bisect
 import contextlib
 import fcntl
 import functools
@@ -95,6 +96,7 @@ AREAS = (
     "counters",
     "tmp",
     "workers",
+    "priority",
 )
 #: An orphaned claim or completing entry older than this was left by a killed process.
 ORPHAN_SECONDS = 30.0
@@ -103,8 +105,10 @@ ORPHAN_SECONDS = 30.0
 COMPLETED_GRACE_SECONDS = 5.0
 #: How often one process scans leased/ for expired leases while leasing.
 RECLAIM_INTERVAL = 0.1
-#: A worker picks among this many of the oldest ready ranges, so workers rarely collide.
+#: A worker picks among this many of the oldest ready ranges of a job, so workers rarely collide.
 PICK_WINDOW = 8
+#: A worker lists queue/ again at least this often, so a job inserted meanwhile gets its turn.
+RELIST_SECONDS = 0.25
 
 
 #: A process folds its counter file into the shared base once it grows past this.
@@ -139,6 +143,12 @@ def _attempts(field: str) -> tuple[int, bool]:
 def _field(attempts: int, suspect: bool) -> str:
     """The attempts field for a name (see ``_attempts``)."""
     return f"{attempts}s" if suspect else str(attempts)
+
+
+def _job_of_range(name: str) -> str:
+    """The job field of a queue/ name (``ready.attempts.job.seg.range``; "" if it has none)."""
+    parts = name.split(".", 3)
+    return parts[2] if len(parts) > 3 else ""
 
 
 def _now_ms() -> int:
@@ -203,7 +213,11 @@ class FileBackend(Backend):
         self._open_root()
         self._dirs = {area: os.path.join(self.root, area) for area in AREAS}
         self._lease_names: dict[str, str] = {}  # token -> current leased/ name
-        self._ranges: list[str] = []  # cached listing of queue/
+        # Cached listing of queue/: each job's ranges, sorted by ready time (see _next_range).
+        self._ranges: dict[str, list[str]] = {}
+        self._listed = 0.0  # when _ranges was listed
+        self._last_job = ""  # the job served last: the next lease starts with the one after it
+        self._priorities: dict[str, int] = {}  # job -> priority, as read from priority/
         self._last_reclaim = 0.0
         self._counter_pid = -1
         self._deltas: dict[str, dict[str, int]] = {}
@@ -517,10 +531,16 @@ class FileBackend(Backend):
 
     # -- tasks ----------------------------------------------------------------------------------
     @_full_translated
-    def insert(self, job_id: str, tasks: Sequence[tuple[str, bytes]], delay: float = 0.0) -> None:
+    def insert(
+        self, job_id: str, tasks: Sequence[tuple[str, bytes]], delay: float = 0.0, priority: int = 0
+    ) -> None:
         check_batch(job_id, tasks)
         if not tasks:
             return
+        if priority and self._priorities.get(job_id) != priority:
+            # Written before any of the job's tasks is visible: a worker never guesses 0 for it.
+            self._write_atomic(self._path("priority", job_id), str(int(priority)).encode())
+            self._priorities[job_id] = int(priority)
         n = len(tasks)
         tmp = self._write_tmp(segments.encode(tasks))
         seg = os.urandom(8).hex()
@@ -548,28 +568,56 @@ class FileBackend(Backend):
         if time.monotonic() - self._last_reclaim >= RECLAIM_INTERVAL:
             self._reclaim()
         leases: list[Lease] = []
-        relisted = False
+        relists = 0
         while len(leases) < n:
-            if not self._ranges:
-                if relisted:
+            if not self._ranges or time.monotonic() - self._listed > RELIST_SECONDS:
+                if relists == 2:
                     break
-                self._ranges = self._list_ranges()
-                relisted = True
-            now = _now_ms()
-            ready = [
-                i for i, name in enumerate(self._ranges[: PICK_WINDOW * 4]) if name[:13] <= f"{now:013d}"
-            ]
-            if not ready:
-                if relisted:
+                self._ranges, self._listed = self._list_ranges(), time.monotonic()
+                relists += 1
+            name = self._next_range(f"{_now_ms():013d}")
+            if name is None:
+                if relists:
                     break
-                self._ranges = []
+                self._ranges = {}
                 continue
-            name = self._ranges.pop(random.choice(ready[:PICK_WINDOW]))
-            leases += self._claim(name, n - len(leases), seconds)
+            self._ranges[_job_of_range(name)].remove(name)
+            claimed = self._claim(name, n - len(leases), seconds)
+            if not claimed:
+                # Another worker took it: the listing is stale (its turn may have moved on, or
+                # the rest of that range has a new name): list again rather than serve a job
+                # whose turn it is not.
+                self._listed = 0.0
+            leases += claimed
         return leases
 
-    def _list_ranges(self) -> list[str]:
-        """queue/, sorted by ready time; a name that does not start with one is not ours."""
+    def _next_range(self, now: str) -> str | None:
+        """A ready range of the job whose turn it is: of the highest priority, the job after the
+        one served last (job ids sort by creation, so jobs take turns in order); at random among
+        its oldest few ranges, so workers rarely collide. Costs one step per job, not per range."""
+        ready = [job for job, names in self._ranges.items() if names and names[0][:13] <= now]
+        if not ready:
+            return None
+        top = max(self._priority_of(job) for job in ready)
+        turn = sorted(job for job in ready if self._priority_of(job) == top)
+        job = next((j for j in turn if j > self._last_job), turn[0])
+        self._last_job = job
+        return random.choice([name for name in self._ranges[job][:PICK_WINDOW] if name[:13] <= now])
+
+    def _priority_of(self, job: str) -> int:
+        known = self._priorities.get(job)
+        if known is None:
+            try:
+                with open(self._path("priority", job), "rb") as f:
+                    known = int(f.read())
+            except (OSError, ValueError):  # none given, or not a job of ours
+                known = 0
+            self._priorities[job] = known
+        return known
+
+    def _list_ranges(self) -> dict[str, list[str]]:
+        """queue/ by job, each job's ranges sorted by ready time; a name that does not start
+        with one is not ours."""
         names = []
         for name in os.listdir(self._dirs["queue"]):
             if name[:13].isdigit():
@@ -578,7 +626,10 @@ class FileBackend(Backend):
                 self._quarantine(
                     "queue", name, "foreign file in queue/: its name is not an nbqueue task range"
                 )
-        return sorted(names)
+        by_job: dict[str, list[str]] = {}
+        for name in sorted(names):
+            by_job.setdefault(_job_of_range(name), []).append(name)
+        return by_job
 
     def _claim(self, name: str, want: int, seconds: float) -> list[Lease]:
         try:
@@ -608,6 +659,7 @@ class FileBackend(Backend):
                 rest = f"{ready:013d}.{attempts}.{job}.{seg}.{lo + take}-{hi}"
                 os.link(claim_path, self._path("queue", rest))
                 rest_linked = True
+                bisect.insort(self._ranges.setdefault(job, []), rest)  # its turn goes on from there
             deadline = f"{_now_ms() + int(seconds * 1000):013d}"
             count, suspect = _attempts(attempts)
             for k in range(lo, lo + take):
@@ -1006,7 +1058,8 @@ class FileBackend(Backend):
         for area in AREAS:
             shutil.rmtree(self._dirs[area], ignore_errors=True)
             os.mkdir(self._dirs[area], 0o700)
-        self._deltas, self._flushed, self._ranges, self._lease_names = {}, {}, [], {}
+        self._deltas, self._flushed, self._ranges, self._lease_names = {}, {}, {}, {}
+        self._priorities, self._last_job = {}, ""
 
     def queue_id(self) -> str:
         path = os.path.join(self.root, QUEUE_ID)

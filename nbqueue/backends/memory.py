@@ -11,7 +11,7 @@ import os
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 
 from ..ids import check_batch, check_id, check_worker_id, job_of
@@ -37,6 +37,55 @@ def open_memory(name: str) -> MemoryBackend:
         return store
 
 
+class _ReadyTasks:
+    """Ready task ids by job. Jobs are served highest priority first and, within a priority, in
+    turn: each take starts with the job that waited longest, so a small job behind a big one
+    starts at once (see ``Backend.lease``)."""
+
+    def __init__(self) -> None:
+        self._by_job: dict[str, deque[str]] = {}
+        self._turns: dict[int, OrderedDict[str, None]] = {}  # priority -> jobs, next first
+        self.priority: dict[str, int] = {}  # job -> its priority (0 unless inserted with one)
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def append(self, task_id: str) -> None:
+        job = job_of(task_id)
+        tasks = self._by_job.get(job)
+        if tasks is None:
+            tasks = self._by_job[job] = deque()
+            self._turns.setdefault(self.priority.get(job, 0), OrderedDict())[job] = None
+        tasks.append(task_id)
+        self._count += 1
+
+    def take(self, n: int) -> list[str]:
+        """Up to ``n`` ids: from the job whose turn it is, then the next, until ``n``."""
+        out: list[str] = []
+        while len(out) < n and self._turns:
+            level = max(self._turns)
+            jobs = self._turns[level]
+            job = next(iter(jobs))
+            tasks = self._by_job[job]
+            while tasks and len(out) < n:
+                out.append(tasks.popleft())
+            if tasks:
+                jobs.move_to_end(job)  # its turn is over
+            else:
+                del jobs[job], self._by_job[job]
+                if not jobs:
+                    del self._turns[level]
+        self._count -= len(out)
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        """Every id, in the order takes would hand them out if no job had more than one."""
+        for level in sorted(self._turns, reverse=True):
+            for job in self._turns[level]:
+                yield from self._by_job[job]
+
+
 class MemoryBackend(Backend):
     """A thread-safe in-memory queue. Use ``open_memory`` to share one by name."""
 
@@ -53,7 +102,7 @@ class MemoryBackend(Backend):
         self._jobs: dict[str, bytes] = {}
         self._payloads: dict[str, bytes] = {}
         self._attempts: dict[str, int] = {}
-        self._ready: deque[str] = deque()
+        self._ready = _ReadyTasks()
         self._delayed: list[tuple[float, str]] = []  # (ready_at, task_id)
         self._leases: dict[str, tuple[str, float]] = {}  # task_id -> (token, deadline)
         self._suspects: set[str] = set()  # tasks a lease of which expired (Lease.suspect)
@@ -119,9 +168,13 @@ class MemoryBackend(Backend):
             return list(self._jobs)
 
     # -- tasks ----------------------------------------------------------------------------------
-    def insert(self, job_id: str, tasks: Sequence[tuple[str, bytes]], delay: float = 0.0) -> None:
+    def insert(
+        self, job_id: str, tasks: Sequence[tuple[str, bytes]], delay: float = 0.0, priority: int = 0
+    ) -> None:
         check_batch(job_id, tasks)
         with self._cond:
+            if priority:
+                self._ready.priority.setdefault(job_id, int(priority))
             for task_id, _ in tasks:
                 if task_id in self._payloads:
                     raise ValueError(f"task {task_id!r} already exists")
@@ -148,15 +201,15 @@ class MemoryBackend(Backend):
             leases: list[Lease] = []
             deadline = time.monotonic() + seconds
             while self._ready and len(leases) < n:
-                task_id = self._ready.popleft()
-                if task_id not in self._payloads:  # purged or dead meanwhile
-                    continue
-                self._attempts[task_id] += 1
-                token = os.urandom(8).hex()
-                self._leases[task_id] = (token, deadline)
-                self._bump(job_of(task_id), queued=-1, leased=1)
-                attempt, suspect = self._attempts[task_id], task_id in self._suspects
-                leases.append(Lease(task_id, token, attempt, self._payloads[task_id], suspect))
+                for task_id in self._ready.take(n - len(leases)):
+                    if task_id not in self._payloads:  # purged or dead meanwhile
+                        continue
+                    self._attempts[task_id] += 1
+                    token = os.urandom(8).hex()
+                    self._leases[task_id] = (token, deadline)
+                    self._bump(job_of(task_id), queued=-1, leased=1)
+                    attempt, suspect = self._attempts[task_id], task_id in self._suspects
+                    leases.append(Lease(task_id, token, attempt, self._payloads[task_id], suspect))
             return leases
 
     def renew(self, task_id: str, token: str, seconds: float) -> bool:

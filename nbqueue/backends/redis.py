@@ -13,8 +13,13 @@ scripts), never a client's. Key layout, all under one prefix ``nbq:{NAME}:`` who
 puts a queue's keys in one Redis Cluster slot:
 
 ======================  ======  =============================================================
-``ready``               list    task ids ready to lease, FIFO
-``delayed``             zset    task id -> ms when a retry becomes ready
+``ready``               list    task ids ready to lease, queued by an nbqueue before jobs took
+                                turns (leased first; nothing is added to it any more)
+``turns``               zset    job id -> its turn, for every job with ready tasks: the lowest
+                                score is served next (``-priority * 2**40 + turn``)
+``turn``                string  the turn counter (INCR)
+``priority``            hash    job id -> its priority, for jobs inserted with one
+``delayed``             zset    task id -> ms when a retry (or a delayed insert) becomes ready
 ``leases``              zset    task id -> ms lease deadline
 ``tokens``              hash    task id -> token of its current lease
 ``payload``             hash    task id -> payload, for every queued or leased task
@@ -30,6 +35,7 @@ puts a queue's keys in one Redis Cluster slot:
 ``inserts``             zset    nonce -> ms of recent insert calls (makes retries idempotent)
 ``workers``             hash    worker id -> info from its last heartbeat
 ``worker_expiry``       zset    worker id -> ms its last heartbeat expires
+``ready:<job>``         list    one job's ready task ids, FIFO (gone when empty)
 ``jc:<job>``            hash    one job's counters
 ``results:<job>``       hash    task id -> result (or dead letter's error) record
 ``job:<job>``           string  the job's record
@@ -83,6 +89,9 @@ KEY_PREFIX = "nbq"
 #: Fixed keys of a queue; each is ``nbq:{NAME}:<name>``.
 QUEUE_KEYS = (
     "ready",
+    "turns",
+    "turn",
+    "priority",
     "delayed",
     "leases",
     "tokens",
@@ -145,6 +154,7 @@ _RECLAIM_LIMIT = 1000  # expired leases a lease call returns at once, so it stay
 _INSERT_MEMORY_MS = 600_000  # how long an insert's nonce is remembered for retries
 _SCRIPT_NAMES = (
     "insert",
+    "ready_ids",
     "lease",
     "renew",
     "complete",
@@ -351,7 +361,9 @@ class RedisBackend(Backend):
 
     # -- tasks ----------------------------------------------------------------------------------
     @_translated
-    def insert(self, job_id: str, tasks: Sequence[tuple[str, bytes]], delay: float = 0.0) -> None:
+    def insert(
+        self, job_id: str, tasks: Sequence[tuple[str, bytes]], delay: float = 0.0, priority: int = 0
+    ) -> None:
         check_batch(job_id, tasks)
         args: list[Any] = []
         for task_id, payload in tasks:
@@ -359,7 +371,8 @@ class RedisBackend(Backend):
         if not args:
             return
         delay_ms = _ms(max(delay, 0.0)) if delay > 0 else ""
-        _refuse(self._run("insert", job_id, os.urandom(16).hex(), delay_ms, *args), "already exists")
+        nonce = os.urandom(16).hex()
+        _refuse(self._run("insert", job_id, nonce, delay_ms, int(priority), *args), "already exists")
 
     @_translated
     def lease(self, n: int, seconds: float, wait: float = 0.0) -> list[Lease]:
@@ -474,7 +487,7 @@ class RedisBackend(Backend):
     def peek_queued(self, n: int) -> list[tuple[str, bytes]]:
         if n <= 0:
             return []
-        return list(self._payloads_of(self._client.lrange(self.key("ready"), 0, n - 1)))
+        return list(self._payloads_of(self._run("ready_ids", n, "0")))
 
     @_translated
     def lease_deadlines(self, limit: int) -> list[tuple[str, float]]:
@@ -530,11 +543,7 @@ class RedisBackend(Backend):
         The ids are read at once, atomically; payloads follow in chunks as the iterator is
         consumed, skipping tasks completed meanwhile.
         """
-        pipe = self._client.pipeline(transaction=True)
-        pipe.lrange(self.key("ready"), 0, -1)
-        pipe.zrange(self.key("delayed"), 0, -1)
-        ready, delayed = pipe.execute()
-        return self._payloads_of(ready + delayed)
+        return self._payloads_of(self._run("ready_ids", -1, "1"))
 
     @_translated
     def iter_leased(self) -> Iterator[tuple[str, bytes]]:

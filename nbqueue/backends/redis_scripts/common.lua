@@ -94,6 +94,66 @@ local function drop_lease(task)
   redis.call('HDEL', K.tokens, task)
 end
 
+-- Ready tasks wait in a list per job, JK('ready', job); K.turns holds the jobs that have some,
+-- scored so the lowest is served next: higher priority first, then the job served least
+-- recently. A job joins at the back of its priority and goes to the back once served.
+local TURN_SPAN = 1099511627776  -- 2^40 turns per priority level
+
+local function turn_score(job)
+  local priority = tonumber(redis.call('HGET', K.priority, job) or '0') or 0
+  return -priority * TURN_SPAN + redis.call('INCR', K.turn)
+end
+
+local function push_ready(task)
+  local job = job_of(task)
+  if redis.call('RPUSH', JK('ready', job), task) == 1 then
+    redis.call('ZADD', K.turns, turn_score(job), job)
+  end
+end
+
+-- Up to n ready tasks: those an older nbqueue queued in the single list first, then from the
+-- job whose turn it is, then the next.
+local function take_ready(n)
+  local out = {}
+  while #out < n do
+    local task = redis.call('LPOP', K.ready)
+    if not task then
+      break
+    end
+    out[#out + 1] = task
+  end
+  while #out < n do
+    local job = redis.call('ZRANGE', K.turns, 0, 0)[1]
+    if not job then
+      break
+    end
+    local key = JK('ready', job)
+    local got = redis.call('LRANGE', key, 0, n - #out - 1)
+    redis.call('LTRIM', key, #got, -1)
+    for _, task in ipairs(got) do
+      out[#out + 1] = task
+    end
+    if redis.call('EXISTS', key) == 0 then
+      redis.call('ZREM', K.turns, job)
+    else
+      redis.call('ZADD', K.turns, turn_score(job), job)  -- its turn is over
+    end
+  end
+  return out
+end
+
+local function has_ready()
+  return redis.call('LLEN', K.ready) > 0 or redis.call('ZCARD', K.turns) > 0
+end
+
+local function ready_count()
+  local n = redis.call('LLEN', K.ready)
+  for _, job in ipairs(redis.call('ZRANGE', K.turns, 0, -1)) do
+    n = n + redis.call('LLEN', JK('ready', job))
+  end
+  return n
+end
+
 -- Return expired leases (all of them with force) to the queue and promote delayed retries
 -- that are due. At most `limit` of each per call (-1: no limit). Returns the leases moved.
 local function reclaim(now, force, limit)
@@ -112,14 +172,14 @@ local function reclaim(now, force, limit)
       redis.call('SADD', K.suspects, task)
     end
     drop_lease(task)
-    redis.call('RPUSH', K.ready, task)
+    push_ready(task)
     bump(job_of(task), 'leased', -1)
     bump(job_of(task), 'queued', 1)
   end
   local due = redis.call('ZRANGEBYSCORE', K.delayed, '-inf', now, 'LIMIT', 0, limit)
   for _, task in ipairs(due) do
     redis.call('ZREM', K.delayed, task)
-    redis.call('RPUSH', K.ready, task)
+    push_ready(task)
   end
   notify(#expired + #due)
   return #expired

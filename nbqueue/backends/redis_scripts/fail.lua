@@ -14,7 +14,7 @@ if retry ~= '' then
   if delay > 0 then
     redis.call('ZADD', K.delayed, now + delay, task)
   else
-    redis.call('RPUSH', K.ready, task)
+    push_ready(task)
     notify(1)
   end
   bump(job, 'queued', 1)

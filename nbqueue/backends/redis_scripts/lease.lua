@@ -6,12 +6,9 @@ local now = now_ms()
 local deadline = now + tonumber(ARGV[2])
 reclaim(now, false, RECLAIM_LIMIT)
 local out = {-1}
-for i = 3, #ARGV do
-  local task = redis.call('LPOP', K.ready)
-  if not task then
-    break
-  end
-  local token = ARGV[i]
+local tasks = take_ready(#ARGV - 2)
+for i, task in ipairs(tasks) do
+  local token = ARGV[i + 2]
   local attempt = redis.call('HINCRBY', K.attempts, task, 1)
   redis.call('HSET', K.tokens, task, token)
   redis.call('ZADD', K.leases, deadline, task)
@@ -26,7 +23,7 @@ end
 flush()
 -- Wake-up tokens only say "there is ready work"; with none left they would wake waiters
 -- for nothing.
-if redis.call('LLEN', K.ready) == 0 then
+if not has_ready() then
   redis.call('DEL', K.notify)
 end
 -- Only a caller that got nothing waits, so only then is the time to the next event needed.

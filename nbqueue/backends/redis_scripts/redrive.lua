@@ -6,7 +6,7 @@ for _, task in ipairs(ids) do
   redis.call('HSET', K.attempts, task, 0)
   drop_dead(task)
   redis.call('HDEL', JK('results', job), task)
-  redis.call('RPUSH', K.ready, task)
+  push_ready(task)
   -- The job's keys may have expired and been dropped from the index: purge must find them.
   index_job(job)
   bump(job, 'dead', -1)

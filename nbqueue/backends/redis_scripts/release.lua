@@ -6,7 +6,7 @@ end
 local job = job_of(task)
 drop_lease(task)
 redis.call('HINCRBY', K.attempts, task, -1)
-redis.call('RPUSH', K.ready, task)
+push_ready(task)
 bump(job, 'leased', -1)
 bump(job, 'queued', 1)
 flush()

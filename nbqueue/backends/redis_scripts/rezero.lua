@@ -5,7 +5,7 @@ flush()
 redis.call('HSET', K.counts,
   'inserted', 0,
   'failed', 0,
-  'queued', redis.call('LLEN', K.ready) + redis.call('ZCARD', K.delayed),
+  'queued', ready_count() + redis.call('ZCARD', K.delayed),
   'leased', redis.call('ZCARD', K.leases),
   'dead', redis.call('HLEN', K.dead))
 for _, job in ipairs(redis.call('ZRANGE', K.jobs, 0, -1)) do
