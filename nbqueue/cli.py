@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -18,7 +19,7 @@ from typing import Any
 
 from . import defaults
 from .backends.base import COUNT_FIELDS, Counts
-from .errors import NbQueueError
+from .errors import NbQueueError, QueueURLError
 
 EXIT_OK, EXIT_TASKS_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -47,6 +48,11 @@ def _error_line(error: dict) -> str:
 
 
 # -- workers ---------------------------------------------------------------------------------------
+def _env_urls() -> list[str]:
+    """The queue URLs a worker process got in its environment (see ``worker_env``)."""
+    return [url for url in os.environ.get(defaults.ENV_URL, "").split("\n") if url]
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from .procs import WorkerProcesses
     from .worker import Worker, worker_command, worker_env
@@ -62,11 +68,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         renewal=args.renew,
         concurrency=args.concurrency,
     )
+    urls = args.url or _env_urls()
     if args.processes > 1:
         cmd = worker_command(insecure=args.insecure, **options)
-        pool = WorkerProcesses(
-            cmd, args.processes, restart=True, env=worker_env(args.url) if args.url else None
-        )
+        pool = WorkerProcesses(cmd, args.processes, restart=True, env=worker_env(*urls) if urls else None)
         stop = threading.Event()
 
         def on_signal(signum, frame):
@@ -80,7 +85,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         pool.stop()
         return EXIT_OK
     logging.basicConfig(level=logging.WARNING, format="nbqueue worker %(process)d: %(message)s")
-    worker = Worker(_queue(args), **options)
+    if not urls:
+        raise QueueURLError(f"no queue URL given and ${defaults.ENV_URL} is not set")
+    first, *also = (_queue(args, url) for url in urls)
+    worker = Worker(first, also=also, **options)
     worker.install_signal_handlers()
     stats = worker.run()
     worker.backend.close()
@@ -322,7 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     w = command("worker", cmd_worker, "run tasks from a queue", json_out=False)
-    w.add_argument("url", nargs="?", default=None, help=URL_HELP + " (default: $NBQUEUE_URL)")
+    w.add_argument(
+        "url",
+        nargs="*",
+        default=[],
+        help=URL_HELP + " (default: $NBQUEUE_URL); with several, a task of the first that has one, "
+        "always (one queue per priority, or per kind of machine)",
+    )
     w.add_argument("-p", "--processes", type=int, default=1, help="worker processes (default 1)")
     w.add_argument("--lease", type=float, default=defaults.LEASE_SECONDS, help="lease seconds")
     w.add_argument("--burst", action="store_true", help="exit when the queue is empty")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import inspect
 import json
 import logging
@@ -25,12 +26,12 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import defaults
-from .backends.base import Lease, TaskStatus
+from .backends.base import Backend, Lease, TaskStatus
 from .errors import (
     BackendUnavailable,
     BadSignature,
@@ -276,12 +277,24 @@ _GIVE_BACK_CHECK_SECONDS = 0.1
 _ESTIMATES_KEPT = 256
 
 
+@dataclass
+class _Source:
+    """One queue a worker drains: its connection, the codec that checks its tasks, and the
+    renewer of its leases (started by ``Worker.run``)."""
+
+    queue: QueueConnection
+    backend: Backend
+    codec: TaskCodec
+    renewer: LeaseRenewal | None = None
+
+
 class _Batch:
     """The leases of one batch not started yet, shared between the worker's loop, which starts
     them one by one, and its give-back thread, which takes them back when the running task has
     outlasted what the batch was sized for."""
 
-    def __init__(self, leases: list[Lease]) -> None:
+    def __init__(self, leases: list[Lease], renewer: LeaseRenewal, backend: Backend) -> None:
+        self.renewer, self.backend = renewer, backend  # of the queue the leases came from
         self._lock = threading.Lock()
         self._unstarted = collections.deque(leases)
         self._running_since: float | None = None
@@ -342,19 +355,14 @@ class Worker:
         renewal: str = "thread",
         stop_when: Callable[[], bool] | None = None,
         concurrency: int = 1,
+        also: Sequence[QueueConnection] = (),
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
-        self.queue = queue
-        self.backend = queue.backend
-        self.codec = TaskCodec(
-            queue.signer,
-            queue.serializer,
-            None,  # read at the first task, through the outage-tolerant call
-            refresh_queue_id=lambda: self._call(self.backend.queue_id, give_up_after=self.lease_seconds),
-            only_by_reference=only_by_reference,
-        )
         self.only_by_reference = only_by_reference
+        #: The queues this worker drains, in order: a task of the first that has one, always.
+        self.sources = [self._source(q) for q in (queue, *also)]
+        self._use(self.sources[0])
         if renewal not in ("thread", "process"):
             raise ValueError("renewal must be 'thread' or 'process'")
         if renewal == "process" and (not keeper_available() or queue.url.startswith("mem://")):
@@ -462,9 +470,25 @@ class Worker:
             if keep is not None:
                 keep[0].drop(*(lease.task_id for lease in keep[1]))
 
-    def _heartbeat(self, ttl: float) -> None:
-        """Tell the queue this worker is alive for ``ttl`` seconds (0: it is gone)."""
-        self.backend.heartbeat(self.who, self._heartbeat_info().encode(), ttl)
+    # -- the queues it drains -------------------------------------------------------------------
+    def _source(self, queue: QueueConnection) -> _Source:
+        backend = queue.backend
+        codec = TaskCodec(
+            queue.signer,
+            queue.serializer,
+            None,  # read at the first task, through the outage-tolerant call
+            refresh_queue_id=lambda: self._call(backend.queue_id, give_up_after=self.lease_seconds),
+            only_by_reference=self.only_by_reference,
+        )
+        return _Source(queue, backend, codec)
+
+    def _use(self, source: _Source) -> None:
+        """Lease, run and report through ``source`` (until the next call)."""
+        self.queue, self.backend, self.codec = source.queue, source.backend, source.codec
+
+    def _heartbeat(self, backend: Backend, ttl: float) -> None:
+        """Tell a queue this worker is alive for ``ttl`` seconds (0: it is gone)."""
+        backend.heartbeat(self.who, self._heartbeat_info().encode(), ttl)
 
     def _heartbeat_info(self) -> str:
         info = {
@@ -479,11 +503,12 @@ class Worker:
         }
         return json.dumps(info)
 
-    def _make_renewer(self) -> LeaseRenewal:
+    def _make_renewer(self, source: _Source) -> LeaseRenewal:
         """Renewal from a keeper process (immune to tasks that hold the GIL) or from a thread."""
         if self.renewal == "process":
-            return LeaseKeeper(self.queue.worker_url, self.lease_seconds, self.who)
-        return Renewer(self.backend, self.lease_seconds, heartbeat=self._heartbeat)
+            return LeaseKeeper(source.queue.worker_url, self.lease_seconds, self.who)
+        beat = functools.partial(self._heartbeat, source.backend)
+        return Renewer(source.backend, self.lease_seconds, heartbeat=beat)
 
     def _fetch_function(self, digest: str) -> bytes:
         return self._call(self.backend.get_function, digest, give_up_after=self.lease_seconds)
@@ -520,38 +545,34 @@ class Worker:
         that died comes back to us when it expires. Counters that drifted (a process killed
         mid-write) cannot keep us forever: past the longest wait that can matter, we stop."""
         try:
-            counts = self._call(self.backend.counts)
+            counts = [self._call(source.backend.counts) for source in self.sources]
+            left = sum(c.queued + c.leased for c in counts)
         except _GaveUp:  # told to stop during an outage
             return True
-        return counts.queued + counts.leased <= 0 or idle > 2 * max(
-            defaults.RETRY_MAX_SECONDS, self.lease_seconds
-        )
+        return left <= 0 or idle > 2 * max(defaults.RETRY_MAX_SECONDS, self.lease_seconds)
 
     def run(self) -> WorkerStats:
         """Work until stopped, ``max_tasks`` ran, or (with ``burst``) the queue is empty."""
         start = time.monotonic()
-        renewer = self._make_renewer()
-        renewer.start()
-        renewer.info(self._heartbeat_info())
+        for source in self.sources:
+            source.renewer = self._make_renewer(source)
+            source.renewer.start()
+            source.renewer.info(self._heartbeat_info())
         finished = threading.Event()
         giver = threading.Thread(
-            target=self._give_back_overdue, args=(renewer, finished), name="nbqueue-give-back", daemon=True
+            target=self._give_back_overdue, args=(finished,), name="nbqueue-give-back", daemon=True
         )
         giver.start()
         idle_since = None
         sleep = defaults.IDLE_SLEEP_MIN
-        block = self.backend.blocking_lease
+        # Block on the storage for work only with one queue: with several, each is asked in turn.
+        block = len(self.sources) == 1 and self.backend.blocking_lease
         try:
             while not self.stop_event.is_set():
                 if self.max_tasks is not None and self._done() >= self.max_tasks:
                     break
                 try:
-                    leases = self._call(
-                        self.backend.lease,
-                        self._batch_size(),
-                        self.lease_seconds,
-                        wait=defaults.BLOCK_SECONDS if block else 0.0,
-                    )
+                    leases = self._lease(block)
                 except _GaveUp:
                     break  # told to stop while the storage was down: nothing is held
                 if not leases:
@@ -570,6 +591,7 @@ class Worker:
                     continue
                 idle_since, sleep = None, defaults.IDLE_SLEEP_MIN
                 self.empty_leases = 0
+                renewer = self._renewer()
                 renewer.hold(leases)
                 self._run_batch(leases, renewer)
                 renewer.info(self._heartbeat_info())
@@ -579,9 +601,32 @@ class Worker:
             if self._loop is not None:
                 self._loop.close()
                 self._loop = None
-            renewer.stop()
+            for source in self.sources:
+                if source.renewer is not None:
+                    source.renewer.stop()
             self.stats.elapsed = time.monotonic() - start
         return self.stats
+
+    def _lease(self, block: bool) -> list[Lease]:
+        """A batch from the first queue (in the order given) that has tasks ready; the worker
+        then uses that queue (``_use``) until the next lease."""
+        for source in self.sources:
+            self._use(source)
+            leases = self._call(
+                source.backend.lease,
+                self._batch_size(),
+                self.lease_seconds,
+                wait=defaults.BLOCK_SECONDS if block else 0.0,
+            )
+            if leases:
+                return leases
+        return []
+
+    def _renewer(self) -> LeaseRenewal:
+        """The renewer of the queue in use."""
+        renewer = next(source.renewer for source in self.sources if source.backend is self.backend)
+        assert renewer is not None, "run() starts one per queue"
+        return renewer
 
     def _asked_to_stop(self) -> bool:
         """Ask ``stop_when``; a yes stops the worker (as ``stop()`` does)."""
@@ -617,15 +662,15 @@ class Worker:
                 return leases[:i]
         return leases
 
-    def _give_back_overdue(self, renewer: LeaseRenewal, done: threading.Event) -> None:
+    def _give_back_overdue(self, done: threading.Event) -> None:
         """Thread: while a task runs longer than its batch was sized for, the batch's unstarted
         tasks go back to the queue (uncharged) for idle workers, instead of waiting behind it."""
         while not done.wait(_GIVE_BACK_CHECK_SECONDS):
             batch = self._batch
             overdue = batch.overdue() if batch is not None else []
-            if overdue:
+            if batch is not None and overdue:
                 log.info("gave back %d unstarted task(s): the running one outlasted its batch", len(overdue))
-                self._release(overdue, renewer)
+                self._release(overdue, batch.renewer, batch.backend)
 
     def _await(self, coroutine: Any) -> Any:
         """Run a coroutine task to its end on this worker's event loop (kept from task to task,
@@ -641,7 +686,7 @@ class Worker:
         pending: list[Outcome] = []
         first_pending = 0.0
         leases = self._isolate_suspects(self._fit_to_estimates(leases, renewer), renewer)
-        batch = self._batch = _Batch(leases)
+        batch = self._batch = _Batch(leases, renewer, self.backend)
         try:
             while True:
                 # Commit what is done before starting more work once it has waited half a second,
@@ -762,13 +807,13 @@ class Worker:
         estimate = self._estimate(job_of(lease.task_id)) or 0.0
         return max(defaults.LEASE_BATCH_TARGET_SECONDS, 2 * estimate)
 
-    def _release(self, leases: list[Lease], renewer: LeaseRenewal) -> None:
-        """Give unstarted leases back (their attempts do not count)."""
+    def _release(self, leases: list[Lease], renewer: LeaseRenewal, backend: Backend | None = None) -> None:
+        """Give unstarted leases back (their attempts do not count) to ``backend`` (the queue
+        in use by default)."""
+        release = (backend or self.backend).release
         for lease in leases:
             with contextlib.suppress(_GaveUp):  # unreleased, it comes back when it expires
-                self.stats.released += self._call(
-                    self.backend.release, lease.task_id, lease.token, give_up_after=5.0
-                )
+                self.stats.released += self._call(release, lease.task_id, lease.token, give_up_after=5.0)
             renewer.drop(lease.task_id)
 
     def _crashed(self, lease: Lease) -> Outcome:
@@ -885,9 +930,10 @@ def complete_by_hand(queue: QueueConnection, codec: TaskCodec, held: HeldTask) -
 
 
 # -- processes ------------------------------------------------------------------------------------
-def worker_env(url: str) -> dict[str, str]:
-    """The environment that tells a worker process its queue, out of sight of ``ps``."""
-    return {defaults.ENV_URL: url}
+def worker_env(*urls: str) -> dict[str, str]:
+    """The environment that tells a worker process its queues, out of sight of ``ps``: one URL,
+    or several on lines of their own (a path may hold spaces), drained in that order."""
+    return {defaults.ENV_URL: "\n".join(urls)}
 
 
 def worker_command(

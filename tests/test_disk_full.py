@@ -522,7 +522,8 @@ def test_redis_filling_part_way_keeps_the_batch_that_landed_and_nothing_of_the_n
     assert "50 task(s) of job" in notes and "could not say so" in notes
     (job,) = tq.jobs()
     assert job.counts().inserted == 50 and tq.status().queued == 50
-    assert client.hlen("nbq:{partway}:payload") == 50 and client.llen("nbq:{partway}:ready") == 50
+    assert client.hlen("nbq:{partway}:payload") == 50
+    assert client.llen(f"nbq:{{partway}}:ready:{job.id}") == 50  # the job's ready list
     assert len(list(tq.backend.iter_functions())) == 1  # the second function was not stored
     _free_redis(client)
     assert tq.poll(lease_seconds=30, burst=True).completed == 50

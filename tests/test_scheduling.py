@@ -191,3 +191,25 @@ def test_a_small_job_behind_a_big_one_runs_at_once_and_a_priority_goes_first(wor
         assert big.counts().completed < 300  # the big job was still far from done
     finally:
         stop(procs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_worker_of_several_queues_drains_them_in_the_order_given(worker_url, nb, processes):
+    """`nbqueue worker HIGH LOW`: every task of HIGH runs before any of LOW (RQ's priorities),
+    with one process and with -p 2 (the URLs travel in the children's environment)."""
+    high_url = worker_url + "-high"  # another queue: a sibling directory, or another Redis queue
+    low, high = TaskQueue(worker_url, progress=False), TaskQueue(high_url, progress=False)
+    low_job = low.insert(functools.partial(nb.fit_slowly, i, 0.05) for i in range(10))
+    # Slow enough that each is leased on its own (slow start), so none sits in a batch.
+    high_job = high.insert(functools.partial(nb.fit_slowly, i, 0.6) for i in range(4))
+    cmd = ["--burst", "-p", str(processes)]
+    (worker,) = start_workers(high_url, 1, worker_url, *cmd)
+    assert wait_all([worker], timeout=60) == [0]
+    assert (len(low_job.results()), len(high_job.results())) == (10, 4)
+    first_low = min(r.started for r in low_job.records())
+    # No task of HIGH still waited when one of LOW started (with two processes, one may start
+    # LOW while the other runs the last task of HIGH).
+    assert max(r.started for r in high_job.records()) <= first_low
+    if processes == 1:
+        assert max(r.finished for r in high_job.records()) <= first_low
