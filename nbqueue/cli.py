@@ -110,7 +110,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     age = status["oldest_queued_age"]
     leases = [f"{lease['task_id']} in {lease['expires_in']:.1f}s" for lease in status["leases_expiring"]]
     workers = [f"{w['id']} ({w.get('completed', '?')} completed)" for w in status["workers"]]
-    lines = [status["url"]] + [f"  {k:<16}{status[k]}" for k in COUNT_FIELDS]
+    lines = [status["url"]] + [f"  {k:<16}{status[k]}" for k in (*COUNT_FIELDS, "scheduled")]
     lines += [
         f"  {'oldest queued':<16}{'-' if age is None else f'{age:.1f}s ago'}",
         f"  {'leases expiring':<16}{', '.join(leases) or '-'}",
@@ -147,7 +147,7 @@ def cmd_job(args: argparse.Namespace) -> int:
     from .report import job_report
 
     job = job_report(_queue(args), args.job_id)
-    counts = Counts(**{k: job[k] for k in COUNT_FIELDS})
+    counts = Counts(**{k: job[k] for k in (*COUNT_FIELDS, "scheduled")})
     lines = [
         f"job {_titled(job['id'], job['name'])}  ({job['state']})",
         f"  {describe(counts, job['total'])}",

@@ -8,6 +8,7 @@ Both use the process's default queue: the one set by ``nbqueue.use(URL)``, else 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import functools
 import inspect
 import os
@@ -73,8 +74,10 @@ def queueable(fn: Any = None, *, by_reference: bool = False) -> Any:
     shipped by value, with the notebook globals they use. Use bare (``@queueable``) or with
     options (``@queueable(by_reference=True)``).
 
-    A queueable function gains ``fn.submit(*args, **kwargs)`` (one task, a ``TaskHandle``) and
-    ``fn.map(iterable)`` (a task per item, a ``Job``), on the queue set by ``nbqueue.use``.
+    A queueable function gains ``fn.submit(*args, **kwargs)`` (one task, a ``TaskHandle``),
+    ``fn.submit_later(when, *args, **kwargs)`` (the same, ready in ``when`` seconds or at a
+    ``datetime``) and ``fn.map(iterable, **insert_options)`` (a task per item, a ``Job``), on
+    the queue set by ``nbqueue.use``.
 
     Args:
         by_reference: ship no code: tasks name the function as ``module:qualname`` and carry
@@ -88,6 +91,7 @@ def queueable(fn: Any = None, *, by_reference: bool = False) -> Any:
         # Module-level functions in partials: a function shipped by value carries these as
         # references to nbqueue.handles, never as code.
         fn.submit = functools.partial(submit, fn)  # type: ignore[attr-defined]
+        fn.submit_later = functools.partial(submit_later, fn)  # type: ignore[attr-defined]
         fn.map = functools.partial(map_tasks, fn)  # type: ignore[attr-defined]
     return fn
 
@@ -96,6 +100,19 @@ def submit(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskHandle:
     """Queue one call ``fn(*args, **kwargs)`` as a job of its own on the default queue."""
     tq = default_queue()
     job = tq.insert([functools.partial(fn, *args, **kwargs)], name=callable_name(fn), progress=False)
+    return TaskHandle(tq, task_id(job.id, 0))
+
+
+def submit_later(
+    fn: Callable[..., Any], when: float | datetime.datetime, *args: Any, **kwargs: Any
+) -> TaskHandle:
+    """``submit``, ready only ``when``: seconds from now, or a ``datetime``. (A separate verb:
+    every keyword of ``submit`` is the function's.)"""
+    timing = {"eta": when} if isinstance(when, datetime.datetime) else {"delay": when}
+    tq = default_queue()
+    job = tq.insert(
+        [functools.partial(fn, *args, **kwargs)], name=callable_name(fn), progress=False, **timing
+    )
     return TaskHandle(tq, task_id(job.id, 0))
 
 

@@ -30,7 +30,13 @@ from .defaults import ENV_PROGRESS, REFRESH_SECONDS
 if TYPE_CHECKING:
     from .records import TaskError
 
-COLORS = {"completed": "#2e7d32", "dead": "#c62828", "running": "#1565c0", "queued": "#bdbdbd"}
+COLORS = {
+    "completed": "#2e7d32",
+    "dead": "#c62828",
+    "running": "#1565c0",
+    "queued": "#bdbdbd",
+    "scheduled": "#e0e0e0",
+}
 
 _detected: str | None = None
 
@@ -69,12 +75,13 @@ def _ipython() -> Any:
 
 # -- text ----------------------------------------------------------------------------------------
 def describe(counts: Counts, total: int | None) -> str:
-    """One line: ``done/total, failed, running, queued``."""
+    """One line: ``done/total, dead, running, queued`` (and ``scheduled`` when some are)."""
     of = "?" if total is None else f"{total:,}"
-    return (
+    line = (
         f"{counts.completed + counts.dead:,}/{of} done · {counts.dead:,} dead · "
         f"{counts.leased:,} running · {counts.queued:,} queued"
     )
+    return line + (f" · {counts.scheduled:,} scheduled" if counts.scheduled else "")
 
 
 def _duration(seconds: float) -> str:
@@ -170,7 +177,9 @@ class JobBar:
         if total is not None and self._bar.total != total:
             self._bar.total = total
         self._bar.set_postfix_str(
-            f"dead={counts.dead} running={counts.leased} queued={counts.queued}", refresh=False
+            f"dead={counts.dead} running={counts.leased} queued={counts.queued}"
+            + (f" scheduled={counts.scheduled}" if counts.scheduled else ""),
+            refresh=False,
         )
         self._bar.update(counts.finished - self._bar.n)  # tqdm rate-limits the redraw
 
@@ -321,6 +330,7 @@ class JobView:
             ("dead", c.dead),
             ("running", c.leased),
             ("queued", c.queued),
+            ("scheduled", c.scheduled),
         ]
         denom = total or max(sum(n for _, n in segments), 1)
         blocks = "".join(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import datetime
 import inspect
 import logging
 import os
@@ -80,7 +81,9 @@ class TaskQueue(QueueConnection):
         parallel: int | bool = 1,
         green: bool | None = None,
         explain: bool = False,
-        delay_seconds: float = 0.0,
+        delay: float | None = None,
+        eta: datetime.datetime | None = None,
+        delay_seconds: float | None = None,
         priority: int = 0,
     ) -> Job:
         """Queue every task of ``tasks`` as one job and return the Job.
@@ -108,8 +111,11 @@ class TaskQueue(QueueConnection):
                 first; nbqueue never patches.
             explain: print one line per job function: what travels by value (with sizes) and
                 what by reference (see ``nbqueue.explain``).
-            delay_seconds: the tasks are queued now and become ready this many seconds later
-                (the storage's clock decides: the server's, on redis://).
+            delay: the tasks are queued now and become ready this many seconds later (the
+                storage's clock decides: the server's, on redis://); until then they count as
+                *scheduled*. ``delay_seconds`` is python-task-queue's name for it.
+            eta: when the tasks become ready (a ``datetime``; naive means local time), instead
+                of ``delay``. A time past means now.
             priority: workers serve jobs of a higher priority first; jobs of one priority take
                 turns, so a small job inserted behind a big one starts at once (default 0).
         """
@@ -122,8 +128,7 @@ class TaskQueue(QueueConnection):
             tasks = [tasks]
         if parallel is True:
             parallel = os.cpu_count() or 1
-        if delay_seconds < 0:
-            raise ValueError(f"delay_seconds must not be negative, not {delay_seconds}")
+        wait = _delay_of(delay, eta, delay_seconds)
         return insert_tasks(
             self,
             tasks,
@@ -135,7 +140,7 @@ class TaskQueue(QueueConnection):
             parallel=int(parallel),
             green=self.green if green is None else green,
             explain=explain,
-            delay=delay_seconds,
+            delay=wait,
             priority=int(priority),
         )
 
@@ -443,6 +448,24 @@ class LocalTaskQueue(TaskQueue):
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+def _delay_of(delay: float | None, eta: datetime.datetime | None, delay_seconds: float | None) -> float:
+    """Seconds until tasks become ready, from at most one of ``delay``, ``eta`` and
+    python-task-queue's ``delay_seconds``."""
+    given = [
+        name for name, value in (("delay", delay), ("eta", eta), ("delay_seconds", delay_seconds)) if value
+    ]
+    if len(given) > 1:
+        raise ValueError(f"give one of {' and '.join(given)}: they say the same thing")
+    if eta is not None:
+        if not isinstance(eta, datetime.datetime):
+            raise TypeError(f"eta must be a datetime, not {type(eta).__name__}")
+        return max(eta.timestamp() - time.time(), 0.0)
+    seconds = float(delay or delay_seconds or 0.0)
+    if seconds < 0 or seconds != seconds:
+        raise ValueError(f"a delay must be a number of seconds, not negative: {seconds}")
+    return seconds
+
+
 def _task_items(tasks: Any) -> list[tuple[str, Any]]:
     """``(queue id, item)`` for one task, one id, or an iterable of either."""
     if isinstance(tasks, str):

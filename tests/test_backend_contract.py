@@ -79,9 +79,12 @@ def test_fail_with_retry_requeues_after_the_delay(backend):
     (lease,) = backend.lease(1, 30)
     assert backend.fail(lease.task_id, lease.token, b"boom", 0.4) == TaskStatus.QUEUED
     c = backend.counts()
-    assert (c.queued, c.leased, c.failed) == (1, 0, 1)
+    assert (c.queued, c.scheduled, c.leased, c.failed) == (0, 1, 0, 1)  # waiting out its backoff
+    assert backend.job_counts("j1").scheduled == 1
     assert backend.lease(1, 30) == []  # not ready yet
     time.sleep(0.6)
+    c = backend.counts()
+    assert (c.queued, c.scheduled) == (1, 0)
     (again,) = backend.lease(1, 30)
     assert again.task_id == lease.task_id and again.attempt == 2
 
@@ -90,7 +93,9 @@ def test_insert_with_a_delay_queues_tasks_that_are_ready_only_when_due(backend, 
     backend.insert("j1", tasks_of("j1", 2), delay=0.6)
     backend.insert("j2", tasks_of("j2", 1))
     c = backend.counts()
-    assert (c.inserted, c.queued, c.leased) == (3, 3, 0)
+    assert (c.inserted, c.queued, c.scheduled, c.leased) == (3, 1, 2, 0)
+    j1, j2 = backend.job_counts("j1"), backend.job_counts("j2")
+    assert (j1.queued, j1.scheduled, j2.queued, j2.scheduled) == (0, 2, 1, 0)
     assert [lease.task_id for lease in backend.lease(10, 30)] == ["j2-0"]  # the delayed wait
     assert backend.lease(10, 30) == []
     # A blocked lease (a waiting worker) wakes for them when they come due.
@@ -242,7 +247,7 @@ def test_purge_and_rezero(backend):
     assert (c.inserted, c.failed, c.queued) == (0, 0, 4)
     backend.purge()
     assert backend.counts().as_dict() == dict.fromkeys(
-        ("inserted", "queued", "leased", "completed", "failed", "dead"), 0
+        ("inserted", "queued", "leased", "completed", "failed", "dead", "scheduled"), 0
     )
     assert backend.lease(10, 30) == [] and backend.list_jobs() == []
 

@@ -542,7 +542,7 @@ def test_delay_seconds_holds_tasks_back_until_due(worker_url):
         inserted = time.time()
         job = tq.insert((functools.partial(slow_square, i) for i in range(3)), delay_seconds=2)
         time.sleep(1.0)
-        assert tq.status().queued == 3 and tq.completed == 0
+        assert (tq.status().scheduled, tq.status().queued, tq.completed) == (3, 0, 0)
         assert job.wait(timeout=30, progress=False)
         assert job.results() == [0, 1, 4]
         assert min(r.started for r in job.records()) >= inserted + 1.9

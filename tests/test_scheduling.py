@@ -8,7 +8,11 @@ two-core machine shared with the test itself CPU-bound tasks would measure the m
 from __future__ import annotations
 
 import asyncio
+import datetime
 import functools
+import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -174,13 +178,17 @@ def test_a_small_job_behind_a_big_one_runs_at_once_and_a_priority_goes_first(wor
     tq = TaskQueue(worker_url, progress=False)
     procs = started_workers(worker_url, 2)
     try:
+        t = time.monotonic()
+        alone = tq.insert(functools.partial(nb.fit_slowly, i, 0.1) for i in range(4))
+        assert alone.wait(timeout=30, progress=False)
+        took_alone = time.monotonic() - t
         big = tq.insert(functools.partial(nb.fit_slowly, i, 0.1) for i in range(400))
         wait_for(lambda: big.counts().completed >= 10, timeout=30, what="the big job to get going")
         t = time.monotonic()
         small = tq.insert(functools.partial(nb.fit_slowly, i, 0.1) for i in range(4))
         assert small.wait(timeout=30, progress=False)
         took = time.monotonic() - t
-        assert took < 2.0, f"4 tasks behind a big job took {took:.1f}s"
+        assert took < 2.0, f"4 tasks behind a big job took {took:.1f}s (alone: {took_alone:.1f}s)"
         inserted = time.time()
         urgent = tq.insert((functools.partial(nb.fit_slowly, i, 0.1) for i in range(10)), priority=5)
         assert urgent.wait(timeout=30, progress=False)
@@ -213,3 +221,40 @@ def test_a_worker_of_several_queues_drains_them_in_the_order_given(worker_url, n
     assert max(r.started for r in high_job.records()) <= first_low
     if processes == 1:
         assert max(r.finished for r in high_job.records()) <= first_low
+
+
+@pytest.mark.slow
+def test_delayed_tasks_show_as_scheduled_until_due_then_run(worker_url, nb):
+    """insert(delay=), insert(eta=) and fn.submit_later: scheduled (not queued) in counts, the
+    progress line, `nbqueue status`/`job` and the report the REST API serves, until due."""
+    from nbqueue import use
+    from nbqueue.progress import describe
+    from nbqueue.report import job_report
+
+    tq = TaskQueue(worker_url, progress=False)
+    procs = started_workers(worker_url, 1)
+    try:
+        inserted = time.time()
+        later = tq.insert((functools.partial(nb.fit_slowly, i, 0.0) for i in range(3)), delay=2.0)
+        at = datetime.datetime.now() + datetime.timedelta(seconds=2)
+        timed = tq.insert([functools.partial(nb.fit_slowly, 9, 0.0)], eta=at)
+        use(tq)
+        handle = nb.fit_slowly.submit_later(2.0, 10, 0.0)
+        time.sleep(0.5)
+        counts = later.counts()
+        assert (counts.scheduled, counts.queued, counts.completed) == (3, 0, 0)
+        assert tq.status().scheduled == 5
+        assert describe(counts, later.total).endswith("0 queued · 3 scheduled")
+        assert job_report(tq, later.id)["scheduled"] == 3
+        cli = subprocess.run(
+            [sys.executable, "-m", "nbqueue", "status", worker_url, "--json"], capture_output=True, text=True
+        )
+        assert json.loads(cli.stdout)["scheduled"] == 5, cli.stderr
+        for job in (later, timed, handle.job):
+            assert job.wait(timeout=30, progress=False)
+            assert min(r.started for r in job.records()) >= inserted + 1.9
+        assert handle.get(timeout=5) == handle.get(timeout=5) and tq.status().scheduled == 0
+    finally:
+        stop(procs)
+    with pytest.raises(ValueError, match="give one of delay and eta"):
+        tq.insert([functools.partial(nb.fit_slowly, 1, 0.0)], delay=1, eta=at)

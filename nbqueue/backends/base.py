@@ -95,10 +95,13 @@ COUNT_FIELDS = ("inserted", "queued", "leased", "completed", "failed", "dead")
 
 @dataclass
 class Counts:
-    """Queue or job counters, read in O(1).
+    """Queue or job counters.
 
     ``queued``, ``leased``, ``completed`` and ``dead`` are tasks in that state now; ``inserted``
     counts tasks ever inserted and ``failed`` counts failed attempts (retried or not).
+    ``scheduled`` tasks wait in the queue but are not ready yet: inserted with a delay, or a
+    retry waiting out its backoff (``queued`` counts the ready ones only). The stored counters
+    are ``COUNT_FIELDS``; ``scheduled`` is read from the queue's structures.
     """
 
     inserted: int = 0
@@ -107,6 +110,7 @@ class Counts:
     completed: int = 0
     failed: int = 0
     dead: int = 0
+    scheduled: int = 0
 
     @property
     def finished(self) -> int:
@@ -201,11 +205,12 @@ class Backend(ABC):
     # -- reads ----------------------------------------------------------------------------------
     @abstractmethod
     def counts(self) -> Counts:
-        """Queue counters, O(1) in the number of tasks."""
+        """Queue counters, O(1) in the number of tasks (``scheduled``: in the number of tasks
+        waiting for a later time, on redis:// and mem://)."""
 
     @abstractmethod
     def job_counts(self, job_id: str) -> Counts:
-        """One job's counters, O(1) in the number of tasks."""
+        """One job's counters, as ``counts``."""
 
     @abstractmethod
     def results(self, job_id: str) -> dict[str, bytes]:

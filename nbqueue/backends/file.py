@@ -974,18 +974,20 @@ class FileBackend(Backend):
         return self._with_states(self._sum(job_id), job_id)
 
     def _with_states(self, counts: Counts, job: str | None) -> Counts:
-        counts.queued, counts.leased = self._state_counts(job)
+        counts.queued, counts.leased, counts.scheduled = self._state_counts(job)
         return counts
 
-    def _state_counts(self, job: str | None) -> tuple[int, int]:
-        """Queued and leased tasks (of ``job``, else of the queue), exactly, from the names.
+    def _state_counts(self, job: str | None) -> tuple[int, int, int]:
+        """Ready, leased and scheduled tasks (of ``job``, else of the queue), exactly, from the
+        names (a queue/ name says when its tasks are ready).
 
         A range being claimed counts as queued: while it is split into leases its tasks may also
         show as leased for a moment, but a range whose claimer was killed still counts until the
         orphan repair queues it again (a burst worker waits for it).
         """
         mark = None if job is None else f".{job}."
-        queued = leased = 0
+        queued = leased = scheduled = 0
+        now = f"{_now_ms():013d}"
         for area in ("queue", "claim", "leased", "completing"):
             try:
                 names = os.listdir(self._dirs[area])
@@ -1009,9 +1011,11 @@ class FileBackend(Backend):
                     continue
                 if area in ("leased", "completing"):
                     leased += n
+                elif area == "queue" and name[:13] > now:
+                    scheduled += n
                 else:
                     queued += n
-        return queued, leased
+        return queued, leased, scheduled
 
     def results(self, job_id: str) -> dict[str, bytes]:
         check_id(job_id, "job id")

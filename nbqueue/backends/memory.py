@@ -268,11 +268,23 @@ class MemoryBackend(Backend):
     # -- reads ----------------------------------------------------------------------------------
     def counts(self) -> Counts:
         with self._cond:
-            return Counts(**self._counts.as_dict())
+            return self._with_scheduled(Counts(**self._counts.as_dict()), None)
 
     def job_counts(self, job_id: str) -> Counts:
         with self._cond:
-            return Counts(**self._job_counts.get(job_id, Counts()).as_dict())
+            return self._with_scheduled(Counts(**self._job_counts.get(job_id, Counts()).as_dict()), job_id)
+
+    def _with_scheduled(self, counts: Counts, job: str | None) -> Counts:
+        """Move the tasks not ready yet (of ``job``) from ``queued`` to ``scheduled``."""
+        now = time.monotonic()
+        waiting = [
+            t
+            for at, t in self._delayed
+            if at > now and t in self._payloads and (job is None or job_of(t) == job)
+        ]
+        counts.scheduled = min(len(waiting), counts.queued)
+        counts.queued -= counts.scheduled
+        return counts
 
     def results(self, job_id: str) -> dict[str, bytes]:
         with self._cond:
@@ -298,7 +310,7 @@ class MemoryBackend(Backend):
             self._counts.inserted = self._counts.failed = 0
             for jc in self._job_counts.values():
                 jc.inserted = jc.failed = 0
-            return Counts(**self._counts.as_dict())
+            return self._with_scheduled(Counts(**self._counts.as_dict()), None)
 
     def dead(self) -> list[DeadLetter]:
         with self._cond:

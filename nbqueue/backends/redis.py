@@ -36,6 +36,7 @@ puts a queue's keys in one Redis Cluster slot:
 ``workers``             hash    worker id -> info from its last heartbeat
 ``worker_expiry``       zset    worker id -> ms its last heartbeat expires
 ``ready:<job>``         list    one job's ready task ids, FIFO (gone when empty)
+``delayed:<job>``       zset    one job's part of ``delayed`` (gone when empty)
 ``jc:<job>``            hash    one job's counters
 ``results:<job>``       hash    task id -> result (or dead letter's error) record
 ``job:<job>``           string  the job's record
@@ -67,6 +68,7 @@ from ..errors import BackendUnavailable, QueueURLError, StorageFull
 from ..ids import check_batch, check_id, check_worker_id, index_of, job_of
 from . import redact_url
 from .base import (
+    COUNT_FIELDS,
     Backend,
     Counts,
     DeadLetter,
@@ -154,6 +156,7 @@ _RECLAIM_LIMIT = 1000  # expired leases a lease call returns at once, so it stay
 _INSERT_MEMORY_MS = 600_000  # how long an insert's nonce is remembered for retries
 _SCRIPT_NAMES = (
     "insert",
+    "counts",
     "ready_ids",
     "lease",
     "renew",
@@ -428,11 +431,11 @@ class RedisBackend(Backend):
     # -- reads ----------------------------------------------------------------------------------
     @_translated
     def counts(self) -> Counts:
-        return _counts(self._client.hgetall(self.key("counts")))
+        return _counts(*self._run("counts", ""))
 
     @_translated
     def job_counts(self, job_id: str) -> Counts:
-        return _counts(self._client.hgetall(self.key("jc", job_id)))
+        return _counts(*self._run("counts", job_id)) if job_id else Counts()
 
     @_translated
     def results(self, job_id: str) -> dict[str, bytes]:
@@ -459,8 +462,8 @@ class RedisBackend(Backend):
 
     @_translated
     def rezero(self) -> Counts:
-        flat = self._run("rezero")
-        return _counts(dict(zip(flat[::2], flat[1::2], strict=True)))
+        self._run("rezero")
+        return self.counts()
 
     @_translated
     def dead(self) -> list[DeadLetter]:
@@ -611,9 +614,14 @@ def _selection(task_ids: Sequence[str] | None) -> list[str]:
     return ["all"] if task_ids is None else ["some", *task_ids]
 
 
-def _counts(raw: dict[bytes, bytes]) -> Counts:
-    known = {field.decode(): int(value) for field, value in raw.items()}
-    return Counts(**{f: known.get(f, 0) for f in Counts().as_dict()})
+def _counts(flat: list[bytes], scheduled: int) -> Counts:
+    """Counts from a counter hash (HGETALL's flat list) and the number of scheduled tasks, which
+    the queued counter includes."""
+    known = {field.decode(): int(value) for field, value in zip(flat[::2], flat[1::2], strict=True)}
+    counts = Counts(**{f: known.get(f, 0) for f in COUNT_FIELDS})
+    counts.scheduled = min(int(scheduled), counts.queued)
+    counts.queued -= counts.scheduled
+    return counts
 
 
 def parse_redis_url(url: str) -> dict[str, Any]:

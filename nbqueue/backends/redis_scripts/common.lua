@@ -142,6 +142,18 @@ local function take_ready(n)
   return out
 end
 
+-- A task not ready until `at` (ms): a retry waiting out its backoff, or a delayed insert. The
+-- job's own zset of them makes its count of scheduled tasks one ZCOUNT.
+local function delay_task(task, at)
+  redis.call('ZADD', K.delayed, at, task)
+  redis.call('ZADD', JK('delayed', job_of(task)), at, task)
+end
+
+local function undelay_task(task)
+  redis.call('ZREM', K.delayed, task)
+  redis.call('ZREM', JK('delayed', job_of(task)), task)
+end
+
 local function has_ready()
   return redis.call('LLEN', K.ready) > 0 or redis.call('ZCARD', K.turns) > 0
 end
@@ -178,7 +190,7 @@ local function reclaim(now, force, limit)
   end
   local due = redis.call('ZRANGEBYSCORE', K.delayed, '-inf', now, 'LIMIT', 0, limit)
   for _, task in ipairs(due) do
-    redis.call('ZREM', K.delayed, task)
+    undelay_task(task)
     push_ready(task)
   end
   notify(#expired + #due)

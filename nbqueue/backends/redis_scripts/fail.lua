@@ -12,7 +12,7 @@ bump(job, 'failed', 1)
 if retry ~= '' then
   local delay = tonumber(retry)
   if delay > 0 then
-    redis.call('ZADD', K.delayed, now + delay, task)
+    delay_task(task, now + delay)
   else
     push_ready(task)
     notify(1)

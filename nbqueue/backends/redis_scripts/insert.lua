@@ -23,7 +23,7 @@ for i = 6, #ARGV, 2 do
   redis.call('HSET', K.payload, task, ARGV[i + 1])
   redis.call('HSET', K.attempts, task, 0)
   if delay then
-    redis.call('ZADD', K.delayed, now + delay, task)
+    delay_task(task, now + delay)
   else
     push_ready(task)
   end
