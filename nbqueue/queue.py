@@ -251,10 +251,10 @@ class TaskQueue(QueueConnection):
     @property
     def enqueued(self) -> int:
         """Tasks still in the queue, leased or not (python-task-queue's meaning): ``while
-        tq.enqueued > 0`` waits for running tasks too. ``status().queued`` counts only those
-        waiting for a worker."""
+        tq.enqueued > 0`` waits for running and scheduled tasks too. ``status().queued`` counts
+        only those ready for a worker."""
         counts = self.status()
-        return counts.queued + counts.leased
+        return counts.waiting + counts.leased
 
     @property
     def leased(self) -> int:

@@ -546,7 +546,7 @@ class Worker:
         mid-write) cannot keep us forever: past the longest wait that can matter, we stop."""
         try:
             counts = [self._call(source.backend.counts) for source in self.sources]
-            left = sum(c.queued + c.leased for c in counts)
+            left = sum(c.waiting + c.leased for c in counts)
         except _GaveUp:  # told to stop during an outage
             return True
         return left <= 0 or idle > 2 * max(defaults.RETRY_MAX_SECONDS, self.lease_seconds)
@@ -1003,7 +1003,7 @@ def run_in_processes(queue: QueueConnection, parallel: int, max_attempts: int) -
         while True:
             leases = backend.lease(parallel * 8, 3600, wait=0.5)
             if not leases:
-                if backend.counts().queued <= 0:
+                if backend.counts().waiting <= 0:
                     return
                 continue  # retries are waiting out their backoff
             outcomes = list(pool.map(_child_execute, leases, [max_attempts] * len(leases)))

@@ -205,13 +205,13 @@ def audit(
     # I4: nothing queued or leased once quiescent.
     counts = queue.status()
     report.counts = counts
-    if quiescent and (counts.queued != 0 or counts.leased != 0):
+    if quiescent and (counts.waiting != 0 or counts.leased != 0):
         # Diagnose before failing: a recount tells tasks really left behind from counters that
         # drifted (rezero rewrites the counters; the queue is failing this check anyway).
         try:
             exact = queue.rezero()
             recount = f"; a recount (rezero) says {exact}"
-            if exact.queued == 0 and exact.leased == 0:
+            if exact.waiting == 0 and exact.leased == 0:
                 recount += " -- the counters drifted: no task is really queued or leased"
         except Exception as exc:  # the message matters more than the recount
             recount = f"; the recount failed: {exc!r}"

@@ -129,7 +129,7 @@ def storm(url: str, tasks: int, log_dir, seed: int, worker_args: tuple[str, ...]
         settle_until = time.monotonic() + 3 * LEASE
         while time.monotonic() < settle_until:
             counts = tq.status()
-            if counts.queued == 0 and counts.leased == 0:
+            if counts.waiting == 0 and counts.leased == 0:
                 break
             time.sleep(0.1)
         for w in live:

@@ -113,6 +113,11 @@ class Counts:
     scheduled: int = 0
 
     @property
+    def waiting(self) -> int:
+        """Tasks in the queue that no worker holds: ready (queued) or not yet (scheduled)."""
+        return self.queued + self.scheduled
+
+    @property
     def finished(self) -> int:
         """Tasks that will not run again by themselves: completed plus dead."""
         return self.completed + self.dead
