@@ -118,3 +118,14 @@ def test_unknown_task_ids_are_refused():
         handle.status  # noqa: B018 - the property is what raises
     with pytest.raises(ValueError, match="invalid task id"):
         TaskHandle(tq, "../x")
+
+
+def test_map_takes_insert_options_a_priority_among_them(tmp_path, nb):
+    tq = nbqueue.use(f"fq://{tmp_path / 'queue'}")
+    tq.progress = False
+    later = nb.score.map(range(20))
+    first = nb.score.map([100, 200], priority=2, name="urgent")
+    assert first.name == "urgent" and first.meta["priority"] == 2
+    assert tq.poll(max_tasks=2).completed == 2
+    assert [value for value, _ in first.results()] == [410, 810]
+    assert later.counts().completed == 0

@@ -217,17 +217,18 @@ def test_a_worker_of_several_queues_drains_them_in_the_order_given(worker_url, n
     assert (len(low_job.results()), len(high_job.results())) == (10, 4)
     first_low = min(r.started for r in low_job.records())
     # No task of HIGH still waited when one of LOW started (with two processes, one may start
-    # LOW while the other runs the last task of HIGH).
-    assert max(r.started for r in high_job.records()) <= first_low
+    # LOW while the other runs the last task of HIGH). A HIGH task that had waited for a slot
+    # would start a whole task (0.6 s) late; one leased just before LOW's start, a moment late.
+    assert max(r.started for r in high_job.records()) <= first_low + 0.25
     if processes == 1:
         assert max(r.finished for r in high_job.records()) <= first_low
 
 
 @pytest.mark.slow
-def test_delayed_tasks_show_as_scheduled_until_due_then_run(worker_url, nb):
+def test_delayed_tasks_show_as_scheduled_until_due_then_run(worker_url, nb, monkeypatch):
     """insert(delay=), insert(eta=) and fn.submit_later: scheduled (not queued) in counts, the
     progress line, `nbqueue status`/`job` and the report the REST API serves, until due."""
-    from nbqueue import use
+    from nbqueue import handles
     from nbqueue.progress import describe
     from nbqueue.report import job_report
 
@@ -238,7 +239,7 @@ def test_delayed_tasks_show_as_scheduled_until_due_then_run(worker_url, nb):
         later = tq.insert((functools.partial(nb.fit_slowly, i, 0.0) for i in range(3)), delay=2.0)
         at = datetime.datetime.now() + datetime.timedelta(seconds=2)
         timed = tq.insert([functools.partial(nb.fit_slowly, 9, 0.0)], eta=at)
-        use(tq)
+        monkeypatch.setattr(handles, "_default", tq)  # nbqueue.use(tq), undone after the test
         handle = nb.fit_slowly.submit_later(2.0, 10, 0.0)
         time.sleep(0.5)
         counts = later.counts()
