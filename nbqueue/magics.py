@@ -25,7 +25,7 @@ from . import defaults
 from .errors import NbQueueError
 from .handles import queueable
 from .procs import WorkerProcesses, pid_alive
-from .queue import TaskQueue
+from .queue import TaskQueue, last_used_url, note_used
 from .records import TaskError
 
 _BUILTINS = frozenset(dir(builtins))
@@ -155,7 +155,6 @@ class QueueMagics(Magics):
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
         self._queues: dict[str, TaskQueue] = {}
-        self._last_url: str | None = None
         self._workers: list[WorkerProcesses] = []
         self._server: dict[str, Any] | None = None  # the Jupyter server we run under, once found
         self._server_pids: list[int] = []
@@ -167,13 +166,15 @@ class QueueMagics(Magics):
         return self.shell
 
     def _queue_for(self, url: str | None) -> TaskQueue:
-        url = url or self._last_url or os.environ.get(defaults.ENV_URL)
+        # The queue last used in this kernel: by a magic, or by an insert of the notebook's own
+        # (tq.insert, fn.map), so `%queue workers start 2` serves the job just inserted.
+        url = url or last_used_url() or os.environ.get(defaults.ENV_URL)
         if not url:
             url = f"fq://{os.path.join(os.getcwd(), 'queues', 'default')}"
             print(f"nbqueue: using {url} (pass a URL or set {defaults.ENV_URL} to choose another)")
         if url not in self._queues:
             self._queues[url] = TaskQueue(url)
-        self._last_url = url
+        note_used(url)
         return self._queues[url]
 
     @magic_arguments()
@@ -302,25 +303,29 @@ class QueueMagics(Magics):
             self._workers.append(pool)
             print(f"started {len(pool.pids)} worker(s) on {tq.url}: pids {', '.join(map(str, pool.pids))}")
         elif rest and rest[0] == "stop":
-            stopped = sum(len(p.pids) for p in self._workers)
+            stopped = len(self._alive_workers())  # the ones that had exited need no stopping
             for pool in self._workers:
                 pool.stop()
             self._workers.clear()
             if self._server_pids and self._server is not None:
                 from .server.client import stop_server_workers
 
-                stopped += stop_server_workers(self._server, self._server_pids)
+                stop_server_workers(self._server, self._server_pids)
                 self._server_pids = []
             print(f"stopped {stopped} worker(s)")
         elif rest:
             raise UsageError("%queue workers [start N [URL] | stop]")
         else:
-            alive = [(proc.pid, proc.poll() is None) for pool in self._workers for proc in pool.procs]
-            alive += [(pid, pid_alive(pid)) for pid in self._server_pids]
-            for pid, running in alive:
-                print(f"  pid {pid}: {'running' if running else 'exited'}")
+            alive = self._alive_workers()
+            for pid in alive:
+                print(f"  pid {pid}: running")
             if not alive:
-                print("no workers started from this kernel")
+                print("no live workers started from this kernel")
+
+    def _alive_workers(self) -> list[int]:
+        """Pids of the workers this kernel started that still run (local or server-owned)."""
+        alive = [proc.pid for pool in self._workers for proc in pool.procs if proc.poll() is None]
+        return alive + [pid for pid in self._server_pids if pid_alive(pid)]
 
     def _server_workers_start(self, tq: TaskQueue, n: int) -> list[int] | None:
         """Workers owned by the Jupyter server this kernel runs under, when it has the nbqueue

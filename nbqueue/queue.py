@@ -38,6 +38,21 @@ from .worker import (
     worker_env,
 )
 
+_last_used: str | None = None  # see last_used_url
+
+
+def last_used_url() -> str | None:
+    """The URL of the queue this process inserted into last (or a magic named last): where
+    ``%queue workers start N`` and the other magics go without a URL."""
+    return _last_used
+
+
+def note_used(url: str) -> None:
+    """Record ``url`` as the queue this process used last (see ``last_used_url``)."""
+    global _last_used
+    _last_used = url
+
+
 #: What ``poll(stop_fn=...)`` may ask for by parameter name (python-task-queue's names).
 STOP_FN_ARGUMENTS = ("executed", "tries", "previous_execution_time", "elapsed_time")
 
@@ -129,6 +144,7 @@ class TaskQueue(QueueConnection):
         if parallel is True:
             parallel = os.cpu_count() or 1
         wait = _delay_of(delay, eta, delay_seconds)
+        note_used(self.worker_url)
         return insert_tasks(
             self,
             tasks,

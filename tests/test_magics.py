@@ -9,6 +9,7 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 from nbqueue import TaskQueue
+from nbqueue import queue as nbqueue_queue
 from nbqueue.magics import _workers_alive, split_args
 from nbqueue.procs import WorkerProcesses
 
@@ -29,6 +30,7 @@ def shrink(x, alpha):              # a notebook function the cell calls
 @pytest.fixture
 def shell(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(nbqueue_queue, "_last_used", None)  # a fresh kernel has used no queue
     ip = InteractiveShell.instance()
     ip.run_cell(NOTEBOOK_CELLS)
     ip.run_line_magic("load_ext", "nbqueue")
@@ -140,6 +142,33 @@ def test_workers_start_and_stop_from_the_kernel(shell, tmp_path, capsys):
     assert "running" in capsys.readouterr().out
     shell.run_line_magic("queue", "workers stop")
     assert "stopped 1 worker(s)" in capsys.readouterr().out
+
+
+def test_workers_start_without_a_url_serves_the_queue_the_notebook_inserted_into(shell, tmp_path, capsys):
+    """The job sits on the queue the notebook's own code used (not a magic): workers started
+    without a URL go there, not to ./queues/default; the listing shows live workers only."""
+    url = f"fq://{tmp_path / 'mine'}"
+    shell.run_cell(
+        "from functools import partial\n"
+        "from nbqueue import TaskQueue, queueable\n"
+        "half = queueable(lambda x: x / 2)\n"
+        f"tq = TaskQueue({url!r}, progress=False)\n"
+        "job = tq.insert(partial(half, x) for x in range(3))\n"
+    ).raise_error()
+    shell.run_line_magic("queue", "workers start 1")
+    assert f"on {url}" in capsys.readouterr().out
+    assert shell.user_ns["job"].wait(timeout=60, progress=False).results() == [0.0, 0.5, 1.0]
+    shell.run_line_magic("queue", "workers start 1")  # a second, on the same queue
+    capsys.readouterr()
+    shell.run_line_magic("queue", "workers")
+    assert capsys.readouterr().out.count("running") == 2
+    for pool in shell.magics_manager.registry["QueueMagics"]._workers[:1]:
+        pool.stop()  # one exits (as an idle worker would)
+    shell.run_line_magic("queue", "workers")
+    assert capsys.readouterr().out.count("running") == 1
+    shell.run_line_magic("queue", "workers stop")
+    assert "stopped 1 worker(s)" in capsys.readouterr().out
+    assert not (tmp_path / "queues").exists()
 
 
 def test_wait_stops_with_a_clear_error_when_its_workers_die(tmp_path):
