@@ -175,10 +175,12 @@ def test_tasks_holding_the_gil_past_their_lease(worker_url, tmp_path, renewal):
     n = _gil_loop_size(2.4)  # ~8 leases of 0.3 s
     tq = TaskQueue(worker_url)
     job = tq.insert([functools.partial(gnb.hog, i, str(log_dir), n) for i in range(2)], progress=False)
+    # Three workers for two tasks: each busy one leases one task (slow start), so the third is
+    # idle when a lease lapses, and takes the task if its lease was not kept.
     workers = start_workers(
-        worker_url, 2, "--lease", "0.3", "--burst", "--renew", renewal, "--max-attempts", "5"
+        worker_url, 3, "--lease", "0.3", "--burst", "--renew", renewal, "--max-attempts", "5"
     )
-    assert wait_all(workers, timeout=120) == [0, 0]
+    assert wait_all(workers, timeout=120) == [0, 0, 0]
     job.wait(timeout=30, progress=False)
     runs = executions(log_dir)
     duplicates = sum(len(pids) - 1 for pids in runs.values())
