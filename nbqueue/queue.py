@@ -389,7 +389,7 @@ class TaskQueue(QueueConnection):
         codec = self._codec()
         for task_id, blob in (*self.backend.iter_queued(), *self.backend.iter_leased()):
             try:
-                yield readable_task(codec, task_id, blob, self.backend.get_function)
+                yield readable_task(codec.decode(task_id, blob, self.backend.get_function), task_id)
             except (BadSignature, DecodeError, TaskRefused) as exc:
                 warnings.warn(f"task {task_id} skipped: {exc}", stacklevel=2)
 

@@ -207,21 +207,26 @@ class FunctionTask:
     """A call of a queueable function read back from a queue (``TaskQueue.lease``, ``list``,
     ``tasks``): python-task-queue's name for it. ``execute()`` (or calling it) runs it."""
 
-    def __init__(
-        self, fn: Callable[..., Any], args: tuple, kwargs: dict, task_id: str, ref: str | None = None
-    ) -> None:
-        self.fn = fn
-        self.args = args
-        self.kwargs = kwargs
+    def __init__(self, call: TaskCall, task_id: str) -> None:
+        self.call = call
         self.id = task_id
-        self.ref = ref  #: ``module:qualname`` for a task by reference
-        self.ran = False
         self.value: Any = None  #: what the function returned, once it ran
+
+    @property
+    def fn(self) -> Callable[..., Any]:
+        return self.call.fn if self.call.fn is not None else self.call.obj.execute
+
+    @property
+    def args(self) -> tuple:
+        return self.call.args
+
+    @property
+    def kwargs(self) -> dict:
+        return self.call.kwargs
 
     def execute(self) -> Any:
         """Run the call; the value is kept for the completion record ``delete()`` writes."""
-        self.value = self.fn(*self.args, **self.kwargs)
-        self.ran = True
+        self.value = self.call.run()
         return self.value
 
     __call__ = execute
@@ -337,10 +342,8 @@ def to_call(task: Any) -> TaskCall:
     """
     if isinstance(task, TaskSpec):
         return _spec_call(task)
-    if isinstance(task, FunctionTask):  # read back from a queue: insert it again as it was
-        if task.ref is not None:
-            return TaskCall(None, task.args, task.kwargs, ref=task.ref)
-        return to_call(functools.partial(task.fn, *task.args, **task.kwargs))
+    if isinstance(task, FunctionTask):  # read back from a queue (checked then): again as it was
+        return task.call
     if _is_call_tuple(task):
         return _tuple_call(*task)
     if isinstance(task, functools.partial):

@@ -163,19 +163,10 @@ def _raised(codec: TaskCodec, task: Loaded, exc: BaseException, max_attempts: in
     return _failed(codec, task.lease, exc, max_attempts, who, task.started)
 
 
-def execute(
-    codec: TaskCodec,
-    lease: Lease,
-    fetch_function,
-    max_attempts: int,
-    who: str,
-    run_coroutine: Callable[[Any], Any] = asyncio.run,
-) -> Outcome:
+def execute(codec: TaskCodec, lease: Lease, fetch_function, max_attempts: int, who: str) -> Outcome:
     """Decode and run one leased task; never raises for the task's own errors (see ``load``)."""
     task = load(codec, lease, fetch_function, max_attempts, who)
-    if isinstance(task, Outcome):
-        return task
-    return run_loaded(codec, task, max_attempts, who, run_coroutine)
+    return task if isinstance(task, Outcome) else run_loaded(codec, task, max_attempts, who)
 
 
 def _sealed(codec: TaskCodec, lease: Lease, who: str, started: float, **outcome: Any) -> bytes:
@@ -484,6 +475,7 @@ class Worker:
 
     def _use(self, source: _Source) -> None:
         """Lease, run and report through ``source`` (until the next call)."""
+        self.source = source
         self.queue, self.backend, self.codec = source.queue, source.backend, source.codec
 
     def _heartbeat(self, backend: Backend, ttl: float) -> None:
@@ -591,7 +583,8 @@ class Worker:
                     continue
                 idle_since, sleep = None, defaults.IDLE_SLEEP_MIN
                 self.empty_leases = 0
-                renewer = self._renewer()
+                renewer = self.source.renewer
+                assert renewer is not None, "started above, one per queue"
                 renewer.hold(leases)
                 self._run_batch(leases, renewer)
                 renewer.info(self._heartbeat_info())
@@ -621,12 +614,6 @@ class Worker:
             if leases:
                 return leases
         return []
-
-    def _renewer(self) -> LeaseRenewal:
-        """The renewer of the queue in use."""
-        renewer = next(source.renewer for source in self.sources if source.backend is self.backend)
-        assert renewer is not None, "run() starts one per queue"
-        return renewer
 
     def _asked_to_stop(self) -> bool:
         """Ask ``stop_when``; a yes stops the worker (as ``stop()`` does)."""
@@ -706,27 +693,17 @@ class Worker:
                     self._report_failure(self._crashed(lease), renewer)
                     continue
                 t = time.monotonic()
-                try:
-                    outcome = execute(
-                        self.codec, lease, self._fetch_function, self.max_attempts, self.who, self._await
-                    )
-                except _GaveUp:  # could not even load the task: its lease expires and it runs again
-                    self.stats.abandoned += 1
-                    renewer.drop(lease.task_id)
+                task = self._load(lease, renewer)
+                if task is None:
                     continue
+                outcome = task if isinstance(task, Outcome) else self._run_here(task)
                 batch.finished()
                 self._ran(lease, time.monotonic() - t, outcome.ok)
                 self._asked_to_stop()  # the rest of the batch goes back at the top of the loop
-                if renewer.has_lost(lease):  # another worker has it now: our result is void
-                    self.stats.abandoned += 1
-                    renewer.drop(lease.task_id)
-                    continue
-                if outcome.ok:
+                if self._to_commit(outcome, renewer):
                     if not pending:
                         first_pending = time.monotonic()
                     pending.append(outcome)
-                else:
-                    self._report_failure(outcome, renewer)
         finally:
             self._batch = None
             self._commit(pending, renewer)  # even when interrupted: finished work is kept
@@ -746,19 +723,15 @@ class Worker:
                 outcomes.append(self._crashed(lease))
                 continue
             t = time.monotonic()
-            try:
-                task = load(self.codec, lease, self._fetch_function, self.max_attempts, self.who)
-            except _GaveUp:  # could not even load the task: its lease expires and it runs again
-                self.stats.abandoned += 1
-                renewer.drop(lease.task_id)
+            task = self._load(lease, renewer)
+            if task is None:
                 continue
             if isinstance(task, Loaded) and task.is_coroutine:
                 coroutines.append(task)
                 continue
-            if isinstance(task, Loaded):
-                task = run_loaded(self.codec, task, self.max_attempts, self.who, self._await)
-            self._ran(lease, time.monotonic() - t, task.ok)
-            outcomes.append(task)
+            outcome = task if isinstance(task, Outcome) else self._run_here(task)
+            self._ran(lease, time.monotonic() - t, outcome.ok)
+            outcomes.append(outcome)
         if coroutines:
             t = time.monotonic()
             awaited = self._await(self._gather(coroutines))
@@ -767,7 +740,8 @@ class Worker:
             for outcome in awaited:
                 self._ran(outcome.lease, share, outcome.ok)
             outcomes += awaited
-        self._settle(outcomes, renewer)
+        self._commit([outcome for outcome in outcomes if self._to_commit(outcome, renewer)], renewer)
+        self._asked_to_stop()
 
     async def _gather(self, tasks: list[Loaded]) -> list[Outcome]:
         slots = asyncio.Semaphore(self.concurrency)
@@ -785,21 +759,29 @@ class Worker:
         self.executed += 1
         log.info("%s %s in %.3fs", "ran" if ok else "failed", lease.task_id, seconds)
 
-    def _settle(self, outcomes: list[Outcome], renewer: LeaseRenewal) -> None:
-        """Commit the successes together and report each failure; a result whose lease was lost
-        meanwhile is void (another worker has the task)."""
-        pending = []
-        for outcome in outcomes:
-            lease = outcome.lease
-            if renewer.has_lost(lease):
-                self.stats.abandoned += 1
-                renewer.drop(lease.task_id)
-            elif outcome.ok:
-                pending.append(outcome)
-            else:
-                self._report_failure(outcome, renewer)
-        self._commit(pending, renewer)
-        self._asked_to_stop()
+    def _load(self, lease: Lease, renewer: LeaseRenewal) -> Loaded | Outcome | None:
+        """``lease``'s task decoded, or the failure of one that cannot be; None when the storage
+        failed while loading it (its lease expires and it runs again)."""
+        try:
+            return load(self.codec, lease, self._fetch_function, self.max_attempts, self.who)
+        except _GaveUp:
+            self.stats.abandoned += 1
+            renewer.drop(lease.task_id)
+            return None
+
+    def _run_here(self, task: Loaded) -> Outcome:
+        return run_loaded(self.codec, task, self.max_attempts, self.who, self._await)
+
+    def _to_commit(self, outcome: Outcome, renewer: LeaseRenewal) -> bool:
+        """True for a success to commit. A failure is reported now; a result whose lease was
+        lost meanwhile is void (another worker has the task)."""
+        if renewer.has_lost(outcome.lease):
+            self.stats.abandoned += 1
+            renewer.drop(outcome.lease.task_id)
+            return False
+        if not outcome.ok:
+            self._report_failure(outcome, renewer)
+        return outcome.ok
 
     def _give_back_after(self, lease: Lease) -> float:
         """Seconds ``lease``'s task may run before its batch-mates are given back: what the
@@ -884,18 +866,13 @@ class HeldTask:
     started: float
 
 
-def readable_task(codec: TaskCodec, task_id: str, blob: bytes, fetch_function: Callable[[str], bytes]) -> Any:
-    """A queued task as user code sees it: the task object itself (its ``_id`` set), or a
-    ``FunctionTask``. The envelope is verified before anything in it is loaded.
-
-    Raises BadSignature, DecodeError or TaskRefused for a task no worker would run.
-    """
-    call = codec.decode(task_id, blob, fetch_function)
+def readable_task(call: TaskCall, task_id: str) -> Any:
+    """A decoded task as user code sees it: the task object itself (its queue id set), or a
+    ``FunctionTask``."""
     if call.fn is None and not (call.args or call.kwargs):
         set_queue_id(call.obj, task_id)
         return call.obj
-    fn = call.obj.execute if call.fn is None else call.fn
-    return FunctionTask(fn, call.args, call.kwargs, task_id, ref=call.ref)
+    return FunctionTask(call, task_id)
 
 
 def lease_by_hand(
@@ -904,16 +881,13 @@ def lease_by_hand(
     """Lease up to ``n`` tasks for user code to run. A task no worker would run (bad signature,
     unloadable, refused) goes to the dead letters with the reason, as a worker sends it."""
     held = []
-    who = worker_id()
     for lease in queue.backend.lease(n, seconds, wait=wait):
-        try:
-            task = readable_task(codec, lease.task_id, lease.payload, queue.backend.get_function)
-        except TERMINAL_ERRORS as exc:
-            log.warning("task %s sent to the dead letters: %s", lease.task_id, exc)
-            record = _sealed(codec, lease, who, time.time(), error=error_info(exc))
-            queue.backend.fail(lease.task_id, lease.token, record, None)
+        task = load(codec, lease, queue.backend.get_function, 1, worker_id())
+        if isinstance(task, Outcome):  # refused unread: dead at once (max_attempts 1)
+            log.warning("task %s sent to the dead letters: it cannot be loaded", lease.task_id)
+            queue.backend.fail(lease.task_id, lease.token, task.record, task.retry_in)
             continue
-        held.append(HeldTask(lease, task, time.time()))
+        held.append(HeldTask(lease, readable_task(task.call, lease.task_id), task.started))
     return held
 
 
