@@ -134,6 +134,7 @@ class TaskHandle:
         self.queue = queue
         self.task_id = check_id(task, "task id")
         self.job_id = job_of(task)
+        self._finished: bytes = b""  # the task's record, once a wait saw it
 
     @property
     def job(self) -> Job:
@@ -189,22 +190,25 @@ class TaskHandle:
 
     def _waiting(self, timeout: float | None) -> Iterator[float]:
         """The polls of a wait for this task: yields how long to pause before the next one, and
-        ends once it finished."""
+        ends once it finished, its record kept for ``_value``."""
         start = time.monotonic()
         sleep = defaults.WAIT_POLL_MIN
-        if self._blob() is None and self.queue.backend.find_task(self.task_id) is None:
-            if self._blob() is None:  # it may have finished in between
+        blob = self._blob()
+        if blob is None and self.queue.backend.find_task(self.task_id) is None:
+            blob = self._blob()  # it may have finished in between
+            if blob is None:
                 raise KeyError(f"no task {self.task_id!r} in {self.queue.url}")
-        while self._blob() is None:
+        while blob is None:
             if timeout is not None and time.monotonic() - start >= timeout:
                 raise TimeoutError(f"task {self.task_id} not finished after {timeout:g}s")
             yield sleep
             sleep = min(sleep * 1.5, defaults.WAIT_POLL_MAX)
+            blob = self._blob()
+        self._finished = blob
 
     def _value(self) -> Any:
-        """The finished task's value; raises TaskFailed if it failed for good."""
-        blob = self._blob()
-        assert blob is not None, "called once the task finished"
+        """The finished task's value (after ``_waiting``); raises TaskFailed if it failed."""
+        blob = self._finished
         record = self._open(blob)
         if not record.ok:
             raise TaskFailed(f"task {self.task_id} failed: {record.error}", [record.error])
