@@ -22,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import queue as queue_module
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, wait
+from dataclasses import dataclass
 from typing import Any
 
 from . import defaults, pickling
@@ -45,21 +47,35 @@ def sliceable(tasks: Any) -> bool:
 
 
 # -- writing batches ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Placement:
+    """When a job's tasks become ready and what priority the job has: the same for every batch,
+    however late the batch is written (a long insert's last batch is not ready later), and in
+    every slice's process (the clock is this machine's)."""
+
+    ready_at: float | None = None  #: ``time.time()`` when ready; None: at once
+    priority: int = 0
+
+    def delay(self) -> float:
+        """Seconds from now until the tasks are ready."""
+        return 0.0 if self.ready_at is None else max(self.ready_at - time.time(), 0.0)
+
+
 class _Writer:
     """Writes encoded batches (and a job's new function blobs before its first task)."""
 
-    def __init__(self, backend, job_id: str, delay: float = 0.0, priority: int = 0) -> None:
+    def __init__(self, backend, job_id: str, placement: Placement) -> None:
         self.backend = backend
         self.job_id = job_id
-        self.delay = delay
-        self.priority = priority
+        self.placement = placement
         self.written = 0
         self._lock = threading.Lock()
 
     def write(self, functions: list[tuple[str, bytes]], batch: list[tuple[str, bytes]]) -> None:
         for digest, blob in functions:
             self.backend.put_function(digest, blob)
-        self.backend.insert(self.job_id, batch, delay=self.delay, priority=self.priority)
+        where = self.placement
+        self.backend.insert(self.job_id, batch, delay=where.delay(), priority=where.priority)
         with self._lock:
             self.written += len(batch)
 
@@ -73,10 +89,8 @@ class _Writer:
 class _PipelinedWriter(_Writer):
     """Writes from background threads (or greenlets) through a bounded queue of batches."""
 
-    def __init__(
-        self, backend, job_id: str, writers: int, green: bool = False, delay: float = 0.0, priority: int = 0
-    ) -> None:
-        super().__init__(backend, job_id, delay, priority)
+    def __init__(self, backend, job_id: str, placement: Placement, writers: int, green: bool = False) -> None:
+        super().__init__(backend, job_id, placement)
         self._queue: queue_module.Queue = queue_module.Queue(maxsize=writers)
         self._error: BaseException | None = None
         if green:
@@ -196,13 +210,12 @@ def _insert_slice(
     size: int,
     blob: bytes,
     batch_size: int,
-    delay: float,
-    priority: int,
+    placement: Placement,
 ) -> int:
     """Child process: load one slice (``size`` tasks from ``offset``) and upload it. Returns how
     many tasks it queued."""
     queue = QueueConnection.reopen(reopen)
-    writer = _Writer(queue.backend, job_id, delay, priority)
+    writer = _Writer(queue.backend, job_id, placement)
     try:
         tasks = _exactly(queue.serializer.loads(blob), offset, offset + size)
         upload(queue, job_id, tasks, offset, batch_size, writer, queue_id)
@@ -220,8 +233,7 @@ def _insert_sliced(
     batch_size: int,
     bar: Any,
     before_first_batch: Callable[[], None],
-    delay: float,
-    priority: int,
+    placement: Placement,
 ) -> int:
     """Cut ``tasks`` into ``parallel`` slices uploaded by as many spawned processes.
 
@@ -249,8 +261,7 @@ def _insert_sliced(
                 hi - lo,
                 blob,
                 batch_size,
-                delay,
-                priority,
+                placement,
             )
             for lo, hi, blob in slices
         ]
@@ -280,6 +291,7 @@ def insert_tasks(
     priority: int = 0,
 ) -> Job:
     """Insert every task of ``tasks`` as one job; see ``TaskQueue.insert``."""
+    placement = Placement(time.time() + delay if delay > 0 else None, priority)
 
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -301,16 +313,12 @@ def insert_tasks(
     # Slices go to processes with green=True too (the children write plainly), as
     # python-task-queue's do.
     sliced = parallel > 1 and sliceable(tasks) and not queue.url.startswith("mem://")
-    if sliced:
-        writer = _Writer(queue.backend, job_id, delay, priority)
-    elif green:
-        writer = _PipelinedWriter(
-            queue.backend, job_id, max(parallel, 8), green=True, delay=delay, priority=priority
-        )
-    elif parallel > 1:
-        writer = _PipelinedWriter(queue.backend, job_id, parallel, delay=delay, priority=priority)
+    if green and not sliced:
+        writer: _Writer = _PipelinedWriter(queue.backend, job_id, placement, max(parallel, 8), green=True)
+    elif parallel > 1 and not sliced:
+        writer = _PipelinedWriter(queue.backend, job_id, placement, parallel)
     else:
-        writer = _Writer(queue.backend, job_id, delay, priority)
+        writer = _Writer(queue.backend, job_id, placement)
     started = False
 
     def before_first_batch() -> None:
@@ -331,8 +339,7 @@ def insert_tasks(
                 batch_size,
                 bar,
                 before_first_batch,
-                delay,
-                priority,
+                placement,
             )
         else:
             upload(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from concurrent.futures.process import BrokenProcessPool
 
 import pytest
@@ -269,3 +270,20 @@ def test_a_script_without_a_main_guard_inserts_in_parallel_and_runs_local_proces
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines() == ["True", str([2 * i for i in range(10)])]
     assert done.stderr.count("script body ran") == 1  # children did not run the script again
+
+
+def test_a_delay_counts_from_the_insert_not_from_each_batch_write(backend_url, nb):
+    """A slow generator writes its second batch a second after the first: both are ready 1.5 s
+    after the insert began (as an eta would have it), not 1.5 s after their own write."""
+    tq = TaskQueue(backend_url, progress=False)
+
+    def tasks():
+        yield functools.partial(nb.square, 1)
+        time.sleep(1.0)
+        yield functools.partial(nb.square, 2)
+
+    began = time.time()
+    tq.insert(tasks(), batch_size=1, delay=1.5)
+    assert tq.status().scheduled == 2 and tq.backend.lease(10, 30) == []
+    time.sleep(max(began + 1.8 - time.time(), 0))
+    assert len(tq.backend.lease(10, 30)) == 2
