@@ -18,10 +18,12 @@ from collections.abc import Callable
 from typing import Any
 
 from . import defaults
-from .backends.base import COUNT_FIELDS, Counts
+from .backends.base import Counts
 from .errors import NbQueueError, QueueURLError
 
 EXIT_OK, EXIT_TASKS_FAILED, EXIT_USAGE = 0, 1, 2
+#: Every count a Counts holds, stored or read from the queue's structures (scheduled).
+SHOWN_COUNTS = tuple(Counts().as_dict())
 
 
 def _queue(args: argparse.Namespace, url: str | None = None):
@@ -110,7 +112,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     age = status["oldest_queued_age"]
     leases = [f"{lease['task_id']} in {lease['expires_in']:.1f}s" for lease in status["leases_expiring"]]
     workers = [f"{w['id']} ({w.get('completed', '?')} completed)" for w in status["workers"]]
-    lines = [status["url"]] + [f"  {k:<16}{status[k]}" for k in (*COUNT_FIELDS, "scheduled")]
+    lines = [status["url"]] + [f"  {k:<16}{status[k]}" for k in SHOWN_COUNTS]
     lines += [
         f"  {'oldest queued':<16}{'-' if age is None else f'{age:.1f}s ago'}",
         f"  {'leases expiring':<16}{', '.join(leases) or '-'}",
@@ -147,7 +149,7 @@ def cmd_job(args: argparse.Namespace) -> int:
     from .report import job_report
 
     job = job_report(_queue(args), args.job_id)
-    counts = Counts(**{k: job[k] for k in (*COUNT_FIELDS, "scheduled")})
+    counts = Counts(**{k: job[k] for k in SHOWN_COUNTS})
     lines = [
         f"job {_titled(job['id'], job['name'])}  ({job['state']})",
         f"  {describe(counts, job['total'])}",
