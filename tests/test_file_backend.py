@@ -316,3 +316,30 @@ def test_a_commit_whose_process_died_comes_back_as_a_suspect(tmp_path, monkeypat
     backend.release_all()
     (again,) = backend.lease(1, 30)
     assert (again.attempt, again.suspect, again.charged) == (2, True, 1)
+
+
+def test_a_range_being_claimed_by_another_worker_is_not_reported_empty(tmp_path):
+    """Found by a flaky multi-queue test: while one worker claimed a range (renamed out of queue/,
+    its rest not linked back yet) another's lease found the job empty and went on to a lower
+    queue. Now a lease waits for young claims to settle before it answers "nothing ready"."""
+    import threading
+
+    root = str(tmp_path / "q")
+    slow, other = FileBackend(root), FileBackend(root)
+    slow.insert("job", tasks_of("job", 4))
+    real_read = slow._read_frames
+    claimed = threading.Event()
+
+    def slow_read(*args):  # a slow disk between the claim and giving the rest back
+        claimed.set()
+        time.sleep(0.2)
+        return real_read(*args)
+
+    slow._read_frames = slow_read
+    taker = threading.Thread(target=slow.lease, args=(1, 30))
+    taker.start()
+    assert claimed.wait(5)
+    assert os.listdir(os.path.join(root, "queue")) == []  # the moment the job looks empty
+    got = other.lease(1, 30, wait=0)
+    taker.join()
+    assert len(got) == 1 and got[0].task_id != "job-0"

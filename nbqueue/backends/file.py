@@ -109,6 +109,9 @@ RECLAIM_INTERVAL = 0.1
 PICK_WINDOW = 8
 #: A worker lists queue/ again at least this often, so a job inserted meanwhile gets its turn.
 RELIST_SECONDS = 0.25
+#: While another worker claims a range, the rest of it is out of queue/ for a moment: a lease
+#: that finds nothing ready waits for claims younger than this to settle before saying "empty".
+CLAIM_SETTLE_SECONDS = 0.5
 
 
 #: A process folds its counter file into the shared base once it grows past this.
@@ -567,6 +570,23 @@ class FileBackend(Backend):
     def _lease_once(self, n: int, seconds: float) -> list[Lease]:
         if time.monotonic() - self._last_reclaim >= RECLAIM_INTERVAL:
             self._reclaim()
+        settle_until = time.monotonic() + CLAIM_SETTLE_SECONDS
+        while True:
+            leases = self._lease_listed(n, seconds)
+            # Between another worker's claim (a rename out of queue/) and its giving back the
+            # rest of the range, the job looks empty: an answer of "nothing ready" then would
+            # send a worker of several queues on to a lower one while this one still has tasks.
+            if leases or not self._claims_in_flight() or time.monotonic() >= settle_until:
+                return leases
+            time.sleep(0.002)
+            self._listed = 0.0
+
+    def _claims_in_flight(self) -> bool:
+        """Whether another worker is in the middle of claiming a range (a young claim/ entry)."""
+        young = f"{_now_ms() - int(CLAIM_SETTLE_SECONDS * 1000):013d}"
+        return any(name[:13] >= young for name in os.listdir(self._dirs["claim"]))
+
+    def _lease_listed(self, n: int, seconds: float) -> list[Lease]:
         leases: list[Lease] = []
         relists = 0
         while len(leases) < n:
