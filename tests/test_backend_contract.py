@@ -247,7 +247,7 @@ def test_purge_and_rezero(backend):
     assert (c.inserted, c.failed, c.queued) == (0, 0, 4)
     backend.purge()
     assert backend.counts().as_dict() == dict.fromkeys(
-        ("inserted", "queued", "leased", "completed", "failed", "dead", "scheduled"), 0
+        ("inserted", "queued", "leased", "completed", "failed", "dead", "cancelled", "scheduled"), 0
     )
     assert backend.lease(10, 30) == [] and backend.list_jobs() == []
 
@@ -422,3 +422,67 @@ def test_put_dead_restores_letters_that_redrive(backend):
     assert backend.redrive() == 1
     (lease,) = backend.lease(1, 30)
     assert (lease.task_id, lease.attempt, lease.payload) == ("j1-0", 1, b"payload 0")
+
+
+def test_cancel_ends_waiting_tasks_and_marks_leased_ones(backend):
+    backend.insert("j1", tasks_of("j1", 4))
+    backend.insert("j1", [("j1-4", b"payload 4")], delay=30)  # scheduled
+    backend.insert("j2", tasks_of("j2", 2))
+    (held,) = backend.lease(1, 30)  # jobs take turns: j1 first
+    assert held.task_id.startswith("j1-")
+    assert backend.cancel("j1", b"cancelled") == 4  # three queued and the scheduled one
+    c = backend.job_counts("j1")
+    assert (c.queued, c.scheduled, c.leased, c.cancelled, c.failed) == (0, 0, 1, 4, 0)
+    assert c.finished == 4
+    assert backend.cancel_requested([held.task_id, "j2-0"]) == {held.task_id}
+    assert sorted(backend.results("j1")) == sorted(f"j1-{i}" for i in range(5) if f"j1-{i}" != held.task_id)
+    assert set(backend.results("j1").values()) == {b"cancelled"}
+    # The running task raised Cancelled: its failure ends it cancelled, never retried or dead.
+    assert backend.fail(held.task_id, held.token, b"its error", 0.0) == TaskStatus.CANCELLED
+    c = backend.job_counts("j1")
+    assert (c.leased, c.cancelled, c.failed, c.dead, c.finished) == (0, 5, 0, 0, 5)
+    assert backend.results("j1")[held.task_id] == b"cancelled"
+    assert backend.find_task(held.task_id).status == TaskStatus.CANCELLED
+    # The other job is untouched.
+    assert sorted(lease.task_id for lease in backend.lease(10, 30)) == ["j2-0", "j2-1"]
+    q = backend.counts()
+    assert (q.cancelled, q.leased, q.queued) == (5, 2, 0)
+
+
+def test_a_cancelled_task_never_goes_back_to_the_queue(backend):
+    backend.insert("j1", tasks_of("j1", 3))
+    a, b, c = sorted(backend.lease(3, 0.3), key=lambda lease: lease.task_id)
+    assert backend.cancel("j1", b"cancelled") == 0  # all three are leased: marked only
+    assert backend.release(a.task_id, a.token) is True  # given back unstarted
+    assert backend.complete([(b.task_id, b.token, b"finished first")]) == [True]  # a value is kept
+    time.sleep(0.5)  # c's lease expires (its worker died)
+    assert backend.lease(10, 30) == []  # a lease reclaims the expired one: it ends cancelled
+    counts = backend.job_counts("j1")
+    assert (counts.queued, counts.leased, counts.completed, counts.cancelled) == (0, 0, 1, 2)
+    assert backend.results("j1") == {"j1-0": b"cancelled", "j1-1": b"finished first", "j1-2": b"cancelled"}
+    assert backend.find_task("j1-1").status == TaskStatus.COMPLETED
+
+
+def test_cancel_one_task_leaves_the_rest_of_its_job(backend):
+    backend.insert("j1", tasks_of("j1", 5))
+    assert backend.cancel("j1", b"cancelled", ["j1-1", "j1-3"]) == 2
+    leased = backend.lease(10, 30)
+    assert sorted(lease.task_id for lease in leased) == ["j1-0", "j1-2", "j1-4"]
+    counts = backend.job_counts("j1")
+    assert (counts.cancelled, counts.leased, counts.queued) == (2, 3, 0)
+    assert backend.cancel("j1", b"cancelled", ["j1-4"]) == 0  # leased: marked only
+    assert backend.cancel_requested([lease.task_id for lease in leased]) == {"j1-4"}
+    with pytest.raises(ValueError):
+        backend.cancel("j1", b"cancelled", ["j2-0"])  # another job's task: nothing changes
+    assert backend.job_counts("j1").cancelled == 2
+
+
+def test_cancel_of_a_finished_job_changes_nothing(backend):
+    backend.insert("j1", tasks_of("j1", 1))
+    (lease,) = backend.lease(1, 30)
+    assert backend.complete([(lease.task_id, lease.token, b"done")]) == [True]
+    assert backend.cancel("j1", b"cancelled") == 0
+    counts = backend.job_counts("j1")
+    assert (counts.completed, counts.cancelled) == (1, 0)
+    assert backend.results("j1") == {"j1-0": b"done"}
+    assert backend.find_task("j1-0").status == TaskStatus.COMPLETED

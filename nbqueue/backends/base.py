@@ -29,12 +29,14 @@ from dataclasses import asdict, dataclass
 
 
 class TaskStatus(str, enum.Enum):
-    """Where a task is in its life: queued → leased → completed, or leased → dead."""
+    """Where a task is in its life: queued → leased → completed, or leased → dead; any state not
+    finished → cancelled."""
 
     QUEUED = "queued"
     LEASED = "leased"
     COMPLETED = "completed"
     DEAD = "dead"
+    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)
@@ -90,14 +92,15 @@ class TaskInfo:
     expires_in: float | None = None
 
 
-COUNT_FIELDS = ("inserted", "queued", "leased", "completed", "failed", "dead")
+COUNT_FIELDS = ("inserted", "queued", "leased", "completed", "failed", "dead", "cancelled")
 
 
 @dataclass
 class Counts:
     """Queue or job counters.
 
-    ``queued``, ``leased``, ``completed`` and ``dead`` are tasks in that state now; ``inserted``
+    ``queued``, ``leased``, ``completed``, ``dead`` and ``cancelled`` are tasks in that state
+    now; ``inserted``
     counts tasks ever inserted and ``failed`` counts failed attempts (retried or not).
     ``scheduled`` tasks wait in the queue but are not ready yet: inserted with a delay, or a
     retry waiting out its backoff (``queued`` counts the ready ones only). The stored counters
@@ -110,6 +113,7 @@ class Counts:
     completed: int = 0
     failed: int = 0
     dead: int = 0
+    cancelled: int = 0
     scheduled: int = 0
 
     @property
@@ -119,8 +123,8 @@ class Counts:
 
     @property
     def finished(self) -> int:
-        """Tasks that will not run again by themselves: completed plus dead."""
-        return self.completed + self.dead
+        """Tasks that will not run again by themselves: completed, dead or cancelled."""
+        return self.completed + self.dead + self.cancelled
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
@@ -199,13 +203,32 @@ class Backend(ABC):
         """Record a failed attempt.
 
         With ``retry_in`` the task is queued again, ready after that many seconds (QUEUED);
-        with None it goes to the dead letters with ``error`` as its record (DEAD). Returns None
-        and changes nothing when the token is stale.
+        with None it goes to the dead letters with ``error`` as its record (DEAD). A task marked
+        cancelled ends CANCELLED either way (with the cancel's record; no failed attempt counts).
+        Returns None and changes nothing when the token is stale.
         """
 
     @abstractmethod
     def release(self, task_id: str, token: str) -> bool:
         """Give an unstarted task back to the queue; the attempt does not count."""
+
+    # -- cancelling -----------------------------------------------------------------------------
+    @abstractmethod
+    def cancel(self, job_id: str, record: bytes, task_ids: Sequence[str] | None = None) -> int:
+        """Cancel a job (every task of it, with ``task_ids`` None) or the named tasks of it, for
+        good; returns how many tasks ended cancelled now.
+
+        A waiting task (queued or scheduled) ends CANCELLED at once, with ``record`` as its record
+        (among the job's ``results``). A leased task is marked: ``cancel_requested`` names it,
+        and when its lease comes back (``fail``, ``release`` or expiry) it ends CANCELLED with
+        ``record`` instead of being queued again. ``lease`` never hands out a marked task. A
+        completed or dead task stays as it is. The marks are kept in the storage, so every worker
+        on every machine sees them.
+        """
+
+    @abstractmethod
+    def cancel_requested(self, task_ids: Sequence[str]) -> set[str]:
+        """Which of these tasks (a worker's leases) are marked cancelled: one cheap call."""
 
     # -- reads ----------------------------------------------------------------------------------
     @abstractmethod

@@ -14,6 +14,9 @@ Layout (every name is a hard link to a segment; a segment's bytes live while any
     completing/<leased name>                  a lease whose result is being linked (fenced)
     done/<job>/<task_id>                      the committed result (link to a result segment)
     dead/<attempts>.<job>.<seg>.<k>           a dead letter; its error record is in done/
+    cancel/<job>/job, cancel/<job>/<task_id>  cancel marks (the whole job, one task): each a
+                                              segment of one frame "*", the record a cancelled
+                                              task ends with (done/ links to it)
     quarantine/<name>, quarantine/<name>.why  files that are not ours or do not parse
     fn/<digest>, jobs/<job_id>, joborder/<ns>.<job_id>, counters/<process>, tmp/
     workers/<worker_id>                       a worker's heartbeat: "<expires_ms>\n" + its info
@@ -97,7 +100,12 @@ AREAS = (
     "tmp",
     "workers",
     "priority",
+    "cancel",
 )
+#: The name of a whole job's mark in cancel/<job>/ (never a task id: those end in -N).
+JOB_MARK = "job"
+#: The frame id of a record shared by every task linked to it (a cancel mark).
+ANY_TASK = "*"
 #: An orphaned claim or completing entry older than this was left by a killed process.
 ORPHAN_SECONDS = 30.0
 #: A completing/ name whose record is committed is dropped this long after its lease ended: the
@@ -673,7 +681,7 @@ class FileBackend(Backend):
             self._quarantine("claim", claim, f"unreadable task segment {name}: {exc}")
             return []
         leases = []
-        rest_linked = False
+        rest_linked = ended = False
         try:
             if take < hi - lo:  # give the rest back before taking ours, so a crash loses nothing
                 rest = f"{ready:013d}.{attempts}.{job}.{seg}.{lo + take}-{hi}"
@@ -682,7 +690,15 @@ class FileBackend(Backend):
                 bisect.insort(self._ranges.setdefault(job, []), rest)  # its turn goes on from there
             deadline = f"{_now_ms() + int(seconds * 1000):013d}"
             count, suspect = _attempts(attempts)
+            marks = self._cancel_marks(job)
             for k in range(lo, lo + take):
+                mark = self._mark_of(frames[k - lo][0], marks)
+                if mark is not None:  # marked cancelled: never handed out, it ends here
+                    with contextlib.suppress(FileExistsError):
+                        self._link_done(mark, job, frames[k - lo][0])
+                        self._bump(job, cancelled=1)
+                        ended = True
+                    continue
                 token = os.urandom(8).hex()
                 leased = f"{deadline}.{_field(count + 1, suspect)}.{token}.{job}.{seg}.{k}"
                 os.link(claim_path, self._path("leased", leased))
@@ -704,6 +720,8 @@ class FileBackend(Backend):
             with contextlib.suppress(OSError):
                 os.rename(claim_path, self._path("queue", back))
             raise
+        if ended:
+            self._flush()
         return leases
 
     def _move_lease(self, token: str, area: str, new_name: str | None = None) -> str | None:
@@ -758,7 +776,7 @@ class FileBackend(Backend):
         self._flush()
         return out
 
-    def _commit(self, task_id: str, token: str, record_path: str) -> bool:
+    def _commit(self, task_id: str, token: str, record_path: str, counted: str = "completed") -> bool:
         moved = self._move_lease(token, "completing")
         if moved is None:
             return False  # stale token: changes nothing
@@ -776,7 +794,7 @@ class FileBackend(Backend):
         with contextlib.suppress(FileNotFoundError):  # repaired already (we were paused)
             os.unlink(self._path("completing", moved))
         if committed:
-            self._bump(job, completed=1)
+            self._bump(job, **{counted: 1})
         return committed
 
     @_full_translated
@@ -784,6 +802,11 @@ class FileBackend(Backend):
         name = self._find_lease(token)
         if name is None:
             return None
+        mark = self._mark_of(task_id, self._cancel_marks(job_of(task_id)))
+        if mark is not None:
+            ended = self._commit(task_id, token, mark, counted="cancelled")
+            self._flush()
+            return TaskStatus.CANCELLED if ended else None
         _, attempt, _, job, seg, k = self._parse_leased(name)
         if retry_in is not None:
             again = _single(_now_ms() + int(retry_in * 1000), attempt, job, seg, k)
@@ -823,10 +846,101 @@ class FileBackend(Backend):
         name = self._find_lease(token)
         if name is None:
             return False
+        mark = self._mark_of(task_id, self._cancel_marks(job_of(task_id)))
+        if mark is not None:
+            ended = self._commit(task_id, token, mark, counted="cancelled")
+            self._flush()
+            return ended
         _, attempt, _, job, seg, k = self._parse_leased(name)
         count, suspect = _attempts(attempt)
         back = _single(_now_ms(), _field(count - 1, suspect), job, seg, k)
         return self._move_lease(token, "queue", back) is not None
+
+    # -- cancelling -----------------------------------------------------------------------------
+    def _cancel_marks(self, job: str) -> dict[str, str] | None:
+        """The job's cancel marks, name -> path (``JOB_MARK`` or a task id); None when it has none
+        (one system call: the common case)."""
+        folder = self._path("cancel", job)
+        try:
+            return {name: f"{folder}/{name}" for name in os.listdir(folder) if not name.startswith(".")}
+        except FileNotFoundError:
+            return None
+
+    @staticmethod
+    def _mark_of(task_id: str, marks: dict[str, str] | None) -> str | None:
+        """The mark (a record segment) a task ends cancelled with, or None."""
+        if not marks:
+            return None
+        return marks.get(task_id) or marks.get(JOB_MARK)
+
+    @_full_translated
+    def cancel(self, job_id: str, record: bytes, task_ids: Sequence[str] | None = None) -> int:
+        check_id(job_id, "job id")
+        chosen = None if task_ids is None else set(task_ids)
+        for task_id in chosen or ():
+            if job_of(check_id(task_id, "task id")) != job_id:
+                raise ValueError(f"task {task_id!r} is not of job {job_id!r}")
+        folder = self._path("cancel", job_id)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder, 0o700)
+        tmp = self._write_tmp(segments.encode([(ANY_TASK, bytes(record))]))
+        try:
+            for name in [JOB_MARK] if chosen is None else sorted(chosen):
+                os.link(tmp, f"{folder}/.{name}")  # then renamed: a mark appears whole
+                os.rename(f"{folder}/.{name}", f"{folder}/{name}")
+        finally:
+            _unlink_all([tmp])
+        # Marked first, so a worker that leases a waiting task from now on ends it instead.
+        ended = 0
+        for name in os.listdir(self._dirs["queue"]):
+            if f".{job_id}." in name and _job_of_range(name) == job_id:
+                ended += self._cancel_range(name, chosen)
+        self._flush()
+        return ended
+
+    def _cancel_range(self, name: str, chosen: set[str] | None) -> int:
+        """End the tasks of a queued range that are ``chosen`` (all with None) cancelled; the rest
+        go back as they were. Claimed first, as a worker claims: a worker that took it first wins."""
+        ready, attempts, job, seg, lo, hi = self._parse_queued(name)
+        claim = f"{_now_ms():013d}.{os.urandom(8).hex()}.{name}"
+        try:
+            os.rename(self._path("queue", name), self._path("claim", claim))
+        except FileNotFoundError:
+            return 0  # leased meanwhile: it is marked, so it ends when its lease comes back
+        claim_path = self._path("claim", claim)
+        frames = self._read_frames(claim_path, lo, hi)
+        marks = self._cancel_marks(job)
+        ended = 0
+        kept: list[int] = []
+        for k, (task_id, _) in zip(range(lo, hi), frames, strict=True):
+            mark = self._mark_of(task_id, marks) if chosen is None or task_id in chosen else None
+            if mark is None:
+                kept.append(k)
+                continue
+            with contextlib.suppress(FileExistsError):
+                self._link_done(mark, job, task_id)
+                ended += 1
+        # The tasks kept go back with their ready time and attempts, as runs of neighbours.
+        start = 0
+        for i in range(1, len(kept) + 1):
+            if i < len(kept) and kept[i] == kept[i - 1] + 1:
+                continue
+            run, start = kept[start:i], i
+            os.link(claim_path, self._path("queue", f"{ready:013d}.{attempts}.{job}.{seg}.{run[0]}-{run[-1] + 1}"))
+        os.unlink(claim_path)
+        self._bump(job, cancelled=ended)
+        return ended
+
+    def cancel_requested(self, task_ids: Sequence[str]) -> set[str]:
+        marks_of: dict[str, dict[str, str] | None] = {}
+        marked = set()
+        for task_id in task_ids:
+            job = job_of(task_id)
+            if job not in marks_of:
+                marks_of[job] = self._cancel_marks(job)
+            if self._mark_of(task_id, marks_of[job]) is not None:
+                marked.add(task_id)
+        return marked
 
     def _reclaim(self, force: bool = False) -> int:
         """Return expired leases to the queue and repair what killed processes left behind."""
@@ -844,6 +958,10 @@ class FileBackend(Backend):
                 break  # sorted by deadline: the rest are live
             # A live lease taken back by force is a release, not a crash: its attempt is given back.
             # An expired one keeps its attempt and makes the task a suspect (Lease.suspect).
+            marks = self._cancel_marks(job)
+            if marks and self._end_cancelled_lease(name, marks):
+                moved += 1
+                continue
             count, suspect = _attempts(attempt)
             charged = _field(count, True) if deadline <= now else _field(count - 1, suspect)
             # Into claim/ first (the rename is the fence, as in a worker's claim; should we die
@@ -872,6 +990,28 @@ class FileBackend(Backend):
             self._repair_completing(name, orphan_before)
         self._flush()  # a repaired commit counts as completed
         return moved
+
+    def _end_cancelled_lease(self, name: str, marks: dict[str, str]) -> bool:
+        """An expired lease of a job with cancel marks: if its task is marked, it ends cancelled
+        (True) instead of going back to the queue. Renamed into completing/ first, the fence a
+        commit uses, so a late commit or a renewal racing it wins or loses whole."""
+        k = self._parse_leased(name)[5]
+        try:
+            task_id = self._read_frames(self._path("leased", name), k, k + 1)[0][0]
+        except (OSError, IndexError, segments.CorruptSegment):
+            return False
+        mark = self._mark_of(task_id, marks)
+        if mark is None:
+            return False
+        try:
+            os.rename(self._path("leased", name), self._path("completing", name))
+        except FileNotFoundError:
+            return True  # renewed, committed or reclaimed meanwhile: not ours to move
+        with contextlib.suppress(FileExistsError):
+            self._link_done(mark, job_of(task_id), task_id)
+            self._bump(job_of(task_id), cancelled=1)
+        os.unlink(self._path("completing", name))
+        return True
 
     def _requeue_runs(self, now: int, job: str, seg: str, field: str, claims: list[tuple[int, str]]) -> None:
         """Queue reclaimed tasks (``claims``: task k of the segment and its claim/ name) again,
@@ -1052,7 +1192,8 @@ class FileBackend(Backend):
                 ino = os.stat(path).st_ino
                 if ino not in by_inode:
                     by_inode[ino] = dict(self._read_frames(path))
-                out[task_id] = by_inode[ino][task_id]
+                frames = by_inode[ino]
+                out[task_id] = frames[task_id] if task_id in frames else frames[ANY_TASK]
             except (OSError, KeyError, segments.CorruptSegment):
                 continue
         return out
@@ -1063,7 +1204,7 @@ class FileBackend(Backend):
             frames = self._read_frames(self._path("done", job_of(task_id), task_id))
         except (OSError, segments.CorruptSegment):
             return None
-        return next((data for frame_id, data in frames if frame_id == task_id), None)
+        return next((data for frame_id, data in frames if frame_id in (task_id, ANY_TASK)), None)
 
     def exact_job_finished(self, job_id: str) -> int:
         try:
@@ -1121,7 +1262,11 @@ class FileBackend(Backend):
             dead_by_job[parts[1]] = dead_by_job.get(parts[1], 0) + 1
             add(parts[1], "dead", 1)
         for job in os.listdir(self._dirs["done"]):
-            add(job, "completed", len(os.listdir(self._path("done", job))) - dead_by_job.get(job, 0))
+            marks = {os.stat(path).st_ino for path in (self._cancel_marks(job) or {}).values()}
+            names = os.listdir(self._path("done", job))
+            cancelled = sum(os.stat(self._path("done", job, n)).st_ino in marks for n in names) if marks else 0
+            add(job, "cancelled", cancelled)
+            add(job, "completed", len(names) - cancelled - dead_by_job.get(job, 0))
         counters = self._dirs["counters"]
         with self._counters_locked():
             # The recount is written before any counter file goes: a full disk changes nothing.
@@ -1269,9 +1414,13 @@ class FileBackend(Backend):
         for _, found, dead_attempts, payload in self._dead_entries(job):
             if found == task_id:
                 return TaskInfo(task_id, TaskStatus.DEAD, dead_attempts, payload)
-        if os.path.exists(self._path("done", job, task_id)):
-            return TaskInfo(task_id, TaskStatus.COMPLETED, 0, None)
-        return None
+        try:
+            ino = os.stat(self._path("done", job, task_id)).st_ino
+        except FileNotFoundError:
+            return None
+        mark = self._mark_of(task_id, self._cancel_marks(job))
+        cancelled = mark is not None and os.stat(mark).st_ino == ino
+        return TaskInfo(task_id, TaskStatus.CANCELLED if cancelled else TaskStatus.COMPLETED, 0, None)
 
     # -- workers --------------------------------------------------------------------------------
     @_full_translated

@@ -111,6 +111,9 @@ class MemoryBackend(Backend):
         self._counts = Counts()
         self._job_counts: dict[str, Counts] = {}
         self._workers: dict[str, tuple[bytes, float]] = {}  # worker id -> (info, expires)
+        # Cancel marks: job id -> record (the whole job), task id -> record (that task).
+        self._cancelled_jobs: dict[str, bytes] = {}
+        self._cancelled_tasks: dict[str, bytes] = {}
 
     # -- helpers --------------------------------------------------------------------------------
     def _bump(self, job_id: str, **delta: int) -> None:
@@ -130,6 +133,29 @@ class MemoryBackend(Backend):
             self._ready.append(task_id)
         self._cond.notify_all()
 
+    def _cancel_record(self, task_id: str) -> bytes | None:
+        """The record a marked task ends with, or None when it is not marked."""
+        record = self._cancelled_tasks.get(task_id)
+        return self._cancelled_jobs.get(job_of(task_id)) if record is None else record
+
+    def _end_cancelled(self, task_id: str, record: bytes, was: str) -> None:
+        """End a task ``was`` queued or leased as cancelled, with ``record`` as its record."""
+        del self._payloads[task_id]
+        del self._attempts[task_id]
+        self._suspects.discard(task_id)
+        self._results.setdefault(job_of(task_id), {})[task_id] = record
+        self._bump(job_of(task_id), **{was: -1}, cancelled=1)
+        self._cond.notify_all()
+
+    def _back_from_lease(self, task_id: str) -> bool:
+        """A lease that ended without a result: a marked task ends cancelled (True); any other
+        is queued again by the caller (False)."""
+        record = self._cancel_record(task_id)
+        if record is None:
+            return False
+        self._end_cancelled(task_id, record, "leased")
+        return True
+
     def _reclaim_expired(self, force: bool = False) -> int:
         now = time.monotonic()
         expired = [t for t, (_, deadline) in self._leases.items() if force or deadline <= now]
@@ -139,6 +165,8 @@ class MemoryBackend(Backend):
             else:
                 self._suspects.add(task_id)
             del self._leases[task_id]
+            if self._back_from_lease(task_id):
+                continue
             self._bump(job_of(task_id), leased=-1, queued=1)
             self._ready.append(task_id)
         while self._delayed and self._delayed[0][0] <= now:
@@ -202,7 +230,11 @@ class MemoryBackend(Backend):
             deadline = time.monotonic() + seconds
             while self._ready and len(leases) < n:
                 for task_id in self._ready.take(n - len(leases)):
-                    if task_id not in self._payloads:  # purged or dead meanwhile
+                    if task_id not in self._payloads:  # purged, dead or cancelled meanwhile
+                        continue
+                    record = self._cancel_record(task_id)
+                    if record is not None:  # never handed out: it ends here
+                        self._end_cancelled(task_id, record, "queued")
                         continue
                     self._attempts[task_id] += 1
                     token = os.urandom(8).hex()
@@ -241,6 +273,8 @@ class MemoryBackend(Backend):
             if not self._current(task_id, token):
                 return None
             del self._leases[task_id]
+            if self._back_from_lease(task_id):
+                return TaskStatus.CANCELLED
             job_id = job_of(task_id)
             if retry_in is not None:
                 self._bump(job_id, leased=-1, failed=1, queued=1)
@@ -261,9 +295,38 @@ class MemoryBackend(Backend):
                 return False
             del self._leases[task_id]
             self._attempts[task_id] -= 1
-            self._bump(job_of(task_id), leased=-1, queued=1)
-            self._requeue(task_id)
+            if not self._back_from_lease(task_id):
+                self._bump(job_of(task_id), leased=-1, queued=1)
+                self._requeue(task_id)
             return True
+
+    # -- cancelling -----------------------------------------------------------------------------
+    def cancel(self, job_id: str, record: bytes, task_ids: Sequence[str] | None = None) -> int:
+        check_id(job_id, "job id")
+        with self._cond:
+            if task_ids is None:
+                self._cancelled_jobs[job_id] = bytes(record)
+                chosen = [t for t in self._payloads if job_of(t) == job_id]
+            else:
+                chosen = []
+                for task_id in dict.fromkeys(task_ids):
+                    if job_of(check_id(task_id, "task id")) != job_id:
+                        raise ValueError(f"task {task_id!r} is not of job {job_id!r}")
+                    self._cancelled_tasks[task_id] = bytes(record)
+                    if task_id in self._payloads:
+                        chosen.append(task_id)
+            ended = 0
+            for task_id in chosen:
+                if task_id in self._leases:
+                    continue  # marked: it ends when its lease comes back
+                # Its id may linger in the ready or delayed structures: lease skips ids it lacks.
+                self._end_cancelled(task_id, bytes(record), "queued")
+                ended += 1
+            return ended
+
+    def cancel_requested(self, task_ids: Sequence[str]) -> set[str]:
+        with self._cond:
+            return {t for t in task_ids if self._cancel_record(t) is not None}
 
     # -- reads ----------------------------------------------------------------------------------
     def counts(self) -> Counts:
@@ -374,8 +437,10 @@ class MemoryBackend(Backend):
                 return TaskInfo(task_id, TaskStatus.LEASED, attempts, payload, held[1] - time.monotonic())
             if task_id in self._payloads:
                 return TaskInfo(task_id, TaskStatus.QUEUED, self._attempts[task_id], self._payloads[task_id])
-            if task_id in self._results.get(job_of(task_id), {}):
-                return TaskInfo(task_id, TaskStatus.COMPLETED, 0, None)
+            record = self._results.get(job_of(task_id), {}).get(task_id)
+            if record is not None:
+                cancelled = record == self._cancel_record(task_id)
+                return TaskInfo(task_id, TaskStatus.CANCELLED if cancelled else TaskStatus.COMPLETED, 0, None)
             return None
 
     # -- workers --------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ puts a queue's keys in one Redis Cluster slot:
 ``delayed:<job>``       zset    one job's part of ``delayed`` (gone when empty)
 ``jc:<job>``            hash    one job's counters
 ``results:<job>``       hash    task id -> result (or dead letter's error) record
+``cancel:<job>``        hash    cancel marks: ``*`` (the whole job) or a task id -> the record
+                                a cancelled task ends with
 ``job:<job>``           string  the job's record
 ``fn:<digest>``         string  a function blob (no TTL: see ``put_function.lua``)
 ======================  ======  =============================================================
@@ -113,7 +115,7 @@ QUEUE_KEYS = (
     "id",
 )
 #: Kinds of per-job keys, ``nbq:{NAME}:<kind>:<job_id>``.
-JOB_KINDS = ("jc", "results", "job")
+JOB_KINDS = ("jc", "results", "job", "cancel")
 #: Kind of function keys, ``nbq:{NAME}:fn:<digest>``.
 FUNCTION_KIND = "fn"
 
@@ -163,6 +165,7 @@ _SCRIPT_NAMES = (
     "complete",
     "fail",
     "release",
+    "cancel",
     "release_all",
     "redrive",
     "purge_dead",
@@ -428,6 +431,33 @@ class RedisBackend(Backend):
     def release(self, task_id: str, token: str) -> bool:
         return bool(self._run("release", task_id, token))
 
+    # -- cancelling -----------------------------------------------------------------------------
+    @_translated
+    def cancel(self, job_id: str, record: bytes, task_ids: Sequence[str] | None = None) -> int:
+        check_id(job_id, "job id")
+        if task_ids is None:
+            return int(self._run("cancel", job_id, bytes(record), "job"))
+        ids = list(dict.fromkeys(task_ids))
+        for task_id in ids:
+            if job_of(check_id(task_id, "task id")) != job_id:
+                raise ValueError(f"task {task_id!r} is not of job {job_id!r}")
+        return int(self._run("cancel", job_id, bytes(record), "tasks", *ids))
+
+    @_translated
+    def cancel_requested(self, task_ids: Sequence[str]) -> set[str]:
+        by_job: dict[str, list[str]] = {}
+        for task_id in task_ids:
+            by_job.setdefault(job_of(task_id), []).append(task_id)
+        if not by_job:
+            return set()
+        pipe = self._client.pipeline(transaction=False)
+        for job, ids in by_job.items():
+            pipe.hmget(self.key("cancel", job), "*", *ids)
+        marked = set()
+        for (job, ids), found in zip(by_job.items(), pipe.execute(), strict=True):
+            marked.update(ids if found[0] is not None else (t for t, f in zip(ids, found[1:], strict=True) if f))
+        return marked
+
     # -- reads ----------------------------------------------------------------------------------
     @_translated
     def counts(self) -> Counts:
@@ -514,8 +544,11 @@ class RedisBackend(Backend):
         pipe.hget(self.key("attempts"), task_id)
         pipe.zscore(self.key("leases"), task_id)
         pipe.time()
-        pipe.hexists(self.key("results", job_of(task_id)), task_id)
-        dead_payload, dead_attempts, dead, payload, attempts, deadline, (secs, micros), done = pipe.execute()
+        pipe.hget(self.key("results", job_of(task_id)), task_id)
+        pipe.hmget(self.key("cancel", job_of(task_id)), task_id, "*")
+        dead_payload, dead_attempts, dead, payload, attempts, deadline, (secs, micros), done, marks = (
+            pipe.execute()
+        )
         if dead:
             return TaskInfo(task_id, TaskStatus.DEAD, int(dead_attempts or 0), dead_payload or b"")
         if payload is not None and deadline is not None:
@@ -523,8 +556,9 @@ class RedisBackend(Backend):
             return TaskInfo(task_id, TaskStatus.LEASED, int(attempts or 0), payload, expires_in)
         if payload is not None:
             return TaskInfo(task_id, TaskStatus.QUEUED, int(attempts or 0), payload)
-        if done:
-            return TaskInfo(task_id, TaskStatus.COMPLETED, 0, None)
+        if done is not None:
+            cancelled = done == (marks[0] if marks[0] is not None else marks[1])
+            return TaskInfo(task_id, TaskStatus.CANCELLED if cancelled else TaskStatus.COMPLETED, 0, None)
         return None
 
     # -- workers --------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ end
 local function touch_job(job)
   local live = redis.call('HMGET', JK('jc', job), 'queued', 'leased')
   local alive = (tonumber(live[1]) or 0) + (tonumber(live[2]) or 0) > 0
-  for _, kind in ipairs({'jc', 'results', 'job'}) do
+  for _, kind in ipairs({'jc', 'results', 'job', 'cancel'}) do
     if alive then
       redis.call('PERSIST', JK(kind, job))
     else
@@ -166,6 +166,35 @@ local function ready_count()
   return n
 end
 
+-- The record a task marked cancelled ends with (its own mark, else its job's), or false. Marks
+-- live in the job's hash JK('cancel', job): field '*' for the whole job, a task id for one task.
+local function cancel_record(task)
+  local key = JK('cancel', job_of(task))
+  return redis.call('HGET', key, task) or redis.call('HGET', key, '*')
+end
+
+-- End a task that was `was` (queued or leased) as cancelled, with `record` as its record.
+local function end_cancelled(task, record, was)
+  local job = job_of(task)
+  redis.call('HSET', JK('results', job), task, record)
+  redis.call('HDEL', K.payload, task)
+  redis.call('HDEL', K.attempts, task)
+  redis.call('SREM', K.suspects, task)
+  bump(job, was, -1)
+  bump(job, 'cancelled', 1)
+end
+
+-- A lease that ended without a result (already dropped): a marked task ends cancelled (true);
+-- any other is for the caller to queue again (false).
+local function back_from_lease(task)
+  local record = cancel_record(task)
+  if not record then
+    return false
+  end
+  end_cancelled(task, record, 'leased')
+  return true
+end
+
 -- Return expired leases (all of them with force) to the queue and promote delayed retries
 -- that are due. At most `limit` of each per call (-1: no limit). Returns the leases moved.
 local function reclaim(now, force, limit)
@@ -184,9 +213,11 @@ local function reclaim(now, force, limit)
       redis.call('SADD', K.suspects, task)
     end
     drop_lease(task)
-    push_ready(task)
-    bump(job_of(task), 'leased', -1)
-    bump(job_of(task), 'queued', 1)
+    if not back_from_lease(task) then
+      push_ready(task)
+      bump(job_of(task), 'leased', -1)
+      bump(job_of(task), 'queued', 1)
+    end
   end
   local due = redis.call('ZRANGEBYSCORE', K.delayed, '-inf', now, 'LIMIT', 0, limit)
   for _, task in ipairs(due) do

@@ -1,5 +1,5 @@
 -- fail(task, token, error, retry_ms): 'queued' (retry_ms given, '' for none: dead letter),
--- 'dead', or nil when the token is stale.
+-- 'dead', 'cancelled' (the task is marked cancelled), or nil when the token is stale.
 local task, token, err, retry = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local now = now_ms()
 if not current(task, token, now) then
@@ -7,6 +7,10 @@ if not current(task, token, now) then
 end
 local job = job_of(task)
 drop_lease(task)
+if back_from_lease(task) then
+  flush()
+  return 'cancelled'
+end
 bump(job, 'leased', -1)
 bump(job, 'failed', 1)
 if retry ~= '' then

@@ -6,19 +6,32 @@ local now = now_ms()
 local deadline = now + tonumber(ARGV[2])
 reclaim(now, false, RECLAIM_LIMIT)
 local out = {-1}
-local tasks = take_ready(#ARGV - 2)
-for i, task in ipairs(tasks) do
-  local token = ARGV[i + 2]
-  local attempt = redis.call('HINCRBY', K.attempts, task, 1)
-  redis.call('HSET', K.tokens, task, token)
-  redis.call('ZADD', K.leases, deadline, task)
-  bump(job_of(task), 'queued', -1)
-  bump(job_of(task), 'leased', 1)
-  out[#out + 1] = task
-  out[#out + 1] = token
-  out[#out + 1] = attempt
-  out[#out + 1] = redis.call('HGET', K.payload, task)
-  out[#out + 1] = redis.call('SISMEMBER', K.suspects, task)
+local want = #ARGV - 2
+local leased = 0
+while leased < want do
+  local tasks = take_ready(want - leased)
+  if #tasks == 0 then
+    break
+  end
+  for _, task in ipairs(tasks) do
+    local record = cancel_record(task)
+    if record then  -- marked cancelled: never handed out, it ends here
+      end_cancelled(task, record, 'queued')
+    else
+      leased = leased + 1
+      local token = ARGV[leased + 2]
+      local attempt = redis.call('HINCRBY', K.attempts, task, 1)
+      redis.call('HSET', K.tokens, task, token)
+      redis.call('ZADD', K.leases, deadline, task)
+      bump(job_of(task), 'queued', -1)
+      bump(job_of(task), 'leased', 1)
+      out[#out + 1] = task
+      out[#out + 1] = token
+      out[#out + 1] = attempt
+      out[#out + 1] = redis.call('HGET', K.payload, task)
+      out[#out + 1] = redis.call('SISMEMBER', K.suspects, task)
+    end
+  end
 end
 flush()
 -- Wake-up tokens only say "there is ready work"; with none left they would wake waiters

@@ -1,7 +1,8 @@
 -- purge(): delete every key of the queue. Per-job keys are found through the jobs index and
 -- function blobs through their digest set, so no SCAN is needed.
 for _, job in ipairs(redis.call('ZRANGE', K.jobs, 0, -1)) do
-  redis.call('DEL', JK('jc', job), JK('results', job), JK('job', job), JK('ready', job), JK('delayed', job))
+  redis.call('DEL', JK('jc', job), JK('results', job), JK('job', job), JK('ready', job), JK('delayed', job),
+    JK('cancel', job))
 end
 for _, digest in ipairs(redis.call('SMEMBERS', K.functions)) do
   redis.call('DEL', JK(FN_KIND, digest))

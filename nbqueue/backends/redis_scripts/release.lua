@@ -5,6 +5,10 @@ if not current(task, token, now_ms()) then
 end
 local job = job_of(task)
 drop_lease(task)
+if back_from_lease(task) then
+  flush()
+  return 1
+end
 redis.call('HINCRBY', K.attempts, task, -1)
 push_ready(task)
 bump(job, 'leased', -1)
