@@ -24,6 +24,11 @@ IDLE_SLEEP_MIN = 0.01
 IDLE_SLEEP_MAX = 0.2  # bounds how long an idle fq:// worker takes to notice new work
 #: How long a worker blocks on a backend that can notify (redis) per call.
 BLOCK_SECONDS = 1.0
+#: How often a worker (and its lease keeper) asks the storage whether a task it holds was cancelled.
+CANCEL_CHECK_SECONDS = 0.5
+#: How long a cancelled (or timed-out) task has to return after being told, before the lease
+#: keeper kills its worker process (it may be stuck in C code, deaf to Python exceptions).
+CANCEL_GRACE_SECONDS = 10.0
 #: Results and job records on redis:// expire after this many seconds.
 RESULT_TTL_SECONDS = 7 * 24 * 3600
 #: Job.wait() poll interval bounds.

@@ -45,6 +45,15 @@ class Terminal(NbQueueError):
     """Raise inside a task to fail it at once, without retries (it goes to the dead letters)."""
 
 
+class Cancelled(BaseException):
+    """Raised inside a running task whose job (or the task itself) was cancelled.
+
+    A ``BaseException``, as ``asyncio.CancelledError`` is, so ``except Exception`` in a task does
+    not swallow it: catch it by name (or use ``finally``) to clean up, then let it go on. Also the
+    error type of a cancelled task in ``errors()``.
+    """
+
+
 class TaskFailed(NbQueueError):
     """Raised by Job.results() when tasks of the job failed for good."""
 

@@ -150,7 +150,8 @@ class TaskHandle:
 
     @property
     def status(self) -> TaskStatus:
-        """QUEUED, LEASED, COMPLETED or DEAD (a failure for good, even once its letter is purged).
+        """QUEUED, LEASED, COMPLETED, DEAD (a failure for good, even once its letter is purged) or
+        CANCELLED.
 
         Raises:
             KeyError: the queue does not know the task.
@@ -165,15 +166,20 @@ class TaskHandle:
                 return TaskStatus.DEAD
         return info.status
 
+    def cancel(self) -> bool:
+        """Cancel this task alone (see ``Job.cancel``); True if it was waiting and ended now,
+        False if it is running (it is told) or had finished (it keeps its outcome)."""
+        return self.job.cancel([self.task_id]) > 0
+
     def ready(self) -> bool:
-        """True once the task finished: completed, or failed for good."""
+        """True once the task finished: completed, failed for good, or cancelled."""
         return self._blob() is not None
 
     def get(self, timeout: float | None = None) -> Any:
         """Wait for the task and return its value.
 
         Raises:
-            TaskFailed: the task failed for good; ``.errors`` holds its TaskError.
+            TaskFailed: the task failed for good or was cancelled; ``.errors`` holds its TaskError.
             TimeoutError: ``timeout`` seconds passed first.
             KeyError: the queue does not know the task.
         """

@@ -14,16 +14,16 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import defaults
 from .backends.base import Counts
 from .errors import BackendUnavailable, QueueStateLost, TaskFailed
-from .ids import in_job, index_of
-from .procs import process_gone
+from .ids import in_job, index_of, job_of
+from .procs import process_gone, worker_id
 from .progress import JobBar, JobView, Snapshot, describe, progress_mode
-from .records import TaskError, TaskRecord, dead_letter_record, open_record
+from .records import TaskError, TaskRecord, dead_letter_record, open_record, seal_cancel_record
 
 if TYPE_CHECKING:
     from .connection import QueueConnection
@@ -186,9 +186,28 @@ class Job:
             )
 
     def done(self) -> bool:
-        """True when every task completed or is dead."""
+        """True when every task completed, is dead or was cancelled."""
         total = self.total
         return total is not None and self.counts().finished >= total
+
+    # -- steering ---------------------------------------------------------------------------
+    def cancel(self, task_ids: Iterable[str] | None = None) -> int:
+        """Cancel the job, or only the tasks named, for good; returns how many ended at once.
+
+        Tasks waiting in the queue end cancelled now and never start. A running task gets
+        ``nbqueue.Cancelled`` raised inside it within about a second (``CANCEL_CHECK_SECONDS``);
+        one that has not returned after ``CANCEL_GRACE_SECONDS`` (stuck in C code) has its worker
+        process killed by the lease keeper and ends cancelled. A task that finishes first keeps
+        its value. The cancel is kept in the queue's storage: workers on any machine obey it.
+        """
+        ids = None if task_ids is None else list(task_ids)
+        for task_id in ids or ():
+            if job_of(task_id) != self.id:
+                raise ValueError(f"task {task_id!r} is not a task of job {self.name} ({self.id})")
+        what = "the job" if ids is None else f"{len(ids)} task(s)"
+        message = f"{what} was cancelled from {worker_id()} at {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        record = seal_cancel_record(self.queue.signer, self.id, message, worker_id())
+        return self.queue.backend.cancel(self.id, record, ids)
 
     # -- display ----------------------------------------------------------------------------
     @property
@@ -229,7 +248,7 @@ class Job:
     def wait(
         self, timeout: float | None = None, progress: bool = True, check: Callable[[], None] | None = None
     ) -> Job:
-        """Block until every task is finished (completed or dead), showing progress.
+        """Block until every task is finished (completed, dead or cancelled), showing progress.
 
         Args:
             timeout: give up after this many seconds.
@@ -333,8 +352,9 @@ class Job:
         """Task values in insertion order.
 
         Args:
-            on_error: ``"raise"`` raises TaskFailed if any task failed for good; ``"none"``
-                puts None in its place; ``"exception"`` puts its TaskError there.
+            on_error: ``"raise"`` raises TaskFailed if any task failed for good or was
+                cancelled; ``"none"`` puts None in its place; ``"exception"`` puts its TaskError
+                there.
 
         Raises:
             RuntimeError: some tasks are not finished yet (call ``wait()`` first).
@@ -354,7 +374,8 @@ class Job:
         return [r.value if r.ok else None for r in records]
 
     def errors(self) -> list[TaskError]:
-        """The tasks that failed for good, with type, message, traceback and attempts."""
+        """The tasks that failed for good or were cancelled (type ``Cancelled``), with type,
+        message, traceback and attempts."""
         return [r.error for r in self.records() if not r.ok and r.error is not None]
 
     def __repr__(self) -> str:

@@ -5,11 +5,16 @@ a long regex, many pandas and numpy-object operations): measured here, a 0.86 s 
 kept a thread off the CPU for 0.91 s, and a task that holds the GIL longer than its lease would
 be run twice. So a worker process pairs with a keeper process that holds its leases:
 
-- the worker writes ``hold TASK TOKEN`` when it leases, ``drop TASK`` before it reports a
-  task's result, ``info JSON`` for its heartbeat, and ``quit`` when it stops;
+- the worker writes ``hold TASK TOKEN`` when it leases, ``run TASK`` when it starts one (it runs
+  until the next ``run`` or its ``drop``), ``drop TASK`` before it reports a task's result,
+  ``info JSON`` for its heartbeat, and ``quit`` when it stops;
 - the keeper renews every held lease each ``lease / 3`` seconds, sends the heartbeat, and writes
   ``lost TASK TOKEN`` when a renewal is refused (with the token: a task released and leased
   again has a new lease, which an old refusal must not void);
+- every ``CANCEL_CHECK_SECONDS`` it asks whether the running task was cancelled. The worker tells
+  the task itself (``Cancelled`` raised inside it); one still running ``CANCEL_GRACE_SECONDS``
+  later is deaf to it (stuck in C code), so the keeper kills the worker, ends the task cancelled
+  and gives the worker's other leases back uncharged: a cancel is never recorded as a crash;
 - a worker that is stopped (SIGSTOP) gets no renewals, so its leases expire as they should; a
   worker that dies takes its keeper with it (the keeper notices its parent is gone).
 
@@ -153,6 +158,10 @@ class LeaseKeeper(LostLeases):
         """The heartbeat's information (one JSON line)."""
         self._send([f"info {data}"])
 
+    def running(self, task_id: str) -> None:
+        """The task the worker starts now: it runs until the next one starts or it is dropped."""
+        self._send([f"run {task_id}"])
+
     def stop(self) -> None:
         self._send(["quit"])
         if self._proc is not None:
@@ -197,6 +206,7 @@ def main(argv: list[str]) -> int:
     lock = threading.Lock()
     done = threading.Event()
     informed = threading.Event()  # the worker has said who it is: the first heartbeat can go
+    running: list[str | None] = [None]  # the task the worker runs now, while it is held
 
     def read_commands() -> None:
         nonlocal info
@@ -208,6 +218,8 @@ def main(argv: list[str]) -> int:
                     held[task_id] = token
                 elif kind == "drop":
                     held.pop(rest, None)
+                elif kind == "run":
+                    running[0] = rest
                 elif kind == "info":
                     info = rest.encode()
                     informed.set()
@@ -217,6 +229,9 @@ def main(argv: list[str]) -> int:
 
     threading.Thread(target=read_commands, daemon=True).start()
     informed.wait(min(lease_seconds / 3, 2.0))  # beat at once, as the worker starts, not a round later
+    tick = min(defaults.CANCEL_CHECK_SECONDS, lease_seconds / 3)
+    renew_due = 0.0
+    cancel_seen: tuple[str, float] | None = None  # a running task found cancelled, and when
     while True:
         if os.getppid() != worker_pid:
             return 0  # the worker died: its leases expire and are retried
@@ -224,13 +239,52 @@ def main(argv: list[str]) -> int:
             if done.wait(lease_seconds / 3):
                 break
             continue  # a stopped worker must lose its leases
-        for task_id, token in renew_round(backend, held, lock, lease_seconds):
-            print(f"lost {task_id} {token}", flush=True)
-        with contextlib.suppress(Exception):  # the heartbeat is informative: the next round beats again
-            backend.heartbeat(worker_id, info, lease_seconds)
-        if done.wait(lease_seconds / 3):
+        now = time.monotonic()
+        if now >= renew_due:
+            renew_due = now + lease_seconds / 3
+            for task_id, token in renew_round(backend, held, lock, lease_seconds):
+                print(f"lost {task_id} {token}", flush=True)
+            with contextlib.suppress(Exception):  # the heartbeat is informative: the next round beats again
+                backend.heartbeat(worker_id, info, lease_seconds)
+        with lock:
+            task = running[0] if running[0] in held else None
+        if task is None:
+            cancel_seen = None
+        elif cancel_seen is None or cancel_seen[0] != task:
+            with contextlib.suppress(Exception):  # a storage hiccup: asked again next tick
+                cancel_seen = (task, now) if backend.cancel_requested([task]) else None
+        elif now - cancel_seen[1] > defaults.CANCEL_GRACE_SECONDS:
+            _kill_deaf_worker(backend, worker_pid, task, held, lock)
+            backend.heartbeat(worker_id, info, 0)
+            backend.close()
+            return 0
+        if done.wait(tick):
             break
     with contextlib.suppress(Exception):
         backend.heartbeat(worker_id, info, 0)  # withdraw: this worker is gone
     backend.close()
     return 0
+
+
+def _kill_deaf_worker(
+    backend, worker_pid: int, task: str, held: dict[str, str], lock: threading.Lock
+) -> None:
+    """The worker's running task was cancelled and still runs after the grace period (stuck in C
+    code): kill the worker, end the task cancelled (its lease, failed, ends so: it is marked) and
+    give the worker's other leases back uncharged (released, not expired)."""
+    print(
+        f"nbqueue lease keeper: task {task} was cancelled {defaults.CANCEL_GRACE_SECONDS:g}s ago and still "
+        f"runs (stuck in C code?): killing its worker {worker_pid}",
+        file=sys.stderr,
+        flush=True,
+    )
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(worker_pid, signal.SIGKILL)
+    with lock:
+        leases = dict(held)
+    for task_id, token in leases.items():
+        with contextlib.suppress(Exception):  # unreported, a lease expires: run again, never lost
+            if task_id == task:
+                backend.fail(task_id, token, b"", None)
+            else:
+                backend.release(task_id, token)

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 COLORS = {
     "completed": "#2e7d32",
     "dead": "#c62828",
+    "cancelled": "#8d6e63",
     "running": "#1565c0",
     "queued": "#bdbdbd",
     "scheduled": "#e0e0e0",
@@ -75,13 +76,20 @@ def _ipython() -> Any:
 
 # -- text ----------------------------------------------------------------------------------------
 def describe(counts: Counts, total: int | None) -> str:
-    """One line: ``done/total, dead, running, queued`` (and ``scheduled`` when some are)."""
+    """One line: ``done/total, dead, running, queued`` (and ``cancelled`` and ``scheduled`` when
+    some are). Done counts every finished task: completed, dead or cancelled."""
     of = "?" if total is None else f"{total:,}"
-    line = (
-        f"{counts.completed + counts.dead:,}/{of} done · {counts.dead:,} dead · "
-        f"{counts.leased:,} running · {counts.queued:,} queued"
-    )
+    line = f"{counts.finished:,}/{of} done · {counts.dead:,} dead · "
+    if counts.cancelled:
+        line += f"{counts.cancelled:,} cancelled · "
+    line += f"{counts.leased:,} running · {counts.queued:,} queued"
     return line + (f" · {counts.scheduled:,} scheduled" if counts.scheduled else "")
+
+
+def summary(counts: Counts, elapsed: float) -> str:
+    """How a finished job ended, in one line."""
+    line = f"finished in {_duration(elapsed)}: {counts.completed:,} completed, {counts.dead:,} dead"
+    return line + (f", {counts.cancelled:,} cancelled" if counts.cancelled else "")
 
 
 def _duration(seconds: float) -> str:
@@ -178,6 +186,7 @@ class JobBar:
             self._bar.total = total
         self._bar.set_postfix_str(
             f"dead={counts.dead} running={counts.leased} queued={counts.queued}"
+            + (f" cancelled={counts.cancelled}" if counts.cancelled else "")
             + (f" scheduled={counts.scheduled}" if counts.scheduled else ""),
             refresh=False,
         )
@@ -216,7 +225,7 @@ class Snapshot:
         c, total = self.counts, self.total
         width = 30
         if total:
-            parts = [(c.completed, "█"), (c.dead, "✗"), (c.leased, "▒")]
+            parts = [(c.completed, "█"), (c.dead, "✗"), (c.cancelled, "⊘"), (c.leased, "▒")]
             cells = "".join(ch * round(width * n / total) for n, ch in parts)[:width]
             bar = "|" + cells.ljust(width) + "|"
         else:
@@ -227,9 +236,7 @@ class Snapshot:
         if self.insert_error:
             head += f" · insert failed after {c.inserted:,} queued: {self.insert_error}"
         if self.finished:
-            line = (
-                f"{head}\nfinished in {_duration(self.elapsed)}: {c.completed:,} completed, {c.dead:,} dead"
-            )
+            line = f"{head}\n{summary(c, self.elapsed)}"
         else:
             extras = [f"elapsed {_duration(self.elapsed)}"]
             if self.rate:
@@ -246,7 +253,8 @@ class Snapshot:
 
 
 class Watched(Protocol):
-    """What a view needs of a job: its names, a snapshot, and its results (the button)."""
+    """What a view needs of a job: its names, a snapshot, its results and its cancel (the
+    buttons)."""
 
     id: str
 
@@ -256,6 +264,8 @@ class Watched(Protocol):
     def snapshot(self) -> Snapshot: ...
 
     def results(self, on_error: Literal["raise", "none", "exception"] = "raise") -> list[Any]: ...
+
+    def cancel(self) -> int: ...
 
 
 class JobView:
@@ -313,8 +323,12 @@ class JobView:
             p["button"].on_click(self._load_results)
             p["done"] = w.HBox([p["summary"], p["button"]])
             p["done"].layout.display = "none"
+            p["cancel"] = w.Button(
+                description="Cancel", icon="stop", tooltip="job.cancel(): stop every task of this job"
+            )
+            p["cancel"].on_click(self._cancel)
             self._widget = _text_repr_vbox()(
-                [p["title"], p["bar"], p["stats"], p["error"], p["done"]], view=self
+                [p["title"], p["bar"], p["stats"], p["error"], p["cancel"], p["done"]], view=self
             )
             self._draw(self.last or self.snapshot())
         return self._widget
@@ -328,6 +342,7 @@ class JobView:
         segments = [
             ("completed", c.completed),
             ("dead", c.dead),
+            ("cancelled", c.cancelled),
             ("running", c.leased),
             ("queued", c.queued),
             ("scheduled", c.scheduled),
@@ -362,11 +377,19 @@ class JobView:
             p["trace"].value = f"<pre style='font-size:11px'>{html.escape(e.traceback or e.message)}</pre>"
             p["error"].layout.display = ""
         if snap.finished:
-            p["summary"].value = html.escape(
-                f"finished in {_duration(snap.elapsed)}: {c.completed:,} completed, {c.dead:,} dead"
-            )
+            p["summary"].value = html.escape(summary(c, snap.elapsed))
             p["button"].disabled = False
             p["done"].layout.display = ""
+            p["cancel"].layout.display = "none"
+
+    def _cancel(self, _button: Any = None) -> None:
+        button = self._parts["cancel"]
+        button.disabled = True
+        ended = self.job.cancel()
+        button.layout.width = "auto"
+        button.description = f"Cancelled: {ended:,} waiting task(s) ended, running ones are told"
+        self.refresh(force=True)
+        self.start()  # the updater may have stopped: draw the running tasks as they end
 
     def _load_results(self, _button: Any = None) -> None:
         shell = _ipython()

@@ -169,6 +169,15 @@ class TaskQueue(QueueConnection):
         """Reattach to a job by id (from any process)."""
         return Job.attach(self, job_id, queue_id=queue_id)
 
+    def cancel(self, job_id: str, task_ids: Sequence[str] | None = None) -> int:
+        """Cancel a job, or only the tasks named, by id (see ``Job.cancel``); how many tasks
+        ended at once.
+
+        Raises:
+            KeyError: the queue has no such job.
+        """
+        return self.job(job_id).cancel(task_ids)
+
     def jobs(self) -> list[Job]:
         """Every job of this queue, oldest first."""
         queue_id = self.queue_id  # once for all of them

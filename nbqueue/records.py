@@ -7,6 +7,7 @@ worker. The notebook checks the signature before loading a value.
 
 from __future__ import annotations
 
+import time
 import traceback
 from dataclasses import dataclass, replace
 from typing import Any
@@ -44,6 +45,29 @@ class TaskRecord:
     started: float | None
     finished: float | None
     worker: str | None
+    cancelled: bool = False  #: ended cancelled (``error.type`` is ``Cancelled``), not failed
+
+
+#: The task id a cancel record is made for: one record serves every task a cancel ends.
+ANY_TASK = "*"
+
+
+def seal_cancel_record(signer: Signer, job_id: str, message: str, worker: str) -> bytes:
+    """The signed record every task ended by one cancel of job ``job_id`` shares."""
+    now = time.time()
+    header = {
+        "kind": "result",
+        "t": ANY_TASK,
+        "j": job_id,
+        "ok": False,
+        "cancelled": True,
+        "a": 0,
+        "s": now,
+        "e": now,
+        "w": worker,
+        "err": {"type": "Cancelled", "message": message, "traceback": ""},
+    }
+    return seal(signer, header, b"")
 
 
 def error_info(exc: BaseException) -> dict[str, str]:
@@ -100,7 +124,10 @@ def open_record(signer: Signer, serializer: Serializer, task_id: str, blob: byte
     """Verify and load a record. Bytes that are not an envelope (a backend's quarantine reason)
     become an error record; a bad signature raises BadSignature before anything is loaded."""
     try:
-        header, payload = open_envelope(signer, blob, "result", t=task_id, j=job_id)
+        header, payload = open_envelope(signer, blob, "result", j=job_id)
+        cancelled = header.get("cancelled") is True and header.get("t") == ANY_TASK
+        if header.get("t") != task_id and not cancelled:
+            raise BadSignature(f"bad signature: envelope was made for t={header.get('t')!r}, not {task_id!r}")
     except DecodeError:
         reason = blob.decode("utf-8", "replace")[:2000]
         quarantined = TaskError(task_id, "Quarantined", reason, "", 0)
@@ -133,6 +160,7 @@ def open_record(signer: Signer, serializer: Serializer, task_id: str, blob: byte
         header.get("s"),
         header.get("e"),
         header.get("w"),
+        cancelled,
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
 import functools
 import inspect
 import json
@@ -26,7 +27,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ from .backends.base import Backend, Lease, TaskStatus
 from .errors import (
     BackendUnavailable,
     BadSignature,
+    Cancelled,
     DecodeError,
     SerializationError,
     StorageFull,
@@ -117,32 +119,144 @@ def load(codec: TaskCodec, lease: Lease, fetch_function, max_attempts: int, who:
         return _failed(codec, lease, exc, max_attempts, who, started)
 
 
+def _raise_in_thread(thread_id: int, exc_type: type[BaseException] | None) -> None:
+    """Raise ``exc_type`` in another thread at its next Python instruction (None: take back one
+    raised there but not delivered yet). Code inside a C call sees it only once the call returns."""
+    raised = ctypes.py_object(exc_type) if exc_type is not None else None
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), raised)
+
+
+class _Slot:
+    """One running task: the thread it runs on, or the asyncio task that runs it."""
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.future: asyncio.Future | None = None
+        self.reason: type[BaseException] | None = None  #: what it was told: Cancelled, ...
+
+
+class Interrupts:
+    """The tasks running on a worker now, and how to tell each to stop: an exception raised
+    inside it (``Cancelled``), in its thread or, for a coroutine, through asyncio.
+
+    Raising into a thread is safe only while the task's own code runs: a task is told only while
+    registered, and leaving takes back an exception raised but not delivered yet, both under one
+    lock, so worker code never sees one.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._slots: dict[str, _Slot] = {}
+        #: A signal with a do-nothing handler (see ``wake_main_thread``), or None.
+        self.wake_signal: int | None = None
+
+    def wake_main_thread(self) -> None:
+        """From the main thread: let a telling also wake a task blocked in a system call there
+        (``time.sleep``, a socket read, waiting on a subprocess). The signal interrupts the call,
+        its handler runs, and the exception raised into the thread is delivered in it."""
+        self.wake_signal = signal.SIGUSR1
+        signal.signal(self.wake_signal, lambda signum, frame: None)
+
+    @contextlib.contextmanager
+    def running(self, task_id: str) -> Iterator[_Slot]:
+        """Register the task run inside the block (in this thread, until a coroutine is set)."""
+        slot = _Slot()
+        with self._lock:
+            self._slots[task_id] = slot
+        try:
+            yield slot
+        finally:
+            with self._lock:
+                del self._slots[task_id]
+                if slot.reason is not None and slot.future is None:
+                    _raise_in_thread(slot.thread, None)
+
+    def running_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._slots)
+
+    def tell(self, task_id: str, reason: type[BaseException]) -> bool:
+        """Raise ``reason`` inside the task, once; False if it is not running (or was told)."""
+        with self._lock:
+            slot = self._slots.get(task_id)
+            if slot is None or slot.reason is not None:
+                return False
+            slot.reason = reason
+            if slot.future is not None and slot.loop is not None:
+                slot.loop.call_soon_threadsafe(slot.future.cancel)
+            else:
+                _raise_in_thread(slot.thread, reason)
+                if self.wake_signal is not None and slot.thread == threading.main_thread().ident:
+                    signal.pthread_kill(slot.thread, self.wake_signal)
+            return True
+
+
+def _why_stopped(slot: _Slot, exc: BaseException) -> BaseException:
+    """The exception to record for a task that raised ``exc``: what it was told, when the
+    telling is what stopped it (a coroutine sees asyncio's CancelledError)."""
+    if slot.reason is not None and isinstance(exc, (slot.reason, asyncio.CancelledError)):
+        told = slot.reason(_TOLD.get(slot.reason, str(exc)))
+        return told.with_traceback(exc.__traceback__)
+    return exc
+
+
+#: What a task told to stop is recorded with.
+_TOLD: dict[type[BaseException], str] = {Cancelled: "the task was cancelled while it ran"}
+
+
+def run_on_loop(loop: asyncio.AbstractEventLoop, coroutine: Any, slot: _Slot) -> Any:
+    """Run a task's coroutine to its end on ``loop``, told to stop through asyncio (``slot``)."""
+
+    async def told_through_asyncio() -> Any:
+        slot.loop, slot.future = loop, asyncio.current_task()
+        return await coroutine
+
+    return loop.run_until_complete(told_through_asyncio())
+
+
+def _run_on_new_loop(coroutine: Any, slot: _Slot) -> Any:
+    loop = asyncio.new_event_loop()
+    try:
+        return run_on_loop(loop, coroutine, slot)
+    finally:
+        loop.close()
+
+
 def run_loaded(
     codec: TaskCodec,
     task: Loaded,
     max_attempts: int,
     who: str,
-    run_coroutine: Callable[[Any], Any] = asyncio.run,
+    run_coroutine: Callable[[Any, _Slot], Any] = _run_on_new_loop,
+    interrupts: Interrupts | None = None,
 ) -> Outcome:
     """Run a loaded task here and now (a coroutine task through ``run_coroutine``); never raises
-    for the task's own errors."""
+    for the task's own errors. With ``interrupts`` it can be told to stop (see ``Interrupts``)."""
+    interrupts = interrupts or Interrupts()
+    slot = None
     try:
-        with running_as(task.context(who)):
+        with running_as(task.context(who)), interrupts.running(task.lease.task_id) as slot:
             value = task.call.run()
             if inspect.iscoroutine(value):
-                value = run_coroutine(value)
+                value = run_coroutine(value, slot)
     except BaseException as exc:
-        return _raised(codec, task, exc, max_attempts, who)
+        return _raised(codec, task, exc if slot is None else _why_stopped(slot, exc), max_attempts, who)
     return _succeeded(codec, task, value, max_attempts, who)
 
 
-async def run_loaded_async(codec: TaskCodec, task: Loaded, max_attempts: int, who: str) -> Outcome:
+async def run_loaded_async(
+    codec: TaskCodec, task: Loaded, max_attempts: int, who: str, interrupts: Interrupts
+) -> Outcome:
     """Await a loaded coroutine task on the running event loop; never raises for its errors."""
+    slot = None
     try:
-        with running_as(task.context(who)):  # in this asyncio task's own context
+        # In this asyncio task's own context; told to stop through asyncio.
+        with running_as(task.context(who)), interrupts.running(task.lease.task_id) as slot:
+            slot.loop, slot.future = asyncio.get_running_loop(), asyncio.current_task()
             value = await task.call.run()
     except BaseException as exc:
-        return _raised(codec, task, exc, max_attempts, who)
+        return _raised(codec, task, exc if slot is None else _why_stopped(slot, exc), max_attempts, who)
     return _succeeded(codec, task, value, max_attempts, who)
 
 
@@ -225,6 +339,9 @@ class Renewer(LostLeases, threading.Thread):
     def info(self, data: str) -> None:
         """The keeper's heartbeat information; this thread beats through ``heartbeat`` instead."""
 
+    def running(self, task_id: str) -> None:
+        """What a lease keeper needs to kill a task deaf to its cancel; a thread cannot."""
+
     def run(self) -> None:
         self._beat(self.lease_seconds)
         while not self._stop_event.wait(self.lease_seconds / 3):
@@ -256,6 +373,7 @@ class WorkerStats:
     completed: int = 0
     failed: int = 0
     dead: int = 0
+    cancelled: int = 0
     abandoned: int = 0
     released: int = 0
     refused: int = 0
@@ -303,6 +421,18 @@ class _Batch:
     def finished(self) -> None:
         with self._lock:
             self._running_since = None
+
+    def unstarted_ids(self) -> list[str]:
+        with self._lock:
+            return [lease.task_id for lease in self._unstarted]
+
+    def take(self, task_ids: set[str]) -> list[Lease]:
+        """The unstarted leases of these tasks, taken out of the batch."""
+        with self._lock:
+            taken = [lease for lease in self._unstarted if lease.task_id in task_ids]
+            if taken:
+                self._unstarted = collections.deque(x for x in self._unstarted if x.task_id not in task_ids)
+            return taken
 
     def rest(self) -> list[Lease]:
         """Every lease not started yet, taken out of the batch."""
@@ -383,7 +513,8 @@ class Worker:
         # job with no estimate yet is leased one task at a time until its first task has run.
         self._estimates: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._next_job: str | None = None  # the job the queue handed out last: likely next
-        self._batch: _Batch | None = None  # the batch running now (see _give_back_overdue)
+        self._batch: _Batch | None = None  # the batch running now (see _watch)
+        self.interrupts = Interrupts()  #: the tasks running now, which _watch may tell to stop
         self._one_at_a_time = False  # after a batch with a suspect: lease singly (_isolate_suspects)
 
     # -- control --------------------------------------------------------------------------------
@@ -408,6 +539,7 @@ class Worker:
 
         signal.signal(signal.SIGTERM, graceful)
         signal.signal(signal.SIGINT, graceful)
+        self.interrupts.wake_main_thread()
 
     # -- storage calls that survive outages ------------------------------------------------------
     def _call(
@@ -551,9 +683,7 @@ class Worker:
             source.renewer.start()
             source.renewer.info(self._heartbeat_info())
         finished = threading.Event()
-        giver = threading.Thread(
-            target=self._give_back_overdue, args=(finished,), name="nbqueue-give-back", daemon=True
-        )
+        giver = threading.Thread(target=self._watch, args=(finished,), name="nbqueue-watch", daemon=True)
         giver.start()
         idle_since = None
         sleep = defaults.IDLE_SLEEP_MIN
@@ -649,22 +779,54 @@ class Worker:
                 return leases[:i]
         return leases
 
-    def _give_back_overdue(self, done: threading.Event) -> None:
+    def _watch(self, done: threading.Event) -> None:
         """Thread: while a task runs longer than its batch was sized for, the batch's unstarted
-        tasks go back to the queue (uncharged) for idle workers, instead of waiting behind it."""
+        tasks go back to the queue (uncharged) for idle workers, instead of waiting behind it;
+        every ``CANCEL_CHECK_SECONDS``, tasks held that were cancelled are told (see ``_obey_cancels``)."""
+        checked = time.monotonic()
         while not done.wait(_GIVE_BACK_CHECK_SECONDS):
             batch = self._batch
             overdue = batch.overdue() if batch is not None else []
             if batch is not None and overdue:
                 log.info("gave back %d unstarted task(s): the running one outlasted its batch", len(overdue))
                 self._release(overdue, batch.renewer, batch.backend)
+            if time.monotonic() - checked >= defaults.CANCEL_CHECK_SECONDS:
+                checked = time.monotonic()
+                try:
+                    self._obey_cancels(batch)
+                except Exception as exc:  # a storage hiccup: the next check asks again
+                    log.debug("cancel check failed: %s", exc)
 
-    def _await(self, coroutine: Any) -> Any:
-        """Run a coroutine task to its end on this worker's event loop (kept from task to task,
-        so what a task caches on the loop, a client session say, lives on)."""
+    def _obey_cancels(self, batch: _Batch | None) -> None:
+        """One question to the storage for every task this worker holds: a running task that was
+        cancelled gets ``Cancelled`` raised inside it; an unstarted one goes back (and ends
+        cancelled there, never run)."""
+        running = self.interrupts.running_ids()
+        unstarted = batch.unstarted_ids() if batch is not None else []
+        if not running and not unstarted:
+            return
+        backend = batch.backend if batch is not None else self.backend
+        marked = backend.cancel_requested(running + unstarted)
+        if not marked:
+            return
+        for task_id in running:
+            if task_id in marked and self.interrupts.tell(task_id, Cancelled):
+                log.warning("task %s was cancelled: told it to stop", task_id)
+        if batch is not None:
+            dropped = batch.take(marked)
+            if dropped:
+                self._release(dropped, batch.renewer, batch.backend)
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """This worker's event loop (kept from task to task, so what a task caches on the loop, a
+        client session say, lives on)."""
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
-        return self._loop.run_until_complete(coroutine)
+        return self._loop
+
+    def _await(self, coroutine: Any, slot: _Slot) -> Any:
+        """Run a coroutine task to its end on this worker's event loop."""
+        return run_on_loop(self._event_loop(), coroutine, slot)
 
     def _run_batch(self, leases: list[Lease], renewer: LeaseRenewal) -> None:
         if self.concurrency > 1:
@@ -696,6 +858,8 @@ class Worker:
                 task = self._load(lease, renewer)
                 if task is None:
                     continue
+                if isinstance(task, Loaded):
+                    renewer.running(lease.task_id)
                 outcome = task if isinstance(task, Outcome) else self._run_here(task)
                 batch.finished()
                 self._ran(lease, time.monotonic() - t, outcome.ok)
@@ -734,7 +898,7 @@ class Worker:
             outcomes.append(outcome)
         if coroutines:
             t = time.monotonic()
-            awaited = self._await(self._gather(coroutines))
+            awaited = self._event_loop().run_until_complete(self._gather(coroutines))
             # Side by side, each costs the batch its share of the time: that sizes the next one.
             share = (time.monotonic() - t) / len(coroutines)
             for outcome in awaited:
@@ -748,7 +912,7 @@ class Worker:
 
         async def one(task: Loaded) -> Outcome:
             async with slots:
-                return await run_loaded_async(self.codec, task, self.max_attempts, self.who)
+                return await run_loaded_async(self.codec, task, self.max_attempts, self.who, self.interrupts)
 
         return list(await asyncio.gather(*(one(task) for task in tasks)))
 
@@ -770,7 +934,7 @@ class Worker:
             return None
 
     def _run_here(self, task: Loaded) -> Outcome:
-        return run_loaded(self.codec, task, self.max_attempts, self.who, self._await)
+        return run_loaded(self.codec, task, self.max_attempts, self.who, self._await, self.interrupts)
 
     def _to_commit(self, outcome: Outcome, renewer: LeaseRenewal) -> bool:
         """True for a success to commit. A failure is reported now; a result whose lease was
@@ -849,6 +1013,9 @@ class Worker:
             return
         if state is None:
             self.stats.refused += 1
+            return
+        if state == TaskStatus.CANCELLED:  # its job was cancelled: not a failed attempt
+            self.stats.cancelled += 1
             return
         self.stats.failed += 1
         if state == TaskStatus.DEAD:

@@ -926,7 +926,8 @@ class FileBackend(Backend):
             if i < len(kept) and kept[i] == kept[i - 1] + 1:
                 continue
             run, start = kept[start:i], i
-            os.link(claim_path, self._path("queue", f"{ready:013d}.{attempts}.{job}.{seg}.{run[0]}-{run[-1] + 1}"))
+            back = f"{ready:013d}.{attempts}.{job}.{seg}.{run[0]}-{run[-1] + 1}"
+            os.link(claim_path, self._path("queue", back))
         os.unlink(claim_path)
         self._bump(job, cancelled=ended)
         return ended
@@ -1264,7 +1265,7 @@ class FileBackend(Backend):
         for job in os.listdir(self._dirs["done"]):
             marks = {os.stat(path).st_ino for path in (self._cancel_marks(job) or {}).values()}
             names = os.listdir(self._path("done", job))
-            cancelled = sum(os.stat(self._path("done", job, n)).st_ino in marks for n in names) if marks else 0
+            cancelled = sum(os.stat(self._path("done", job, n)).st_ino in marks for n in names if marks)
             add(job, "cancelled", cancelled)
             add(job, "completed", len(names) - cancelled - dead_by_job.get(job, 0))
         counters = self._dirs["counters"]

@@ -453,9 +453,10 @@ class RedisBackend(Backend):
         pipe = self._client.pipeline(transaction=False)
         for job, ids in by_job.items():
             pipe.hmget(self.key("cancel", job), "*", *ids)
-        marked = set()
-        for (job, ids), found in zip(by_job.items(), pipe.execute(), strict=True):
-            marked.update(ids if found[0] is not None else (t for t, f in zip(ids, found[1:], strict=True) if f))
+        marked: set[str] = set()
+        for ids, found in zip(by_job.values(), pipe.execute(), strict=True):
+            whole_job = found[0] is not None
+            marked.update(t for t, mark in zip(ids, found[1:], strict=True) if whole_job or mark is not None)
         return marked
 
     # -- reads ----------------------------------------------------------------------------------
