@@ -162,7 +162,7 @@ def cmd_job(args: argparse.Namespace) -> int:
         f"    {e['task_id']}  {_error_line(e)} (after {e['attempts']} attempt(s))" for e in job["errors"]
     ]
     _print(args, job, "\n".join(lines))
-    return EXIT_TASKS_FAILED if job["errors"] else EXIT_OK
+    return EXIT_TASKS_FAILED if job["errors"] or job["cancelled"] else EXIT_OK
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -244,6 +244,23 @@ def cmd_insert(args: argparse.Namespace) -> int:
             specs = load_specs(f, args.file)
     job = _queue(args).insert(specs, name=args.name, progress=False)
     _print(args, {"job_id": job.id, "tasks": job.total}, job.id)
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    tq = _queue(args)
+    job = tq.job(args.job_id)
+    ended = job.cancel(args.task or None)
+    counts = job.counts()
+    what = (
+        f"job {_titled(job.id, job.name)}" if not args.task else f"{len(args.task)} task(s) of job {job.id}"
+    )
+    text = (
+        f"cancelled {what}: {ended} waiting task(s) ended now; {counts.leased} running task(s) are "
+        f"told within {defaults.CANCEL_CHECK_SECONDS:g}s (killed after "
+        f"{defaults.CANCEL_GRACE_SECONDS:g}s if deaf to it)"
+    )
+    _print(args, {"job_id": job.id, "ended": ended, "running": counts.leased}, text)
     return EXIT_OK
 
 
@@ -393,6 +410,15 @@ def build_parser() -> argparse.ArgumentParser:
         "file",
     )
     i.add_argument("--name", default=None, help="the job's name")
+    ca = command(
+        "cancel",
+        cmd_cancel,
+        "cancel a job for good: waiting tasks never start, running ones get nbqueue.Cancelled raised "
+        "inside them (their process is killed if they do not stop)",
+        "url",
+        "job_id",
+    )
+    ca.add_argument("--task", action="append", default=[], help="only this task (repeat for several)")
     r = command("release", cmd_release, "return expired leases to the queue", "url")
     r.add_argument("--all", action="store_true", help="release every lease, live or not")
     command("rezero", cmd_rezero, "recount the counters exactly", "url")

@@ -12,6 +12,7 @@ import enum
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -246,7 +247,12 @@ class Job:
 
     # -- waiting ----------------------------------------------------------------------------
     def wait(
-        self, timeout: float | None = None, progress: bool = True, check: Callable[[], None] | None = None
+        self,
+        timeout: float | None = None,
+        progress: bool = True,
+        check: Callable[[], None] | None = None,
+        *,
+        cancel_on_interrupt: bool = False,
     ) -> Job:
         """Block until every task is finished (completed, dead or cancelled), showing progress.
 
@@ -254,6 +260,8 @@ class Job:
             timeout: give up after this many seconds.
             progress: show the widget (in a notebook) or a text bar.
             check: called at every poll; raise from it to stop waiting (e.g. workers died).
+            cancel_on_interrupt: an interrupt (Ctrl-C, the kernel's stop button) cancels the job;
+                by default it only stops the waiting, and the job runs on.
 
         Rides out a storage outage of up to ``defaults.WAIT_OUTAGE_SECONDS`` (a server restart).
 
@@ -261,7 +269,27 @@ class Job:
             TimeoutError: ``timeout`` seconds passed first.
             QueueStateLost: the queue lost this job's state (its tasks will never finish).
             BackendUnavailable: the storage stayed unreachable too long.
+            KeyboardInterrupt: interrupted (after it printed what it did, or how to cancel).
         """
+        try:
+            return self._wait(timeout, progress, check)
+        except KeyboardInterrupt:
+            if cancel_on_interrupt:
+                ended = self.cancel()
+                print(
+                    f"interrupted: cancelled job {self.name} ({ended:,} waiting task(s) ended; "
+                    "running ones are told to stop)",
+                    file=sys.stderr,
+                )
+            else:
+                print(
+                    f"stopped waiting; job {self.name} runs on. To cancel it: "
+                    f"tq.cancel({self.id!r}) or %queue cancel {self.id}",
+                    file=sys.stderr,
+                )
+            raise
+
+    def _wait(self, timeout: float | None, progress: bool, check: Callable[[], None] | None) -> Job:
         if progress and progress_mode() == "widget":
             return self._wait_with_widget(timeout, check)
         bar = JobBar(self.total, f"job {self.name}", enabled=progress)
@@ -336,7 +364,7 @@ class Job:
                 check()
 
         try:
-            return self.wait(timeout=timeout, progress=False, check=poll)
+            return self._wait(timeout, False, poll)
         finally:
             view.finish()
 

@@ -214,6 +214,7 @@ class QueueMagics(Magics):
             %queue workers start N [URL]      start N local workers
             %queue workers stop               stop them
             %queue results JOB [--out VAR]    bind a job's results (default _results)
+            %queue cancel JOB [--task ID]     cancel a job (or some of its tasks) for good
             %queue dlq [list|redrive|purge]   dead letters of the queue
         """
         if cell is None:
@@ -245,7 +246,9 @@ class QueueMagics(Magics):
             if args.out:
                 ns[args.out] = job
             return
-        job.wait(timeout=args.timeout, check=None if pool is None else partial(_workers_alive, pool, job))
+        # The stop button cancels the cell's job: what a user stopping a cell means.
+        check = None if pool is None else partial(_workers_alive, pool, job)
+        job.wait(timeout=args.timeout, check=check, cancel_on_interrupt=True)
         results = job.results(on_error="exception")
         ns[args.out or "_results"] = results
         dead = sum(isinstance(value, TaskError) for value in results)
@@ -257,7 +260,7 @@ class QueueMagics(Magics):
         words = split_args(line)
         if not words:
             raise UsageError(
-                "%queue needs a command: status, jobs, job, workers, results or dlq (see %queue?)"
+                "%queue needs a command: status, jobs, job, workers, results, cancel or dlq (see %queue?)"
             )
         command, rest = words[0], words[1:]
         handler = getattr(self, f"_cmd_{command}", None)
@@ -361,6 +364,23 @@ class QueueMagics(Magics):
         values = job.results(on_error="exception")
         self._ip.user_ns[out] = values
         print(f"{len(values):,} results of job {job.name} in {out}")
+
+    def _cmd_cancel(self, rest: list[str]) -> None:
+        usage = "%queue cancel JOB [--task ID ...] [URL]"
+        tasks: list[str] = []
+        while "--task" in rest:
+            i = rest.index("--task")
+            if i + 1 >= len(rest):
+                raise UsageError(usage)
+            tasks.append(rest[i + 1])
+            rest = rest[:i] + rest[i + 2 :]
+        if not rest:
+            raise UsageError(usage)
+        job = self._queue_for(rest[1] if len(rest) > 1 else None).job(rest[0])
+        ended = job.cancel(tasks or None)
+        what = f"job {job.name}" if not tasks else f"{len(tasks)} task(s) of job {job.name}"
+        running = job.counts().leased
+        print(f"cancelled {what}: {ended:,} waiting task(s) ended; {running:,} running one(s) are told")
 
     def _cmd_dlq(self, rest: list[str]) -> None:
         action = rest[0] if rest else "list"

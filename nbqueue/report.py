@@ -79,7 +79,8 @@ def queue_status(tq: TaskQueue) -> dict[str, Any]:
 
 # -- one job ---------------------------------------------------------------------------------------
 def job_report(tq: TaskQueue, job_id: str) -> dict[str, Any]:
-    """A job's record, counters, timings (created, first start, last finish) and errors.
+    """A job's record, counters, timings (created, first start, last finish) and errors (of the
+    tasks that failed for good: cancelled ones are counted, not listed).
 
     Raises:
         KeyError: the queue has no such job.
@@ -92,7 +93,7 @@ def job_report(tq: TaskQueue, job_id: str) -> dict[str, Any]:
     errors = [
         {"task_id": r.error.task_id, "attempts": r.error.attempts, **_error_fields(r.error)}
         for r in records
-        if not r.ok and r.error is not None
+        if not r.ok and r.error is not None and not r.cancelled
     ]
     return {
         "id": job.id,
@@ -162,14 +163,14 @@ def inspect_task(tq: TaskQueue, task_id: str) -> dict[str, Any]:
         raise KeyError(f"no task {task_id!r} in {tq.url}")
     job_id = job_of(task_id)
     state, attempts, error = info.status.value, info.attempts, None
-    finished = info.status in (TaskStatus.COMPLETED, TaskStatus.DEAD)
+    finished = info.status in (TaskStatus.COMPLETED, TaskStatus.DEAD, TaskStatus.CANCELLED)
     blob = tq.backend.results(job_id).get(task_id) if finished else None
     if blob is not None:
         record = record_header(tq.signer, task_id, blob, job_id)
         attempts = attempts or record.attempt
         error = _error_dict(record.error)
         if not record.ok:
-            state = TaskStatus.DEAD.value
+            state = (TaskStatus.CANCELLED if record.cancelled else TaskStatus.DEAD).value
     try:
         job_name = tq.job(job_id).name
     except KeyError:

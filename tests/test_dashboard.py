@@ -77,3 +77,25 @@ def test_dashboard_shows_counts_jobs_errors_and_redrives(server):
         finally:
             browser.close()
     assert stop_server_workers(info, pids) == 1
+
+
+def test_the_cancel_button_on_a_job_row_cancels_it(server):
+    from playwright.sync_api import sync_playwright
+
+    proc, url, tmp_path = server
+    nb = notebook(NB)
+    job = TaskQueue(url).insert(
+        (functools.partial(nb.cube, i) for i in range(12)), name="waiting", progress=False
+    )
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(f"{proc.base}/nbqueue?token={proc.token}")
+            row = page.locator("tr.job", has_text="waiting")
+            row.get_by_role("button", name="Cancel").click()
+            page.locator(".job-line", has_text="12/12 done · 0 dead · 12 cancelled").wait_for(timeout=30_000)
+            assert row.get_by_role("button", name="Cancel").count() == 0  # a finished job has none
+        finally:
+            browser.close()
+    assert job.counts().cancelled == 12 and job.done()

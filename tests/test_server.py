@@ -172,3 +172,24 @@ def test_extension_point_names_the_app():
     from nbqueue.server.app import NbQueue
 
     assert nbqueue._jupyter_server_extension_points() == [{"module": "nbqueue.server.app", "app": NbQueue}]
+
+
+async def test_cancel_a_job_over_rest(jp_fetch, queue_url):
+    job = insert_job(queue_url)
+    qid = queue_id(queue_url)
+    code, reply = await send(
+        jp_fetch, "POST", "queues", qid, "jobs", job.id, "cancel", body={"task_ids": [f"{job.id}-0"]}
+    )
+    assert code == 200 and reply == {"job_id": job.id, "ended": 1}
+    code, reply = await send(jp_fetch, "POST", "queues", qid, "jobs", job.id, "cancel")
+    assert code == 200 and reply["ended"] == 5
+    detail = await get(jp_fetch, "queues", qid, "jobs", job.id)
+    assert detail["counts"]["cancelled"] == 6
+    for parts, body, status in [
+        (("nosuchjob", "cancel"), {}, 404),
+        ((job.id, "cancel"), {"task_ids": "all"}, 400),
+        ((job.id, "cancel"), {"task_ids": ["other-1"]}, 400),
+    ]:
+        with pytest.raises(HTTPClientError) as info:
+            await send(jp_fetch, "POST", "queues", qid, "jobs", *parts, body=body)
+        assert info.value.code == status

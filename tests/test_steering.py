@@ -8,6 +8,10 @@ default settings, and printed (``-s``) for the record.
 from __future__ import annotations
 
 import functools
+import json
+import os
+import signal
+import threading
 import time
 
 import pytest
@@ -16,6 +20,7 @@ from nbqueue import Cancelled, TaskQueue, defaults, use
 from nbqueue.backends.base import TaskStatus
 
 from .helpers import notebook, start_workers, wait_all, wait_for
+from .test_cli import cli, cli_json
 
 NOTEBOOK = """
 import os, time
@@ -181,3 +186,63 @@ def test_cancel_before_any_worker_runs_ends_every_task_at_once(worker_url, nb):
     with pytest.raises(Exception, match="50 of 50 tasks failed"):
         job.results()
     assert isinstance(Cancelled("x"), BaseException) and not isinstance(Cancelled("x"), Exception)
+
+
+def test_cancel_from_the_command_line_and_its_reports(worker_url, nb):
+    """``nbqueue cancel URL JOB [--task ID]`` and what status, job, jobs and inspect then say."""
+    tq = TaskQueue(worker_url, progress=False)
+    job = tq.insert(functools.partial(nb.quick, i) for i in range(10))
+    first = cli("cancel", worker_url, job.id, "--task", f"{job.id}-3", "--task", f"{job.id}-4")
+    assert first.returncode == 0, first.stderr
+    assert "2 waiting task(s) ended now" in first.stdout
+    assert cli_json("inspect", worker_url, f"{job.id}-3", code=0)["state"] == "cancelled"
+    assert json.loads(cli("cancel", worker_url, job.id, "--json").stdout) == {
+        "job_id": job.id,
+        "ended": 8,
+        "running": 0,
+    }
+    assert cli_json("status", worker_url)["cancelled"] == 10
+    (row,) = cli_json("jobs", worker_url)
+    assert row["cancelled"] == 10
+    report = cli("job", worker_url, job.id)
+    assert report.returncode == 1 and "10/10 done · 0 dead · 10 cancelled" in report.stdout
+    missing = cli("cancel", worker_url, "nosuchjob")
+    assert missing.returncode == 2 and "no job 'nosuchjob'" in missing.stderr
+    foreign = cli("cancel", worker_url, job.id, "--task", "otherjob-1")
+    assert foreign.returncode == 2 and "not a task of job" in foreign.stderr
+
+
+def test_magics_cancel_and_an_interrupted_wait(tmp_path, monkeypatch, capsys):
+    """``%queue cancel JOB``; the stop button on ``%%queue --wait`` cancels the cell's job, while
+    an interrupted ``job.wait()`` only stops waiting and says how to cancel."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    monkeypatch.chdir(tmp_path)
+    url = f"fq://{tmp_path / 'cells'}"
+    ip = InteractiveShell.instance()
+    try:
+        ip.run_line_magic("load_ext", "nbqueue")
+        ip.run_cell_magic("queue", f"{url} --map i=range(5) --name later", "i + 1")
+        job = ip.user_ns["_job"]
+        ip.run_line_magic("queue", f"cancel {job.id} --task {job.id}-0")
+        assert "1 waiting task(s) ended" in capsys.readouterr().out
+        ip.run_line_magic("queue", f"cancel {job.id}")
+        assert "4 waiting task(s) ended" in capsys.readouterr().out and job.counts().cancelled == 5
+
+        def interrupt_soon():
+            threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+        interrupt_soon()
+        with pytest.raises(KeyboardInterrupt):  # no worker: it would wait for ever
+            ip.run_cell_magic("queue", f"{url} --map i=range(4) --wait", "i * 2")
+        waited = ip.user_ns["_job"]
+        assert waited.counts().cancelled == 4
+        assert "interrupted: cancelled job cell" in capsys.readouterr().err
+        kept = TaskQueue(url, progress=False).insert([functools.partial(notebook(NOTEBOOK).quick, 2)])
+        interrupt_soon()
+        with pytest.raises(KeyboardInterrupt):
+            kept.wait(progress=False)
+        assert f"To cancel it: tq.cancel({kept.id!r})" in capsys.readouterr().err
+        assert kept.counts().queued == 1  # it runs on
+    finally:
+        InteractiveShell.clear_instance()

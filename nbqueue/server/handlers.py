@@ -7,6 +7,7 @@ Routes (JSON unless said otherwise)::
     POST   /nbqueue/api/queues            {"url"}     show another queue; returns its id
     GET    /nbqueue/api/queues/<qid>/jobs             the queue's jobs with counts
     GET    /nbqueue/api/queues/<qid>/jobs/<job>       one job: counts, timing, recent errors, source
+    POST   /nbqueue/api/queues/<qid>/jobs/<job>/cancel  {"task_ids"?}  cancel it (or those tasks)
     GET    /nbqueue/api/queues/<qid>/dead             dead letters (no payloads)
     POST   /nbqueue/api/queues/<qid>/dead/redrive     queue them again
     GET    /nbqueue/api/workers                       worker processes the server started
@@ -118,6 +119,24 @@ class JobHandler(_Base):
         self.reply(data)
 
 
+class CancelHandler(_Base):
+    @web.authenticated
+    @authorized
+    async def post(self, qid: str, job_id: str) -> None:
+        ids = self.body().get("task_ids")
+        if ids is not None and (not isinstance(ids, list) or not all(isinstance(t, str) for t in ids)):
+            raise web.HTTPError(400, "task_ids must be a list of task ids")
+        tq = self.queue(qid)
+        try:
+            # Storage I/O off the server's event loop: a slow storage must not stall every request.
+            ended = await asyncio.to_thread(tq.cancel, job_id, ids)
+        except KeyError:
+            raise web.HTTPError(404, f"no job {job_id!r} in this queue") from None
+        except ValueError as exc:
+            raise web.HTTPError(400, str(exc)) from None
+        self.reply({"job_id": job_id, "ended": ended})
+
+
 class DeadHandler(_Base):
     @web.authenticated
     @authorized
@@ -188,6 +207,7 @@ HANDLERS = [
     (r"/nbqueue/api/queues/?", QueuesHandler),
     (rf"/nbqueue/api/queues/{_Q}/jobs/?", JobsHandler),
     (rf"/nbqueue/api/queues/{_Q}/jobs/(?P<job_id>[A-Za-z0-9_]+)/?", JobHandler),
+    (rf"/nbqueue/api/queues/{_Q}/jobs/(?P<job_id>[A-Za-z0-9_]+)/cancel/?", CancelHandler),
     (rf"/nbqueue/api/queues/{_Q}/dead/?", DeadHandler),
     (rf"/nbqueue/api/queues/{_Q}/dead/redrive/?", RedriveHandler),
     (r"/nbqueue/api/workers/?", WorkersHandler),
