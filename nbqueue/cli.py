@@ -69,6 +69,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         only_by_reference=args.only_by_reference,
         renewal=args.renew,
         concurrency=args.concurrency,
+        task_timeout=args.task_timeout,
     )
     urls = args.url or _env_urls()
     if args.processes > 1:
@@ -378,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="async def tasks one worker process runs at once on its event loop (default 1)",
+    )
+    w.add_argument(
+        "--task-timeout",
+        type=float,
+        default=None,
+        help="seconds a task may run unless its job or function sets a limit (default: none)",
     )
     w.add_argument("-v", "--verbose", action="store_true", help="print a summary on exit")
 

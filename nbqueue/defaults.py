@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 
 #: Seconds a worker holds a task before another worker may take it.
 LEASE_SECONDS = 60.0
@@ -11,6 +12,14 @@ MAX_ATTEMPTS = 3
 #: First retry delay; doubles per attempt up to RETRY_MAX_SECONDS.
 RETRY_BASE_SECONDS = 1.0
 RETRY_MAX_SECONDS = 60.0
+
+
+def retry_delay(attempt: int) -> float:
+    """Exponential backoff with jitter before attempt ``attempt + 1``."""
+    base = min(RETRY_BASE_SECONDS * 2 ** (attempt - 1), RETRY_MAX_SECONDS)
+    return base * random.uniform(0.5, 1.0)
+
+
 #: Tasks encoded and written per storage call when inserting.
 INSERT_BATCH_SIZE = 500
 #: Upper bound on the bytes of one insert batch (a segment file on fq://).

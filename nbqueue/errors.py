@@ -54,6 +54,13 @@ class Cancelled(BaseException):
     """
 
 
+class TaskTimeout(BaseException):
+    """Raised inside a running task that ran past its time limit (``@queueable(timeout=)``,
+    ``insert(timeout=)``, ``nbqueue worker --task-timeout``). A failed attempt: retried as any
+    other failure, and the error type of the task once it is dead. A ``BaseException`` for the
+    reason ``Cancelled`` is one."""
+
+
 class TaskFailed(NbQueueError):
     """Raised by Job.results() when tasks of the job failed for good."""
 

@@ -60,14 +60,16 @@ def default_queue() -> TaskQueue:
 
 
 @overload
-def queueable(fn: F, *, by_reference: bool = False) -> F: ...
+def queueable(fn: F, *, by_reference: bool = False, timeout: float | None = None) -> F: ...
 
 
 @overload
-def queueable(fn: None = None, *, by_reference: bool = False) -> Callable[[F], F]: ...
+def queueable(
+    fn: None = None, *, by_reference: bool = False, timeout: float | None = None
+) -> Callable[[F], F]: ...
 
 
-def queueable(fn: Any = None, *, by_reference: bool = False) -> Any:
+def queueable(fn: Any = None, *, by_reference: bool = False, timeout: float | None = None) -> Any:
     """Mark a function (or a class whose instances have ``execute()``) as allowed on the queue.
 
     Workers run only queueable code. Functions defined in a notebook, closures and lambdas are
@@ -77,30 +79,68 @@ def queueable(fn: Any = None, *, by_reference: bool = False) -> Any:
     A queueable function gains ``fn.submit(*args, **kwargs)`` (one task, a ``TaskHandle``),
     ``fn.submit_later(when, *args, **kwargs)`` (the same, ready in ``when`` seconds or at a
     ``datetime``) and ``fn.map(iterable, **insert_options)`` (a task per item, a ``Job``), on
-    the queue set by ``nbqueue.use``.
+    the queue set by ``nbqueue.use``. Every keyword of ``submit`` is the function's: for insert
+    options on one call use ``fn.options(timeout=..., priority=...).submit(...)``.
 
     Args:
         by_reference: ship no code: tasks name the function as ``module:qualname`` and carry
             JSON arguments (see ``nbqueue.reference``), so the function must be importable
             on the workers. For production pipelines whose workers run only installed code.
+        timeout: seconds a task of this function may run; past it the worker raises
+            ``nbqueue.TaskTimeout`` inside it (a failed attempt, retried as any other) and kills
+            its process if it does not stop within the grace period. A job's ``timeout``
+            (``insert(timeout=)``) overrides it; ``nbqueue worker --task-timeout`` applies to
+            functions without one.
     """
     if fn is None:
-        return functools.partial(queueable, by_reference=by_reference)
-    mark(fn, by_reference=by_reference)
+        return functools.partial(queueable, by_reference=by_reference, timeout=timeout)
+    mark(fn, by_reference=by_reference, timeout=timeout)
     if inspect.isfunction(fn):
         # Module-level functions in partials: a function shipped by value carries these as
         # references to nbqueue.handles, never as code.
         fn.submit = functools.partial(submit, fn)  # type: ignore[attr-defined]
         fn.submit_later = functools.partial(submit_later, fn)  # type: ignore[attr-defined]
         fn.map = functools.partial(map_tasks, fn)  # type: ignore[attr-defined]
+        fn.options = functools.partial(Options, fn)  # type: ignore[attr-defined]
     return fn
+
+
+class Options:
+    """``fn.options(**insert_options)``: ``submit``, ``submit_later`` and ``map`` of ``fn`` with
+    options for ``TaskQueue.insert`` (``timeout``, ``priority``, ``name``, ...), so that every
+    keyword of ``submit`` itself stays the function's."""
+
+    def __init__(self, fn: Callable[..., Any], **options: Any) -> None:
+        self.fn, self.options = fn, options
+
+    def submit(self, *args: Any, **kwargs: Any) -> TaskHandle:
+        """``fn.submit`` with these options."""
+        return _submit_one(self.fn, functools.partial(self.fn, *args, **kwargs), self.options)
+
+    def submit_later(self, when: float | datetime.datetime, *args: Any, **kwargs: Any) -> TaskHandle:
+        """``fn.submit_later`` with these options."""
+        options = {**self.options, **_timing(when)}
+        return _submit_one(self.fn, functools.partial(self.fn, *args, **kwargs), options)
+
+    def map(self, iterable: Iterable[Any], **options: Any) -> Job:
+        """``fn.map`` with these options (and ``options``, which win)."""
+        return map_tasks(self.fn, iterable, **{**self.options, **options})
+
+
+def _timing(when: float | datetime.datetime) -> dict[str, Any]:
+    return {"eta": when} if isinstance(when, datetime.datetime) else {"delay": when}
+
+
+def _submit_one(fn: Callable[..., Any], task: functools.partial, options: dict[str, Any]) -> TaskHandle:
+    """Insert one task as a job of its own on the default queue; its handle."""
+    tq = default_queue()
+    job = tq.insert([task], **{"name": callable_name(fn), "progress": False, **options})
+    return TaskHandle(tq, task_id(job.id, 0))
 
 
 def submit(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskHandle:
     """Queue one call ``fn(*args, **kwargs)`` as a job of its own on the default queue."""
-    tq = default_queue()
-    job = tq.insert([functools.partial(fn, *args, **kwargs)], name=callable_name(fn), progress=False)
-    return TaskHandle(tq, task_id(job.id, 0))
+    return _submit_one(fn, functools.partial(fn, *args, **kwargs), {})
 
 
 def submit_later(
@@ -108,12 +148,7 @@ def submit_later(
 ) -> TaskHandle:
     """``submit``, ready only ``when``: seconds from now, or a ``datetime``. (A separate verb:
     every keyword of ``submit`` is the function's.)"""
-    timing = {"eta": when} if isinstance(when, datetime.datetime) else {"delay": when}
-    tq = default_queue()
-    job = tq.insert(
-        [functools.partial(fn, *args, **kwargs)], name=callable_name(fn), progress=False, **timing
-    )
-    return TaskHandle(tq, task_id(job.id, 0))
+    return _submit_one(fn, functools.partial(fn, *args, **kwargs), _timing(when))
 
 
 def map_tasks(fn: Callable[..., Any], iterable: Iterable[Any], **options: Any) -> Job:

@@ -36,7 +36,7 @@ from .jobs import Job, JobState, new_job_record, save_job_record
 from .procs import spawn_pool
 from .progress import insert_progress
 from .serialize import dumps_checked
-from .tasks import TaskCodec, to_call
+from .tasks import TaskCodec, check_timeout, to_call
 
 GREEN_FIX = "from gevent import monkey; monkey.patch_all()"
 
@@ -49,12 +49,13 @@ def sliceable(tasks: Any) -> bool:
 # -- writing batches ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Placement:
-    """When a job's tasks become ready and what priority the job has: the same for every batch,
-    however late the batch is written (a long insert's last batch is not ready later), and in
-    every slice's process (the clock is this machine's)."""
+    """When a job's tasks become ready, what priority the job has and how long each of its tasks
+    may run: the same for every batch, however late the batch is written (a long insert's last
+    batch is not ready later), and in every slice's process (the clock is this machine's)."""
 
     ready_at: float | None = None  #: ``time.time()`` when ready; None: at once
     priority: int = 0
+    timeout: float | None = None  #: seconds per task (in each task's signed header); None: none
 
     def delay(self) -> float:
         """Seconds from now until the tasks are ready."""
@@ -166,7 +167,7 @@ def upload(
                 if explain:
                     print(pickling.explain(call.fn).summary())
         tid = task_id(job_id, index)
-        envelope = codec.encode(tid, job_id, call, digest)
+        envelope = codec.encode(tid, job_id, call, digest, writer.placement.timeout)
         batch.append((tid, envelope))
         batch_bytes += len(envelope)
         if len(batch) >= batch_size or batch_bytes >= defaults.INSERT_BATCH_BYTES:
@@ -289,9 +290,10 @@ def insert_tasks(
     explain: bool = False,
     delay: float = 0.0,
     priority: int = 0,
+    timeout: float | None = None,
 ) -> Job:
     """Insert every task of ``tasks`` as one job; see ``TaskQueue.insert``."""
-    placement = Placement(time.time() + delay if delay > 0 else None, priority)
+    placement = Placement(time.time() + delay if delay > 0 else None, priority, check_timeout(timeout))
 
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -305,6 +307,8 @@ def insert_tasks(
     meta = new_job_record(job_id, name, source)
     if priority:
         meta["priority"] = priority
+    if placement.timeout is not None:
+        meta["timeout"] = placement.timeout
     # Read once: the tasks are signed for it and the job checks it, so the two always agree.
     queue_id = queue.queue_id
     job = Job(queue, job_id, meta, queue_id=queue_id)

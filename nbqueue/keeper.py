@@ -5,16 +5,19 @@ a long regex, many pandas and numpy-object operations): measured here, a 0.86 s 
 kept a thread off the CPU for 0.91 s, and a task that holds the GIL longer than its lease would
 be run twice. So a worker process pairs with a keeper process that holds its leases:
 
-- the worker writes ``hold TASK TOKEN`` when it leases, ``run TASK`` when it starts one (it runs
-  until the next ``run`` or its ``drop``), ``drop TASK`` before it reports a task's result,
-  ``info JSON`` for its heartbeat, and ``quit`` when it stops;
+- the worker writes ``hold TASK TOKEN`` when it leases, ``run TASK LIMIT ATTEMPT CHARGED`` when
+  it starts one (it runs until the next ``run`` or its ``drop``; LIMIT is ``-`` for none),
+  ``drop TASK`` before it reports a task's result, ``info JSON`` for its heartbeat, and ``quit``
+  when it stops;
 - the keeper renews every held lease each ``lease / 3`` seconds, sends the heartbeat, and writes
   ``lost TASK TOKEN`` when a renewal is refused (with the token: a task released and leased
   again has a new lease, which an old refusal must not void);
 - every ``CANCEL_CHECK_SECONDS`` it asks whether the running task was cancelled. The worker tells
   the task itself (``Cancelled`` raised inside it); one still running ``CANCEL_GRACE_SECONDS``
   later is deaf to it (stuck in C code), so the keeper kills the worker, ends the task cancelled
-  and gives the worker's other leases back uncharged: a cancel is never recorded as a crash;
+  and gives the worker's other leases back uncharged: a cancel is never recorded as a crash. A
+  task past its time limit (which the worker tells with ``TaskTimeout``) is killed the same way
+  after the grace, and recorded as a failed attempt of type ``TaskTimeout``;
 - a worker that is stopped (SIGSTOP) gets no renewals, so its leases expire as they should; a
   worker that dies takes its keeper with it (the keeper notices its parent is gone).
 
@@ -31,6 +34,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from . import defaults
 from .backends.base import Lease
@@ -101,12 +105,20 @@ class LostLeases:
 class LeaseKeeper(LostLeases):
     """The worker's side: the same interface as the in-process ``Renewer`` thread."""
 
-    def __init__(self, url: str, lease_seconds: float, worker_id: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        lease_seconds: float,
+        worker_id: str,
+        insecure: bool = False,
+        max_attempts: int = defaults.MAX_ATTEMPTS,
+    ) -> None:
         super().__init__()
         # -c rather than -m: the package imports this module, and runpy warns about running it twice.
         run = "import sys; from nbqueue.keeper import main; sys.exit(main(sys.argv[1:]))"
         # The URL may hold a password: it goes in the environment, not in argv (visible to ps).
         self._cmd = [sys.executable, "-c", run, repr(lease_seconds), str(os.getpid()), worker_id]
+        self._cmd += ["1" if insecure else "0", str(max_attempts)]
         self._env = {**os.environ, defaults.ENV_URL: url}
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
@@ -158,9 +170,11 @@ class LeaseKeeper(LostLeases):
         """The heartbeat's information (one JSON line)."""
         self._send([f"info {data}"])
 
-    def running(self, task_id: str) -> None:
-        """The task the worker starts now: it runs until the next one starts or it is dropped."""
-        self._send([f"run {task_id}"])
+    def running(self, lease: Lease, limit: float | None) -> None:
+        """The task the worker starts now, and the seconds it may run: it runs until the next one
+        starts or it is dropped."""
+        shown = "-" if limit is None else repr(limit)
+        self._send([f"run {lease.task_id} {shown} {lease.attempt} {lease.charged}"])
 
     def stop(self) -> None:
         self._send(["quit"])
@@ -179,14 +193,28 @@ class LeaseKeeper(LostLeases):
             self._reader.join(5)
 
 
+@dataclass
+class _Running:
+    """The task the worker runs, as the keeper knows it."""
+
+    task_id: str
+    started: float  #: monotonic, when the keeper heard of it
+    limit: float | None
+    attempt: int
+    charged: int
+    cancelled_at: float | None = None  #: when the keeper found it cancelled
+
+
 def main(argv: list[str]) -> int:
-    """The keeper process, with arguments ``LEASE_SECONDS WORKER_PID WORKER_ID`` and the queue URL in
-    ``$NBQUEUE_URL``."""
+    """The keeper process, with arguments ``LEASE_SECONDS WORKER_PID WORKER_ID [INSECURE
+    MAX_ATTEMPTS]`` and the queue URL in ``$NBQUEUE_URL``."""
     from .backends import open_backend
     from .errors import BackendUnavailable
 
     url = os.environ[defaults.ENV_URL]
     lease_seconds, worker_pid, worker_id = float(argv[0]), int(argv[1]), argv[2]
+    insecure = len(argv) > 3 and argv[3] == "1"
+    max_attempts = int(argv[4]) if len(argv) > 4 else defaults.MAX_ATTEMPTS
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the worker, which then says quit
     # A worker may start while its storage is down (a Redis restart): wait for it, as the worker
     # itself would, rather than fail the worker.
@@ -206,7 +234,7 @@ def main(argv: list[str]) -> int:
     lock = threading.Lock()
     done = threading.Event()
     informed = threading.Event()  # the worker has said who it is: the first heartbeat can go
-    running: list[str | None] = [None]  # the task the worker runs now, while it is held
+    running: list[_Running | None] = [None]  # the task the worker runs now, while it is held
 
     def read_commands() -> None:
         nonlocal info
@@ -219,7 +247,9 @@ def main(argv: list[str]) -> int:
                 elif kind == "drop":
                     held.pop(rest, None)
                 elif kind == "run":
-                    running[0] = rest
+                    task_id, limit, attempt, charged = rest.split(" ")
+                    seconds = None if limit == "-" else float(limit)
+                    running[0] = _Running(task_id, time.monotonic(), seconds, int(attempt), int(charged))
                 elif kind == "info":
                     info = rest.encode()
                     informed.set()
@@ -231,7 +261,6 @@ def main(argv: list[str]) -> int:
     informed.wait(min(lease_seconds / 3, 2.0))  # beat at once, as the worker starts, not a round later
     tick = min(defaults.CANCEL_CHECK_SECONDS, lease_seconds / 3)
     renew_due = 0.0
-    cancel_seen: tuple[str, float] | None = None  # a running task found cancelled, and when
     while True:
         if os.getppid() != worker_pid:
             return 0  # the worker died: its leases expire and are retried
@@ -247,15 +276,15 @@ def main(argv: list[str]) -> int:
             with contextlib.suppress(Exception):  # the heartbeat is informative: the next round beats again
                 backend.heartbeat(worker_id, info, lease_seconds)
         with lock:
-            task = running[0] if running[0] in held else None
-        if task is None:
-            cancel_seen = None
-        elif cancel_seen is None or cancel_seen[0] != task:
+            task = running[0] if running[0] is not None and running[0].task_id in held else None
+        if task is not None and task.cancelled_at is None:
             with contextlib.suppress(Exception):  # a storage hiccup: asked again next tick
-                cancel_seen = (task, now) if backend.cancel_requested([task]) else None
-        elif now - cancel_seen[1] > defaults.CANCEL_GRACE_SECONDS:
-            _kill_deaf_worker(backend, worker_pid, task, held, lock)
-            backend.heartbeat(worker_id, info, 0)
+                if backend.cancel_requested([task.task_id]):
+                    task.cancelled_at = now
+        if task is not None and _deaf(task, now):
+            _kill_deaf_worker(backend, worker_pid, worker_id, task, held, lock, insecure, max_attempts)
+            with contextlib.suppress(Exception):
+                backend.heartbeat(worker_id, info, 0)
             backend.close()
             return 0
         if done.wait(tick):
@@ -266,15 +295,33 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _deaf(task: _Running, now: float) -> bool:
+    """True once the running task was told to stop (cancelled, or past its limit) a grace period
+    ago and still runs."""
+    grace = defaults.CANCEL_GRACE_SECONDS
+    if task.cancelled_at is not None and now - task.cancelled_at > grace:
+        return True
+    return task.limit is not None and now - task.started > task.limit + grace
+
+
 def _kill_deaf_worker(
-    backend, worker_pid: int, task: str, held: dict[str, str], lock: threading.Lock
+    backend,
+    worker_pid: int,
+    worker_id: str,
+    task: _Running,
+    held: dict[str, str],
+    lock: threading.Lock,
+    insecure: bool,
+    max_attempts: int,
 ) -> None:
-    """The worker's running task was cancelled and still runs after the grace period (stuck in C
-    code): kill the worker, end the task cancelled (its lease, failed, ends so: it is marked) and
-    give the worker's other leases back uncharged (released, not expired)."""
+    """The worker's running task was told to stop a grace period ago and still runs (stuck in C
+    code): kill the worker, end the task (cancelled when it was, else a failed attempt of type
+    TaskTimeout) and give the worker's other leases back uncharged (released, not expired)."""
+    why = "was cancelled" if task.cancelled_at is not None else f"ran past its time limit of {task.limit:g}s"
+    grace = defaults.CANCEL_GRACE_SECONDS
     print(
-        f"nbqueue lease keeper: task {task} was cancelled {defaults.CANCEL_GRACE_SECONDS:g}s ago and still "
-        f"runs (stuck in C code?): killing its worker {worker_pid}",
+        f"nbqueue lease keeper: task {task.task_id} {why} and still runs {grace:g}s after being told "
+        f"(stuck in C code?): killing its worker {worker_pid}",
         file=sys.stderr,
         flush=True,
     )
@@ -284,7 +331,40 @@ def _kill_deaf_worker(
         leases = dict(held)
     for task_id, token in leases.items():
         with contextlib.suppress(Exception):  # unreported, a lease expires: run again, never lost
-            if task_id == task:
-                backend.fail(task_id, token, b"", None)
-            else:
+            if task_id != task.task_id:
                 backend.release(task_id, token)
+            elif task.cancelled_at is not None:
+                backend.fail(task_id, token, b"", None)  # marked cancelled: it ends so
+            else:
+                backend.fail(task_id, token, *_timed_out(task, worker_id, insecure, max_attempts))
+
+
+def _timed_out(
+    task: _Running, worker_id: str, insecure: bool, max_attempts: int
+) -> tuple[bytes, float | None]:
+    """The failure of a task killed past its time limit: its signed record and its retry delay
+    (None: out of attempts, dead)."""
+    from .ids import job_of
+    from .records import seal_record
+    from .serialize import Signer, get_serializer
+
+    error = {
+        "type": "TaskTimeout",
+        "message": f"the task ran past its time limit of {task.limit:g}s and did not stop within "
+        f"{defaults.CANCEL_GRACE_SECONDS:g}s: its worker process was killed",
+        "traceback": "",
+    }
+    now = time.time()
+    started = now - (time.monotonic() - task.started)
+    record = seal_record(
+        Signer.default(insecure),
+        get_serializer("dill"),  # an error record holds no value
+        task.task_id,
+        job_of(task.task_id),
+        error=error,
+        attempt=task.attempt,
+        started=started,
+        finished=now,
+        worker=worker_id,
+    )
+    return record, None if task.charged >= max_attempts else defaults.retry_delay(task.charged)

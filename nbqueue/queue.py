@@ -100,6 +100,7 @@ class TaskQueue(QueueConnection):
         eta: datetime.datetime | None = None,
         delay_seconds: float | None = None,
         priority: int = 0,
+        timeout: float | None = None,
     ) -> Job:
         """Queue every task of ``tasks`` as one job and return the Job.
 
@@ -133,6 +134,8 @@ class TaskQueue(QueueConnection):
                 of ``delay``. A time past means now.
             priority: workers serve jobs of a higher priority first; jobs of one priority take
                 turns, so a small job inserted behind a big one starts at once (default 0).
+            timeout: seconds each task may run (overrides ``@queueable(timeout=)``); past it
+                the worker raises ``nbqueue.TaskTimeout`` inside the task, a failed attempt.
         """
         if isinstance(tasks, TaskQueue):
             if tasks.url == self.url:
@@ -158,6 +161,7 @@ class TaskQueue(QueueConnection):
             explain=explain,
             delay=wait,
             priority=int(priority),
+            timeout=timeout,
         )
 
     def insert_all(self, tasks: Any, **options: Any) -> Job:
@@ -243,13 +247,15 @@ class TaskQueue(QueueConnection):
         idle_exit: float | None = 300.0,
         only_by_reference: bool = False,
         concurrency: int = 1,
+        task_timeout: float | None = None,
     ) -> WorkerProcesses:
         """Start ``n`` worker processes on this queue (fresh interpreters, not forks of the kernel).
 
         They keep running if the kernel restarts; they exit after ``idle_exit`` idle seconds, when
         the queue is empty with ``burst``, or on ``.stop()``. With ``only_by_reference`` they
         refuse every task that ships pickled code. Each runs up to ``concurrency`` ``async def``
-        tasks at once on its event loop.
+        tasks at once on its event loop. ``task_timeout`` limits the tasks whose job and function
+        set no limit of their own.
         """
         if self.url.startswith("mem://"):
             raise QueueURLError("mem:// lives in this process only: use poll(), LocalTaskQueue, or fq://")
@@ -261,6 +267,7 @@ class TaskQueue(QueueConnection):
             insecure=self.insecure,
             only_by_reference=only_by_reference,
             concurrency=concurrency,
+            task_timeout=task_timeout,
         )
         return WorkerProcesses(cmd, n, restart=False, env=worker_env(self.worker_url))
 

@@ -52,6 +52,7 @@ from .serialize import (
 
 _MARK = "__nbqueue_queueable__"
 _BY_REFERENCE = "__nbqueue_by_reference__"
+_TIMEOUT = "__nbqueue_timeout__"
 
 __all__ = [
     "FunctionTask",
@@ -68,7 +69,16 @@ __all__ = [
 ]
 
 
-def mark(fn: Any, *, by_reference: bool = False) -> Any:
+def check_timeout(timeout: float | None) -> float | None:
+    """A task time limit in seconds (None: none), or ValueError."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"a task timeout is a positive number of seconds, not {timeout!r}")
+    return float(timeout)
+
+
+def mark(fn: Any, *, by_reference: bool = False, timeout: float | None = None) -> Any:
     """Mark a function (or a class whose instances have ``execute()``) as allowed on the queue.
 
     This is the mark workers check; ``nbqueue.queueable`` adds ``submit``/``map`` on top.
@@ -83,6 +93,8 @@ def mark(fn: Any, *, by_reference: bool = False) -> Any:
     setattr(fn, _MARK, True)
     if by_reference:
         setattr(fn, _BY_REFERENCE, True)
+    if timeout is not None:
+        setattr(fn, _TIMEOUT, check_timeout(timeout))
     return fn
 
 
@@ -283,6 +295,16 @@ class TaskCall:
     kwargs: dict = field(default_factory=dict)
     obj: Any = None
     ref: str | None = None
+    timeout: float | None = None  #: the job's time limit per task, from the signed header
+
+    @property
+    def time_limit(self) -> float | None:
+        """Seconds the task may run: its job's limit, else its function's (``@queueable(timeout=)``)."""
+        if self.timeout is not None:
+            return self.timeout
+        marked = self.fn if self.fn is not None else type(self.obj)
+        limit = getattr(marked, _TIMEOUT, None)
+        return limit if isinstance(limit, (int, float)) and limit > 0 else None
 
     def run(self) -> Any:
         if self.fn is None:
@@ -507,9 +529,13 @@ class TaskCodec:
         self._blobs[id(fn)] = (fn, digest, blob)  # keeping fn alive keeps id(fn) unique
         return digest, blob, True
 
-    def encode(self, task_id: str, job_id: str, call: TaskCall, digest: str | None) -> bytes:
-        """A signed task envelope for ``call``."""
+    def encode(
+        self, task_id: str, job_id: str, call: TaskCall, digest: str | None, timeout: float | None = None
+    ) -> bytes:
+        """A signed task envelope for ``call`` (with the job's time limit per task, if any)."""
         header = {"kind": "task", "q": self.queue_id, "t": task_id, "j": job_id, "c": round(time.time(), 3)}
+        if timeout is not None:
+            header["to"] = timeout
         if call.ref is not None:
             try:
                 payload = reference.dumps_spec(TaskSpec(call.ref, call.args, call.kwargs))
@@ -546,6 +572,13 @@ class TaskCodec:
         """
         header, payload = open_task(self.signer, task_id, blob)
         self._check_queue(header.get("q"))
+        call = self._decode(header, payload, fetch_function)
+        limit = header.get("to")
+        if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0:
+            call.timeout = float(limit)
+        return call
+
+    def _decode(self, header: dict, payload: bytes, fetch_function: Callable[[str], bytes]) -> TaskCall:
         if "f" not in header:
             return self._by_reference(payload)
         if self.only_by_reference:

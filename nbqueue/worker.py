@@ -41,6 +41,7 @@ from .errors import (
     SerializationError,
     StorageFull,
     TaskRefused,
+    TaskTimeout,
     Terminal,
 )
 from .ids import job_of
@@ -49,7 +50,7 @@ from .keeper import available as keeper_available
 from .procs import spawn_pool, worker_id
 from .records import error_info, seal_record
 from .serialize import Signer, get_serializer
-from .tasks import FunctionTask, TaskCall, TaskCodec, TaskContext, running_as, set_queue_id
+from .tasks import FunctionTask, TaskCall, TaskCodec, TaskContext, check_timeout, running_as, set_queue_id
 
 if TYPE_CHECKING:
     from .connection import QueueConnection
@@ -62,12 +63,6 @@ log = logging.getLogger("nbqueue.worker")
 class _GaveUp(Exception):
     """The storage stayed unreachable past the point where the call could still matter, or the
     worker was told to stop while it waited."""
-
-
-def retry_delay(attempt: int) -> float:
-    """Exponential backoff with jitter before attempt ``attempt + 1``."""
-    base = min(defaults.RETRY_BASE_SECONDS * 2 ** (attempt - 1), defaults.RETRY_MAX_SECONDS)
-    return base * random.uniform(0.5, 1.0)
 
 
 @dataclass
@@ -129,11 +124,13 @@ def _raise_in_thread(thread_id: int, exc_type: type[BaseException] | None) -> No
 class _Slot:
     """One running task: the thread it runs on, or the asyncio task that runs it."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: float | None) -> None:
         self.thread = threading.get_ident()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.future: asyncio.Future | None = None
         self.reason: type[BaseException] | None = None  #: what it was told: Cancelled, ...
+        self.limit = limit  #: seconds it may run (None: no limit)
+        self.deadline = None if limit is None else time.monotonic() + limit
 
 
 class Interrupts:
@@ -159,9 +156,10 @@ class Interrupts:
         signal.signal(self.wake_signal, lambda signum, frame: None)
 
     @contextlib.contextmanager
-    def running(self, task_id: str) -> Iterator[_Slot]:
-        """Register the task run inside the block (in this thread, until a coroutine is set)."""
-        slot = _Slot()
+    def running(self, task_id: str, limit: float | None = None) -> Iterator[_Slot]:
+        """Register the task run inside the block (in this thread, until a coroutine is set),
+        with the seconds it may run."""
+        slot = _Slot(limit)
         with self._lock:
             self._slots[task_id] = slot
         try:
@@ -175,6 +173,16 @@ class Interrupts:
     def running_ids(self) -> list[str]:
         with self._lock:
             return list(self._slots)
+
+    def overdue(self) -> list[str]:
+        """Tasks past their time limit that were not told yet."""
+        now = time.monotonic()
+        with self._lock:
+            return [
+                task_id
+                for task_id, slot in self._slots.items()
+                if slot.deadline is not None and now > slot.deadline and slot.reason is None
+            ]
 
     def tell(self, task_id: str, reason: type[BaseException]) -> bool:
         """Raise ``reason`` inside the task, once; False if it is not running (or was told)."""
@@ -195,14 +203,13 @@ class Interrupts:
 def _why_stopped(slot: _Slot, exc: BaseException) -> BaseException:
     """The exception to record for a task that raised ``exc``: what it was told, when the
     telling is what stopped it (a coroutine sees asyncio's CancelledError)."""
-    if slot.reason is not None and isinstance(exc, (slot.reason, asyncio.CancelledError)):
-        told = slot.reason(_TOLD.get(slot.reason, str(exc)))
-        return told.with_traceback(exc.__traceback__)
-    return exc
-
-
-#: What a task told to stop is recorded with.
-_TOLD: dict[type[BaseException], str] = {Cancelled: "the task was cancelled while it ran"}
+    if slot.reason is None or not isinstance(exc, (slot.reason, asyncio.CancelledError)):
+        return exc
+    if slot.reason is TaskTimeout:
+        told: BaseException = TaskTimeout(f"the task ran past its time limit of {slot.limit:g}s")
+    else:
+        told = slot.reason("the task was cancelled while it ran")
+    return told.with_traceback(exc.__traceback__)
 
 
 def run_on_loop(loop: asyncio.AbstractEventLoop, coroutine: Any, slot: _Slot) -> Any:
@@ -230,13 +237,15 @@ def run_loaded(
     who: str,
     run_coroutine: Callable[[Any, _Slot], Any] = _run_on_new_loop,
     interrupts: Interrupts | None = None,
+    limit: float | None = None,
 ) -> Outcome:
     """Run a loaded task here and now (a coroutine task through ``run_coroutine``); never raises
-    for the task's own errors. With ``interrupts`` it can be told to stop (see ``Interrupts``)."""
+    for the task's own errors. With ``interrupts`` it can be told to stop (see ``Interrupts``),
+    and is, once it runs past ``limit`` seconds."""
     interrupts = interrupts or Interrupts()
     slot = None
     try:
-        with running_as(task.context(who)), interrupts.running(task.lease.task_id) as slot:
+        with running_as(task.context(who)), interrupts.running(task.lease.task_id, limit) as slot:
             value = task.call.run()
             if inspect.iscoroutine(value):
                 value = run_coroutine(value, slot)
@@ -246,13 +255,13 @@ def run_loaded(
 
 
 async def run_loaded_async(
-    codec: TaskCodec, task: Loaded, max_attempts: int, who: str, interrupts: Interrupts
+    codec: TaskCodec, task: Loaded, max_attempts: int, who: str, interrupts: Interrupts, limit: float | None
 ) -> Outcome:
     """Await a loaded coroutine task on the running event loop; never raises for its errors."""
     slot = None
     try:
         # In this asyncio task's own context; told to stop through asyncio.
-        with running_as(task.context(who)), interrupts.running(task.lease.task_id) as slot:
+        with running_as(task.context(who)), interrupts.running(task.lease.task_id, limit) as slot:
             slot.loop, slot.future = asyncio.get_running_loop(), asyncio.current_task()
             value = await task.call.run()
     except BaseException as exc:
@@ -304,7 +313,7 @@ def _failed(
     """A task that raised: retried after a backoff, or dead when terminal or out of attempts."""
     terminal = isinstance(exc, TERMINAL_ERRORS) or lease.charged >= max_attempts
     record = _sealed(codec, lease, who, started, error=error_info(exc))
-    return Outcome(lease, record, False, None if terminal else retry_delay(lease.charged))
+    return Outcome(lease, record, False, None if terminal else defaults.retry_delay(lease.charged))
 
 
 class Renewer(LostLeases, threading.Thread):
@@ -339,8 +348,9 @@ class Renewer(LostLeases, threading.Thread):
     def info(self, data: str) -> None:
         """The keeper's heartbeat information; this thread beats through ``heartbeat`` instead."""
 
-    def running(self, task_id: str) -> None:
-        """What a lease keeper needs to kill a task deaf to its cancel; a thread cannot."""
+    def running(self, lease: Lease, limit: float | None) -> None:
+        """What a lease keeper needs to kill a task deaf to a cancel or its time limit; a thread
+        cannot."""
 
     def run(self) -> None:
         self._beat(self.lease_seconds)
@@ -477,6 +487,7 @@ class Worker:
         stop_when: Callable[[], bool] | None = None,
         concurrency: int = 1,
         also: Sequence[QueueConnection] = (),
+        task_timeout: float | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
@@ -498,6 +509,8 @@ class Worker:
         #: one, a batch holds up to that many tasks even past ``batch_max``.
         self.concurrency = concurrency
         self.batch_max = max(1, batch_max, concurrency)
+        #: Seconds a task without a limit of its own (job's or function's) may run; None: no limit.
+        self.task_timeout = check_timeout(task_timeout)
         self._loop: asyncio.AbstractEventLoop | None = None  # made at the first coroutine task
         self.stats = WorkerStats()
         #: Asked after every task run and every lease that found nothing: True stops the worker
@@ -630,7 +643,10 @@ class Worker:
     def _make_renewer(self, source: _Source) -> LeaseRenewal:
         """Renewal from a keeper process (immune to tasks that hold the GIL) or from a thread."""
         if self.renewal == "process":
-            return LeaseKeeper(source.queue.worker_url, self.lease_seconds, self.who)
+            queue = source.queue
+            return LeaseKeeper(
+                queue.worker_url, self.lease_seconds, self.who, queue.insecure, self.max_attempts
+            )
         beat = functools.partial(self._heartbeat, source.backend)
         return Renewer(source.backend, self.lease_seconds, heartbeat=beat)
 
@@ -652,13 +668,18 @@ class Worker:
             estimates.popitem(last=False)
 
     def _batch_size(self) -> int:
+        # Side by side, a batch of `concurrency` coroutines takes one task's time: slow start
+        # begins with that many, or the slots would wait for tasks queued behind a slow one.
+        slots = self.concurrency
         estimate = self._estimate(self._next_job)
-        if self._one_at_a_time or estimate is None:
+        if self._one_at_a_time:
             return 1
-        want = int(defaults.LEASE_BATCH_TARGET_SECONDS / max(estimate, 1e-4))
+        if estimate is None:
+            return slots
+        want = int(slots * defaults.LEASE_BATCH_TARGET_SECONDS / max(estimate, 1e-4))
         if self.max_tasks is not None:
             want = min(want, self.max_tasks - self._done())
-        return max(1, min(self.batch_max, want))
+        return max(1, min(self.batch_max, max(want, slots)))
 
     def _done(self) -> int:
         s = self.stats
@@ -773,8 +794,9 @@ class Worker:
         self._next_job = job_of(leases[-1].task_id)
         planned = 0.0
         for i, lease in enumerate(leases):
-            planned += self._estimate(job_of(lease.task_id)) or 0.0
-            if i and planned > defaults.LEASE_BATCH_TARGET_SECONDS:
+            # `concurrency` coroutines share the time: each costs the batch its share.
+            planned += (self._estimate(job_of(lease.task_id)) or 0.0) / self.concurrency
+            if i >= self.concurrency and planned > defaults.LEASE_BATCH_TARGET_SECONDS:
                 self._release(leases[i:], renewer)
                 return leases[:i]
         return leases
@@ -790,6 +812,9 @@ class Worker:
             if batch is not None and overdue:
                 log.info("gave back %d unstarted task(s): the running one outlasted its batch", len(overdue))
                 self._release(overdue, batch.renewer, batch.backend)
+            for task_id in self.interrupts.overdue():
+                if self.interrupts.tell(task_id, TaskTimeout):
+                    log.warning("task %s ran past its time limit: told it to stop", task_id)
             if time.monotonic() - checked >= defaults.CANCEL_CHECK_SECONDS:
                 checked = time.monotonic()
                 try:
@@ -859,7 +884,7 @@ class Worker:
                 if task is None:
                     continue
                 if isinstance(task, Loaded):
-                    renewer.running(lease.task_id)
+                    renewer.running(lease, self._limit(task))
                 outcome = task if isinstance(task, Outcome) else self._run_here(task)
                 batch.finished()
                 self._ran(lease, time.monotonic() - t, outcome.ok)
@@ -912,7 +937,9 @@ class Worker:
 
         async def one(task: Loaded) -> Outcome:
             async with slots:
-                return await run_loaded_async(self.codec, task, self.max_attempts, self.who, self.interrupts)
+                return await run_loaded_async(
+                    self.codec, task, self.max_attempts, self.who, self.interrupts, self._limit(task)
+                )
 
         return list(await asyncio.gather(*(one(task) for task in tasks)))
 
@@ -933,8 +960,15 @@ class Worker:
             renewer.drop(lease.task_id)
             return None
 
+    def _limit(self, task: Loaded) -> float | None:
+        """Seconds ``task`` may run: its job's or its function's limit, else this worker's."""
+        limit = task.call.time_limit
+        return self.task_timeout if limit is None else limit
+
     def _run_here(self, task: Loaded) -> Outcome:
-        return run_loaded(self.codec, task, self.max_attempts, self.who, self._await, self.interrupts)
+        return run_loaded(
+            self.codec, task, self.max_attempts, self.who, self._await, self.interrupts, self._limit(task)
+        )
 
     def _to_commit(self, outcome: Outcome, renewer: LeaseRenewal) -> bool:
         """True for a success to commit. A failure is reported now; a result whose lease was
@@ -1088,6 +1122,7 @@ def worker_command(
     only_by_reference: bool = False,
     renewal: str | None = None,
     concurrency: int = 1,
+    task_timeout: float | None = None,
 ) -> list[str]:
     """The command line of one worker process (the queue URL travels in its environment)."""
     # No URL here: it may hold a password, and argv is visible to every user (ps). Children get
@@ -1111,6 +1146,8 @@ def worker_command(
         cmd += ["--renew", renewal]
     if concurrency != 1:
         cmd += ["--concurrency", str(concurrency)]
+    if task_timeout is not None:
+        cmd += ["--task-timeout", str(task_timeout)]
     return cmd
 
 

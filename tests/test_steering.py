@@ -16,14 +16,14 @@ import time
 
 import pytest
 
-from nbqueue import Cancelled, TaskQueue, defaults, use
+from nbqueue import Cancelled, TaskQueue, TaskTimeout, defaults, use
 from nbqueue.backends.base import TaskStatus
 
 from .helpers import notebook, start_workers, wait_all, wait_for
 from .test_cli import cli, cli_json
 
 NOTEBOOK = """
-import os, time
+import asyncio, os, time
 import numpy as np
 from nbqueue import queueable, Cancelled
 
@@ -57,6 +57,26 @@ def stuck_in_c(i):
 @queueable
 def quick(i):
     return i * i
+
+@queueable(timeout=1)
+def converge(i, seconds):
+    # An optimiser that may not converge: given 1 s per try by its decorator.
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        sum(range(100))
+    return i
+
+@queueable
+async def poll_service(i, seconds):
+    await asyncio.sleep(seconds)  # stands in for waiting on an HTTP endpoint
+    return i
+
+@queueable
+def loop_for(i, seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        sum(range(100))
+    return i
 """
 
 
@@ -246,3 +266,100 @@ def test_magics_cancel_and_an_interrupted_wait(tmp_path, monkeypatch, capsys):
         assert kept.counts().queued == 1  # it runs on
     finally:
         InteractiveShell.clear_instance()
+
+
+@pytest.mark.slow
+def test_a_task_past_its_time_limit_fails_its_attempt_and_is_retried_then_dead(worker_url, nb):
+    """``@queueable(timeout=1)`` at the default attempts: TaskTimeout inside the task, a failed
+    attempt each time, dead after three; the job's quick tasks are untouched."""
+    tq = TaskQueue(worker_url, progress=False)
+    procs = started_workers(worker_url, 1)
+    try:
+        job = tq.insert([functools.partial(nb.converge, 0, 60), functools.partial(nb.converge, 1, 0.1)])
+        job.wait(timeout=60, progress=False)
+        counts = job.counts()
+        assert (counts.completed, counts.dead, counts.failed) == (1, 1, defaults.MAX_ATTEMPTS)
+        (error,) = job.errors()
+        assert error.type == "TaskTimeout" and "time limit of 1s" in error.message
+        assert issubclass(TaskTimeout, BaseException) and not issubclass(TaskTimeout, Exception)
+        assert error.attempts == defaults.MAX_ATTEMPTS and "converge" in error.traceback
+        assert job.results(on_error="none") == [None, 1]
+    finally:
+        stop(procs)
+
+
+@pytest.mark.slow
+def test_a_jobs_timeout_overrides_the_functions_and_a_workers_applies_to_the_rest(worker_url, nb):
+    tq = TaskQueue(worker_url, progress=False)
+    procs = started_workers(worker_url, 1, "--task-timeout", "0.5")
+    try:
+        generous = tq.insert([functools.partial(nb.converge, 0, 1.5)], timeout=30)
+        limited = tq.insert([functools.partial(nb.loop_for, 0, 60)])
+        assert generous.wait(timeout=60, progress=False).results() == [0]
+        assert generous.meta["timeout"] == 30
+        limited.wait(timeout=60, progress=False)
+        (error,) = limited.errors()
+        assert error.type == "TaskTimeout" and "time limit of 0.5s" in error.message
+    finally:
+        stop(procs)
+    with pytest.raises(ValueError, match="positive number of seconds"):
+        tq.insert([functools.partial(nb.quick, 1)], timeout=0)
+
+
+@pytest.mark.slow
+def test_a_long_task_within_a_generous_limit_keeps_its_lease(worker_url, nb):
+    """Renewals go on until the limit: a task longer than its lease, inside its limit, runs once."""
+    tq = TaskQueue(worker_url, progress=False)
+    procs = started_workers(worker_url, 2, "--lease", "1.5")
+    try:
+        job = tq.insert([functools.partial(nb.loop_for, 0, 5)], timeout=60)
+        assert job.wait(timeout=60, progress=False).results() == [0]
+        (record,) = job.records()
+        assert record.attempt == 1 and job.counts().failed == 0
+    finally:
+        stop(procs)
+
+
+@pytest.mark.slow
+def test_a_task_stuck_in_c_past_its_limit_is_killed_and_charged_a_timeout(worker_url, nb):
+    """The keeper kills the worker once the grace is over and records a failed attempt of type
+    TaskTimeout (retried at the default attempts), never a WorkerDied; ``-p 2`` replaces the
+    killed process."""
+    tq = TaskQueue(worker_url, progress=False)
+    (pool,) = start_workers(worker_url, 1, "-p", "2", "--idle-exit", "60")
+    try:
+        job = tq.insert([functools.partial(nb.stuck_in_c, 0)], timeout=1)
+        t = time.monotonic()
+        wait_for(lambda: job.counts().failed == 1, timeout=60, what="the first attempt to be charged")
+        assert time.monotonic() - t <= 1 + defaults.CANCEL_GRACE_SECONDS + 5
+        info = tq.backend.find_task(f"{job.id}-0")
+        assert info is not None and info.status.value in ("queued", "leased") and info.attempts >= 1
+        quick = tq.insert(functools.partial(nb.quick, i) for i in range(4))
+        assert quick.wait(timeout=60, progress=False).results() == [0, 1, 4, 9]  # the pool goes on
+        job.cancel()
+        job.wait(timeout=30, progress=False)
+        assert job.counts().dead == 0
+    finally:
+        stop([pool])
+
+
+@pytest.mark.slow
+def test_coroutine_tasks_are_cancelled_and_timed_out_through_asyncio(worker_url, nb, capsys):
+    tq = TaskQueue(worker_url, progress=False)
+    procs = started_workers(worker_url, 1, "--concurrency", "4")
+    try:
+        job = tq.insert(functools.partial(nb.poll_service, i, 60) for i in range(4))
+        wait_for(lambda: job.counts().leased == 4, timeout=30, what="four coroutines to run")
+        latency = cancel_latency(job)
+        with capsys.disabled():
+            print(f"\n[{worker_url.split(':')[0]}] cancel → no task running: {latency:.2f}s (4 coroutines)")
+        assert latency <= 2.0 and job.wait(timeout=10, progress=False).counts().cancelled == 4
+        timed = tq.insert([functools.partial(nb.poll_service, 0, 60)], timeout=0.5)
+        timed.wait(timeout=60, progress=False)
+        (error,) = timed.errors()
+        assert error.type == "TaskTimeout" and error.attempts == defaults.MAX_ATTEMPTS
+        assert tq.insert([functools.partial(nb.poll_service, 7, 0.1)]).wait(
+            timeout=30, progress=False
+        ).results() == [7]
+    finally:
+        stop(procs)
