@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import json
 import os
 import socket
@@ -25,6 +26,7 @@ from .ids import in_job, index_of, job_of
 from .procs import process_gone, worker_id
 from .progress import JobBar, JobView, Snapshot, describe, progress_mode
 from .records import TaskError, TaskRecord, dead_letter_record, open_record, seal_cancel_record
+from .tasks import TaskCodec, to_call
 
 if TYPE_CHECKING:
     from .connection import QueueConnection
@@ -209,6 +211,43 @@ class Job:
         message = f"{what} was cancelled from {worker_id()} at {time.strftime('%Y-%m-%d %H:%M:%S')}"
         record = seal_cancel_record(self.queue.signer, self.id, message, worker_id())
         return self.queue.backend.cancel(self.id, record, ids)
+
+    def retry(self, fn: Callable[..., Any] | None = None) -> int:
+        """Run the job's failed tasks again (dead, or cancelled), in the same job: their results
+        land in the same places, their attempts start afresh. Returns how many were queued.
+
+        Args:
+            fn: the fixed function: each task's original arguments are bound to it instead of
+                the function it was queued with (``@queueable``; a notebook function travels
+                by value as it is *now*, with the helpers it calls). None runs the same code
+                again, as ``TaskQueue.redrive`` does for dead letters.
+
+        Raises:
+            BindError: a task's arguments do not fit ``fn``'s signature (nothing was queued).
+            NotQueueableError: ``fn`` is not marked ``@queueable`` (nothing was queued).
+            TypeError: ``fn`` was given for tasks that are objects with ``execute()``.
+        """
+        q = self.queue
+        payloads = q.backend.failed_payloads(self.id)
+        if fn is None:  # the same code: the signed tasks as they were queued
+            return q.backend.retry(self.id, list(payloads.items())) if payloads else 0
+        codec = TaskCodec(q.signer, q.serializer, q.queue_id)
+        calls = []
+        for task_id, payload in sorted(payloads.items(), key=lambda item: index_of(item[0])):
+            call = codec.decode(task_id, payload, q.backend.get_function)  # signature checked first
+            if call.fn is None:
+                raise TypeError(f"task {task_id} is an object with execute(): it takes no new function")
+            calls.append((task_id, to_call(functools.partial(fn, *call.args, **call.kwargs))))
+        timeout = self.meta.get("timeout")
+        tasks = []
+        for task_id, call in calls:  # every call checked before anything is written
+            digest = None
+            if call.ref is None:
+                digest, blob, new = codec.function_digest(fn)
+                if new:
+                    q.backend.put_function(digest, blob)
+            tasks.append((task_id, codec.encode(task_id, self.id, call, digest, timeout)))
+        return q.backend.retry(self.id, tasks) if tasks else 0
 
     # -- display ----------------------------------------------------------------------------
     @property

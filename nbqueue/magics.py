@@ -24,6 +24,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from . import defaults
 from .errors import NbQueueError
 from .handles import queueable
+from .jobs import save_job_record
 from .procs import WorkerProcesses, pid_alive
 from .queue import TaskQueue, last_used_url, note_used
 from .records import TaskError
@@ -215,6 +216,8 @@ class QueueMagics(Magics):
             %queue workers stop               stop them
             %queue results JOB [--out VAR]    bind a job's results (default _results)
             %queue cancel JOB [--task ID]     cancel a job (or some of its tasks) for good
+            %queue retry JOB                  run a %%queue cell's failed tasks again, with the
+                                              cell's code and the notebook's helpers as they are now
             %queue dlq [list|redrive|purge]   dead letters of the queue
         """
         if cell is None:
@@ -237,6 +240,10 @@ class QueueMagics(Magics):
             priority=args.priority,
         )
         ns["_job"] = job
+        # What `%queue retry` needs to build the cell's function again, with what the notebook
+        # holds then.
+        job.meta["parameters"] = names
+        save_job_record(tq, job.id, job.meta)
         pool = None
         if args.workers:
             attempts = None if args.retries is None else args.retries + 1
@@ -260,7 +267,8 @@ class QueueMagics(Magics):
         words = split_args(line)
         if not words:
             raise UsageError(
-                "%queue needs a command: status, jobs, job, workers, results, cancel or dlq (see %queue?)"
+                "%queue needs a command: status, jobs, job, workers, results, cancel, retry or dlq "
+                "(see %queue?)"
             )
         command, rest = words[0], words[1:]
         handler = getattr(self, f"_cmd_{command}", None)
@@ -381,6 +389,17 @@ class QueueMagics(Magics):
         what = f"job {job.name}" if not tasks else f"{len(tasks)} task(s) of job {job.name}"
         running = job.counts().leased
         print(f"cancelled {what}: {ended:,} waiting task(s) ended; {running:,} running one(s) are told")
+
+    def _cmd_retry(self, rest: list[str]) -> None:
+        if not rest:
+            raise UsageError("%queue retry JOB [URL]")
+        job = self._queue_for(rest[1] if len(rest) > 1 else None).job(rest[0])
+        source, names = job.meta.get("source"), job.meta.get("parameters")
+        if source is None or names is None:
+            raise UsageError(f"job {job.name} was not made by %%queue: use job.retry(fn=fixed_function)")
+        # Compiled now: the helpers and globals it reads are the notebook's current ones.
+        n = job.retry(cell_function(source, names, self._ip.user_ns))
+        print(f"queued {n:,} failed task(s) of job {job.name} again, with the notebook's current code")
 
     def _cmd_dlq(self, rest: list[str]) -> None:
         action = rest[0] if rest else "list"

@@ -426,7 +426,8 @@ class TaskQueue(QueueConnection):
         return self.backend.dead()
 
     def redrive(self, task_ids: Sequence[str] | None = None) -> int:
-        """Queue dead letters again with a fresh attempt count."""
+        """Queue dead letters again with a fresh attempt count, with the same code they were
+        queued with (a bug fixed since is not picked up: ``job.retry(fn=fixed)`` does that)."""
         return self.backend.redrive(task_ids)
 
     def purge_dead(self, task_ids: Sequence[str] | None = None) -> int:

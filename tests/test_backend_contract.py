@@ -486,3 +486,29 @@ def test_cancel_of_a_finished_job_changes_nothing(backend):
     assert (counts.completed, counts.cancelled) == (1, 0)
     assert backend.results("j1") == {"j1-0": b"done"}
     assert backend.find_task("j1-0").status == TaskStatus.COMPLETED
+
+
+def test_retry_queues_dead_and_cancelled_tasks_again_under_their_ids(backend):
+    backend.insert("j1", tasks_of("j1", 4))
+    leases = sorted(backend.lease(2, 30), key=lambda lease: lease.task_id)  # j1-0, j1-1
+    assert backend.fail(leases[0].task_id, leases[0].token, b"its error", None) == TaskStatus.DEAD
+    assert backend.complete([(leases[1].task_id, leases[1].token, b"value")]) == [True]
+    assert backend.cancel("j1", b"cancelled") == 2  # j1-2, j1-3
+    assert backend.failed_payloads("j1") == {"j1-0": b"payload 0", "j1-2": b"payload 2", "j1-3": b"payload 3"}
+    with pytest.raises(ValueError, match="cannot be retried"):
+        backend.retry("j1", [("j1-1", b"new 1"), ("j1-0", b"new 0")])  # j1-1 completed
+    assert backend.job_counts("j1").dead == 1  # nothing changed
+    assert backend.retry("j1", [("j1-0", b"new 0"), ("j1-2", b"new 2"), ("j1-3", b"new 3")]) == 3
+    counts = backend.job_counts("j1")
+    assert (counts.queued, counts.dead, counts.cancelled, counts.completed) == (3, 0, 0, 1)
+    assert backend.counts().dead == 0 and backend.dead() == []
+    assert backend.results("j1") == {"j1-1": b"value"}
+    assert backend.failed_payloads("j1") == {}
+    again = sorted(backend.lease(10, 30), key=lambda lease: lease.task_id)  # the cancel is lifted
+    assert [(x.task_id, x.payload, x.attempt) for x in again] == [
+        ("j1-0", b"new 0", 1),
+        ("j1-2", b"new 2", 1),
+        ("j1-3", b"new 3", 1),
+    ]
+    assert backend.complete([(x.task_id, x.token, b"fixed") for x in again]) == [True] * 3
+    assert backend.job_counts("j1").completed == 4 and backend.job_counts("j1").finished == 4

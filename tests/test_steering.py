@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from nbqueue import Cancelled, TaskQueue, TaskTimeout, defaults, use
+from nbqueue import BindError, Cancelled, TaskQueue, TaskTimeout, defaults, queueable, use
 from nbqueue.backends.base import TaskStatus
 
 from .helpers import notebook, start_workers, wait_all, wait_for
@@ -363,3 +363,102 @@ def test_coroutine_tasks_are_cancelled_and_timed_out_through_asyncio(worker_url,
         ).results() == [7]
     finally:
         stop(procs)
+
+
+FIT_NOTEBOOK = """
+import numpy as np
+from sklearn.datasets import make_classification
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import cross_val_score
+from nbqueue import queueable
+
+X, y = make_classification(n_samples=80, n_features=6, random_state=0)
+
+def model(C):
+    return LogisticRegression(C=C, max_iter=200)   # a helper: C <= 0 is refused by sklearn
+
+@queueable
+def fit_eval(C, seed):
+    return float(cross_val_score(model(C), X, y, cv=3).mean()) + 0 * seed
+"""
+
+FIXED_HELPER = """
+def model(C):
+    return LogisticRegression(C=max(C, 1e-3), max_iter=200)   # the fix
+
+@queueable
+def fit_eval_fixed(C, seed):
+    return float(cross_val_score(model(C), X, y, cv=3).mean()) + 0 * seed
+"""
+
+
+@pytest.mark.slow
+def test_fix_the_bug_and_retry_only_what_failed_with_the_new_code(worker_url):
+    """5 of 25 grid tasks fail on a bug in a notebook helper; after the fix, ``job.retry(fn=)``
+    re-runs just those five with the new code, in their places, with fresh attempts."""
+    nb = notebook(FIT_NOTEBOOK)
+    tq = TaskQueue(worker_url, progress=False)
+    grid = [(C, seed) for C in (0.0, 0.1, 1.0, 10.0, 100.0) for seed in range(5)]
+    job = tq.insert(functools.partial(nb.fit_eval, C, seed) for C, seed in grid)
+    procs = started_workers(worker_url, 2)
+    try:
+        job.wait(timeout=120, progress=False)
+        assert job.counts().dead == 5
+        assert {e.type for e in job.errors()} == {"ValueError"}  # C=0, refused by scikit-learn
+        failed_ids = {e.task_id for e in job.errors()}
+        with pytest.raises(BindError):
+            job.retry(fn=queueable(lambda C: C))  # does not take seed: refused, nothing queued
+        assert job.counts().dead == 5 and job.counts().queued == 0
+        exec(FIXED_HELPER, nb.__dict__)  # the user fixes the helper in the notebook
+        assert job.retry(fn=nb.fit_eval_fixed) == 5
+        job.wait(timeout=120, progress=False)
+        results = job.results()
+        assert len(results) == 25 and all(0.0 < r <= 1.0 for r in results)
+        records = job.records()
+        retried = [r for r in records if r.task_id in failed_ids]
+        assert len(retried) == 5 and all(r.attempt == 1 for r in retried)
+        counts = job.counts()
+        assert (counts.completed, counts.dead, counts.cancelled, counts.finished) == (25, 0, 0, 25)
+        assert tq.dead() == []
+        assert job.retry() == 0  # nothing left to retry
+    finally:
+        stop(procs)
+
+
+def test_cancelled_tasks_are_retried_with_the_same_code(worker_url, nb):
+    tq = TaskQueue(worker_url, progress=False)
+    job = tq.insert(functools.partial(nb.quick, i) for i in range(6))
+    assert job.cancel() == 6
+    assert job.retry() == 6  # the cancel is lifted
+    (worker,) = start_workers(worker_url, 1, "--burst")
+    assert wait_all([worker], timeout=60) == [0]
+    assert job.results() == [i * i for i in range(6)]
+
+
+def test_percent_queue_retry_runs_a_cells_failures_with_the_notebooks_current_helpers(
+    tmp_path, monkeypatch, capsys
+):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    monkeypatch.chdir(tmp_path)
+    url = f"fq://{tmp_path / 'cells'}"
+    ip = InteractiveShell.instance()
+    try:
+        ip.run_cell("def inverse(x):\n    return 1 / x   # the bug: x may be 0\n").raise_error()
+        ip.run_line_magic("load_ext", "nbqueue")
+        ip.run_cell_magic("queue", f"{url} --map x=range(-2, 3)", "inverse(x) * 2")
+        job = ip.user_ns["_job"]
+        TaskQueue(url).poll(burst=True, max_attempts=1)
+        assert job.counts().dead == 1
+        ip.run_cell("def inverse(x):\n    return 1 / x if x else 0.0   # fixed\n").raise_error()
+        ip.run_line_magic("queue", f"retry {job.id}")
+        assert "queued 1 failed task(s)" in capsys.readouterr().out
+        TaskQueue(url).poll(burst=True)
+        assert job.results() == [-1.0, -2.0, 0.0, 2.0, 1.0]
+        made_elsewhere = TaskQueue(url, progress=False).insert(
+            [functools.partial(notebook(NOTEBOOK).quick, 1)]
+        )
+        with pytest.raises(Exception, match="not made by %%queue"):
+            ip.run_line_magic("queue", f"retry {made_elsewhere.id}")
+    finally:
+        InteractiveShell.clear_instance()

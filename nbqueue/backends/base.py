@@ -230,6 +230,22 @@ class Backend(ABC):
     def cancel_requested(self, task_ids: Sequence[str]) -> set[str]:
         """Which of these tasks (a worker's leases) are marked cancelled: one cheap call."""
 
+    # -- running failed tasks again -------------------------------------------------------------
+    @abstractmethod
+    def failed_payloads(self, job_id: str) -> dict[str, bytes]:
+        """The payloads of a job's tasks that ended without a value and can run again: its dead
+        letters (not purged) and its cancelled tasks (a cancelled task keeps its payload)."""
+
+    @abstractmethod
+    def retry(self, job_id: str, tasks: Sequence[tuple[str, bytes]]) -> int:
+        """Queue again, under their own ids, tasks of the job that are in ``failed_payloads``,
+        each with a new ``payload`` and a fresh attempt count; returns how many.
+
+        Their records, dead letters and cancel marks go, and so does the job's own cancel mark
+        (retrying a cancelled job lifts its cancel): the tasks count as queued again, not dead
+        or cancelled. Refuses (ValueError, nothing changed) a task not in ``failed_payloads``.
+        """
+
     # -- reads ----------------------------------------------------------------------------------
     @abstractmethod
     def counts(self) -> Counts:

@@ -17,6 +17,7 @@ Layout (every name is a hard link to a segment; a segment's bytes live while any
     cancel/<job>/job, cancel/<job>/<task_id>  cancel marks (the whole job, one task): each a
                                               segment of one frame "*", the record a cancelled
                                               task ends with (done/ links to it)
+    cancelled/<job>.<seg>.<k>                 a cancelled task's payload, kept for retry
     quarantine/<name>, quarantine/<name>.why  files that are not ours or do not parse
     fn/<digest>, jobs/<job_id>, joborder/<ns>.<job_id>, counters/<process>, tmp/
     workers/<worker_id>                       a worker's heartbeat: "<expires_ms>\n" + its info
@@ -101,6 +102,7 @@ AREAS = (
     "workers",
     "priority",
     "cancel",
+    "cancelled",
 )
 #: The name of a whole job's mark in cancel/<job>/ (never a task id: those end in -N).
 JOB_MARK = "job"
@@ -696,6 +698,7 @@ class FileBackend(Backend):
                 if mark is not None:  # marked cancelled: never handed out, it ends here
                     with contextlib.suppress(FileExistsError):
                         self._link_done(mark, job, frames[k - lo][0])
+                        self._keep_cancelled(claim_path, job, seg, k)
                         self._bump(job, cancelled=1)
                         ended = True
                     continue
@@ -791,6 +794,9 @@ class FileBackend(Backend):
             with contextlib.suppress(OSError):
                 os.rename(self._path("completing", moved), self._path("leased", moved))
             raise
+        if committed and counted == "cancelled":
+            _, _, _, _, seg, k = self._parse_leased(moved)
+            self._keep_cancelled(self._path("completing", moved), job, seg, k)
         with contextlib.suppress(FileNotFoundError):  # repaired already (we were paused)
             os.unlink(self._path("completing", moved))
         if committed:
@@ -919,6 +925,7 @@ class FileBackend(Backend):
                 continue
             with contextlib.suppress(FileExistsError):
                 self._link_done(mark, job, task_id)
+                self._keep_cancelled(claim_path, job, seg, k)
                 ended += 1
         # The tasks kept go back with their ready time and attempts, as runs of neighbours.
         start = 0
@@ -931,6 +938,60 @@ class FileBackend(Backend):
         os.unlink(claim_path)
         self._bump(job, cancelled=ended)
         return ended
+
+    def _keep_cancelled(self, segment: str, job: str, seg: str, k: int) -> None:
+        """Keep a cancelled task's payload (task ``k`` of ``segment``) for ``retry``."""
+        with contextlib.suppress(FileExistsError, FileNotFoundError):
+            os.link(segment, self._path("cancelled", f"{job}.{seg}.{k}"))
+
+    def _cancelled_entries(self, job: str) -> Iterator[tuple[str, str, bytes]]:
+        """(cancelled/ name, task_id, payload) of each cancelled task of ``job`` kept for retry."""
+        for name in sorted(os.listdir(self._dirs["cancelled"])):
+            if not name.startswith(f"{job}."):
+                continue
+            try:
+                k = int(name.rsplit(".", 1)[1])
+                task_id, payload = self._read_frames(self._path("cancelled", name), k, k + 1)[0]
+            except (OSError, ValueError, IndexError, segments.CorruptSegment):
+                continue
+            yield name, task_id, payload
+
+    def failed_payloads(self, job_id: str) -> dict[str, bytes]:
+        check_id(job_id, "job id")
+        found = {task_id: payload for _, task_id, _, payload in self._dead_entries(job_id)}
+        found.update((task_id, payload) for _, task_id, payload in self._cancelled_entries(job_id))
+        return found
+
+    @_full_translated
+    def retry(self, job_id: str, tasks: Sequence[tuple[str, bytes]]) -> int:
+        check_batch(job_id, tasks)
+        if not tasks:
+            return 0
+        dead = {task_id: name for name, task_id, _, _ in self._dead_entries(job_id)}
+        cancelled = {task_id: name for name, task_id, _ in self._cancelled_entries(job_id)}
+        for task_id, _ in tasks:
+            if task_id not in dead and task_id not in cancelled:
+                raise ValueError(f"task {task_id!r} did not end dead or cancelled: it cannot be retried")
+        # The new payloads are written whole first; then the old ends go, then the range appears.
+        tmp = self._write_tmp(segments.encode([(task_id, bytes(payload)) for task_id, payload in tasks]))
+        try:
+            marks = self._path("cancel", job_id)
+            _unlink_all([f"{marks}/{JOB_MARK}"] + [f"{marks}/{task_id}" for task_id, _ in tasks])
+            for task_id, _ in tasks:
+                if task_id in dead:
+                    _unlink_all([self._path("dead", dead[task_id])])
+                    self._bump(job_id, dead=-1)
+                else:
+                    _unlink_all([self._path("cancelled", cancelled[task_id])])
+                    self._bump(job_id, cancelled=-1)
+                _unlink_all([self._path("done", job_id, task_id)])
+            seg = os.urandom(8).hex()
+            os.rename(tmp, self._path("queue", f"{_now_ms():013d}.0.{job_id}.{seg}.0-{len(tasks)}"))
+        except BaseException:
+            _unlink_all([tmp])
+            raise
+        self._flush()
+        return len(tasks)
 
     def cancel_requested(self, task_ids: Sequence[str]) -> set[str]:
         marks_of: dict[str, dict[str, str] | None] = {}
@@ -1008,9 +1069,11 @@ class FileBackend(Backend):
             os.rename(self._path("leased", name), self._path("completing", name))
         except FileNotFoundError:
             return True  # renewed, committed or reclaimed meanwhile: not ours to move
+        _, _, _, job, seg, _ = self._parse_leased(name)
         with contextlib.suppress(FileExistsError):
-            self._link_done(mark, job_of(task_id), task_id)
-            self._bump(job_of(task_id), cancelled=1)
+            self._link_done(mark, job, task_id)
+            self._keep_cancelled(self._path("completing", name), job, seg, k)
+            self._bump(job, cancelled=1)
         os.unlink(self._path("completing", name))
         return True
 

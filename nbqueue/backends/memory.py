@@ -79,6 +79,23 @@ class _ReadyTasks:
         self._count -= len(out)
         return out
 
+    def discard(self, job: str, task_ids: set[str]) -> None:
+        """Take these ids of ``job`` out (cancelled while they waited)."""
+        tasks = self._by_job.get(job)
+        if not tasks:
+            return
+        kept = deque(t for t in tasks if t not in task_ids)
+        self._count -= len(tasks) - len(kept)
+        if kept:
+            self._by_job[job] = kept
+            return
+        del self._by_job[job]
+        for level, jobs in list(self._turns.items()):
+            if job in jobs:
+                del jobs[job]
+                if not jobs:
+                    del self._turns[level]
+
     def __iter__(self) -> Iterator[str]:
         """Every id, in the order takes would hand them out if no job had more than one."""
         for level in sorted(self._turns, reverse=True):
@@ -114,6 +131,7 @@ class MemoryBackend(Backend):
         # Cancel marks: job id -> record (the whole job), task id -> record (that task).
         self._cancelled_jobs: dict[str, bytes] = {}
         self._cancelled_tasks: dict[str, bytes] = {}
+        self._cancelled_payloads: dict[str, bytes] = {}  # kept so that retry can run them again
 
     # -- helpers --------------------------------------------------------------------------------
     def _bump(self, job_id: str, **delta: int) -> None:
@@ -140,7 +158,7 @@ class MemoryBackend(Backend):
 
     def _end_cancelled(self, task_id: str, record: bytes, was: str) -> None:
         """End a task ``was`` queued or leased as cancelled, with ``record`` as its record."""
-        del self._payloads[task_id]
+        self._cancelled_payloads[task_id] = self._payloads.pop(task_id)
         del self._attempts[task_id]
         self._suspects.discard(task_id)
         self._results.setdefault(job_of(task_id), {})[task_id] = record
@@ -315,18 +333,46 @@ class MemoryBackend(Backend):
                     self._cancelled_tasks[task_id] = bytes(record)
                     if task_id in self._payloads:
                         chosen.append(task_id)
-            ended = 0
-            for task_id in chosen:
-                if task_id in self._leases:
-                    continue  # marked: it ends when its lease comes back
-                # Its id may linger in the ready or delayed structures: lease skips ids it lacks.
+            ended = {t for t in chosen if t not in self._leases}  # leased: marked, ends later
+            for task_id in ended:
                 self._end_cancelled(task_id, bytes(record), "queued")
-                ended += 1
-            return ended
+            self._ready.discard(job_id, ended)
+            if any(t in ended for _, t in self._delayed):
+                self._delayed = [item for item in self._delayed if item[1] not in ended]
+                heapq.heapify(self._delayed)
+            return len(ended)
 
     def cancel_requested(self, task_ids: Sequence[str]) -> set[str]:
         with self._cond:
             return {t for t in task_ids if self._cancel_record(t) is not None}
+
+    # -- running failed tasks again -------------------------------------------------------------
+    def failed_payloads(self, job_id: str) -> dict[str, bytes]:
+        with self._cond:
+            found = {t: letter.payload for t, letter in self._dead.items() if job_of(t) == job_id}
+            found.update((t, p) for t, p in self._cancelled_payloads.items() if job_of(t) == job_id)
+            return found
+
+    def retry(self, job_id: str, tasks: Sequence[tuple[str, bytes]]) -> int:
+        check_batch(job_id, tasks)
+        with self._cond:
+            for task_id, _ in tasks:
+                if task_id not in self._dead and task_id not in self._cancelled_payloads:
+                    raise ValueError(f"task {task_id!r} did not end dead or cancelled: it cannot be retried")
+            self._cancelled_jobs.pop(job_id, None)
+            for task_id, payload in tasks:
+                if self._dead.pop(task_id, None) is not None:
+                    self._bump(job_id, dead=-1, queued=1)
+                else:
+                    del self._cancelled_payloads[task_id]
+                    self._bump(job_id, cancelled=-1, queued=1)
+                self._cancelled_tasks.pop(task_id, None)
+                self._results.get(job_id, {}).pop(task_id, None)
+                self._payloads[task_id] = bytes(payload)
+                self._attempts[task_id] = 0
+                self._suspects.discard(task_id)
+                self._requeue(task_id)
+            return len(tasks)
 
     # -- reads ----------------------------------------------------------------------------------
     def counts(self) -> Counts:

@@ -41,6 +41,7 @@ puts a queue's keys in one Redis Cluster slot:
 ``results:<job>``       hash    task id -> result (or dead letter's error) record
 ``cancel:<job>``        hash    cancel marks: ``*`` (the whole job) or a task id -> the record
                                 a cancelled task ends with
+``cancelled:<job>``     hash    task id -> payload of a cancelled task (for ``retry``)
 ``job:<job>``           string  the job's record
 ``fn:<digest>``         string  a function blob (no TTL: see ``put_function.lua``)
 ======================  ======  =============================================================
@@ -115,7 +116,7 @@ QUEUE_KEYS = (
     "id",
 )
 #: Kinds of per-job keys, ``nbq:{NAME}:<kind>:<job_id>``.
-JOB_KINDS = ("jc", "results", "job", "cancel")
+JOB_KINDS = ("jc", "results", "job", "cancel", "cancelled")
 #: Kind of function keys, ``nbq:{NAME}:fn:<digest>``.
 FUNCTION_KIND = "fn"
 
@@ -166,6 +167,8 @@ _SCRIPT_NAMES = (
     "fail",
     "release",
     "cancel",
+    "failed_payloads",
+    "retry",
     "release_all",
     "redrive",
     "purge_dead",
@@ -458,6 +461,25 @@ class RedisBackend(Backend):
             whole_job = found[0] is not None
             marked.update(t for t, mark in zip(ids, found[1:], strict=True) if whole_job or mark is not None)
         return marked
+
+    # -- running failed tasks again -------------------------------------------------------------
+    @_translated
+    def failed_payloads(self, job_id: str) -> dict[str, bytes]:
+        flat = self._run("failed_payloads", check_id(job_id, "job id"))
+        return {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
+
+    @_translated
+    def retry(self, job_id: str, tasks: Sequence[tuple[str, bytes]]) -> int:
+        check_batch(job_id, tasks)
+        if not tasks:
+            return 0
+        args = [part for task_id, payload in tasks for part in (task_id, bytes(payload))]
+        try:
+            return int(self._run("retry", job_id, *args))
+        except ResponseError as exc:
+            if "cannot be retried" in str(exc):
+                raise ValueError(str(exc)) from None
+            raise
 
     # -- reads ----------------------------------------------------------------------------------
     @_translated

@@ -39,7 +39,7 @@ end
 local function touch_job(job)
   local live = redis.call('HMGET', JK('jc', job), 'queued', 'leased')
   local alive = (tonumber(live[1]) or 0) + (tonumber(live[2]) or 0) > 0
-  for _, kind in ipairs({'jc', 'results', 'job', 'cancel'}) do
+  for _, kind in ipairs({'jc', 'results', 'job', 'cancel', 'cancelled'}) do
     if alive then
       redis.call('PERSIST', JK(kind, job))
     else
@@ -173,10 +173,12 @@ local function cancel_record(task)
   return redis.call('HGET', key, task) or redis.call('HGET', key, '*')
 end
 
--- End a task that was `was` (queued or leased) as cancelled, with `record` as its record.
+-- End a task that was `was` (queued or leased) as cancelled, with `record` as its record. Its
+-- payload moves to JK('cancelled', job), so that retry can run it again.
 local function end_cancelled(task, record, was)
   local job = job_of(task)
   redis.call('HSET', JK('results', job), task, record)
+  redis.call('HSET', JK('cancelled', job), task, redis.call('HGET', K.payload, task))
   redis.call('HDEL', K.payload, task)
   redis.call('HDEL', K.attempts, task)
   redis.call('SREM', K.suspects, task)
