@@ -25,7 +25,7 @@ from . import defaults
 from .errors import NbQueueError
 from .handles import queueable
 from .jobs import save_job_record
-from .procs import WorkerProcesses, pid_alive
+from .procs import WorkerProcesses
 from .queue import TaskQueue, last_used_url, note_used
 from .records import TaskError
 
@@ -158,7 +158,7 @@ class QueueMagics(Magics):
         self._queues: dict[str, TaskQueue] = {}
         self._workers: list[WorkerProcesses] = []
         self._server: dict[str, Any] | None = None  # the Jupyter server we run under, once found
-        self._server_pids: list[int] = []
+        self._server_looked_up = False
 
     @property
     def _ip(self) -> Any:
@@ -303,60 +303,75 @@ class QueueMagics(Magics):
                 raise UsageError("%queue workers start N [URL]")
             tq = self._queue_for(rest[2] if len(rest) > 2 else None)
             n = int(rest[1])
-            server = self._server_workers_start(tq, n)
-            if server:
+            owned = self._server_workers_start(tq, n)
+            if owned:
                 print(
                     f"started {n} worker(s) owned by the Jupyter server (they outlive kernel restarts) "
-                    f"on {tq.url}: pids {', '.join(map(str, server))}"
+                    f"on {tq.url}: pids {', '.join(map(str, owned))}"
                 )
                 return
             pool = tq.spawn_workers(n)
             self._workers.append(pool)
             print(f"started {len(pool.pids)} worker(s) on {tq.url}: pids {', '.join(map(str, pool.pids))}")
         elif rest and rest[0] == "stop":
-            stopped = len(self._alive_workers())  # the ones that had exited need no stopping
+            local = [proc.pid for pool in self._workers for proc in pool.procs if proc.poll() is None]
             for pool in self._workers:
                 pool.stop()
             self._workers.clear()
-            if self._server_pids and self._server is not None:
-                from .server.client import stop_server_workers
+            stopped = len(local)
+            server = self._server_info()
+            if server is not None:
+                from .server.client import kernel_started_workers, stop_server_workers
 
-                stop_server_workers(self._server, self._server_pids)
-                self._server_pids = []
+                # Every kernel's, this one's before a restart included: they serve notebooks.
+                pids = [w["pid"] for w in kernel_started_workers(server)]
+                stopped += stop_server_workers(server, pids) if pids else 0
             print(f"stopped {stopped} worker(s)")
         elif rest:
             raise UsageError("%queue workers [start N [URL] | stop]")
         else:
-            alive = self._alive_workers()
-            for pid in alive:
-                print(f"  pid {pid}: running")
-            if not alive:
-                print("no live workers started from this kernel")
+            lines = [
+                f"  pid {proc.pid}: running, started here"
+                for pool in self._workers
+                for proc in pool.procs
+                if proc.poll() is None
+            ]
+            server = self._server_info()
+            if server is not None:
+                from .server.client import kernel_started_workers
 
-    def _alive_workers(self) -> list[int]:
-        """Pids of the workers this kernel started that still run (local or server-owned)."""
-        alive = [proc.pid for pool in self._workers for proc in pool.procs if proc.poll() is None]
-        return alive + [pid for pid in self._server_pids if pid_alive(pid)]
+                lines += [
+                    f"  pid {w['pid']}: running, owned by the Jupyter server, on {w['url']}"
+                    for w in kernel_started_workers(server)
+                ]
+            print("\n".join(lines) if lines else "no live workers started from this kernel or its server")
+
+    def _server_info(self) -> dict[str, Any] | None:
+        """The Jupyter server this kernel runs under, when it has the nbqueue extension."""
+        if not self._server_looked_up:
+            self._server_looked_up = True
+            try:
+                from .server.client import running_server
+            except ImportError:
+                return None
+            self._server = running_server()
+        return self._server
 
     def _server_workers_start(self, tq: TaskQueue, n: int) -> list[int] | None:
         """Workers owned by the Jupyter server this kernel runs under, when it has the nbqueue
         extension; None to fall back to local processes."""
         if tq.url.startswith("mem://"):
             return None
-        try:
-            from .server.client import running_server, start_server_workers
-        except ImportError:
+        server = self._server_info()
+        if server is None:
             return None
-        self._server = self._server or running_server()
-        if self._server is None:
-            return None
+        from .server.client import start_server_workers
+
         try:
-            pids = start_server_workers(self._server, tq.worker_url, n)
+            return start_server_workers(server, tq.worker_url, n)
         except NbQueueError as exc:
             print(f"nbqueue: the Jupyter server could not start workers ({exc}); starting them here")
             return None
-        self._server_pids += pids
-        return pids
 
     def _cmd_results(self, rest: list[str]) -> None:
         out = "_results"

@@ -99,3 +99,53 @@ def test_the_cancel_button_on_a_job_row_cancels_it(server):
         finally:
             browser.close()
     assert job.counts().cancelled == 12 and job.done()
+
+
+def test_a_new_kernel_finds_and_stops_the_server_workers_an_old_one_started(tmp_path, monkeypatch, capsys):
+    """Server-owned workers outlive the kernel that asked for them: after a restart (a new
+    shell), ``%queue workers`` lists them and ``%queue workers stop`` stops them; with
+    ``worker_idle_exit`` they exit by themselves once idle."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    url = f"fq://{tmp_path / 'queue'}"
+    config = tmp_path / "jupyter_server_config.json"
+    config.write_text(json.dumps({
+        "ServerApp": {"jpserver_extensions": {"nbqueue": True}},
+        "NbQueue": {"queues": [url], "worker_idle_exit": 4},
+    }))  # fmt: skip
+    proc = JupyterProcess("jupyter_server", str(tmp_path), f"--config={config}").wait_ready()
+    monkeypatch.setenv("JPY_PARENT_PID", str(proc.proc.pid))  # as the server sets it for its kernels
+    monkeypatch.chdir(tmp_path)
+
+    def new_kernel():
+        InteractiveShell.clear_instance()
+        shell = InteractiveShell.instance()
+        shell.run_line_magic("load_ext", "nbqueue")
+        return shell
+
+    try:
+        first = new_kernel()
+        first.run_line_magic("queue", f"workers start 2 {url}")
+        assert "owned by the Jupyter server" in capsys.readouterr().out
+        second = new_kernel()  # the kernel restarted: it started nothing itself
+        second.run_line_magic("queue", "workers")
+        listing = capsys.readouterr().out
+        assert listing.count("owned by the Jupyter server") == 2
+        second.run_line_magic("queue", "workers stop")
+        assert "stopped 2 worker(s)" in capsys.readouterr().out
+        second.run_line_magic("queue", "workers")
+        assert "no live workers" in capsys.readouterr().out
+        # Idle workers exit by themselves after worker_idle_exit seconds.
+        second.run_line_magic("queue", f"workers start 1 {url}")
+        capsys.readouterr()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            second.run_line_magic("queue", "workers")
+            if "no live workers" in capsys.readouterr().out:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("an idle server-owned worker did not exit after worker_idle_exit")
+    finally:
+        InteractiveShell.clear_instance()
+        proc.stop()

@@ -1,7 +1,8 @@
 """From a kernel: find the Jupyter server it runs under, and ask it for workers.
 
-Workers the server owns outlive kernel restarts. A kernel's parent process is its server; the
-server lists itself (URL and token) in Jupyter's runtime directory. This module imports no
+Workers the server owns outlive kernel restarts. The server that launched a kernel is named by
+``$JPY_PARENT_PID`` (else it is the kernel's parent process); it lists itself (URL and token) in
+Jupyter's runtime directory. This module imports no
 jupyter-server code until asked, and uses only the standard library for HTTP.
 """
 
@@ -17,12 +18,16 @@ from ..errors import NbQueueError
 
 
 def running_server(pid: int | None = None) -> dict[str, Any] | None:
-    """The running Jupyter server with this pid (default: this process's parent), or None."""
+    """The running Jupyter server with this pid (default: the one that launched this kernel, as
+    ``$JPY_PARENT_PID`` names it, else this process's parent), or None."""
     try:
         from jupyter_server.serverapp import list_running_servers
     except ImportError:
         return None
-    pid = os.getppid() if pid is None else pid
+    if pid is None:
+        # jupyter_client's launcher sets it for every kernel: right even when a wrapper script
+        # (a conda activation, a nanny) stands between the server and the kernel.
+        pid = int(os.environ.get("JPY_PARENT_PID") or os.getppid())
     for info in list_running_servers():
         if info.get("pid") == pid and info.get("token"):
             return info
@@ -50,8 +55,13 @@ def _call(info: dict[str, Any], method: str, path: str, body: dict | None = None
 
 
 def start_server_workers(info: dict[str, Any], queue_url: str, n: int) -> list[int]:
-    """Ask the server to start ``n`` workers on ``queue_url``; their pids."""
-    return _call(info, "POST", "workers", {"url": queue_url, "n": n})["pids"]
+    """Ask the server to start ``n`` workers on ``queue_url`` for a kernel; their pids."""
+    return _call(info, "POST", "workers", {"url": queue_url, "n": n, "origin": "kernel"})["pids"]
+
+
+def kernel_started_workers(info: dict[str, Any]) -> list[dict[str, Any]]:
+    """The server's live workers that kernels started (this one or any before a restart)."""
+    return [w for w in _call(info, "GET", "workers") if w.get("alive") and w.get("origin") == "kernel"]
 
 
 def stop_server_workers(info: dict[str, Any], pids: list[int]) -> int:

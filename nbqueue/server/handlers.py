@@ -11,7 +11,7 @@ Routes (JSON unless said otherwise)::
     GET    /nbqueue/api/queues/<qid>/dead             dead letters (no payloads)
     POST   /nbqueue/api/queues/<qid>/dead/redrive     queue them again
     GET    /nbqueue/api/workers                       worker processes the server started
-    POST   /nbqueue/api/workers       {"queue"|"url", "n"}   start n workers on a queue
+    POST   /nbqueue/api/workers       {"queue"|"url", "n", "origin"?}   start n workers on a queue
     DELETE /nbqueue/api/workers[/<pid>]               stop all of them, or one
 """
 
@@ -175,9 +175,12 @@ class WorkersHandler(_Base):
                 raise web.HTTPError(400, str(exc)) from None
         if not isinstance(qid, str):
             raise web.HTTPError(400, 'give the queue as {"queue": ID} or {"url": URL}')
+        origin = data.get("origin", "api")
+        if origin not in ("api", "kernel"):
+            raise web.HTTPError(400, 'origin is "api" or "kernel"')
         self.queue(qid)
         try:
-            group = self.registry.start_workers(qid, n)
+            group = self.registry.start_workers(qid, n, origin)
         except ValueError as exc:
             raise web.HTTPError(409, str(exc)) from None
         self.reply({"queue": qid, "pids": group.pool.pids}, status=201)

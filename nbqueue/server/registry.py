@@ -29,6 +29,7 @@ class WorkerGroup:
     queue: str
     pool: WorkerProcesses
     started: float = field(default_factory=time.time)
+    origin: str = "api"  #: who asked: "kernel" (``%queue workers start``), or the API
 
 
 class QueueRegistry:
@@ -69,8 +70,9 @@ class QueueRegistry:
     def running(self) -> int:
         return sum(group.pool.alive() for group in self._groups)
 
-    def start_workers(self, qid: str, n: int) -> WorkerGroup:
-        """Start ``n`` worker processes on a queue, within ``max_workers`` in all."""
+    def start_workers(self, qid: str, n: int, origin: str = "api") -> WorkerGroup:
+        """Start ``n`` worker processes on a queue, within ``max_workers`` in all; ``origin`` says
+        who asked (a kernel's ``%queue workers`` lists and stops those it and its kind started)."""
         tq = self.get(qid)
         with self._lock:
             if self.running() + n > self.max_workers:
@@ -79,7 +81,7 @@ class QueueRegistry:
                     f"({self.running()} running)"
                 )
             pool = tq.spawn_workers(n, idle_exit=self.idle_exit)
-            group = WorkerGroup(qid, pool)
+            group = WorkerGroup(qid, pool, origin=origin)
             self._groups.append(group)
         self.log.info("nbqueue: started %d worker(s) on %s: %s", n, tq.url, pool.pids)
         return group
@@ -98,6 +100,7 @@ class QueueRegistry:
                         "alive": code is None,
                         "exit_code": code,
                         "started": group.started,
+                        "origin": group.origin,
                     }
                 )
         return rows
