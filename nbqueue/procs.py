@@ -80,6 +80,8 @@ class WorkerProcesses:
         self.restart = restart
         self._env = {**os.environ, **(env or {})}
         self.procs = [self._start() for _ in range(n)]
+        self._stopping = threading.Event()
+        self._retired: set[int] = set()  # pids stopped on purpose: never replaced
 
     def _start(self) -> subprocess.Popen:
         return subprocess.Popen(
@@ -97,9 +99,10 @@ class WorkerProcesses:
         """How many are still running."""
         return sum(p.poll() is None for p in self.procs)
 
-    def supervise(self, stop: threading.Event) -> int:
-        """Wait for all to exit, restarting crashed ones (nonzero exit) if ``restart``; returns the
-        number of crashes seen. Restarts back off so a poison task cannot spin the machine."""
+    def supervise(self, stop: threading.Event, killed_only: bool = False) -> int:
+        """Wait for all to exit, restarting crashed ones (nonzero exit; with ``killed_only``,
+        only those killed by a signal) if ``restart``; returns the number of crashes seen.
+        Restarts back off so a poison task cannot spin the machine."""
         crashes = 0
         backoff = 0.5
         while not stop.is_set():
@@ -108,7 +111,9 @@ class WorkerProcesses:
                 code = p.poll()
                 if code is None:
                     running = True
-                elif code != 0 and self.restart:
+                elif p.pid in self._retired:
+                    continue
+                elif (code < 0 if killed_only else code != 0) and self.restart:
                     crashes += 1
                     stop.wait(backoff)
                     backoff = min(backoff * 2, 10.0)
@@ -120,10 +125,21 @@ class WorkerProcesses:
             stop.wait(0.2)
         return crashes
 
+    def keep_alive(self) -> None:
+        """Replace, from a background thread, a worker killed by a signal (its lease keeper's kill
+        of a task deaf to a cancel or its time limit, the OOM killer), until ``stop()``. Workers
+        that exit by themselves (idle, drained, an error) are left gone."""
+        threading.Thread(
+            target=self.supervise, args=(self._stopping, True), name="nbqueue-keep-alive", daemon=True
+        ).start()
+
     def stop(self, timeout: float = 30.0, pids: list[int] | None = None) -> None:
         """SIGTERM each (or those in ``pids``): they finish their running task; then SIGKILL
         what is left after ``timeout``."""
+        if pids is None:
+            self._stopping.set()  # no replacement for what is stopped on purpose
         chosen = [p for p in self.procs if pids is None or p.pid in pids]
+        self._retired.update(p.pid for p in chosen)
         for p in chosen:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)

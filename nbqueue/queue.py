@@ -252,7 +252,8 @@ class TaskQueue(QueueConnection):
         """Start ``n`` worker processes on this queue (fresh interpreters, not forks of the kernel).
 
         They keep running if the kernel restarts; they exit after ``idle_exit`` idle seconds, when
-        the queue is empty with ``burst``, or on ``.stop()``. With ``only_by_reference`` they
+        the queue is empty with ``burst``, or on ``.stop()``; one killed (its lease keeper's kill
+        of a stuck task, the OOM killer) is replaced while this process lives. With ``only_by_reference`` they
         refuse every task that ships pickled code. Each runs up to ``concurrency`` ``async def``
         tasks at once on its event loop. ``task_timeout`` limits the tasks whose job and function
         set no limit of their own.
@@ -269,7 +270,9 @@ class TaskQueue(QueueConnection):
             concurrency=concurrency,
             task_timeout=task_timeout,
         )
-        return WorkerProcesses(cmd, n, restart=False, env=worker_env(self.worker_url))
+        pool = WorkerProcesses(cmd, n, restart=True, env=worker_env(self.worker_url))
+        pool.keep_alive()
+        return pool
 
     # -- status and admin -----------------------------------------------------------------------
     def status(self) -> Counts:

@@ -139,3 +139,22 @@ def test_an_insert_that_fails_part_way_draws_the_failure_and_stops_its_thread(mo
     assert job.total == 10
     text = JobView(job).refresh_text()
     assert "insert failed after 10 queued: SerializationError" in text
+
+
+def test_the_widgets_cancel_button_cancels_the_job_and_the_view_shows_it():
+    nb = notebook(NB)
+    tq = TaskQueue("mem://cancel-view")
+    job = tq.insert((functools.partial(nb.half, i) for i in range(5)), progress=False)
+    view = JobView(job)
+    widget = view.widget
+    cancel = view._parts["cancel"]
+    assert cancel.layout.display != "none"
+    cancel.click()  # as the user's click does
+    assert job.counts().cancelled == 5 and job.done()
+    assert cancel.disabled and "5 waiting task(s) ended" in cancel.description
+    view.refresh(force=True)
+    assert cancel.layout.display == "none"  # finished: nothing left to cancel
+    text = widget._repr_mimebundle_()["text/plain"]
+    assert "5/5 done · 0 dead · 5 cancelled" in text and "0 completed, 0 dead, 5 cancelled" in text
+    view.stop()
+    widget.close()

@@ -462,3 +462,21 @@ def test_percent_queue_retry_runs_a_cells_failures_with_the_notebooks_current_he
             ip.run_line_magic("queue", f"retry {made_elsewhere.id}")
     finally:
         InteractiveShell.clear_instance()
+
+
+@pytest.mark.slow
+def test_a_notebooks_worker_killed_for_a_stuck_task_is_replaced(worker_url, nb):
+    tq = TaskQueue(worker_url, progress=False)
+    pool = tq.spawn_workers(1)
+    try:
+        job = tq.insert([functools.partial(nb.stuck_in_c, 0)])
+        wait_for(lambda: job.counts().leased == 1, timeout=60, what="the task to run")
+        (first,) = pool.pids
+        job.cancel()
+        wait_for(lambda: pool.pids != [first] and pool.alive() == 1, timeout=30, what="a new worker")
+        assert pool.procs[0].returncode is None
+        other = tq.insert(functools.partial(nb.quick, i) for i in range(3))
+        assert other.wait(timeout=60, progress=False).results() == [0, 1, 4]
+    finally:
+        pool.stop()
+    assert pool.alive() == 0
