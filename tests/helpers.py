@@ -189,7 +189,7 @@ def soak_size(request_or_config, small, soak):
 
 def keeper_pids(worker_pids) -> list[int]:
     """Live lease-keeper processes (``nbqueue.keeper``) of any of ``worker_pids``, found by scanning
-    /proc (a keeper's argv is ``LEASE WORKER_PID WORKER_ID``): keepers whose worker was killed
+    /proc (a keeper's argv is ``-c CODE LEASE WORKER_PID ...``): keepers whose worker was killed
     are re-parented, so a worker's children list no longer shows them. Zombies count as gone."""
     wanted = {str(pid) for pid in worker_pids}
     found = []
@@ -206,6 +206,7 @@ def keeper_pids(worker_pids) -> list[int]:
         if state == b"Z" or not any("nbqueue.keeper import main" in a for a in argv):
             continue
         args = [a for a in argv if a]
-        if len(args) >= 2 and args[-2] in wanted:
+        code = next(i for i, a in enumerate(args) if "nbqueue.keeper import main" in a)
+        if len(args) > code + 2 and args[code + 2] in wanted:
             found.append(int(entry))
     return found

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from nbqueue import BindError, Cancelled, TaskQueue, TaskTimeout, defaults, queueable, use
+from nbqueue import BindError, Cancelled, TaskHandle, TaskQueue, TaskTimeout, defaults, queueable, use
 from nbqueue.backends.base import TaskStatus
 
 from .helpers import notebook, start_workers, wait_all, wait_for
@@ -57,6 +57,12 @@ def stuck_in_c(i):
 @queueable
 def quick(i):
     return i * i
+
+@queueable
+def quick_but_one(i):
+    if i == 1:
+        return sum(range(10**12))  # holds the GIL: the worker's own threads cannot run
+    return i
 
 @queueable(timeout=1)
 def converge(i, seconds):
@@ -480,3 +486,26 @@ def test_a_notebooks_worker_killed_for_a_stuck_task_is_replaced(worker_url, nb):
     finally:
         pool.stop()
     assert pool.alive() == 0
+
+
+@pytest.mark.slow
+def test_the_kill_gives_the_workers_other_leases_back_uncharged(worker_url, nb):
+    """The killed worker held batch-mates it had not started (its give-back thread could not run
+    while the task held the GIL): they go back released, not expired, and run once more at
+    attempt 1, never as suspects charged for the kill."""
+    tq = TaskQueue(worker_url, progress=False)
+    job = tq.insert(functools.partial(nb.quick_but_one, i) for i in range(12))
+    pool = tq.spawn_workers(1)
+    try:
+        stuck = TaskHandle(tq, f"{job.id}-1")
+        wait_for(lambda: stuck.status == TaskStatus.LEASED, timeout=60, what="the stuck task to run")
+        wait_for(lambda: job.counts().leased > 1, timeout=10, what="its batch-mates to be held")
+        held = job.counts().leased - 1
+        assert stuck.cancel() is False  # running: told, then killed after the grace
+        job.wait(timeout=60, progress=False)
+        counts = job.counts()
+        assert (counts.completed, counts.cancelled, counts.dead) == (11, 1, 0)
+        assert held >= 1 and all(r.attempt == 1 for r in job.records() if r.ok)
+        assert stuck.status == TaskStatus.CANCELLED
+    finally:
+        pool.stop()
