@@ -79,8 +79,9 @@ def queueable(fn: Any = None, *, by_reference: bool = False, timeout: float | No
     A queueable function gains ``fn.submit(*args, **kwargs)`` (one task, a ``TaskHandle``),
     ``fn.submit_later(when, *args, **kwargs)`` (the same, ready in ``when`` seconds or at a
     ``datetime``) and ``fn.map(iterable, **insert_options)`` (a task per item, a ``Job``), on
-    the queue set by ``nbqueue.use``. Every keyword of ``submit`` is the function's: for insert
-    options on one call use ``fn.options(timeout=..., priority=...).submit(...)``.
+    the queue set by ``nbqueue.use``. ``fn.submit(..., timeout=S)`` sets the task's time limit
+    unless the function takes a ``timeout`` argument itself; every other keyword is the
+    function's. For insert options on one call: ``fn.options(timeout=..., priority=...).submit(...)``.
 
     Args:
         by_reference: ship no code: tasks name the function as ``module:qualname`` and carry
@@ -107,8 +108,8 @@ def queueable(fn: Any = None, *, by_reference: bool = False, timeout: float | No
 
 class Options:
     """``fn.options(**insert_options)``: ``submit``, ``submit_later`` and ``map`` of ``fn`` with
-    options for ``TaskQueue.insert`` (``timeout``, ``priority``, ``name``, ...), so that every
-    keyword of ``submit`` itself stays the function's."""
+    options for ``TaskQueue.insert`` (``timeout``, ``priority``, ``name``, ...); every keyword of
+    their own calls is the function's."""
 
     def __init__(self, fn: Callable[..., Any], **options: Any) -> None:
         self.fn, self.options = fn, options
@@ -138,17 +139,37 @@ def _submit_one(fn: Callable[..., Any], task: functools.partial, options: dict[s
     return TaskHandle(tq, task_id(job.id, 0))
 
 
+def _time_limit_of_call(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``timeout=`` taken out of a submit's keywords as the task's time limit, unless ``fn``
+    accepts a ``timeout`` argument itself (by name or through ``**kwargs``): an argument the
+    function takes is never taken from it."""
+    if "timeout" not in kwargs:
+        return {}
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    if any(p.name == "timeout" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return {}
+    return {"timeout": kwargs.pop("timeout")}
+
+
 def submit(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TaskHandle:
-    """Queue one call ``fn(*args, **kwargs)`` as a job of its own on the default queue."""
-    return _submit_one(fn, functools.partial(fn, *args, **kwargs), {})
+    """Queue one call ``fn(*args, **kwargs)`` as a job of its own on the default queue.
+
+    ``timeout=S`` is the task's time limit, unless ``fn`` takes a ``timeout`` argument itself
+    (then it is ``fn``'s, and ``fn.options(timeout=S).submit(...)`` sets the limit)."""
+    options = _time_limit_of_call(fn, kwargs)
+    return _submit_one(fn, functools.partial(fn, *args, **kwargs), options)
 
 
 def submit_later(
     fn: Callable[..., Any], when: float | datetime.datetime, *args: Any, **kwargs: Any
 ) -> TaskHandle:
     """``submit``, ready only ``when``: seconds from now, or a ``datetime``. (A separate verb:
-    every keyword of ``submit`` is the function's.)"""
-    return _submit_one(fn, functools.partial(fn, *args, **kwargs), _timing(when))
+    every keyword of ``submit`` but ``timeout`` is the function's.)"""
+    options = {**_time_limit_of_call(fn, kwargs), **_timing(when)}
+    return _submit_one(fn, functools.partial(fn, *args, **kwargs), options)
 
 
 def map_tasks(fn: Callable[..., Any], iterable: Iterable[Any], **options: Any) -> Job:

@@ -16,7 +16,17 @@ import time
 
 import pytest
 
-from nbqueue import BindError, Cancelled, TaskHandle, TaskQueue, TaskTimeout, defaults, queueable, use
+from nbqueue import (
+    BindError,
+    Cancelled,
+    TaskFailed,
+    TaskHandle,
+    TaskQueue,
+    TaskTimeout,
+    defaults,
+    queueable,
+    use,
+)
 from nbqueue.backends.base import TaskStatus
 
 from .helpers import notebook, start_workers, wait_all, wait_for
@@ -57,6 +67,10 @@ def stuck_in_c(i):
 @queueable
 def quick(i):
     return i * i
+
+@queueable
+def fetch_with(url, timeout):
+    return url, timeout  # a function with a timeout argument of its own
 
 @queueable
 def quick_but_one(i):
@@ -306,6 +320,17 @@ def test_a_jobs_timeout_overrides_the_functions_and_a_workers_applies_to_the_res
         limited.wait(timeout=60, progress=False)
         (error,) = limited.errors()
         assert error.type == "TaskTimeout" and "time limit of 0.5s" in error.message
+        # One task: submit's timeout= is its limit, unless the function takes a timeout itself.
+        use(worker_url)
+        handle = nb.loop_for.submit(0, 60, timeout=0.3)
+        with pytest.raises(TaskFailed, match="time limit of 0.3s"):
+            handle.get(timeout=60)
+        assert nb.fetch_with.submit("https://example.org", timeout=5).get(timeout=60) == (
+            "https://example.org",
+            5,
+        )
+        own = nb.fetch_with.options(timeout=30).submit("u", timeout=5)
+        assert own.get(timeout=60) == ("u", 5) and own.job.meta["timeout"] == 30
     finally:
         stop(procs)
     with pytest.raises(ValueError, match="positive number of seconds"):
@@ -327,10 +352,11 @@ def test_a_long_task_within_a_generous_limit_keeps_its_lease(worker_url, nb):
 
 
 @pytest.mark.slow
-def test_a_task_stuck_in_c_past_its_limit_is_killed_and_charged_a_timeout(worker_url, nb):
+def test_a_task_stuck_in_c_past_its_limit_is_killed_and_charged_a_timeout(tmp_path, nb):
     """The keeper kills the worker once the grace is over and records a failed attempt of type
     TaskTimeout (retried at the default attempts), never a WorkerDied; ``-p 2`` replaces the
-    killed process."""
+    killed process. (The kill is the cancel's, tested on both backends: fq:// only here.)"""
+    worker_url = f"fq://{tmp_path / 'queue'}"
     tq = TaskQueue(worker_url, progress=False)
     (pool,) = start_workers(worker_url, 1, "-p", "2", "--idle-exit", "60")
     try:
@@ -471,32 +497,17 @@ def test_percent_queue_retry_runs_a_cells_failures_with_the_notebooks_current_he
 
 
 @pytest.mark.slow
-def test_a_notebooks_worker_killed_for_a_stuck_task_is_replaced(worker_url, nb):
-    tq = TaskQueue(worker_url, progress=False)
-    pool = tq.spawn_workers(1)
-    try:
-        job = tq.insert([functools.partial(nb.stuck_in_c, 0)])
-        wait_for(lambda: job.counts().leased == 1, timeout=60, what="the task to run")
-        (first,) = pool.pids
-        job.cancel()
-        wait_for(lambda: pool.pids != [first] and pool.alive() == 1, timeout=30, what="a new worker")
-        assert pool.procs[0].returncode is None
-        other = tq.insert(functools.partial(nb.quick, i) for i in range(3))
-        assert other.wait(timeout=60, progress=False).results() == [0, 1, 4]
-    finally:
-        pool.stop()
-    assert pool.alive() == 0
-
-
-@pytest.mark.slow
-def test_the_kill_gives_the_workers_other_leases_back_uncharged(worker_url, nb):
+def test_the_kill_gives_the_workers_other_leases_back_uncharged(tmp_path, nb):
     """The killed worker held batch-mates it had not started (its give-back thread could not run
     while the task held the GIL): they go back released, not expired, and run once more at
-    attempt 1, never as suspects charged for the kill."""
-    tq = TaskQueue(worker_url, progress=False)
+    attempt 1, never as suspects charged for the kill, on the worker the notebook's pool starts
+    in place of the killed one. (The keeper's release and fail are contract-tested on every
+    backend: this runs on fq:// only.)"""
+    tq = TaskQueue(f"fq://{tmp_path / 'queue'}", progress=False)
     job = tq.insert(functools.partial(nb.quick_but_one, i) for i in range(12))
     pool = tq.spawn_workers(1)
     try:
+        (first,) = pool.pids
         stuck = TaskHandle(tq, f"{job.id}-1")
         wait_for(lambda: stuck.status == TaskStatus.LEASED, timeout=60, what="the stuck task to run")
         wait_for(lambda: job.counts().leased > 1, timeout=10, what="its batch-mates to be held")
@@ -507,5 +518,6 @@ def test_the_kill_gives_the_workers_other_leases_back_uncharged(worker_url, nb):
         assert (counts.completed, counts.cancelled, counts.dead) == (11, 1, 0)
         assert held >= 1 and all(r.attempt == 1 for r in job.records() if r.ok)
         assert stuck.status == TaskStatus.CANCELLED
+        assert pool.pids != [first] and pool.alive() == 1  # replaced, and it ran the rest
     finally:
         pool.stop()
