@@ -311,7 +311,8 @@ def test_a_task_past_its_time_limit_fails_its_attempt_and_is_retried_then_dead(w
 @pytest.mark.slow
 def test_a_jobs_timeout_overrides_the_functions_and_a_workers_applies_to_the_rest(worker_url, nb):
     tq = TaskQueue(worker_url, progress=False)
-    procs = started_workers(worker_url, 1, "--task-timeout", "0.5")
+    # One attempt each: which limit applies is the point here (retries: the test above).
+    procs = started_workers(worker_url, 1, "--task-timeout", "0.5", "--max-attempts", "1")
     try:
         generous = tq.insert([functools.partial(nb.converge, 0, 1.5)], timeout=30)
         limited = tq.insert([functools.partial(nb.loop_for, 0, 60)])
@@ -343,7 +344,7 @@ def test_a_long_task_within_a_generous_limit_keeps_its_lease(worker_url, nb):
     tq = TaskQueue(worker_url, progress=False)
     procs = started_workers(worker_url, 2, "--lease", "1.5")
     try:
-        job = tq.insert([functools.partial(nb.loop_for, 0, 5)], timeout=60)
+        job = tq.insert([functools.partial(nb.loop_for, 0, 3.5)], timeout=60)  # over two leases
         assert job.wait(timeout=60, progress=False).results() == [0]
         (record,) = job.records()
         assert record.attempt == 1 and job.counts().failed == 0
