@@ -192,6 +192,16 @@ def _full_translated(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _runs(items: list[tuple[int, str]]) -> Iterator[list[tuple[int, str]]]:
+    """``(k, name)`` items sorted by k, cut into runs of consecutive k: each run can go back to
+    the queue as one range name."""
+    start = 0
+    for i in range(1, len(items) + 1):
+        if i == len(items) or items[i][0] != items[i - 1][0] + 1:
+            yield items[start:i]
+            start = i
+
+
 def _unlink_all(paths: list[str]) -> None:
     for path in paths:
         with contextlib.suppress(OSError):
@@ -808,10 +818,8 @@ class FileBackend(Backend):
         name = self._find_lease(token)
         if name is None:
             return None
-        mark = self._mark_of(task_id, self._cancel_marks(job_of(task_id)))
-        if mark is not None:
-            ended = self._commit(task_id, token, mark, counted="cancelled")
-            self._flush()
+        ended = self._end_if_marked(task_id, token)
+        if ended is not None:
             return TaskStatus.CANCELLED if ended else None
         _, attempt, _, job, seg, k = self._parse_leased(name)
         if retry_in is not None:
@@ -852,10 +860,8 @@ class FileBackend(Backend):
         name = self._find_lease(token)
         if name is None:
             return False
-        mark = self._mark_of(task_id, self._cancel_marks(job_of(task_id)))
-        if mark is not None:
-            ended = self._commit(task_id, token, mark, counted="cancelled")
-            self._flush()
+        ended = self._end_if_marked(task_id, token)
+        if ended is not None:
             return ended
         _, attempt, _, job, seg, k = self._parse_leased(name)
         count, suspect = _attempts(attempt)
@@ -871,6 +877,16 @@ class FileBackend(Backend):
             return {name: f"{folder}/{name}" for name in os.listdir(folder) if not name.startswith(".")}
         except FileNotFoundError:
             return None
+
+    def _end_if_marked(self, task_id: str, token: str) -> bool | None:
+        """A lease coming back without a result (``fail``, ``release``): a task marked cancelled
+        ends so, committed as a commit is (True; False for a stale token). None: not marked."""
+        mark = self._mark_of(task_id, self._cancel_marks(job_of(task_id)))
+        if mark is None:
+            return None
+        ended = self._commit(task_id, token, mark, counted="cancelled")
+        self._flush()
+        return ended
 
     @staticmethod
     def _mark_of(task_id: str, marks: dict[str, str] | None) -> str | None:
@@ -917,23 +933,19 @@ class FileBackend(Backend):
         frames = self._read_frames(claim_path, lo, hi)
         marks = self._cancel_marks(job)
         ended = 0
-        kept: list[int] = []
+        kept: list[tuple[int, str]] = []
         for k, (task_id, _) in zip(range(lo, hi), frames, strict=True):
             mark = self._mark_of(task_id, marks) if chosen is None or task_id in chosen else None
             if mark is None:
-                kept.append(k)
+                kept.append((k, task_id))
                 continue
             with contextlib.suppress(FileExistsError):
                 self._link_done(mark, job, task_id)
                 self._keep_cancelled(claim_path, job, seg, k)
                 ended += 1
         # The tasks kept go back with their ready time and attempts, as runs of neighbours.
-        start = 0
-        for i in range(1, len(kept) + 1):
-            if i < len(kept) and kept[i] == kept[i - 1] + 1:
-                continue
-            run, start = kept[start:i], i
-            back = f"{ready:013d}.{attempts}.{job}.{seg}.{run[0]}-{run[-1] + 1}"
+        for run in _runs(kept):
+            back = f"{ready:013d}.{attempts}.{job}.{seg}.{run[0][0]}-{run[-1][0] + 1}"
             os.link(claim_path, self._path("queue", back))
         os.unlink(claim_path)
         self._bump(job, cancelled=ended)
@@ -1092,12 +1104,7 @@ class FileBackend(Backend):
             with contextlib.suppress(FileNotFoundError):
                 os.rename(self._path("claim", claim), self._path("claim", fresh))
                 kept.append((k, fresh))
-        claims = kept
-        start = 0
-        for i in range(1, len(claims) + 1):
-            if i < len(claims) and claims[i][0] == claims[i - 1][0] + 1:
-                continue
-            run, start = claims[start:i], i
+        for run in _runs(kept):
             lo, hi = run[0][0], run[-1][0] + 1
             try:
                 os.link(
