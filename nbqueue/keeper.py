@@ -41,6 +41,9 @@ from dataclasses import dataclass
 
 from . import defaults
 from .backends.base import Lease
+from .ids import job_of
+from .records import seal_record
+from .serialize import Signer, get_serializer
 
 
 def available() -> bool:
@@ -403,10 +406,6 @@ def _timed_out(
 ) -> tuple[bytes, float | None]:
     """The failure of a task killed past its time limit: its signed record and its retry delay
     (None: out of attempts, dead)."""
-    from .ids import job_of
-    from .records import seal_record
-    from .serialize import Signer, get_serializer
-
     error = {
         "type": "TaskTimeout",
         "message": f"the task ran past its time limit of {task.limit:g}s and did not stop within "

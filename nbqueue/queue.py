@@ -27,6 +27,7 @@ from .jobs import Job
 from .procs import WorkerProcesses
 from .tasks import TaskCodec, is_single_task, queue_id_of
 from .worker import (
+    HANDLED_SIGNALS,
     HeldTask,
     Worker,
     WorkerStats,
@@ -546,7 +547,7 @@ def _interrupts_stop(worker: Worker) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set from the main thread
         return
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    before = {sig: signal.getsignal(sig) for sig in HANDLED_SIGNALS}
     worker.install_signal_handlers()
     try:
         yield

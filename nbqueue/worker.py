@@ -56,6 +56,9 @@ if TYPE_CHECKING:
     from .connection import QueueConnection
 
 TERMINAL_ERRORS = (BadSignature, DecodeError, TaskRefused, Terminal)
+#: The signals ``Worker.install_signal_handlers`` takes over (whoever runs a worker in its main
+#: thread for a while, ``TaskQueue.poll``, puts the handlers before back after).
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 log = logging.getLogger("nbqueue.worker")
 
@@ -152,7 +155,7 @@ class Interrupts:
         """From the main thread: let a telling also wake a task blocked in a system call there
         (``time.sleep``, a socket read, waiting on a subprocess). The signal interrupts the call,
         its handler runs, and the exception raised into the thread is delivered in it."""
-        self.wake_signal = signal.SIGUSR1
+        self.wake_signal = signal.SIGUSR1  # one of HANDLED_SIGNALS
         signal.signal(self.wake_signal, lambda signum, frame: None)
 
     @contextlib.contextmanager

@@ -430,3 +430,16 @@ def test_a_forced_release_costs_no_attempt_and_causes_no_churn(backend_url, nb):
     print(f"{backend_url.split(':')[0]}: fresh drain {fresh:.3f}s, after a forced release {after:.3f}s")
     assert max(releases) == 0, releases  # the drain itself releases nothing
     assert after <= 1.5 * fresh, (after, fresh)
+
+
+def test_poll_in_the_main_thread_puts_back_every_signal_handler_it_took(tmp_path):
+    """poll() takes over SIGINT, SIGTERM and the wake-up signal while it runs (a kernel's own
+    handlers must come back after it)."""
+    import signal
+
+    from nbqueue.worker import HANDLED_SIGNALS
+
+    before = {sig: signal.getsignal(sig) for sig in HANDLED_SIGNALS}
+    TaskQueue(f"fq://{tmp_path / 'q'}", progress=False).poll(burst=True)
+    assert {sig: signal.getsignal(sig) for sig in HANDLED_SIGNALS} == before
+    assert signal.SIGUSR1 in HANDLED_SIGNALS
