@@ -138,6 +138,18 @@ def parameter_grid(maps: list[str], namespace: dict[str, Any], zipped: bool) -> 
     return names, [dict(zip(names, combo, strict=True)) for combo in combos]
 
 
+def _take_option(words: list[str], name: str, usage: str) -> tuple[list[str], list[str]]:
+    """The values of every ``name VALUE`` in a line magic's words, and the words left."""
+    values, rest = [], list(words)
+    while name in rest:
+        i = rest.index(name)
+        if i + 1 >= len(rest):
+            raise UsageError(usage)
+        values.append(rest[i + 1])
+        del rest[i : i + 2]
+    return values, rest
+
+
 def _workers_alive(pool: WorkerProcesses, job: Any) -> None:
     """Stop a --wait whose own workers are all gone while the job is unfinished."""
     if pool.alive() == 0 and not job.done():
@@ -374,15 +386,11 @@ class QueueMagics(Magics):
             return None
 
     def _cmd_results(self, rest: list[str]) -> None:
-        out = "_results"
-        if "--out" in rest:
-            i = rest.index("--out")
-            if i + 1 >= len(rest):
-                raise UsageError("%queue results JOB [--out VAR] [URL]")
-            out = rest[i + 1]
-            rest = rest[:i] + rest[i + 2 :]
+        usage = "%queue results JOB [--out VAR] [URL]"
+        outs, rest = _take_option(rest, "--out", usage)
+        out = outs[-1] if outs else "_results"
         if not rest:
-            raise UsageError("%queue results JOB [--out VAR] [URL]")
+            raise UsageError(usage)
         job = self._queue_for(rest[1] if len(rest) > 1 else None).job(rest[0])
         values = job.results(on_error="exception")
         self._ip.user_ns[out] = values
@@ -390,13 +398,7 @@ class QueueMagics(Magics):
 
     def _cmd_cancel(self, rest: list[str]) -> None:
         usage = "%queue cancel JOB [--task ID ...] [URL]"
-        tasks: list[str] = []
-        while "--task" in rest:
-            i = rest.index("--task")
-            if i + 1 >= len(rest):
-                raise UsageError(usage)
-            tasks.append(rest[i + 1])
-            rest = rest[:i] + rest[i + 2 :]
+        tasks, rest = _take_option(rest, "--task", usage)
         if not rest:
             raise UsageError(usage)
         job = self._queue_for(rest[1] if len(rest) > 1 else None).job(rest[0])

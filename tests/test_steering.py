@@ -118,12 +118,16 @@ def stop(procs) -> None:
     wait_all(procs)
 
 
-def cancel_latency(job) -> float:
-    """Cancel ``job`` and return the seconds until none of its tasks runs any more."""
+def cancel_latency(job, capsys, what: str) -> float:
+    """Cancel ``job``; the seconds until none of its tasks runs any more, printed for the record
+    (``-s``) with the backend and ``what`` the tasks were doing."""
     t = time.monotonic()
     job.cancel()
     wait_for(lambda: job.counts().leased == 0, timeout=60, what="the job's running tasks to stop")
-    return time.monotonic() - t
+    latency = time.monotonic() - t
+    with capsys.disabled():
+        print(f"\n[{job.queue.url.split(':')[0]}] cancel → no task running: {latency:.2f}s ({what})")
+    return latency
 
 
 @pytest.mark.slow
@@ -134,9 +138,7 @@ def test_cancel_stops_running_python_tasks_and_queued_ones_never_start(worker_ur
         job = tq.insert(functools.partial(nb.simulate, i, 30) for i in range(6))
         other = tq.insert(functools.partial(nb.quick, i) for i in range(20))
         wait_for(lambda: job.counts().leased == 2, timeout=30, what="two tasks to run")
-        latency = cancel_latency(job)
-        with capsys.disabled():
-            print(f"\n[{worker_url.split(':')[0]}] cancel → no task running: {latency:.2f}s (pure Python)")
+        latency = cancel_latency(job, capsys, "pure Python")
         assert latency <= 2.0
         job.wait(timeout=10, progress=False)
         counts = job.counts()
@@ -161,9 +163,7 @@ def test_a_task_stuck_in_c_is_killed_after_the_grace_and_recorded_cancelled(work
     try:
         job = tq.insert(functools.partial(nb.stuck_in_c, i) for i in range(2))
         wait_for(lambda: job.counts().leased >= 1, timeout=30, what="a task to run")
-        latency = cancel_latency(job)
-        with capsys.disabled():
-            print(f"\n[{worker_url.split(':')[0]}] cancel → no task running: {latency:.2f}s (stuck in C)")
+        latency = cancel_latency(job, capsys, "stuck in C")
         assert latency <= defaults.CANCEL_GRACE_SECONDS + 2
         worker.wait(timeout=10)
         assert worker.returncode != 0  # killed
@@ -186,9 +186,7 @@ def test_a_task_blocked_in_a_system_call_is_told_at_once(worker_url, nb, capsys)
     try:
         job = tq.insert(functools.partial(nb.wait_for_service, i, 120) for i in range(3))
         wait_for(lambda: job.counts().leased >= 1, timeout=30, what="a task to run")
-        latency = cancel_latency(job)
-        with capsys.disabled():
-            print(f"\n[{worker_url.split(':')[0]}] cancel → no task running: {latency:.2f}s (in time.sleep)")
+        latency = cancel_latency(job, capsys, "in time.sleep")
         assert latency <= 2.0
         assert job.wait(timeout=10, progress=False).counts().cancelled == 3
         assert all(p.poll() is None for p in procs)  # told, not killed
@@ -383,9 +381,7 @@ def test_coroutine_tasks_are_cancelled_and_timed_out_through_asyncio(worker_url,
     try:
         job = tq.insert(functools.partial(nb.poll_service, i, 60) for i in range(4))
         wait_for(lambda: job.counts().leased == 4, timeout=30, what="four coroutines to run")
-        latency = cancel_latency(job)
-        with capsys.disabled():
-            print(f"\n[{worker_url.split(':')[0]}] cancel → no task running: {latency:.2f}s (4 coroutines)")
+        latency = cancel_latency(job, capsys, "4 coroutines")
         assert latency <= 2.0 and job.wait(timeout=10, progress=False).counts().cancelled == 4
         timed = tq.insert([functools.partial(nb.poll_service, 0, 60)], timeout=0.5)
         timed.wait(timeout=60, progress=False)
