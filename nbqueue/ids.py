@@ -48,6 +48,16 @@ def check_id(value: str, what: str = "id") -> str:
     return value
 
 
+def check_tasks_of(job_id: str, task_ids: Sequence[str]) -> list[str]:
+    """``task_ids`` without repeats, each checked to be a task of ``job_id`` (ValueError)."""
+    check_id(job_id, "job id")
+    ids = list(dict.fromkeys(task_ids))
+    for task_id in ids:
+        if job_of(check_id(task_id, "task id")) != job_id:
+            raise ValueError(f"task {task_id!r} is not a task of job {job_id!r}")
+    return ids
+
+
 def check_batch(job_id: str, tasks: Sequence[tuple[str, bytes]]) -> None:
     """Refuse an insert batch with a bad job id, a foreign or malformed task id, or a repeat,
     before anything is written."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from . import defaults
 from .backends.base import Counts
 from .errors import BackendUnavailable, QueueStateLost, TaskFailed
-from .ids import in_job, index_of, job_of
+from .ids import check_tasks_of, in_job, index_of
 from .procs import process_gone, worker_id
 from .progress import JobBar, JobView, Snapshot, describe, progress_mode
 from .records import TaskError, TaskRecord, dead_letter_record, open_record, seal_cancel_record
@@ -203,10 +203,7 @@ class Job:
         process killed by the lease keeper and ends cancelled. A task that finishes first keeps
         its value. The cancel is kept in the queue's storage: workers on any machine obey it.
         """
-        ids = None if task_ids is None else list(task_ids)
-        for task_id in ids or ():
-            if job_of(task_id) != self.id:
-                raise ValueError(f"task {task_id!r} is not a task of job {self.name} ({self.id})")
+        ids = None if task_ids is None else check_tasks_of(self.id, list(task_ids))
         what = "the job" if ids is None else f"{len(ids)} task(s)"
         message = f"{what} was cancelled from {worker_id()} at {time.strftime('%Y-%m-%d %H:%M:%S')}"
         record = seal_cancel_record(self.queue.signer, self.id, message, worker_id())

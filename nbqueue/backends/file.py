@@ -71,7 +71,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from ..errors import FULL_ERRNOS, QueueURLError, StorageFull, UnsafeQueueError
-from ..ids import ID_PATTERN, check_batch, check_id, check_worker_id, job_of
+from ..ids import ID_PATTERN, check_batch, check_id, check_tasks_of, check_worker_id, job_of
 from . import segments
 from .base import (
     COUNT_FIELDS,
@@ -898,10 +898,7 @@ class FileBackend(Backend):
     @_full_translated
     def cancel(self, job_id: str, record: bytes, task_ids: Sequence[str] | None = None) -> int:
         check_id(job_id, "job id")
-        chosen = None if task_ids is None else set(task_ids)
-        for task_id in chosen or ():
-            if job_of(check_id(task_id, "task id")) != job_id:
-                raise ValueError(f"task {task_id!r} is not of job {job_id!r}")
+        chosen = None if task_ids is None else set(check_tasks_of(job_id, task_ids))
         folder = self._path("cancel", job_id)
         with contextlib.suppress(FileExistsError):
             os.mkdir(folder, 0o700)

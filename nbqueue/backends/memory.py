@@ -14,7 +14,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 
-from ..ids import check_batch, check_id, check_worker_id, job_of
+from ..ids import check_batch, check_id, check_tasks_of, check_worker_id, job_of
 from .base import (
     Backend,
     Counts,
@@ -327,9 +327,7 @@ class MemoryBackend(Backend):
                 chosen = [t for t in self._payloads if job_of(t) == job_id]
             else:
                 chosen = []
-                for task_id in dict.fromkeys(task_ids):
-                    if job_of(check_id(task_id, "task id")) != job_id:
-                        raise ValueError(f"task {task_id!r} is not of job {job_id!r}")
+                for task_id in check_tasks_of(job_id, task_ids):
                     self._cancelled_tasks[task_id] = bytes(record)
                     if task_id in self._payloads:
                         chosen.append(task_id)

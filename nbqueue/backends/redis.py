@@ -68,7 +68,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .. import defaults
 from ..errors import BackendUnavailable, QueueURLError, StorageFull
-from ..ids import check_batch, check_id, check_worker_id, index_of, job_of
+from ..ids import check_batch, check_id, check_tasks_of, check_worker_id, index_of, job_of
 from . import redact_url
 from .base import (
     COUNT_FIELDS,
@@ -440,10 +440,7 @@ class RedisBackend(Backend):
         check_id(job_id, "job id")
         if task_ids is None:
             return int(self._run("cancel", job_id, bytes(record), "job"))
-        ids = list(dict.fromkeys(task_ids))
-        for task_id in ids:
-            if job_of(check_id(task_id, "task id")) != job_id:
-                raise ValueError(f"task {task_id!r} is not of job {job_id!r}")
+        ids = check_tasks_of(job_id, task_ids)
         return int(self._run("cancel", job_id, bytes(record), "tasks", *ids))
 
     @_translated
