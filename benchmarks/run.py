@@ -2,32 +2,36 @@
 
     python benchmarks/run.py            # full sizes (a few minutes on 2 cores)
     python benchmarks/run.py --quick    # tiny sizes: proves the scripts work (CI)
-    python benchmarks/run.py --only insert_fq,rss
+    python benchmarks/run.py --only roundtrip,rss
 
-Prints a table and one JSON line per figure. Peers run in the same process and run when
-installed: python-task-queue (``pip install task-queue``) for fq://, raw redis-py pipelined
-LPUSH of the same payload bytes for redis://. Redis figures start a private redis-server on a
-free port.
+Prints a table and one JSON line per figure. Peers run when installed (``pip install -e
+'.[bench]'``): python-task-queue for fq://, raw redis-py pipelined LPUSH of the same payload bytes
+for redis://, and for round trips huey and RQ, each with its own worker process. Redis figures
+start a private redis-server on a free loopback port; each system uses its own database there.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
+import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import nbqueue  # noqa: E402
 from nbqueue import TaskQueue  # noqa: E402
 from tests.helpers import notebook  # noqa: E402
 
@@ -131,7 +135,7 @@ SHIP_FUNCTIONS = ["cv_score", "f1", "synthetic", "importance", "ttest", "grouped
 FULL = {
     "insert": 100_000,
     "drain": 20_000,
-    "roundtrip": 50,
+    "roundtrip": 40,
     "rss": 1_000_000,
     "closure": 10_000,
     "ship": 20,
@@ -151,9 +155,15 @@ ROWS: list[dict] = []
 
 
 def report(
-    figure: str, value: float, unit: str, peer: float | None = None, peer_name: str = "", note: str = ""
+    figure: str,
+    value: float,
+    unit: str,
+    peer: float | None = None,
+    peer_name: str = "",
+    note: str = "",
+    **extra: object,
 ) -> None:
-    row = {"figure": figure, "value": round(value, 2), "unit": unit}
+    row: dict[str, object] = {"figure": figure, "value": round(value, 2), "unit": unit, **extra}
     if peer is not None:
         row.update(peer=peer_name, peer_value=round(peer, 2), ratio=round(value / peer, 2) if peer else None)
     if note:
@@ -322,30 +332,243 @@ def bench_drain(nb, sizes, redis_server) -> None:
         )
 
 
-def bench_roundtrip(nb, sizes, redis_server) -> None:
-    urls = {"fq": f"fq://{fresh_dir()}/q"}
-    if redis_server is not None:
-        urls["redis"] = redis_server.url(f"bench{time.time_ns()}")
-    for kind, url in urls.items():
-        tq = TaskQueue(url)
-        pool = tq.spawn_workers(1, idle_exit=None)
-        try:
-            tq.insert([functools.partial(nb.noop, -1)], progress=False).wait(timeout=60, progress=False)
-            times = []
-            for i in range(sizes["roundtrip"]):
-                time.sleep(0.3)  # let the worker go idle, as a user's next cell would find it
-                start = time.perf_counter()
-                job = tq.insert([functools.partial(nb.noop, i)], progress=False)
-                while tq.backend.exact_job_finished(job.id) < 1:
-                    time.sleep(0.001)
-                times.append(time.perf_counter() - start)
-        finally:
-            pool.stop()
-        times.sort()
-        report(f"roundtrip_{kind}_median", statistics.median(times) * 1000, "ms")
-        report(
-            f"roundtrip_{kind}_p90", times[int(len(times) * 0.9) - 1 if len(times) > 1 else 0] * 1000, "ms"
+# -- round trips ----------------------------------------------------------------------------------
+#: Seconds between round trips: the worker is idle when the next call comes, as a user's next
+#: cell would find it (a polling worker has backed off to its longest interval by then).
+ROUNDTRIP_GAP = 0.3
+#: Untimed calls first: the worker's start-up, imports and connections.
+ROUNDTRIP_WARMUP = 2
+#: Seconds any one call may take (the first waits for the worker to start).
+ROUNDTRIP_TIMEOUT = 60
+RQ_QUEUE = "nbqueue-bench"
+URL_ENV_HUEY = "NBQUEUE_BENCH_HUEY_URL"  # benchmarks/huey_tasks.py reads it
+#: The private redis-server's databases: each system its own.
+NBQUEUE_DB, HUEY_DB, RQ_DB = 0, 1, 2
+
+#: (system, call, n, median ms, p90 ms) for the side-by-side table.
+ROUNDTRIPS: list[tuple[str, str, int, float, float]] = []
+
+
+def percentile(times: list[float], q: float) -> float:
+    """Nearest-rank percentile of ``times``."""
+    ordered = sorted(times)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def time_round_trips(call: Callable[[int], object], n: int) -> list[float]:
+    """Seconds of ``n`` calls ``call(i)``, each of which must return ``i``, after a warm-up."""
+    for i in range(ROUNDTRIP_WARMUP):
+        check_value(call(-1 - i), -1 - i)
+    times = []
+    for i in range(n):
+        time.sleep(ROUNDTRIP_GAP)
+        start = time.perf_counter()
+        value = call(i)
+        times.append(time.perf_counter() - start)
+        check_value(value, i)
+    return times
+
+
+def check_value(value: object, expected: int) -> None:
+    if value != expected:
+        raise RuntimeError(f"round trip returned {value!r}, expected {expected!r}")
+
+
+def report_round_trips(key: str, system: str, call: str, times: list[float], note: str = "") -> None:
+    median, p90 = statistics.median(times) * 1000, percentile(times, 0.9) * 1000
+    ROUNDTRIPS.append((system, call, len(times), median, p90))
+    extra = {"system": system, "call": call, "n": len(times)}
+    report(f"roundtrip_{key}_median", median, "ms", note=note, **extra)
+    report(f"roundtrip_{key}_p90", p90, "ms", note=note, **extra)
+
+
+def log_tail(path: Path, lines: int = 10) -> str:
+    if not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def peer_process(cmd: list[str], log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """A peer's worker process for the block, its output in ``log``; stopped on leaving, even on an
+    error. Its own session, so that anything it forked is stopped with it."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        yield proc
+    except Exception as e:
+        raise RuntimeError(f"{' '.join(cmd[:4])}...: {e}; its log ends:\n{log_tail(log)}") from e
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its session: the worker and anything it forked
+        if proc.poll() is None:
+            proc.wait()
+
+
+def peer_env(**extra: str) -> dict[str, str]:
+    """This environment, with the repository importable (for benchmarks.huey_tasks, say)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def nbqueue_round_trips(nb, url: str, kind: str, n: int) -> None:
+    """One idle worker; ``fn.submit(x).get()`` and ``insert([...]).wait()`` + ``results()``."""
+    tq = nbqueue.use(url)
+    pool = tq.spawn_workers(1, idle_exit=None)
+    try:
+
+        def submit(x: int) -> object:
+            return nb.noop.submit(x).get(timeout=ROUNDTRIP_TIMEOUT)
+
+        def insert(x: int) -> object:
+            job = tq.insert([functools.partial(nb.noop, x)], progress=False)
+            job.wait(timeout=ROUNDTRIP_TIMEOUT, progress=False)
+            return job.results()[0]
+
+        system = f"nbqueue {kind}://"
+        report_round_trips(f"{kind}_submit", system, "fn.submit(x).get()", time_round_trips(submit, n))
+        report_round_trips(
+            f"{kind}_insert", system, "insert([task]).wait(); results()", time_round_trips(insert, n)
         )
+    finally:
+        pool.stop()
+
+
+def huey_round_trips(redis_server, n: int) -> None:
+    """huey's ``RedisHuey`` (configured in benchmarks/huey_tasks.py), its consumer a real
+    ``huey_consumer`` process with one worker thread: ``task(x).get(blocking=True)``."""
+    url = f"redis://127.0.0.1:{redis_server.port}/{HUEY_DB}"
+    os.environ[URL_ENV_HUEY] = url  # read when benchmarks.huey_tasks is imported, here and there
+    import huey
+
+    from benchmarks import huey_tasks
+
+    # -w 1 -k thread: one worker thread, the consumer's defaults spelled out. -d/-m/-b (polling
+    # delays) are left alone: with blocking=True the consumer waits in BRPOP and never sleeps.
+    cmd = [sys.executable, "-m", "huey.bin.huey_consumer", "benchmarks.huey_tasks.huey"]
+    cmd += ["-w", "1", "-k", "thread"]
+    log = Path(fresh_dir()) / "huey_consumer.log"
+    with peer_process(cmd, log, peer_env(**{URL_ENV_HUEY: url})):
+
+        def call(x: int) -> object:
+            return huey_tasks.noop(x).get(blocking=True, timeout=ROUNDTRIP_TIMEOUT)
+
+        storage = huey_tasks.huey.storage
+        notify = bool(getattr(storage, "notify_result", False))
+        system = f"huey {huey.__version__}"
+        report_round_trips(
+            "huey",
+            system,
+            "task(x).get(blocking=True)" + (", notify_result" if notify else ""),
+            time_round_trips(call, n),
+            note="RedisHuey(blocking=True, notify_result=True): BRPOP for work, BLPOP for the result"
+            if notify
+            else "RedisHuey(blocking=True): BRPOP for work; the result polled from 50 ms",
+        )
+        if notify:
+            # The same consumer; this process waits as huey does by default (notify_result=False):
+            # it polls the result hash after 50 ms, 57.5 ms, ... (backoff 1.15).
+            storage.notify_result = False
+            try:
+                times = time_round_trips(call, n)
+            finally:
+                storage.notify_result = True
+            report_round_trips(
+                "huey_polling",
+                system,
+                "task(x).get(blocking=True), result polled",
+                times,
+                note="huey's default notify_result=False: the result polled from 50 ms",
+            )
+
+
+def rq_round_trips(redis_server, n: int) -> None:
+    """RQ: a real ``rq worker`` process of the default worker class (``rq.Worker``, which forks a
+    work horse per job), ``q.enqueue(fn, x)`` then ``job.latest_result(timeout=...)``."""
+    import inspect
+
+    import rq
+    from redis import Redis
+    from rq import Queue
+
+    from benchmarks import rq_tasks
+
+    url = f"redis://127.0.0.1:{redis_server.port}/{RQ_DB}"
+    cmd = [sys.executable, "-m", "rq.cli", "worker", "--url", url, "--path", str(ROOT)]
+    cmd += ["--name", f"nbqueue-bench-{os.getpid()}", RQ_QUEUE]
+    blocking = "timeout" in inspect.signature(rq.job.Job.latest_result).parameters
+    connection = Redis.from_url(url)
+    log = Path(fresh_dir()) / "rq_worker.log"
+    try:
+        with peer_process(cmd, log, peer_env()):
+            q = Queue(RQ_QUEUE, connection=connection)
+
+            def call(x: int) -> object:
+                job = q.enqueue(rq_tasks.noop, x)
+                if blocking:  # rq >= 1.15: XREAD BLOCK on the job's result stream
+                    result = job.latest_result(timeout=ROUNDTRIP_TIMEOUT)
+                else:  # older rq: poll, as its docs' examples do
+                    deadline = time.monotonic() + ROUNDTRIP_TIMEOUT
+                    while (result := job.latest_result()) is None and time.monotonic() < deadline:
+                        time.sleep(0.005)
+                if result is None:
+                    raise TimeoutError(f"rq job {job.id} not finished after {ROUNDTRIP_TIMEOUT} s")
+                if result.type != result.Type.SUCCESSFUL:
+                    raise RuntimeError(f"rq job {job.id}: {result.type}: {result.exc_string}")
+                return result.return_value
+
+            report_round_trips(
+                "rq",
+                f"rq {rq.__version__}",
+                "q.enqueue(fn, x).latest_result(timeout=)" if blocking else "q.enqueue(fn, x), result polled",
+                time_round_trips(call, n),
+                note="default rq.Worker: forks a work horse per job",
+            )
+    finally:
+        connection.close()
+
+
+def importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def bench_roundtrip(nb, sizes, redis_server) -> None:
+    """Submit one task to one idle worker and wait for its value, through each system's public
+    API: what a user feels between running a cell and seeing its result."""
+    n = sizes["roundtrip"]
+    nbqueue_round_trips(nb, f"fq://{fresh_dir()}/q", "fq", n)
+    if redis_server is None:
+        print("roundtrip: redis:// figures, huey and rq skipped: no redis-server (or --no-redis)")
+        return
+    nbqueue_round_trips(nb, redis_server.url(f"bench{time.time_ns()}", db=NBQUEUE_DB), "redis", n)
+    for name, run in (("huey", huey_round_trips), ("rq", rq_round_trips)):
+        if importable(name):
+            run(redis_server, n)
+        else:
+            print(f"roundtrip: {name} skipped: not installed (pip install -e '.[bench]')", flush=True)
+
+
+def print_round_trips() -> None:
+    if not ROUNDTRIPS:
+        return
+    print()
+    print("round trip: one task to one idle worker, through each system's public API")
+    print(f"{'system':<18}{'call':<52}{'n':>4}{'median ms':>11}{'p90 ms':>9}")
+    for system, call, n, median, p90 in ROUNDTRIPS:
+        print(f"{system:<18}{call:<52}{n:>4}{median:>11.1f}{p90:>9.1f}")
 
 
 RSS_CHILD = """
@@ -510,6 +733,8 @@ def main() -> int:
     parser.add_argument("--no-redis", action="store_true", help="skip redis:// figures")
     args = parser.parse_args()
     os.environ.setdefault("NBQUEUE_PROGRESS", "off")
+    # A SIGTERM (CI's timeout, say) unwinds like Ctrl-C: every worker and server started here stops.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     sizes = QUICK if args.quick else FULL
     chosen = [name for name in (args.only.split(",") if args.only else FIGURES) if name]
     unknown = set(chosen) - set(FIGURES)
@@ -529,12 +754,13 @@ def main() -> int:
         if redis_server is not None:
             redis_server.stop()
     print()
-    print(f"{'figure':<28}{'nbqueue':>14}  {'unit':<8}{'peer':>14}  {'ratio':>7}  peer")
+    print(f"{'figure':<32}{'nbqueue':>14}  {'unit':<8}{'peer':>14}  {'ratio':>7}  peer")
     for row in ROWS:
         peer = f"{row['peer_value']:>14,.1f}" if "peer_value" in row else " " * 14
         ratio = f"{row['ratio']:>7.2f}" if row.get("ratio") is not None else " " * 7
         name, value, unit = row["figure"], row["value"], row["unit"]
-        print(f"{name:<28}{value:>14,.1f}  {unit:<8}{peer}  {ratio}  {row.get('peer', '')}")
+        print(f"{name:<32}{value:>14,.1f}  {unit:<8}{peer}  {ratio}  {row.get('peer', '')}")
+    print_round_trips()
     return 0
 
 
