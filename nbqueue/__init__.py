@@ -31,7 +31,7 @@ from .errors import (
     UnsafeQueueError,
 )
 from .handles import TaskHandle, queueable, use
-from .jobs import Job
+from .jobs import PENDING, Job
 from .pickling import Shipment, explain
 from .queue import LocalTaskQueue, TaskQueue
 from .records import TaskError
@@ -52,6 +52,7 @@ __all__ = [
     "DeadLetter",
     "FunctionTask",
     "Job",
+    "PENDING",
     "LocalTaskQueue",
     "NbQueueError",
     "NotLeasedHere",

@@ -41,6 +41,15 @@ class QueueConnection:
         self.insecure = insecure
         self.signer = Signer.default(insecure)
         self.serializer: Serializer = get_serializer(serializer)
+        # Digests of the function blobs this process stored, per queue identity: a blob is kept
+        # until the queue is purged (which gives it a new identity), so an insert of a function
+        # already stored skips writing it again.
+        self._stored_functions: dict[str, set[str]] = {}
+
+    def stored_functions(self, queue_id: str) -> set[str]:
+        """The digests this process stored in the queue while it had identity ``queue_id``
+        (callers add to it once a blob is written)."""
+        return self._stored_functions.setdefault(queue_id, set())
 
     @property
     def worker_url(self) -> str:

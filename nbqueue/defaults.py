@@ -56,6 +56,9 @@ ENV_URL = "NBQUEUE_URL"
 ENV_KEY_FILE = "NBQUEUE_KEY_FILE"
 #: widget | text | off: overrides the detected progress display.
 ENV_PROGRESS = "NBQUEUE_PROGRESS"
+#: Set (to anything) to make fq:// poll instead of trusting file system notifications (inotify):
+#: for a queue directory on a shared mount that nbqueue does not recognise as shared.
+ENV_FQ_POLL = "NBQUEUE_FQ_POLL"
 #: Set (to anything) to keep the full dill traceback behind a SerializationError.
 ENV_DEBUG = "NBQUEUE_DEBUG"
 #: Comma-separated top-level packages every worker has installed although they live outside

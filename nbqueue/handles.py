@@ -21,7 +21,7 @@ from . import defaults
 from .backends.base import TaskStatus
 from .errors import QueueURLError, TaskFailed
 from .ids import check_id, job_of, task_id
-from .jobs import Job
+from .jobs import CommitWaiter, Job
 from .queue import TaskQueue
 from .records import TaskRecord, open_record
 from .tasks import callable_name, mark
@@ -198,7 +198,7 @@ class TaskHandle:
         return self.queue.job(self.job_id)
 
     def _blob(self) -> bytes | None:
-        return self.queue.backend.results(self.job_id).get(self.task_id)
+        return self.queue.backend.record(self.task_id)
 
     def _open(self, blob: bytes) -> TaskRecord:
         q = self.queue
@@ -239,15 +239,18 @@ class TaskHandle:
             TimeoutError: ``timeout`` seconds passed first.
             KeyError: the queue does not know the task.
         """
-        for pause in self._waiting(timeout):
-            time.sleep(pause)
+        # The watch starts before the first look, so a commit in between still wakes the wait.
+        with CommitWaiter(self.queue.backend.watch_commits(self.job_id)) as waiter:
+            for pause in self._waiting(timeout):
+                waiter.wait(pause)
         return self._value()
 
     async def get_async(self, timeout: float | None = None) -> Any:
         """``get()`` for ``await`` (IPython and Jupyter run top-level ``await``): the event loop
-        runs other work between polls. Raises as ``get`` does."""
-        for pause in self._waiting(timeout):
-            await asyncio.sleep(pause)
+        runs other work while this waits (in a thread) for the commit. Raises as ``get`` does."""
+        with CommitWaiter(self.queue.backend.watch_commits(self.job_id)) as waiter:
+            for pause in self._waiting(timeout):
+                await asyncio.to_thread(waiter.wait, pause)
         return self._value()
 
     def _waiting(self, timeout: float | None) -> Iterator[float]:
@@ -256,16 +259,19 @@ class TaskHandle:
         start = time.monotonic()
         sleep = defaults.WAIT_POLL_MIN
         blob = self._blob()
-        if blob is None and self.queue.backend.find_task(self.task_id) is None:
-            blob = self._blob()  # it may have finished in between
-            if blob is None:
-                raise KeyError(f"no task {self.task_id!r} in {self.queue.url}")
+        known = blob is not None
         while blob is None:
             if timeout is not None and time.monotonic() - start >= timeout:
                 raise TimeoutError(f"task {self.task_id} not finished after {timeout:g}s")
             yield sleep
             sleep = min(sleep * 1.5, defaults.WAIT_POLL_MAX)
             blob = self._blob()
+            if blob is None and not known:
+                # Asked once, after the first wait, so a quick task's round trip never pays for
+                # this (an admin verb that may scan the job).
+                known = self.queue.backend.find_task(self.task_id) is not None or self._blob() is not None
+                if not known:
+                    raise KeyError(f"no task {self.task_id!r} in {self.queue.url}")
         self._finished = blob
 
     def _value(self) -> Any:

@@ -20,6 +20,7 @@ Three ways to upload, chosen by ``parallel`` and ``green``:
 from __future__ import annotations
 
 import contextlib
+import json
 import queue as queue_module
 import threading
 import time
@@ -71,17 +72,29 @@ class _Writer:
         self.placement = placement
         self.written = 0
         self._lock = threading.Lock()
+        #: Digests known to be stored in the queue (``QueueConnection.stored_functions``).
+        self.stored: set[str] = set()
 
-    def write(self, functions: list[tuple[str, bytes]], batch: list[tuple[str, bytes]]) -> None:
-        for digest, blob in functions:
-            self.backend.put_function(digest, blob)
+    def write(
+        self, functions: list[tuple[str, bytes]], batch: list[tuple[str, bytes]], record: bytes | None = None
+    ) -> None:
+        self._put_functions(functions)
         where = self.placement
-        self.backend.insert(self.job_id, batch, delay=where.delay(), priority=where.priority)
+        self.backend.insert(self.job_id, batch, delay=where.delay(), priority=where.priority, record=record)
         with self._lock:
             self.written += len(batch)
 
-    def submit(self, functions: list[tuple[str, bytes]], batch: list[tuple[str, bytes]]) -> None:
-        self.write(functions, batch)
+    def _put_functions(self, functions: list[tuple[str, bytes]]) -> None:
+        for digest, blob in functions:
+            if digest not in self.stored:
+                self.backend.put_function(digest, blob)
+                self.stored.add(digest)
+
+    def submit(
+        self, functions: list[tuple[str, bytes]], batch: list[tuple[str, bytes]], record: bytes | None = None
+    ) -> None:
+        """Write a batch (``record``: the job's record, stored with it)."""
+        self.write(functions, batch, record)
 
     def close(self) -> None:
         """Wait for every submitted batch; raise the first write error."""
@@ -118,13 +131,14 @@ class _PipelinedWriter(_Writer):
                 except BaseException as exc:  # reported to the producer at its next submit
                     self._error = exc
 
-    def submit(self, functions: list[tuple[str, bytes]], batch: list[tuple[str, bytes]]) -> None:
+    def submit(
+        self, functions: list[tuple[str, bytes]], batch: list[tuple[str, bytes]], record: bytes | None = None
+    ) -> None:
         if self._error is not None:
             raise self._error
         # Function blobs must land before any task that names them: write them here, in order.
-        for digest, blob in functions:
-            self.backend.put_function(digest, blob)
-        self._queue.put(([], batch))
+        self._put_functions(functions)
+        self._queue.put(([], batch, record))
 
     def close(self) -> None:
         for _ in self._workers:
@@ -148,14 +162,20 @@ def upload(
     batch_size: int,
     writer: _Writer,
     queue_id: str,
-    on_batch=None,
+    on_batch: Callable[[int | None], bytes | None] | None = None,
     explain: bool = False,
 ) -> None:
     """Encode ``tasks`` (ids from ``offset``), signed for ``queue_id``, into batches and hand
-    them to ``writer``; with ``explain``, print what each new function ships."""
+    them to ``writer``; with ``explain``, print what each new function ships.
+
+    ``on_batch`` is called before each batch is written, with the number of tasks when that
+    batch is the whole job (else None); it returns a job record to store with the batch, or None.
+    """
     codec = TaskCodec(queue.signer, queue.serializer, queue_id)
+    writer.stored = queue.stored_functions(queue_id)
     batch: list[tuple[str, bytes]] = []
     batch_bytes = 0
+    first = True
     functions: list[tuple[str, bytes]] = []
     for index, task in enumerate(tasks, offset):
         call = to_call(task)
@@ -172,13 +192,15 @@ def upload(
         batch_bytes += len(envelope)
         if len(batch) >= batch_size or batch_bytes >= defaults.INSERT_BATCH_BYTES:
             if on_batch is not None:
-                on_batch()
+                on_batch(None)
             writer.submit(functions, batch)
-            functions, batch, batch_bytes = [], [], 0
+            functions, batch, batch_bytes, first = [], [], 0, False
     if batch or functions:
+        record = None
         if on_batch is not None:
-            on_batch()
-        writer.submit(functions, batch)
+            # The first batch is also the last: the whole job, whose record may go with it.
+            record = on_batch(len(batch) if first else None)
+        writer.submit(functions, batch, record)
 
 
 # -- parallel slices ------------------------------------------------------------------------------
@@ -324,6 +346,7 @@ def insert_tasks(
     else:
         writer = _Writer(queue.backend, job_id, placement)
     started = False
+    recorded = False  # the final record went with the job's only batch
 
     def before_first_batch() -> None:
         nonlocal started
@@ -331,6 +354,16 @@ def insert_tasks(
             save_job_record(queue, job_id, meta)  # only now: a bad first batch leaves nothing behind
             started = True
         bar.set(writer.written)
+
+    def before_batch(whole_job: int | None) -> bytes | None:
+        nonlocal recorded
+        if whole_job is None or started:
+            before_first_batch()
+            return None
+        # The job is this one batch: its final record is stored with it, in one call (one round
+        # trip for a submitted task). Nothing is written if the batch is refused.
+        recorded = True
+        return json.dumps({**meta, "total": whole_job, "state": JobState.INSERTED.value}).encode()
 
     try:
         if sliced:
@@ -354,15 +387,19 @@ def insert_tasks(
                 batch_size,
                 writer,
                 queue_id,
-                on_batch=before_first_batch,
+                on_batch=before_batch,
                 explain=explain,
             )
             writer.close()
             queued = writer.written
-        if not started:
-            before_first_batch()  # an empty job is still a job
-        meta.update(total=queued, state=JobState.INSERTED.value)
-        save_job_record(queue, job_id, meta)
+        if recorded:
+            started = True
+            meta.update(total=queued, state=JobState.INSERTED.value)
+        else:
+            if not started:
+                before_first_batch()  # an empty job is still a job
+            meta.update(total=queued, state=JobState.INSERTED.value)
+            save_job_record(queue, job_id, meta)
     except BaseException as exc:
         if not sliced:
             with contextlib.suppress(BaseException):  # the first error is the one to report

@@ -20,19 +20,21 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import defaults
-from .backends.base import Counts
-from .errors import BackendUnavailable, QueueStateLost, TaskFailed
+from .backends.base import CommitWatch, Counts
+from .errors import BackendUnavailable, BadSignature, DecodeError, QueueStateLost, TaskFailed
 from .ids import check_tasks_of, in_job, index_of
 from .procs import process_gone, worker_id
 from .progress import JobBar, JobView, Snapshot, describe, progress_mode
 from .records import TaskError, TaskRecord, dead_letter_record, open_record, seal_cancel_record
-from .tasks import TaskCodec, to_call
+from .tasks import TaskCodec, open_task, to_call
 
 if TYPE_CHECKING:
     from .connection import QueueConnection
 
 #: Seconds of unchanged counters after which wait() confirms the end by an exact count.
 _STALL_CHECK_SECONDS = 5.0
+#: Unfinished tasks at or below which wait() counts the records (the counters may lag them).
+_EXACT_NEAR_END = 64
 #: The window over which a view's rate is measured.
 _RATE_WINDOW_SECONDS = 10.0
 
@@ -43,6 +45,82 @@ class JobState(str, enum.Enum):
     INSERTING = "inserting"  #: the producer is still queuing tasks
     INSERTED = "inserted"  #: every task is queued; ``total`` is final
     INSERT_FAILED = "insert_failed"  #: the insert stopped part-way; ``total`` is what was queued
+
+
+class _Pending:
+    """The placeholder ``Job.results(wait=False)`` puts where a task has not finished."""
+
+    _instance: _Pending | None = None
+
+    def __new__(cls) -> _Pending:  # one of it, also after unpickling
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "PENDING"
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __reduce__(self) -> str:
+        return "PENDING"
+
+
+#: Stands in, in ``Job.results(wait=False)``, for a task that has not finished.
+PENDING = _Pending()
+#: Records ``as_completed`` reads per call.
+_READ_BATCH = 1000
+#: The columns ``to_dataframe`` gives every row, after the task's arguments and value.
+_TABLE_COLUMNS = ("status", "error", "error_message", "attempts", "worker", "started", "finished", "duration")
+
+
+def _take_bit(bits: bytearray, i: int) -> bool:
+    """Set bit ``i``; True if it was not set (the bitmap grows as needed)."""
+    if i // 8 >= len(bits):
+        bits.extend(bytes(i // 8 + 1 - len(bits)))
+    mask = 1 << (i % 8)
+    if bits[i // 8] & mask:
+        return False
+    bits[i // 8] |= mask
+    return True
+
+
+def _table_row(record: TaskRecord | None, params: dict[str, Any]) -> dict[str, Any]:
+    """One row of ``Job.to_dataframe``: arguments, value (a dict spread into columns), then
+    ``_TABLE_COLUMNS``; a name taken already gets a prefix (``param_``, ``value.``)."""
+    row = {(f"param_{k}" if k in _TABLE_COLUMNS else k): v for k, v in params.items()}
+    if record is None:
+        row["status"] = "pending"
+        return row
+    if record.ok:
+        value = record.value
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+            for k, v in value.items():
+                row[f"value.{k}" if k in row or k in _TABLE_COLUMNS else k] = v
+        else:
+            row["value" if "value" not in row else "value.value"] = value
+    error = record.error
+    row["status"] = "completed" if record.ok else "cancelled" if record.cancelled else "failed"
+    row["error"] = None if error is None else error.type
+    row["error_message"] = None if error is None else error.message
+    row["attempts"] = record.attempt if error is None else error.attempts
+    row["worker"] = record.worker
+    row["started"], row["finished"] = record.started, record.finished
+    both = record.started is not None and record.finished is not None
+    row["duration"] = record.finished - record.started if both else None  # type: ignore[operator]
+    return row
+
+
+def _typed_times(df: Any, pd: Any) -> Any:
+    """``to_dataframe``'s columns in order (arguments and value first) and its times as UTC
+    timestamps."""
+    fixed = [c for c in _TABLE_COLUMNS if c in df.columns]
+    df = df[[c for c in df.columns if c not in fixed] + fixed]
+    for column in ("started", "finished"):
+        if column in df.columns:
+            df[column] = pd.to_datetime(df[column], unit="s", utc=True)
+    return df
 
 
 def new_job_record(job_id: str, name: str | None, source: str | None) -> dict[str, Any]:
@@ -62,6 +140,37 @@ def new_job_record(job_id: str, name: str | None, source: str | None) -> dict[st
 def save_job_record(queue: QueueConnection, job_id: str, record: dict[str, Any]) -> None:
     """Write a job's record (replacing the one stored)."""
     queue.backend.put_job(job_id, json.dumps(record).encode())
+
+
+class CommitWaiter:
+    """Waits between looks at a job: until one of its tasks commits (woken by the storage: see
+    ``Backend.watch_commits``) or the pause ends. While commits keep coming (a busy job) it looks
+    at most every ``WAIT_POLL_MIN``, so a waiter costs the drain nothing; the first commit after
+    a quiet spell wakes it at once, so one task's round trip is the storage's, not a timer's."""
+
+    def __init__(self, watch: CommitWatch) -> None:
+        self.watch = watch
+        self._woken = -1.0  # when the last commit woke it (monotonic)
+
+    def wait(self, pause: float) -> bool:
+        """Block until a commit or ``pause`` seconds; True if a commit (or maybe one) woke it."""
+        since = time.monotonic() - self._woken
+        if since < defaults.WAIT_POLL_MIN:
+            time.sleep(defaults.WAIT_POLL_MIN - since)
+        if self.watch.wait(pause):
+            self._woken = time.monotonic()
+            return True
+        return False
+
+    def close(self) -> None:
+        """Release the watch."""
+        self.watch.close()
+
+    def __enter__(self) -> CommitWaiter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class _Tracker:
@@ -329,18 +438,23 @@ class Job:
         if progress and progress_mode() == "widget":
             return self._wait_with_widget(timeout, check)
         bar = JobBar(self.total, f"job {self.name}", enabled=progress)
-        try:
-            for pause in self._waiting(timeout, bar, check):
-                time.sleep(pause)
-        finally:
-            bar.close()
+        # The watch starts before the first look, so a commit in between still wakes the wait.
+        with CommitWaiter(self.queue.backend.watch_commits(self.id)) as waiter:
+            try:
+                for pause in self._waiting(timeout, bar, check):
+                    waiter.wait(pause)
+            finally:
+                bar.close()
         return self
 
     async def wait_async(self, timeout: float | None = None, check: Callable[[], None] | None = None) -> Job:
         """``wait()`` for ``await`` (IPython and Jupyter run top-level ``await``): the event loop
-        runs other work between polls. Draws no progress; the job's widget still updates."""
-        for pause in self._waiting(timeout, JobBar(self.total, f"job {self.name}", enabled=False), check):
-            await asyncio.sleep(pause)
+        runs other work while this waits (in a thread) for the next commit. Draws no progress;
+        the job's widget still updates."""
+        bar = JobBar(self.total, f"job {self.name}", enabled=False)
+        with CommitWaiter(self.queue.backend.watch_commits(self.id)) as waiter:
+            for pause in self._waiting(timeout, bar, check):
+                await asyncio.to_thread(waiter.wait, pause)
         return self
 
     def _waiting(
@@ -375,9 +489,12 @@ class Job:
                 last_finished, last_change = counts.finished, time.monotonic()
                 sleep = defaults.WAIT_POLL_MIN
             if total is not None and (
-                counts.finished >= total or time.monotonic() - last_change > _STALL_CHECK_SECONDS
+                total - counts.finished <= _EXACT_NEAR_END
+                or time.monotonic() - last_change > _STALL_CHECK_SECONDS
             ):
-                # Counters can lag a killed process: the records themselves decide.
+                # Counters lag the records (fq:// writes them after the commit that woke this
+                # wait) and a killed process may never write them: near the end, and when they
+                # stall, the records themselves decide.
                 if self.queue.backend.exact_job_finished(self.id) >= total:
                     return
                 last_change = time.monotonic()
@@ -412,30 +529,136 @@ class Job:
         ordered = sorted(raw.items(), key=lambda item: index_of(item[0]))
         return [open_record(q.signer, q.serializer, task_id, blob, self.id) for task_id, blob in ordered]
 
-    def results(self, on_error: Literal["raise", "none", "exception"] = "raise") -> list[Any]:
+    def as_completed(self, timeout: float | None = None) -> Iterator[TaskRecord]:
+        """Each task's record as it commits (``.index``, ``.task_id``, ``.ok``, ``.value`` or
+        ``.error``), until every task of the job finished.
+
+        Reads only what is new each time (the job's commit log, from a cursor), wakes on the
+        commits themselves, and holds memory flat however large the job (a bit per task to
+        yield each task once: a task retried after it was yielded is not yielded again).
+
+        Raises:
+            TimeoutError: ``timeout`` seconds passed before the job finished.
+            QueueStateLost: the queue lost this job's state.
+        """
+        q, backend = self.queue, self.queue.backend
+        returned = bytearray()
+        count = 0
+        cursor: object | None = None
+        start = time.monotonic()
+        last_identity_check = start
+        with CommitWaiter(backend.watch_commits(self.id)) as waiter:
+            while True:
+                total = self.total  # read before the commits: a total reached is then final
+                began = time.monotonic()
+                while True:
+                    items, cursor = backend.read_commits(self.id, cursor, _READ_BATCH)
+                    for task_id, blob in items:
+                        i = index_of(task_id)
+                        if not _take_bit(returned, i):
+                            continue
+                        count += 1
+                        yield open_record(q.signer, q.serializer, task_id, blob, self.id)
+                    if len(items) < _READ_BATCH:
+                        break
+                if total is not None and count >= total:
+                    return
+                if total is not None and self.counts().finished >= total:
+                    # Every task finished but the log did not show them all (a job inserted by an
+                    # nbqueue without commit logs): the records themselves, once.
+                    for record in self.records():
+                        if _take_bit(returned, record.index):
+                            count += 1
+                            yield record
+                    if count >= total:
+                        return
+                now = time.monotonic()
+                if timeout is not None and now - start > timeout:
+                    raise TimeoutError(f"job {self.name} not finished after {timeout:g}s")
+                if now - last_identity_check > defaults.WAIT_IDENTITY_CHECK_SECONDS:
+                    self.check_queue()
+                    last_identity_check = now
+                # Reading costs what it costs (an fq:// pass lists the job's done/ directory):
+                # rest at least as long, so following a huge job takes at most half a core.
+                time.sleep(min(now - began, defaults.WAIT_POLL_MAX))
+                waiter.wait(defaults.WAIT_POLL_MAX)
+
+    def results(
+        self,
+        on_error: Literal["raise", "none", "exception"] = "raise",
+        *,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> list[Any]:
         """Task values in insertion order.
 
         Args:
             on_error: ``"raise"`` raises TaskFailed if any task failed for good or was
                 cancelled; ``"none"`` puts None in its place; ``"exception"`` puts its TaskError
                 there.
+            wait: wait for the job to finish first (quietly; ``wait()`` shows progress). With
+                False, what is done now: ``nbqueue.PENDING`` stands in for each unfinished task.
+            timeout: with ``wait``, give up after this many seconds.
 
         Raises:
-            RuntimeError: some tasks are not finished yet (call ``wait()`` first).
             TaskFailed: tasks failed and ``on_error="raise"``.
+            TimeoutError: ``timeout`` passed first.
         """
+        if wait and not self.done():
+            self.wait(timeout=timeout, progress=False)
         records = self.records()
-        total = self.total
-        if total is None or len(records) < total:
-            raise RuntimeError(
-                f"job {self.name} is not finished ({len(records)}/{total} tasks); call wait() first"
-            )
         errors = [r.error for r in records if not r.ok]
+        total = self.total
         if errors and on_error == "raise":
             raise TaskFailed(f"{len(errors)} of {total} tasks failed; first: {errors[0]}", errors)
-        if on_error == "exception":
-            return [r.value if r.ok else r.error for r in records]
-        return [r.value if r.ok else None for r in records]
+        size = max([total or 0] + [r.index + 1 for r in records])
+        out: list[Any] = [PENDING] * size
+        for r in records:
+            out[r.index] = r.value if r.ok else (r.error if on_error == "exception" else None)
+        return out
+
+    def to_dataframe(self, *, wait: bool = True, timeout: float | None = None) -> Any:
+        """The job as a pandas DataFrame, one row per task (indexed by the task's place in the
+        job): its plain-data arguments by parameter name, its value (a dict value spreads into
+        columns), ``status``, ``error`` and ``error_message``, ``attempts``, ``worker``,
+        ``started``, ``finished`` (UTC) and ``duration`` (seconds).
+
+        Arguments are read from the signed records (or, for a task that never ran, its signed
+        task): signatures are checked, and no function is loaded. Arguments that are not plain
+        data (arrays, frames, objects) are not columns. With ``wait=False``, unfinished tasks
+        are rows with status ``pending``.
+
+        Raises:
+            ImportError: pandas is not installed (``pip install 'nbqueue[table]'``).
+        """
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("Job.to_dataframe needs pandas: pip install 'nbqueue[table]'") from None
+        if wait and not self.done():
+            self.wait(timeout=timeout, progress=False)
+        records = {r.index: r for r in self.records()}
+        params = {i: r.params for i, r in records.items() if r.params}
+        if any(not r.ok and not r.params for r in records.values()):
+            params.update(self._params_of_failed())
+        size = max([self.total or 0] + [i + 1 for i in records])
+        return pd.DataFrame.from_records(
+            [_table_row(records.get(i), params.get(i) or {}) for i in range(size)],
+            index=pd.RangeIndex(size, name="task"),
+        ).pipe(_typed_times, pd)
+
+    def _params_of_failed(self) -> dict[int, dict[str, Any]]:
+        """The arguments of dead and cancelled tasks, from their kept signed tasks (a task killed
+        with its worker, or cancelled before it ran, has a record that does not carry them)."""
+        out = {}
+        for task_id, payload in self.queue.backend.failed_payloads(self.id).items():
+            try:
+                header, _ = open_task(self.queue.signer, task_id, payload)
+            except (BadSignature, DecodeError):
+                continue  # not signed by a key this process has: its arguments are not shown
+            if isinstance(header.get("p"), dict):
+                out[index_of(task_id)] = header["p"]
+        return out
 
     def errors(self) -> list[TaskError]:
         """The tasks that failed for good or were cancelled (type ``Cancelled``), with type,

@@ -14,7 +14,7 @@ from typing import Any
 
 from .backends.base import DeadLetter
 from .errors import BadSignature, DecodeError, SerializationError
-from .ids import job_of
+from .ids import index_of, job_of
 from .serialize import Serializer, Signer, open_envelope, seal
 
 
@@ -46,6 +46,13 @@ class TaskRecord:
     finished: float | None
     worker: str | None
     cancelled: bool = False  #: ended cancelled (``error.type`` is ``Cancelled``), not failed
+    #: The task's plain-data arguments by parameter name (as its signed task carried them).
+    params: dict[str, Any] | None = None
+
+    @property
+    def index(self) -> int:
+        """The task's place in its job (insertion order)."""
+        return index_of(self.task_id)
 
 
 #: The task id a cancel record is made for: one record serves every task a cancel ends.
@@ -91,6 +98,7 @@ def seal_record(
     started: float | None,
     finished: float | None,
     worker: str,
+    params: dict[str, Any] | None = None,
 ) -> bytes:
     """A signed record of a success (``value``) or a failure (``error`` from ``error_info``).
 
@@ -117,6 +125,8 @@ def seal_record(
         "w": worker,
         "err": error,
     }
+    if params:
+        header["p"] = params
     return seal(signer, header, payload)
 
 
@@ -161,6 +171,7 @@ def open_record(signer: Signer, serializer: Serializer, task_id: str, blob: byte
         header.get("e"),
         header.get("w"),
         cancelled,
+        header.get("p") if isinstance(header.get("p"), dict) else None,
     )
 
 

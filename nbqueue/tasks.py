@@ -16,9 +16,12 @@ and unpickles nothing, which is what a worker started with ``--only-by-reference
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import inspect
 import json
+import math
+import numbers
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -296,6 +299,8 @@ class TaskCall:
     obj: Any = None
     ref: str | None = None
     timeout: float | None = None  #: the job's time limit per task, from the signed header
+    #: The plain-data arguments by parameter name (``plain_params``), from the signed header.
+    params: dict[str, Any] | None = None
 
     @property
     def time_limit(self) -> float | None:
@@ -321,14 +326,53 @@ def callable_name(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
 
-def _bind(fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+def _bind(fn: Callable[..., Any], args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    """Check that the arguments fit ``fn``; return the plain ones by parameter name."""
     try:
         signature = _signatures.get(fn)
         if signature is None:  # computing it costs more than the rest of an insert
             signature = _signatures[fn] = inspect.signature(fn)
-        signature.bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
     except TypeError as exc:
         raise BindError(f"{callable_name(fn)}(): {exc}") from None
+    named: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            named.update((f"{name}[{i}]", v) for i, v in enumerate(value))
+        else:
+            named[name] = value
+    return plain_params(named)
+
+
+#: Longest string argument kept as a parameter of a task (``TaskCall.params``).
+PARAM_STR_MAX = 200
+#: At most this many parameters are kept per task.
+PARAMS_MAX = 32
+
+
+def plain_params(named: dict[str, Any]) -> dict[str, Any] | None:
+    """The arguments that are plain data (numbers, short strings, booleans, None), by name: what
+    a task's signed header carries, its record keeps, and ``Job.to_dataframe`` shows as columns.
+    Anything else (arrays, frames, objects) is left out: it may be large, and it stays in the
+    task's pickled arguments."""
+    out: dict[str, Any] = {}
+    for name, value in named.items():
+        if isinstance(value, enum.Enum):
+            continue
+        if not isinstance(value, (bool, int, float)) and isinstance(value, numbers.Number):
+            value = getattr(value, "item", lambda v=value: v)()  # a numpy scalar: its Python value
+        if isinstance(value, float) and not math.isfinite(value):
+            value = repr(value)  # JSON has no NaN or infinity
+        if isinstance(value, str) and len(value) > PARAM_STR_MAX:
+            continue
+        if value is None or isinstance(value, (bool, int, float, str)):
+            out[str(name)] = value
+            if len(out) >= PARAMS_MAX:
+                break
+    return out or None
 
 
 def _reference_of(fn: Callable[..., Any]) -> str:
@@ -350,8 +394,8 @@ def _spec_call(spec: TaskSpec) -> TaskCall:
         raise NotQueueableError(f"{spec.fn}: cannot import it: {exc}") from None
     if not inspect.isfunction(fn) or not is_queueable(fn):
         raise NotQueueableError(f"{spec.fn} is not an @queueable function, so no worker would run it")
-    _bind(fn, spec.args, spec.kwargs)
-    return TaskCall(None, spec.args, spec.kwargs, ref=spec.fn)
+    params = _bind(fn, spec.args, spec.kwargs)
+    return TaskCall(None, spec.args, spec.kwargs, ref=spec.fn, params=params)
 
 
 def to_call(task: Any) -> TaskCall:
@@ -373,7 +417,7 @@ def to_call(task: Any) -> TaskCall:
     elif inspect.isfunction(task):
         fn, args, kwargs = task, (), {}
     elif is_queueable(task):
-        return TaskCall(None, obj=task)
+        return TaskCall(None, obj=task, params=plain_params(getattr(task, "__dict__", {})))
     else:
         kind = type(task).__name__
         raise NotQueueableError(
@@ -382,10 +426,10 @@ def to_call(task: Any) -> TaskCall:
         )
     if not is_queueable(fn):
         raise NotQueueableError(f"{callable_name(fn)}() is not marked @queueable, so no worker would run it")
-    _bind(fn, args, kwargs)
+    params = _bind(fn, args, kwargs)
     if getattr(fn, _BY_REFERENCE, False):
-        return TaskCall(None, tuple(args), kwargs, ref=_reference_of(fn))
-    return TaskCall(fn, tuple(args), kwargs)
+        return TaskCall(None, tuple(args), kwargs, ref=_reference_of(fn), params=params)
+    return TaskCall(fn, tuple(args), kwargs, params=params)
 
 
 def set_queue_id(task: Any, task_id: str) -> None:
@@ -430,8 +474,14 @@ def _tuple_call(task: Any, args: list | tuple, kwargs: dict) -> TaskCall:
     if isinstance(task, functools.partial) or inspect.isfunction(task):
         return to_call(functools.partial(task, *args, **kwargs))
     call = to_call(task)
-    _bind(task.execute, tuple(args), dict(kwargs))
-    return TaskCall(None, tuple(args), dict(kwargs), obj=call.obj)
+    params = _bind(task.execute, tuple(args), dict(kwargs))
+    return TaskCall(
+        None,
+        tuple(args),
+        dict(kwargs),
+        obj=call.obj,
+        params={**(call.params or {}), **(params or {})} or None,
+    )
 
 
 def _arguments(call: TaskCall) -> list[tuple[str, Any]]:
@@ -533,9 +583,17 @@ class TaskCodec:
         self, task_id: str, job_id: str, call: TaskCall, digest: str | None, timeout: float | None = None
     ) -> bytes:
         """A signed task envelope for ``call`` (with the job's time limit per task, if any)."""
-        header = {"kind": "task", "q": self.queue_id, "t": task_id, "j": job_id, "c": round(time.time(), 3)}
+        header: dict[str, Any] = {
+            "kind": "task",
+            "q": self.queue_id,
+            "t": task_id,
+            "j": job_id,
+            "c": round(time.time(), 3),
+        }
         if timeout is not None:
             header["to"] = timeout
+        if call.params:
+            header["p"] = call.params
         if call.ref is not None:
             try:
                 payload = reference.dumps_spec(TaskSpec(call.ref, call.args, call.kwargs))
@@ -576,6 +634,8 @@ class TaskCodec:
         limit = header.get("to")
         if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0:
             call.timeout = float(limit)
+        params = header.get("p")
+        call.params = params if isinstance(params, dict) else None
         return call
 
     def _decode(self, header: dict, payload: bytes, fetch_function: Callable[[str], bytes]) -> TaskCall:

@@ -276,9 +276,10 @@ def _succeeded(codec: TaskCodec, task: Loaded, value: Any, max_attempts: int, wh
     """The outcome of a task that returned ``value``: a failed attempt when the value cannot be
     serialized (a task never counts as completed without a value to read back)."""
     try:
-        return Outcome(task.lease, _sealed(codec, task.lease, who, task.started, value=value), True)
+        record = _sealed(codec, task.lease, who, task.started, value=value, params=task.call.params)
+        return Outcome(task.lease, record, True)
     except SerializationError as exc:
-        return _failed(codec, task.lease, exc, max_attempts, who, task.started)
+        return _failed(codec, task.lease, exc, max_attempts, who, task.started, task.call.params)
 
 
 def _raised(codec: TaskCodec, task: Loaded, exc: BaseException, max_attempts: int, who: str) -> Outcome:
@@ -286,7 +287,7 @@ def _raised(codec: TaskCodec, task: Loaded, exc: BaseException, max_attempts: in
     fails the task, not the worker (but for the worker's own second Ctrl-C)."""
     if isinstance(exc, KeyboardInterrupt) and _interrupting.is_set():
         raise exc
-    return _failed(codec, task.lease, exc, max_attempts, who, task.started)
+    return _failed(codec, task.lease, exc, max_attempts, who, task.started, task.call.params)
 
 
 def execute(codec: TaskCodec, lease: Lease, fetch_function, max_attempts: int, who: str) -> Outcome:
@@ -311,11 +312,17 @@ def _sealed(codec: TaskCodec, lease: Lease, who: str, started: float, **outcome:
 
 
 def _failed(
-    codec: TaskCodec, lease: Lease, exc: BaseException, max_attempts: int, who: str, started: float
+    codec: TaskCodec,
+    lease: Lease,
+    exc: BaseException,
+    max_attempts: int,
+    who: str,
+    started: float,
+    params: dict[str, Any] | None = None,
 ) -> Outcome:
     """A task that raised: retried after a backoff, or dead when terminal or out of attempts."""
     terminal = isinstance(exc, TERMINAL_ERRORS) or lease.charged >= max_attempts
-    record = _sealed(codec, lease, who, started, error=error_info(exc))
+    record = _sealed(codec, lease, who, started, error=error_info(exc), params=params)
     return Outcome(lease, record, False, None if terminal else defaults.retry_delay(lease.charged))
 
 

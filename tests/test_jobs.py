@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from nbqueue import Job, TaskFailed, TaskQueue
+from nbqueue import PENDING, Job, TaskFailed, TaskQueue
 from nbqueue.jobs import JobState, new_job_record, save_job_record
 
 from .helpers import notebook
@@ -81,8 +81,11 @@ def test_snapshot_counts_rate_and_the_newest_error_of_this_job_only(tq):
 def test_results_in_order_with_errors_and_before_the_end(tq):
     nb = notebook(NB)
     job = tq.insert((functools.partial(nb.half, i) for i in range(4)), progress=False)
-    with pytest.raises(RuntimeError, match="not finished"):
-        job.results()
+    # Before the end: what is done now, PENDING for the rest; a bounded wait says how far it got.
+    assert job.results(wait=False) == [PENDING] * 4
+    with pytest.raises(TimeoutError, match=r"not finished after 0.2s: 0/4 done"):
+        job.results(timeout=0.2)
+    assert job.results(wait=False) == [PENDING] * 4
     tq.poll(burst=True)
     assert job.wait(timeout=5, progress=False) is job
     with pytest.raises(TaskFailed, match="1 of 4 tasks failed"):

@@ -187,7 +187,7 @@ def test_duplicate_task_ids_insert_nothing(rb):
 
 def test_a_retried_insert_call_is_applied_once(rb):
     # What redis-py's retry does when a reply is lost: the same call, same nonce, again.
-    args = ("j1", "nonce-1", "", 0, "j1-0", b"p")  # no delay, priority 0
+    args = ("j1", "nonce-1", "", 0, b"", "j1-0", b"p")  # no delay, priority 0, no job record
     rb._run("insert", *args)
     rb._run("insert", *args)
     assert rb.counts().inserted == 1 and len(rb.lease(5, 30)) == 1

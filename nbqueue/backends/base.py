@@ -131,6 +131,28 @@ class Counts:
         return asdict(self)
 
 
+class CommitWatch(ABC):
+    """Waits for a job's commits (``Backend.watch_commits``): on redis:// a blocking read of the
+    job's commit log, on fq:// a file system notification (or a short poll where there is none),
+    on mem:// a condition variable."""
+
+    @abstractmethod
+    def wait(self, timeout: float) -> bool:
+        """Block until a task of the job commits (since the watch began or the last ``wait``
+        returned True), or ``timeout`` seconds pass; True if something did, or may have: a
+        storage that can only poll says True after a short pause, so callers always re-read what
+        they wait for."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook: only a file system watch holds anything
+        """Release what the watch holds."""
+
+    def __enter__(self) -> CommitWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class Backend(ABC):
     """Abstract storage. Subclasses register a URL scheme in ``nbqueue.backends``."""
 
@@ -165,9 +187,19 @@ class Backend(ABC):
     # -- tasks ----------------------------------------------------------------------------------
     @abstractmethod
     def insert(
-        self, job_id: str, tasks: Sequence[tuple[str, bytes]], delay: float = 0.0, priority: int = 0
+        self,
+        job_id: str,
+        tasks: Sequence[tuple[str, bytes]],
+        delay: float = 0.0,
+        priority: int = 0,
+        record: bytes | None = None,
     ) -> None:
         """Queue many tasks of one job in one call: all of them become visible, or none.
+
+        With ``record``, the job's record is stored too (as ``put_job``): in the same atomic
+        step on redis:// and mem://, right after the tasks on fq:// (a crash in between leaves
+        tasks without a record, never a record promising tasks that are not there). A job that
+        is one batch is inserted this way in one call.
 
         With ``delay`` (seconds) they are queued but not ready until then, like a retry waiting
         out its backoff (the storage's clock decides when: the server's, on a network backend).
@@ -260,6 +292,10 @@ class Backend(ABC):
     def results(self, job_id: str) -> dict[str, bytes]:
         """Committed result records of a job (completed tasks, and dead ones' error records)."""
 
+    @abstractmethod
+    def record(self, task_id: str) -> bytes | None:
+        """One task's committed record (as in ``results``), or None while it has none."""
+
     def exact_job_finished(self, job_id: str) -> int:
         """Finished tasks of a job counted from the records themselves, not counters.
 
@@ -267,6 +303,27 @@ class Backend(ABC):
         with a direct count; ``Job.wait`` uses it to confirm the end of a job.
         """
         return len(self.results(job_id))
+
+    # -- watching: a job's commit log -----------------------------------------------------------
+    # Every record a task of a job commits (a value, a dead letter's error, a cancel) is also
+    # noted in the job's commit log, so that a waiter is woken by the commit instead of polling,
+    # and a reader can take only what is new since it last looked.
+    @abstractmethod
+    def watch_commits(self, job_id: str) -> CommitWatch:
+        """A watch on the job's commits from now on (see ``CommitWatch``); close it when done."""
+
+    @abstractmethod
+    def read_commits(
+        self, job_id: str, cursor: object | None, limit: int
+    ) -> tuple[list[tuple[str, bytes]], object]:
+        """Up to ``limit`` records ``(task_id, record)`` committed since ``cursor`` was returned
+        (None: since the job began), and the cursor to read on from (opaque, of this backend).
+
+        Each commit is returned once along a chain of cursors; a task run again (``retry``,
+        ``redrive``) is returned again when it commits again. Records are in commit order where
+        the storage keeps one (redis://, mem://); fq:// returns them in directory order. Memory
+        stays flat in the size of the job: a cursor holds at most a bit per task.
+        """
 
     # -- admin ----------------------------------------------------------------------------------
     @abstractmethod

@@ -71,17 +71,19 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from ..errors import FULL_ERRNOS, QueueURLError, StorageFull, UnsafeQueueError
-from ..ids import ID_PATTERN, check_batch, check_id, check_tasks_of, check_worker_id, job_of
+from ..ids import ID_PATTERN, check_batch, check_id, check_tasks_of, check_worker_id, index_of, job_of
 from . import segments
 from .base import (
     COUNT_FIELDS,
     Backend,
+    CommitWatch,
     Counts,
     DeadLetter,
     Lease,
     TaskInfo,
     TaskStatus,
 )
+from .dirwatch import DirectoryWatch, notifications_work
 
 FORMAT = 1
 MARKER = "nbqueue.json"
@@ -227,8 +229,47 @@ def _fold_counters_at_exit() -> None:
             backend.close()
 
 
+class _DoneWatch(CommitWatch):
+    """New names in done/<job>/: the job's commits."""
+
+    def __init__(self, watch: DirectoryWatch) -> None:
+        self.watch = watch
+
+    def wait(self, timeout: float) -> bool:
+        return self.watch.wait(timeout)
+
+    def close(self) -> None:
+        self.watch.close()
+
+
+class _DoneScan:
+    """A cursor along done/<job>/: a bit per task index already returned, and the directory
+    pass under way (a directory has no order to resume from; a pass after the last one catches
+    what landed behind it)."""
+
+    def __init__(self) -> None:
+        self.returned = bytearray()
+        self.entries: Any = None  # os.scandir of done/<job>/ while a pass is under way
+        self.segments: dict[int, dict[str, bytes]] = {}  # inode -> frames, within this pass
+
+    def seen(self, task_id: str) -> bool:
+        try:
+            i = index_of(task_id)
+        except (ValueError, IndexError):
+            return True  # not a task's name: never returned
+        return i // 8 < len(self.returned) and bool(self.returned[i // 8] & (1 << (i % 8)))
+
+    def mark(self, task_id: str) -> None:
+        i = index_of(task_id)
+        if i // 8 >= len(self.returned):
+            self.returned.extend(bytes(i // 8 + 1 - len(self.returned)))
+        self.returned[i // 8] |= 1 << (i % 8)
+
+
 class FileBackend(Backend):
     """A queue in a directory. Safe for many processes on many machines sharing the directory."""
+
+    blocking_lease = True  # woken by inotify on a local disk; a short poll on a shared one
 
     def __init__(self, path: str) -> None:
         self.root = os.path.abspath(os.path.expanduser(path))
@@ -246,6 +287,8 @@ class FileBackend(Backend):
         self._deltas: dict[str, dict[str, int]] = {}
         self._flushed: dict[str, dict[str, int]] = {}  # the deltas as last written
         self._counting = (os.getpid(), threading.Lock())  # see _counted
+        # inotify only where the kernel sees every write: not on a shared mount (see dirwatch).
+        self._notify = notifications_work(self.root)
         _open_backends.add(self)
 
     # -- opening and safety ---------------------------------------------------------------------
@@ -555,10 +598,17 @@ class FileBackend(Backend):
     # -- tasks ----------------------------------------------------------------------------------
     @_full_translated
     def insert(
-        self, job_id: str, tasks: Sequence[tuple[str, bytes]], delay: float = 0.0, priority: int = 0
+        self,
+        job_id: str,
+        tasks: Sequence[tuple[str, bytes]],
+        delay: float = 0.0,
+        priority: int = 0,
+        record: bytes | None = None,
     ) -> None:
         check_batch(job_id, tasks)
         if not tasks:
+            if record is not None:
+                self.put_job(job_id, record)
             return
         if priority and self._priorities.get(job_id) != priority:
             # Written before any of the job's tasks is visible: a worker never guesses 0 for it.
@@ -575,17 +625,33 @@ class FileBackend(Backend):
         except BaseException:
             _unlink_all([tmp])
             raise
+        if record is not None:
+            self.put_job(job_id, record)
 
     @_full_translated
     def lease(self, n: int, seconds: float, wait: float = 0.0) -> list[Lease]:
+        leases = self._lease_once(n, seconds)
+        if leases or wait <= 0:
+            return leases
         end = time.monotonic() + wait
-        sleep = 0.01
-        while True:
-            leases = self._lease_once(n, seconds)
-            if leases or time.monotonic() >= end:
-                return leases
-            time.sleep(min(sleep, max(end - time.monotonic(), 0)))
-            sleep = min(sleep * 2, 0.2)
+        # Watch queue/ before looking again, so an insert in between wakes the wait at once.
+        with contextlib.closing(DirectoryWatch(self._dirs["queue"], self._notify)) as watch:
+            while True:
+                leases = self._lease_once(n, seconds)
+                remaining = end - time.monotonic()
+                if leases or remaining <= 0:
+                    return leases
+                # Tasks that become ready later (a delay, a retry's backoff) and expired leases
+                # make no new name: wake for the first of those, and look at least every second.
+                due = self._next_ready_ms()
+                block = min(remaining, 1.0 if due is None else max((due - _now_ms()) / 1000, 0.001))
+                if watch.wait(block):
+                    self._listed = 0.0  # a new name: list queue/ again
+
+    def _next_ready_ms(self) -> int | None:
+        """When the earliest range in the cached listing of queue/ becomes ready."""
+        firsts = [int(names[0][:13]) for names in self._ranges.values() if names]
+        return min(firsts, default=None)
 
     def _lease_once(self, n: int, seconds: float) -> list[Lease]:
         if time.monotonic() - self._last_reclaim >= RECLAIM_INTERVAL:
@@ -1266,8 +1332,8 @@ class FileBackend(Backend):
                 continue
         return out
 
-    def _record_of(self, task_id: str) -> bytes | None:
-        """One task's committed record, read from its own done/ link (not the job's listing)."""
+    def record(self, task_id: str) -> bytes | None:
+        # Read from the task's own done/ link, not the job's listing.
         try:
             frames = self._read_frames(self._path("done", job_of(task_id), task_id))
         except (OSError, segments.CorruptSegment):
@@ -1279,6 +1345,46 @@ class FileBackend(Backend):
             return len(os.listdir(self._path("done", check_id(job_id, "job id"))))
         except FileNotFoundError:
             return 0
+
+    # -- watching -------------------------------------------------------------------------------
+    def watch_commits(self, job_id: str) -> CommitWatch:
+        done_dir = self._path("done", check_id(job_id, "job id"))
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(done_dir, 0o700)
+        return _DoneWatch(DirectoryWatch(done_dir, self._notify))
+
+    def read_commits(
+        self, job_id: str, cursor: object | None, limit: int
+    ) -> tuple[list[tuple[str, bytes]], object]:
+        scan = _DoneScan() if cursor is None else cursor
+        assert isinstance(scan, _DoneScan), "a cursor of this backend"
+        if scan.entries is None:
+            try:
+                scan.entries = os.scandir(self._path("done", check_id(job_id, "job id")))
+            except FileNotFoundError:
+                return [], scan
+            scan.segments.clear()
+        out: list[tuple[str, bytes]] = []
+        for entry in scan.entries:
+            task_id = entry.name
+            if scan.seen(task_id):
+                continue
+            try:
+                ino = entry.inode()
+                if ino not in scan.segments:
+                    if len(scan.segments) > 64:  # a handful of result segments at a time
+                        scan.segments.clear()
+                    scan.segments[ino] = dict(self._read_frames(entry.path))
+                frames = scan.segments[ino]
+                out.append((task_id, frames[task_id] if task_id in frames else frames[ANY_TASK]))
+            except (OSError, KeyError, segments.CorruptSegment):
+                continue  # gone meanwhile (a retry, a purge): read on a later pass if it comes back
+            scan.mark(task_id)
+            if len(out) >= limit:
+                return out, scan
+        scan.entries.close()
+        scan.entries = None  # this pass is over; the next call starts another
+        return out, scan
 
     # -- admin ----------------------------------------------------------------------------------
     @_full_translated
@@ -1366,7 +1472,7 @@ class FileBackend(Backend):
     def dead(self) -> list[DeadLetter]:
         letters = []
         for _, task_id, attempts, payload in self._dead_entries():
-            letters.append(DeadLetter(task_id, attempts, payload, self._record_of(task_id)))
+            letters.append(DeadLetter(task_id, attempts, payload, self.record(task_id)))
         for name in sorted(os.listdir(self._dirs["quarantine"])):
             if name.endswith(".why"):
                 continue

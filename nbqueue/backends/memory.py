@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from ..ids import check_batch, check_id, check_tasks_of, check_worker_id, job_of
 from .base import (
     Backend,
+    CommitWatch,
     Counts,
     DeadLetter,
     Lease,
@@ -103,6 +104,19 @@ class _ReadyTasks:
                 yield from self._by_job[job]
 
 
+class _MemoryWatch(CommitWatch):
+    def __init__(self, backend: MemoryBackend, job_id: str) -> None:
+        self.backend, self.job_id = backend, job_id
+        self.seen = backend.log_length(job_id)
+
+    def wait(self, timeout: float) -> bool:
+        cond = self.backend._cond
+        with cond:
+            moved = cond.wait_for(lambda: self.backend.log_length(self.job_id) > self.seen, max(timeout, 0.0))
+            self.seen = self.backend.log_length(self.job_id)
+        return moved
+
+
 class MemoryBackend(Backend):
     """A thread-safe in-memory queue. Use ``open_memory`` to share one by name."""
 
@@ -124,6 +138,7 @@ class MemoryBackend(Backend):
         self._leases: dict[str, tuple[str, float]] = {}  # task_id -> (token, deadline)
         self._suspects: set[str] = set()  # tasks a lease of which expired (Lease.suspect)
         self._results: dict[str, dict[str, bytes]] = {}
+        self._logs: dict[str, list[str]] = {}  # job id -> task ids in commit order
         self._dead: dict[str, DeadLetter] = {}
         self._counts = Counts()
         self._job_counts: dict[str, Counts] = {}
@@ -161,9 +176,15 @@ class MemoryBackend(Backend):
         self._cancelled_payloads[task_id] = self._payloads.pop(task_id)
         del self._attempts[task_id]
         self._suspects.discard(task_id)
-        self._results.setdefault(job_of(task_id), {})[task_id] = record
+        self._put_record(task_id, record)
         self._bump(job_of(task_id), **{was: -1}, cancelled=1)
         self._cond.notify_all()
+
+    def _put_record(self, task_id: str, record: bytes) -> None:
+        """Commit a task's record: its job's results and commit log (the caller notifies)."""
+        job_id = job_of(task_id)
+        self._results.setdefault(job_id, {})[task_id] = record
+        self._logs.setdefault(job_id, []).append(task_id)
 
     def _back_from_lease(self, task_id: str) -> bool:
         """A lease that ended without a result: a marked task ends cancelled (True); any other
@@ -215,7 +236,12 @@ class MemoryBackend(Backend):
 
     # -- tasks ----------------------------------------------------------------------------------
     def insert(
-        self, job_id: str, tasks: Sequence[tuple[str, bytes]], delay: float = 0.0, priority: int = 0
+        self,
+        job_id: str,
+        tasks: Sequence[tuple[str, bytes]],
+        delay: float = 0.0,
+        priority: int = 0,
+        record: bytes | None = None,
     ) -> None:
         check_batch(job_id, tasks)
         with self._cond:
@@ -229,6 +255,8 @@ class MemoryBackend(Backend):
                 self._attempts[task_id] = 0
                 self._requeue(task_id, delay)
             self._bump(job_id, inserted=len(tasks), queued=len(tasks))
+            if record is not None:
+                self._jobs[job_id] = bytes(record)
             self._cond.notify_all()
 
     def lease(self, n: int, seconds: float, wait: float = 0.0) -> list[Lease]:
@@ -280,7 +308,7 @@ class MemoryBackend(Backend):
                 del self._payloads[task_id]
                 del self._attempts[task_id]
                 self._suspects.discard(task_id)
-                self._results.setdefault(job_of(task_id), {})[task_id] = bytes(result)
+                self._put_record(task_id, bytes(result))
                 self._bump(job_of(task_id), leased=-1, completed=1)
                 out.append(True)
             self._cond.notify_all()
@@ -302,7 +330,7 @@ class MemoryBackend(Backend):
                 task_id, self._attempts.pop(task_id), self._payloads.pop(task_id), bytes(error)
             )
             self._suspects.discard(task_id)
-            self._results.setdefault(job_id, {})[task_id] = bytes(error)
+            self._put_record(task_id, bytes(error))
             self._bump(job_id, leased=-1, failed=1, dead=1)
             self._cond.notify_all()
             return TaskStatus.DEAD
@@ -396,6 +424,30 @@ class MemoryBackend(Backend):
     def results(self, job_id: str) -> dict[str, bytes]:
         with self._cond:
             return dict(self._results.get(job_id, {}))
+
+    # -- watching -------------------------------------------------------------------------------
+    def watch_commits(self, job_id: str) -> CommitWatch:
+        return _MemoryWatch(self, job_id)
+
+    def log_length(self, job_id: str) -> int:
+        """How many records the job has committed (its commit log's length)."""
+        with self._cond:
+            return len(self._logs.get(job_id, ()))
+
+    def read_commits(
+        self, job_id: str, cursor: object | None, limit: int
+    ) -> tuple[list[tuple[str, bytes]], object]:
+        start = 0 if cursor is None else cursor
+        assert isinstance(start, int), "a cursor of this backend"
+        with self._cond:
+            ids = self._logs.get(job_id, [])[start : start + limit]
+            done = self._results.get(job_id, {})
+            # A task run again (retry) whose new record has not landed yet has none: skipped.
+            return [(t, done[t]) for t in ids if t in done], start + len(ids)
+
+    def record(self, task_id: str) -> bytes | None:
+        with self._cond:
+            return self._results.get(job_of(task_id), {}).get(task_id)
 
     # -- admin ----------------------------------------------------------------------------------
     def release_all(self, force: bool = False) -> int:
@@ -529,9 +581,8 @@ class MemoryBackend(Backend):
     def put_results(self, job_id: str, items: Sequence[tuple[str, bytes]]) -> None:
         with self._cond:
             self._check_unrecorded(job_id, items)
-            done = self._results.setdefault(job_id, {})
             for task_id, record in items:
-                done[task_id] = bytes(record)
+                self._put_record(task_id, bytes(record))
             self._bump(job_id, inserted=len(items), completed=len(items))
 
     def put_dead(self, job_id: str, letters: Sequence[DeadLetter]) -> None:
@@ -540,11 +591,10 @@ class MemoryBackend(Backend):
             errors = [d.error for d in letters]
             if any(e is None for e in errors):
                 raise ValueError("a dead letter needs its error record")
-            done = self._results.setdefault(job_id, {})
             for d, error in zip(letters, errors, strict=True):
                 assert error is not None  # checked above
                 self._dead[d.task_id] = DeadLetter(d.task_id, d.attempts, bytes(d.payload), bytes(error))
-                done[d.task_id] = bytes(error)
+                self._put_record(d.task_id, bytes(error))
             self._bump(job_id, inserted=len(letters), dead=len(letters))
 
 

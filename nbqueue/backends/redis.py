@@ -73,6 +73,7 @@ from . import redact_url
 from .base import (
     COUNT_FIELDS,
     Backend,
+    CommitWatch,
     Counts,
     DeadLetter,
     Lease,
@@ -116,7 +117,7 @@ QUEUE_KEYS = (
     "id",
 )
 #: Kinds of per-job keys, ``nbq:{NAME}:<kind>:<job_id>``.
-JOB_KINDS = ("jc", "results", "job", "cancel", "cancelled")
+JOB_KINDS = ("jc", "results", "log", "job", "cancel", "cancelled")
 #: Kind of function keys, ``nbq:{NAME}:fn:<digest>``.
 FUNCTION_KIND = "fn"
 
@@ -229,6 +230,23 @@ def _translated(method: F) -> F:
             return method(self, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+class _RedisWatch(CommitWatch):
+    def __init__(self, backend: RedisBackend, job_id: str) -> None:
+        self.backend, self.job_id = backend, job_id
+        # From the log's start, not its end: no read before the first wait (a round trip saved
+        # on every get), and that wait returns at once if anything was committed already.
+        self.entry, self.woken = b"0-0", False
+
+    def wait(self, timeout: float) -> bool:
+        if self.woken:
+            # Past everything committed so far, not only the entry that woke the last wait:
+            # after a burst of commits this blocks again instead of returning once per entry.
+            # (Read here, not on waking: a caller whose wait ended needs no more reads.)
+            self.entry, self.woken = self.backend.newest_commit(self.job_id), False
+        self.woken = self.backend.wait_past(self.job_id, self.entry, timeout)
+        return self.woken
 
 
 class RedisBackend(Backend):
@@ -371,17 +389,27 @@ class RedisBackend(Backend):
     # -- tasks ----------------------------------------------------------------------------------
     @_translated
     def insert(
-        self, job_id: str, tasks: Sequence[tuple[str, bytes]], delay: float = 0.0, priority: int = 0
+        self,
+        job_id: str,
+        tasks: Sequence[tuple[str, bytes]],
+        delay: float = 0.0,
+        priority: int = 0,
+        record: bytes | None = None,
     ) -> None:
         check_batch(job_id, tasks)
         args: list[Any] = []
         for task_id, payload in tasks:
             args += (task_id, bytes(payload))
         if not args:
+            if record is not None:
+                self.put_job(job_id, record)
             return
         delay_ms = _ms(max(delay, 0.0)) if delay > 0 else ""
         nonce = os.urandom(16).hex()
-        _refuse(self._run("insert", job_id, nonce, delay_ms, int(priority), *args), "already exists")
+        job_record = b"" if record is None else bytes(record)
+        _refuse(
+            self._run("insert", job_id, nonce, delay_ms, int(priority), job_record, *args), "already exists"
+        )
 
     @_translated
     def lease(self, n: int, seconds: float, wait: float = 0.0) -> list[Lease]:
@@ -459,6 +487,39 @@ class RedisBackend(Backend):
             marked.update(t for t, mark in zip(ids, found[1:], strict=True) if whole_job or mark is not None)
         return marked
 
+    # -- watching -------------------------------------------------------------------------------
+    def watch_commits(self, job_id: str) -> CommitWatch:
+        return _RedisWatch(self, job_id)
+
+    def newest_commit(self, job_id: str) -> bytes:
+        """The id of the job's newest commit-log entry (``0-0`` before the first)."""
+        with self._translate_errors():
+            newest = self._client.xrevrange(self.key("log", job_id), count=1)
+        return newest[0][0] if newest else b"0-0"
+
+    def wait_past(self, job_id: str, entry: bytes, timeout: float) -> bool:
+        """Block until the job's commit log has an entry past ``entry``, or ``timeout`` passes."""
+        # XREAD blocks on the server until an entry past ``entry`` is added, and every waiter on
+        # the job wakes (a stream is read, not popped). BLOCK 0 would mean forever.
+        block_ms = max(1, int(min(timeout, self._max_block) * 1000))
+        with self._translate_errors():
+            return bool(self._client.xread({self.key("log", job_id): entry}, count=1, block=block_ms))
+
+    @_translated
+    def read_commits(
+        self, job_id: str, cursor: object | None, limit: int
+    ) -> tuple[list[tuple[str, bytes]], object]:
+        start = b"0-0" if cursor is None else cursor
+        found = self._client.xread({self.key("log", job_id): start}, count=max(limit, 1))
+        entries = found[0][1] if found else []
+        if not entries:
+            return [], start
+        ids = [fields[b"t"] for _, fields in entries]
+        records = self._client.hmget(self.key("results", job_id), ids)
+        # A task run again (retry) whose new record has not landed yet has none: skipped.
+        out = [(t.decode(), r) for t, r in zip(ids, records, strict=True) if r is not None]
+        return out, entries[-1][0]
+
     # -- running failed tasks again -------------------------------------------------------------
     @_translated
     def failed_payloads(self, job_id: str) -> dict[str, bytes]:
@@ -492,6 +553,10 @@ class RedisBackend(Backend):
         return {
             task.decode(): value for task, value in self._client.hgetall(self.key("results", job_id)).items()
         }
+
+    @_translated
+    def record(self, task_id: str) -> bytes | None:
+        return self._client.hget(self.key("results", job_of(task_id)), task_id)
 
     @_translated
     def exact_job_finished(self, job_id: str) -> int:

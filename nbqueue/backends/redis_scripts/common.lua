@@ -39,7 +39,7 @@ end
 local function touch_job(job)
   local live = redis.call('HMGET', JK('jc', job), 'queued', 'leased')
   local alive = (tonumber(live[1]) or 0) + (tonumber(live[2]) or 0) > 0
-  for _, kind in ipairs({'jc', 'results', 'job', 'cancel', 'cancelled'}) do
+  for _, kind in ipairs({'jc', 'results', 'log', 'job', 'cancel', 'cancelled'}) do
     if alive then
       redis.call('PERSIST', JK(kind, job))
     else
@@ -78,6 +78,13 @@ local function notify(n)
     redis.call('LPUSH', K.notify, 1)
   end
   redis.call('LTRIM', K.notify, 0, NOTIFY_MAX - 1)
+end
+
+-- Commit a task's record: into the job's results, and onto its commit log, a stream of task
+-- ids in commit order that waiters block on (XREAD) and readers follow from a cursor.
+local function put_record(job, task, record)
+  redis.call('HSET', JK('results', job), task, record)
+  redis.call('XADD', JK('log', job), '*', 't', task)
 end
 
 -- The current lease of a task: the token matches and the deadline has not passed.
@@ -177,7 +184,7 @@ end
 -- payload moves to JK('cancelled', job), so that retry can run it again.
 local function end_cancelled(task, record, was)
   local job = job_of(task)
-  redis.call('HSET', JK('results', job), task, record)
+  put_record(job, task, record)
   redis.call('HSET', JK('cancelled', job), task, redis.call('HGET', K.payload, task))
   redis.call('HDEL', K.payload, task)
   redis.call('HDEL', K.attempts, task)
@@ -264,7 +271,7 @@ local function store_dead(task, job, err, payload, attempts)
   redis.call('HSET', K.dead, task, err)
   redis.call('HSET', K.dead_payload, task, payload)
   redis.call('HSET', K.dead_attempts, task, attempts)
-  redis.call('HSET', JK('results', job), task, err)
+  put_record(job, task, err)
 end
 
 local function drop_dead(task)

@@ -9,7 +9,7 @@ for i = 2, #ARGV, 3 do
     redis.call('HDEL', K.payload, task)
     redis.call('HDEL', K.attempts, task)
     redis.call('SREM', K.suspects, task)
-    redis.call('HSET', JK('results', job), task, ARGV[i + 2])
+    put_record(job, task, ARGV[i + 2])
     bump(job, 'leased', -1)
     bump(job, 'completed', 1)
     out[#out + 1] = 1

@@ -7,7 +7,7 @@ if recorded then
   return recorded
 end
 for i = 3, #ARGV, 2 do
-  redis.call('HSET', JK('results', job), ARGV[i], ARGV[i + 1])
+  put_record(job, ARGV[i], ARGV[i + 1])
 end
 count_restored(job, (#ARGV - 2) / 2, 'completed')
 return nil
