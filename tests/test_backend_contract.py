@@ -512,3 +512,75 @@ def test_retry_queues_dead_and_cancelled_tasks_again_under_their_ids(backend):
     ]
     assert backend.complete([(x.task_id, x.token, b"fixed") for x in again]) == [True] * 3
     assert backend.job_counts("j1").completed == 4 and backend.job_counts("j1").finished == 4
+
+
+# -- watching: the commit log ----------------------------------------------------------------------
+def _commit(backend, job: str, n: int) -> None:
+    for lease in sorted(backend.lease(n, 30), key=lambda lease: lease.task_id):
+        assert backend.complete([(lease.task_id, lease.token, f"r{lease.task_id}".encode())]) == [True]
+
+
+def test_a_commit_wakes_a_watch_at_once_and_a_quiet_watch_times_out(backend):
+    backend.insert("j1", tasks_of("j1", 2))
+    with backend.watch_commits("j1") as watch:
+        t = time.monotonic()
+        assert watch.wait(0.2) in (False, True)  # True only where the storage can merely poll
+        assert time.monotonic() - t < 1.0
+        woke = []
+        waiter = threading.Thread(target=lambda: woke.append((watch.wait(10), time.monotonic())))
+        # Drain whatever the timed-out wait left (a polling watch answers "maybe" each pause).
+        while watch.wait(0.01):
+            pass
+        waiter.start()
+        time.sleep(0.2)
+        committed = time.monotonic()
+        _commit(backend, "j1", 1)
+        waiter.join(10)
+        assert woke and woke[0][0] is True and woke[0][1] - committed < 0.5
+
+
+def test_a_commit_before_the_wait_still_wakes_it(backend):
+    backend.insert("j1", tasks_of("j1", 1))
+    with backend.watch_commits("j1") as watch:
+        _commit(backend, "j1", 1)  # between the watch and the wait: nothing is missed
+        t = time.monotonic()
+        assert watch.wait(5) is True and time.monotonic() - t < 1.0
+
+
+def test_read_commits_returns_each_record_once_from_a_cursor(backend):
+    backend.insert("j1", tasks_of("j1", 5))
+    _commit(backend, "j1", 2)
+    got, cursor = backend.read_commits("j1", None, 100)
+    assert dict(got) == {"j1-0": b"rj1-0", "j1-1": b"rj1-1"}
+    assert backend.read_commits("j1", cursor, 100)[0] == []
+    # The rest of the job: a failure for good and a cancel are commits too; another job's are not.
+    done, failed = backend.lease(2, 30)
+    backend.complete([(done.task_id, done.token, b"value")])
+    backend.fail(failed.task_id, failed.token, b"err", None)
+    backend.cancel("j1", b"cancelled", ["j1-4"])
+    backend.insert("j2", tasks_of("j2", 1))
+    _commit(backend, "j2", 1)
+    seen = {}
+    for _ in range(3):  # a small limit pages through them
+        got, cursor = backend.read_commits("j1", cursor, 2)
+        seen.update(got)
+    assert seen == {done.task_id: b"value", failed.task_id: b"err", "j1-4": b"cancelled"}
+    assert backend.read_commits("j1", cursor, 100)[0] == []
+    assert backend.read_commits("unknown", None, 100)[0] == []
+
+
+def test_record_reads_one_task(backend):
+    backend.insert("j1", tasks_of("j1", 2))
+    assert backend.record("j1-0") is None
+    _commit(backend, "j1", 1)
+    assert backend.record("j1-0") == b"rj1-0" and backend.record("j1-1") is None
+
+
+def test_insert_with_the_job_record_stores_both(backend):
+    backend.insert("j1", tasks_of("j1", 2), record=b'{"total": 2}')
+    assert backend.get_job("j1") == b'{"total": 2}' and "j1" in backend.list_jobs()
+    assert backend.counts().queued == 2
+    # A refused batch (a repeated id) stores neither.
+    with pytest.raises(ValueError):
+        backend.insert("j2", tasks_of("j2", 1) * 2, record=b"{}")
+    assert backend.get_job("j2") is None

@@ -69,6 +69,10 @@ scaled + seed
     job = shell.user_ns["_job"]
     assert job.meta["source"] == cell and job.total == 6
     assert all(r.worker and not r.worker.endswith(f":{__import__('os').getpid()}") for r in job.records())
+    table = job.to_dataframe()  # the --map names are the columns, beside each value
+    assert list(zip(table["alpha"], table["seed"], table["value"])) == [
+        (a, s, pytest.approx(18.0 / (1 + a) + s)) for a in (0, 1, 2) for s in (0, 1)
+    ]
 
 
 def test_zip_pairs_values_and_last_statement_gives_none(shell, tmp_path):

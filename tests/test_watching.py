@@ -1,0 +1,168 @@
+"""Watching a job through the public API, with real worker processes on fq:// and redis://:
+waits woken by the commit (one task's round trip in milliseconds), results as they finish,
+what is done now, and the job as a table."""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+
+import pytest
+
+import nbqueue
+from nbqueue import PENDING, TaskQueue
+from nbqueue.backends.dirwatch import file_system_type, notifications_work
+
+from .helpers import notebook
+
+NB = """
+import time
+import numpy as np
+from nbqueue import queueable, Terminal
+from sklearn.linear_model import Ridge
+from sklearn.model_selection import cross_val_score
+
+X = np.random.default_rng(0).normal(size=(60, 4))
+Y = X @ np.array([1.0, -2.0, 0.5, 0.0])
+
+@queueable
+def inc(x):
+    return x + 1
+
+@queueable
+def fit(alpha, folds=3, weights=None):
+    if alpha < 0:
+        raise Terminal(f"alpha must be positive, not {alpha}")
+    scores = cross_val_score(Ridge(alpha=alpha), X, Y, cv=folds)
+    return {"r2": float(scores.mean()), "folds": folds}
+
+@queueable
+def slow(i, seconds):
+    time.sleep(seconds)
+    return i * i
+"""
+
+
+@pytest.fixture(scope="module", params=["fq", "redis"])
+def served(request, tmp_path_factory, redis_server):
+    """A queue with two idle worker processes, as a notebook user starts them (defaults)."""
+    if request.param == "fq":
+        url = f"fq://{tmp_path_factory.mktemp('watch') / 'queue'}"
+    else:
+        url = redis_server.url(f"watch-{request.param}")
+    tq = TaskQueue(url)
+    workers = tq.spawn_workers(2)
+    nb = notebook(NB)
+    nbqueue.use(tq)
+    nb.inc.submit(0).get(timeout=120)  # the workers are up
+    yield tq, nb
+    workers.stop()
+    tq.close()
+
+
+def test_one_task_round_trip_is_woken_by_the_commit(served):
+    """fn.submit(x).get() and insert().wait() are woken by the commit, not a timer: before,
+    both polled every 20 ms (23 ms median on redis://, 54 ms on fq://)."""
+    tq, nb = served
+    gets, waits = [], []
+    for i in range(15):
+        time.sleep(0.05)  # an idle worker, as between a user's cells
+        t = time.perf_counter()
+        assert nb.inc.submit(i).get(timeout=10) == i + 1
+        gets.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        job = tq.insert([functools.partial(nb.inc, i)], progress=False)
+        assert job.wait(timeout=10, progress=False).results() == [i + 1]
+        waits.append(time.perf_counter() - t)
+    assert statistics.median(gets) < 0.012, gets
+    assert statistics.median(waits) < 0.012, waits
+
+
+def test_as_completed_yields_each_task_as_it_commits_until_the_job_ends(served):
+    tq, nb = served
+    other = tq.insert([functools.partial(nb.slow, i, 0.01) for i in range(5)], progress=False)
+    job = tq.insert([functools.partial(nb.slow, i, 0.05 * (i % 3)) for i in range(24)], progress=False)
+    seen, first_at = [], None
+    for record in job.as_completed(timeout=60):
+        if first_at is None:
+            first_at = job.counts().finished
+        assert record.ok and record.value == record.index**2 and record.task_id == f"{job.id}-{record.index}"
+        seen.append(record.index)
+    assert sorted(seen) == list(range(24))  # every task once, and only this job's
+    assert first_at is not None and first_at < 24  # the first came while the job still ran
+    assert job.done() and other.wait(timeout=30, progress=False).results() == [i * i for i in range(5)]
+
+
+def test_results_without_waiting_show_what_is_done_now(served):
+    tq, nb = served
+    job = tq.insert([functools.partial(nb.slow, i, 0.3 if i == 3 else 0.0) for i in range(4)], progress=False)
+    deadline = time.monotonic() + 30
+    while job.counts().completed < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    now = job.results(wait=False)
+    assert now[:3] == [0, 1, 4] and now[3] in (PENDING, 9)
+    assert job.results(timeout=30) == [0, 1, 4, 9]  # and by default it waits
+
+
+def test_to_dataframe_has_arguments_values_and_errors_row_by_row(served):
+    """The grid a data scientist rebuilt by hand from a parameter list and results(): the failed
+    and cancelled rows keep their own arguments."""
+    pytest.importorskip("pandas")
+    tq, nb = served
+    alphas = [0.1, -1.0, 1.0, 10.0]
+    tasks = [functools.partial(nb.fit, a, folds=3, weights=list(range(5))) for a in alphas]
+    tasks.append(functools.partial(nb.fit, 5.0, folds=4))
+    job = tq.insert(tasks, progress=False)
+    late = tq.insert([functools.partial(nb.fit, 2.0, folds=5)], progress=False, delay=60)
+    late.cancel()
+    df = job.to_dataframe(timeout=60)
+    assert list(df.index) == [0, 1, 2, 3, 4] and df.index.name == "task"
+    assert list(df["alpha"]) == alphas + [5.0] and list(df["folds"]) == [3, 3, 3, 3, 4]
+    assert "weights" not in df.columns  # not plain data: left in the pickled arguments
+    assert list(df["status"]) == ["completed", "failed", "completed", "completed", "completed"]
+    failed = df.loc[1]
+    assert failed["error"] == "Terminal" and "alpha must be positive" in failed["error_message"]
+    assert failed["alpha"] == -1.0 and failed["attempts"] == 1
+    assert df.loc[0, "r2"] > 0.9 and df.loc[4, "folds"] == 4  # the dict value spread into columns
+    assert (df["duration"].dropna() >= 0).all() and str(df["started"].dtype).startswith("datetime64")
+    assert df.loc[0, "worker"].split(":")[0]
+    cancelled = late.to_dataframe(timeout=30)
+    assert list(cancelled["status"]) == ["cancelled"] and cancelled.loc[0, "alpha"] == 2.0
+    assert cancelled.loc[0, "error"] == "Cancelled"
+
+
+def test_to_dataframe_without_waiting_lists_unfinished_tasks_as_pending(served):
+    pytest.importorskip("pandas")
+    tq, nb = served
+    job = tq.insert([functools.partial(nb.slow, i, 0.0) for i in range(3)], progress=False, delay=60)
+    df = job.to_dataframe(wait=False)
+    assert list(df["status"]) == ["pending"] * 3 and list(df.index) == [0, 1, 2]
+    job.cancel()
+    assert list(job.to_dataframe(timeout=30)["i"]) == [0, 1, 2]  # cancelled: from the kept tasks
+
+
+def test_fq_falls_back_to_polling_where_notifications_are_not_trusted(tmp_path, monkeypatch):
+    """A shared file system never tells one machine of another's writes: there (and with
+    $NBQUEUE_FQ_POLL) waits and idle workers poll, briefly, and still see everything."""
+    assert file_system_type(str(tmp_path)) is not None
+    assert notifications_work(str(tmp_path))  # the test machine's disk is local
+    monkeypatch.setenv("NBQUEUE_FQ_POLL", "1")
+    assert not notifications_work(str(tmp_path))
+    tq = TaskQueue(f"fq://{tmp_path / 'shared'}")
+    workers = tq.spawn_workers(1)  # inherits the setting, as every process on such a mount would
+    try:
+        nb = notebook(NB)
+        job = tq.insert([functools.partial(nb.inc, i) for i in range(20)], progress=False)
+        assert job.wait(timeout=60, progress=False).results() == list(range(1, 21))
+        rounds = []
+        for i in range(5):
+            time.sleep(0.2)
+            t = time.perf_counter()
+            job = tq.insert([functools.partial(nb.inc, i)], progress=False)
+            assert job.wait(timeout=10, progress=False).results() == [i + 1]
+            rounds.append(time.perf_counter() - t)
+        assert statistics.median(rounds) < 0.5, rounds  # the poll backs off to 50 ms, no further
+    finally:
+        workers.stop()
+        tq.close()
