@@ -146,7 +146,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_job(args: argparse.Namespace) -> int:
-    from .progress import describe
+    from .progress import TaskProgress, describe
     from .report import job_report
 
     job = job_report(_queue(args), args.job_id)
@@ -162,6 +162,9 @@ def cmd_job(args: argparse.Namespace) -> int:
     lines += [
         f"    {e['task_id']}  {_error_line(e)} (after {e['attempts']} attempt(s))" for e in job["errors"]
     ]
+    if job["running"]:
+        lines.append(f"  running        {len(job['running'])} task(s) reporting progress")
+        lines += [f"    {TaskProgress(**p).text()}  on {p['worker']}" for p in job["running"]]
     _print(args, job, "\n".join(lines))
     return EXIT_TASKS_FAILED if job["errors"] or job["cancelled"] else EXIT_OK
 

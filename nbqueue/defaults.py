@@ -38,6 +38,9 @@ CANCEL_CHECK_SECONDS = 0.5
 #: How long a cancelled (or timed-out) task has to return after being told, before the lease
 #: keeper kills its worker process (it may be stuck in C code, deaf to Python exceptions).
 CANCEL_GRACE_SECONDS = 10.0
+#: A worker whose tasks report progress (``current_task().progress``) sends it with a heartbeat
+#: at most this often: the storage sees one write per worker per interval, however often tasks call.
+PROGRESS_BEAT_SECONDS = 1.0
 #: Results and job records on redis:// expire after this many seconds.
 RESULT_TTL_SECONDS = 7 * 24 * 3600
 #: Job.wait() poll interval bounds.

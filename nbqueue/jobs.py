@@ -24,7 +24,7 @@ from .backends.base import CommitWatch, Counts
 from .errors import BackendUnavailable, BadSignature, DecodeError, QueueStateLost, TaskFailed
 from .ids import check_tasks_of, in_job, index_of
 from .procs import process_gone, worker_id
-from .progress import JobBar, JobView, Snapshot, describe, progress_mode
+from .progress import JobBar, JobView, Snapshot, TaskProgress, describe, progress_mode
 from .records import TaskError, TaskRecord, dead_letter_record, open_record, seal_cancel_record
 from .tasks import TaskCodec, open_task, to_call
 
@@ -204,7 +204,11 @@ class _Tracker:
                 self._dead_seen = counts.dead
         if read_error:
             self._error = job.latest_error()
-        workers = job.workers_seen()
+        try:  # one read for the worker count and the running tasks' own progress
+            infos: dict[str, bytes] | None = job.queue.backend.workers()
+        except Exception:
+            infos = None
+        workers = None if infos is None else len(infos)
         meta = job.meta  # one read (it re-reads the storage while the job is inserting)
         created = meta.get("created") or time.time()
         elapsed = (self._finished_at or time.time()) - created
@@ -213,6 +217,8 @@ class _Tracker:
         snap = Snapshot(
             counts, total, state is JobState.INSERTING, elapsed, rate, workers, self._error, insert_error
         )
+        if infos and counts.leased:
+            snap.running = job.running_progress(infos)
         if snap.finished:
             if self._finished_at is None:
                 self._finished_at = time.time()
@@ -380,6 +386,26 @@ class Job:
             return len(self.queue.backend.workers())
         except Exception:
             return None
+
+    def running_progress(self, workers: dict[str, bytes] | None = None) -> list[TaskProgress]:
+        """What the job's running tasks last reported (``current_task().progress``), the
+        furthest behind first; as the workers' heartbeats carry it (about once a second).
+
+        Args:
+            workers: ``Backend.workers()`` if already read.
+        """
+        if workers is None:
+            workers = self.queue.backend.workers()
+        found = []
+        for worker, info in workers.items():
+            try:
+                reported = json.loads(info).get("progress") or {}
+                for task_id, (done, total, note, at) in reported.items():
+                    if in_job(task_id, self.id):
+                        found.append(TaskProgress(task_id, float(done), total, str(note), worker, float(at)))
+            except (ValueError, TypeError, AttributeError):
+                continue  # an older worker's heartbeat, or not JSON: nothing reported
+        return sorted(found, key=lambda p: (1.0 if p.fraction is None else p.fraction, p.reported))
 
     def _ipython_display_(self) -> None:
         """In a notebook: the live widget (or its text where widgets are off)."""

@@ -21,7 +21,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from .backends.base import Counts
@@ -198,6 +198,37 @@ class JobBar:
 
 
 # -- the job view --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TaskProgress:
+    """How far a running task said it got (``current_task().progress``), as its worker's last
+    heartbeat carried it."""
+
+    task_id: str
+    done: float
+    total: float | None
+    note: str
+    worker: str
+    reported: float  #: when the task reported it (the worker's clock)
+
+    @property
+    def fraction(self) -> float | None:
+        """``done / total`` (0 to 1), or None when the total is unknown."""
+        if not self.total:
+            return None
+        return min(max(self.done / self.total, 0.0), 1.0)
+
+    def text(self) -> str:
+        """``task 7: 40% (40/100) fold 2``."""
+        index = self.task_id.rsplit("-", 1)[-1]
+        amount = f"{self.done:g}" if self.total is None else f"{self.done:g}/{self.total:g}"
+        share = "" if self.fraction is None else f"{100 * self.fraction:.0f}% "
+        return f"task {index}: {share}({amount})" + (f" {self.note}" if self.note else "")
+
+
+#: Running tasks' own progress a view shows: the few furthest behind.
+PROGRESS_SHOWN = 3
+
+
 @dataclass
 class Snapshot:
     """What the view shows at one moment."""
@@ -210,6 +241,8 @@ class Snapshot:
     workers: int | None
     error: TaskError | None
     insert_error: str | None = None  #: why the insert stopped part-way, when it did
+    #: Running tasks' own progress, furthest behind first (``TaskContext.progress``).
+    running: list[TaskProgress] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -247,6 +280,8 @@ class Snapshot:
             line = head + " · " + " · ".join(extras)
         if self.workers is not None:
             line += f" · {self.workers} worker(s) seen"
+        if self.running and not self.finished:
+            line += "".join(f"\n  {p.text()}" for p in self.running[:PROGRESS_SHOWN])
         if self.error is not None:
             line += f"\nlatest error: {self.error.task_id}: {self.error.type}: {self.error.message}"
         return line
@@ -310,6 +345,7 @@ class JobView:
             p["title"] = w.HTML()
             p["bar"] = w.HTML()
             p["stats"] = w.HTML()
+            p["running"] = w.HTML()
             p["trace"] = w.HTML()
             p["error"] = w.Accordion(children=[p["trace"]], selected_index=None)
             p["error"].layout.display = "none"
@@ -328,7 +364,8 @@ class JobView:
             )
             p["cancel"].on_click(self._cancel)
             self._widget = _text_repr_vbox()(
-                [p["title"], p["bar"], p["stats"], p["error"], p["cancel"], p["done"]], view=self
+                [p["title"], p["bar"], p["stats"], p["running"], p["error"], p["cancel"], p["done"]],
+                view=self,
             )
             self._draw(self.last or self.snapshot())
         return self._widget
@@ -371,6 +408,7 @@ class JobView:
         if snap.insert_error:
             stats.append(f"insert failed after {c.inserted:,} queued: {snap.insert_error}")
         p["stats"].value = html.escape(" · ".join(stats))
+        p["running"].value = "" if snap.finished else _progress_bars(snap.running[:PROGRESS_SHOWN])
         if snap.error is not None:
             e = snap.error
             p["error"].set_title(0, f"latest error: {e.task_id}: {e.type}: {e.message}"[:200])
@@ -458,6 +496,22 @@ class JobView:
                 continue
             if snap.finished:
                 return
+
+
+def _progress_bars(running: list[TaskProgress]) -> str:
+    """Small bars of running tasks' own progress, each with its note (an unknown total: no bar)."""
+    rows = []
+    for p in running:
+        share = p.fraction
+        bar = (
+            '<div style="display:inline-block;width:120px;height:8px;background:#eee;'
+            'border-radius:2px;overflow:hidden;margin-right:6px;vertical-align:middle">'
+            f'<div style="width:{100 * share:.1f}%;height:100%;background:{COLORS["running"]}"></div></div>'
+            if share is not None
+            else ""
+        )
+        rows.append(f'<div style="font-size:11px;line-height:14px">{bar}{html.escape(p.text())}</div>')
+    return "".join(rows)
 
 
 @functools.cache

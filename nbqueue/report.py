@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from .backends.base import TaskStatus
@@ -105,6 +106,7 @@ def job_report(tq: TaskQueue, job_id: str) -> dict[str, Any]:
         "first_started": min(started, default=None),
         "last_finished": max(finished, default=None),
         "errors": errors,
+        "running": [asdict(p) for p in job.running_progress()],
     }
 
 

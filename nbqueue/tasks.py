@@ -260,6 +260,24 @@ class TaskContext:
     attempt: int  #: 1 on the first run; a task re-run after its worker died sees 2, and so on
     lease_token: str  #: unique to this lease: a re-run of the same attempt number has another
     worker: str  #: ``host:pid`` of the worker process
+    #: Where ``progress`` reports go (the worker's board); None: nowhere (a task run by hand).
+    reporter: Callable[[str, float, float | None, str], None] | None = field(
+        default=None, repr=False, compare=False
+    )
+
+    def progress(self, done: float, total: float | None = None, note: str = "") -> None:
+        """Say how far this task got: ``done`` of ``total`` (None: unknown), with a short note.
+
+        Call it as often as you like: the worker keeps only the latest and sends it with its next
+        heartbeat (about once a second while it changes), never a storage write per call. The
+        job's widget, ``nbqueue job``, ``%queue job`` and the server's job route show it.
+        """
+        if not isinstance(done, (int, float)) or isinstance(done, bool):
+            raise TypeError(f"progress(done=...) takes a number, not {type(done).__name__}")
+        if total is not None and (not isinstance(total, (int, float)) or isinstance(total, bool)):
+            raise TypeError(f"progress(total=...) takes a number or None, not {type(total).__name__}")
+        if self.reporter is not None:
+            self.reporter(self.task_id, float(done), None if total is None else float(total), str(note)[:200])
 
 
 _running: ContextVar[TaskContext | None] = ContextVar("nbqueue_running_task", default=None)

@@ -98,7 +98,51 @@ class Loaded:
 
     def context(self, who: str) -> TaskContext:
         lease = self.lease
-        return TaskContext(lease.task_id, job_of(lease.task_id), lease.attempt, lease.token, who)
+        job = job_of(lease.task_id)
+        return TaskContext(
+            lease.task_id, job, lease.attempt, lease.token, who, reporter=progress_board.report
+        )
+
+
+class ProgressBoard:
+    """The latest progress each running task of this process reported (``TaskContext.progress``),
+    kept here until the worker's next heartbeat carries it: a task may report a million times,
+    the storage sees one heartbeat a second."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._latest: dict[str, list[Any]] = {}  # task id -> [done, total, note, reported at]
+        self._changed = False
+
+    def report(self, task_id: str, done: float, total: float | None, note: str) -> None:
+        """Keep a task's latest progress (what ``TaskContext.progress`` calls)."""
+        with self._lock:
+            self._latest[task_id] = [done, total, note, time.time()]
+            self._changed = True
+
+    def forget(self, task_id: str) -> None:
+        """The task ended: its progress goes with the next heartbeat."""
+        with self._lock:
+            if self._latest.pop(task_id, None) is not None:
+                self._changed = True
+
+    @property
+    def changed(self) -> bool:
+        """Whether anything changed since ``take_changes`` was last called."""
+        return self._changed
+
+    def take_changes(self) -> None:
+        """What changed is about to be sent (a heartbeat follows)."""
+        self._changed = False
+
+    def current(self) -> dict[str, list[Any]]:
+        """Every running task's latest progress."""
+        with self._lock:
+            return {task_id: list(entry) for task_id, entry in self._latest.items()}
+
+
+#: This process's board: tasks report to it from any thread or coroutine.
+progress_board = ProgressBoard()
 
 
 def load(codec: TaskCodec, lease: Lease, fetch_function, max_attempts: int, who: str) -> Loaded | Outcome:
@@ -254,6 +298,8 @@ def run_loaded(
                 value = run_coroutine(value, slot)
     except BaseException as exc:
         return _raised(codec, task, exc if slot is None else _why_stopped(slot, exc), max_attempts, who)
+    finally:
+        progress_board.forget(task.lease.task_id)
     return _succeeded(codec, task, value, max_attempts, who)
 
 
@@ -269,6 +315,8 @@ async def run_loaded_async(
             value = await task.call.run()
     except BaseException as exc:
         return _raised(codec, task, exc if slot is None else _why_stopped(slot, exc), max_attempts, who)
+    finally:
+        progress_board.forget(task.lease.task_id)
     return _succeeded(codec, task, value, max_attempts, who)
 
 
@@ -647,6 +695,7 @@ class Worker:
             "only_by_reference": self.only_by_reference,
             "completed": self.stats.completed,
             "failed": self.stats.failed,
+            "progress": progress_board.current(),
         }
         return json.dumps(info)
 
@@ -814,8 +863,10 @@ class Worker:
     def _watch(self, done: threading.Event) -> None:
         """Thread: while a task runs longer than its batch was sized for, the batch's unstarted
         tasks go back to the queue (uncharged) for idle workers, instead of waiting behind it;
-        every ``CANCEL_CHECK_SECONDS``, tasks held that were cancelled are told (see ``_obey_cancels``)."""
-        checked = time.monotonic()
+        every ``CANCEL_CHECK_SECONDS``, tasks held that were cancelled are told (see ``_obey_cancels``);
+        progress reported by running tasks goes out with a heartbeat at most every
+        ``PROGRESS_BEAT_SECONDS``."""
+        checked = beat = time.monotonic()
         while not done.wait(_GIVE_BACK_CHECK_SECONDS):
             batch = self._batch
             overdue = batch.overdue() if batch is not None else []
@@ -831,6 +882,22 @@ class Worker:
                     self._obey_cancels(batch)
                 except Exception as exc:  # a storage hiccup: the next check asks again
                     log.debug("cancel check failed: %s", exc)
+            if progress_board.changed and time.monotonic() - beat >= defaults.PROGRESS_BEAT_SECONDS:
+                beat = time.monotonic()
+                self._beat_progress(batch)
+
+    def _beat_progress(self, batch: _Batch | None) -> None:
+        """A heartbeat now, carrying the running tasks' latest progress (``ProgressBoard``)."""
+        progress_board.take_changes()
+        info = self._heartbeat_info()
+        renewer = batch.renewer if batch is not None else self.source.renewer
+        if renewer is not None:
+            renewer.info(info)  # the keeper's own beats then carry it too
+        backend = batch.backend if batch is not None else self.backend
+        try:
+            backend.heartbeat(self.who, info.encode(), self.lease_seconds)
+        except Exception as exc:  # informative only: the next beat carries it
+            log.debug("progress heartbeat failed: %s", exc)
 
     def _obey_cancels(self, batch: _Batch | None) -> None:
         """One question to the storage for every task this worker holds: a running task that was

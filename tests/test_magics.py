@@ -70,7 +70,7 @@ scaled + seed
     assert job.meta["source"] == cell and job.total == 6
     assert all(r.worker and not r.worker.endswith(f":{__import__('os').getpid()}") for r in job.records())
     table = job.to_dataframe()  # the --map names are the columns, beside each value
-    assert list(zip(table["alpha"], table["seed"], table["value"])) == [
+    assert list(zip(table["alpha"], table["seed"], table["value"], strict=True)) == [
         (a, s, pytest.approx(18.0 / (1 + a) + s)) for a in (0, 1, 2) for s in (0, 1)
     ]
 

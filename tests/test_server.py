@@ -15,7 +15,15 @@ from nbqueue.server.registry import queue_id
 from .helpers import notebook
 
 NB = """
-from nbqueue import queueable, Terminal
+import time
+from nbqueue import queueable, Terminal, current_task
+
+@queueable
+def steps(n):
+    for k in range(n):
+        current_task().progress(k, n, f"step {k}")
+        time.sleep(0.2)
+    return n
 
 @queueable
 def square(i):
@@ -193,3 +201,22 @@ async def test_cancel_a_job_over_rest(jp_fetch, queue_url):
         with pytest.raises(HTTPClientError) as info:
             await send(jp_fetch, "POST", "queues", qid, "jobs", *parts, body=body)
         assert info.value.code == status
+
+
+async def test_the_job_route_shows_running_tasks_own_progress(jp_fetch, queue_url):
+    tq = TaskQueue(queue_url)
+    job = tq.insert([functools.partial(notebook(NB).steps, 15)], progress=False)
+    workers = tq.spawn_workers(1)
+    try:
+        running = []
+        for _ in range(200):
+            running = (await get(jp_fetch, "queues", queue_id(queue_url), "jobs", job.id))["running"]
+            if running:
+                break
+            await asyncio.sleep(0.05)
+        (progress,) = running
+        assert progress["task_id"] == f"{job.id}-0" and progress["total"] == 15
+        assert progress["note"].startswith("step ") and progress["worker"]
+        job.cancel()
+    finally:
+        workers.stop()

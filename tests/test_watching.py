@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import statistics
+import subprocess
+import sys
 import time
 
 import pytest
@@ -41,6 +43,17 @@ def fit(alpha, folds=3, weights=None):
 def slow(i, seconds):
     time.sleep(seconds)
     return i * i
+
+@queueable
+def folds(n, pause):
+    # A slow task that says how far it got, as often as a tight loop would.
+    from nbqueue import current_task
+    me = current_task()
+    for k in range(n):
+        for step in range(20_000):  # reported far more often than anyone reads it
+            me.progress(k + step / 20_000, n, f"fold {k + 1} of {n}")
+        time.sleep(pause)
+    return n
 """
 
 
@@ -166,3 +179,40 @@ def test_fq_falls_back_to_polling_where_notifications_are_not_trusted(tmp_path, 
     finally:
         workers.stop()
         tq.close()
+
+
+def test_a_running_task_reports_its_own_progress_coalesced_into_heartbeats(served):
+    tq, nb = served
+    tasks = [functools.partial(nb.folds, 8, 0.25), functools.partial(nb.slow, 1, 0.0)]
+    job = tq.insert(tasks, progress=False)
+    deadline = time.monotonic() + 30
+    running = []
+    while time.monotonic() < deadline and not (running and running[0].done >= 2):
+        running = job.running_progress()
+        time.sleep(0.05)
+    (progress,) = running
+    assert progress.task_id == f"{job.id}-0" and progress.total == 8 and 0 < progress.fraction < 1
+    assert progress.note.startswith("fold ") and progress.note.endswith(" of 8")
+    snap = job.snapshot()  # what the widget and the text view draw
+    assert snap.running and "task 0: " in snap.text(job.name) and "fold " in snap.text(job.name)
+    widget = job.view.widget  # the widget draws the same, as small bars with their notes
+    job.view.refresh(force=True)
+    (part,) = [c for c in widget.children if "fold " in getattr(c, "value", "")]
+    assert "width:" in part.value
+    widget.close()
+    shown = subprocess.run(
+        [sys.executable, "-m", "nbqueue", "job", tq.worker_url, job.id],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "reporting progress" in shown.stdout and "fold " in shown.stdout, shown.stdout + shown.stderr
+    assert job.wait(timeout=60, progress=False).results() == [8, 1]
+    # Gone once the task ended: the next heartbeat (within about a second) no longer carries it.
+    deadline = time.monotonic() + 5
+    while job.running_progress() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert job.running_progress() == []
+    # 20,000 reports per fold cost the task little: no storage write per call.
+    record = job.records()[0]
+    assert record.finished - record.started < 8 * 0.25 + 3.0

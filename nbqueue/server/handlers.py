@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import asdict
 from importlib import resources
 from typing import Any
 
@@ -116,6 +117,7 @@ class JobHandler(_Base):
         data = job_summary(job)
         data["source"] = job.meta.get("source")
         data["errors"] = dead_letters(tq, job.id, RECENT_ERRORS)
+        data["running"] = [asdict(p) for p in job.running_progress()]
         self.reply(data)
 
 
