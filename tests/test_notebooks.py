@@ -52,8 +52,15 @@ def test_cell_magic_notebook(tmp_path):
     nb = run_notebook("cell_magic", tmp_path)
     texts = outputs(nb)
     assert any("15/15 done · 0 dead" in t for t in texts)
-    table = next(t for t in texts if "mean mse" in t)
-    assert len(table.strip().splitlines()) == 7  # header, five alphas, the best row
+    table = next(t for t in texts if t.startswith("mean mse by alpha"))
+    assert len(table.strip().splitlines()) == 7  # title, the column's name, five alphas
+    best = next(t for t in texts if t.startswith("alpha ") and "seed" in t and "mse" in t)
+    assert "duration" in best  # the best row of the job's table
+    assert any(
+        o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
+        for c in nb.cells
+        for o in c.get("outputs", [])
+    )  # the plot
     # A helper calling from-imported scikit-learn ships by value, the library by reference.
     explained = next(t for t in texts if t.startswith("fit_eval: "))
     by_value, by_reference = explained.split("; by reference: ")
