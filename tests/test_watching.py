@@ -216,3 +216,21 @@ def test_a_running_task_reports_its_own_progress_coalesced_into_heartbeats(serve
     # 20,000 reports per fold cost the task little: no storage write per call.
     record = job.records()[0]
     assert record.finished - record.started < 8 * 0.25 + 3.0
+
+
+def test_directory_watches_wake_on_a_new_name_and_reuse_their_descriptors(tmp_path):
+    """Closing an inotify descriptor costs the kernel milliseconds: watches are pooled."""
+    import os
+
+    from nbqueue.backends.dirwatch import DirectoryWatch
+
+    open_before = len(os.listdir("/proc/self/fd"))
+    for i in range(50):
+        watch = DirectoryWatch(str(tmp_path), notify=True)
+        assert watch.notified
+        assert watch.wait(0.001) is False  # nothing new: a quiet wait times out
+        (tmp_path / f"name-{i}").write_bytes(b"")  # a new name, as an fq:// commit links one
+        t = time.perf_counter()
+        assert watch.wait(5) is True and time.perf_counter() - t < 0.5
+        watch.close()
+    assert len(os.listdir("/proc/self/fd")) <= open_before + 1

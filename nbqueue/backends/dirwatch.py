@@ -141,6 +141,7 @@ class DirectoryWatch:
 # directory to another (add_watch, rm_watch) costs microseconds.
 _pool: list[int] = []
 _pool_lock = threading.Lock()
+_pool_pid = os.getpid()  # a forked child shares its parent's descriptors: it starts a pool of its own
 
 
 def _borrow(path: str) -> tuple[int, int]:
@@ -149,7 +150,11 @@ def _borrow(path: str) -> tuple[int, int]:
     libc = _libc()
     if libc is None:
         return -1, -1
+    global _pool_pid
     with _pool_lock:
+        if _pool_pid != os.getpid():
+            _pool.clear()
+            _pool_pid = os.getpid()
         fd = _pool.pop() if _pool else libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
     if fd < 0:
         return -1, -1
@@ -168,7 +173,8 @@ def _give_back(fd: int, wd: int) -> None:
     libc.inotify_rm_watch(fd, wd)
     _watch_descriptors(fd)
     with _pool_lock:
-        _pool.append(fd)
+        if _pool_pid == os.getpid():  # borrowed before a fork: the parent's to keep
+            _pool.append(fd)
 
 
 def _watch_descriptors(fd: int) -> set[int]:
