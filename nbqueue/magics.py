@@ -24,7 +24,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from . import defaults
 from .errors import NbQueueError
 from .handles import queueable
-from .jobs import save_job_record
+from .jobs import PENDING, save_job_record
 from .procs import WorkerProcesses
 from .queue import TaskQueue, last_used_url, note_used
 from .records import TaskError
@@ -392,9 +392,11 @@ class QueueMagics(Magics):
         if not rest:
             raise UsageError(usage)
         job = self._queue_for(rest[1] if len(rest) > 1 else None).job(rest[0])
-        values = job.results(on_error="exception")
+        values = job.results(on_error="exception", wait=False)  # never blocks the kernel
         self._ip.user_ns[out] = values
-        print(f"{len(values):,} results of job {job.name} in {out}")
+        pending = sum(v is PENDING for v in values)
+        more = f" ({pending:,} not finished yet: PENDING in their place)" if pending else ""
+        print(f"{len(values):,} results of job {job.name} in {out}{more}")
 
     def _cmd_cancel(self, rest: list[str]) -> None:
         usage = "%queue cancel JOB [--task ID ...] [URL]"

@@ -8,7 +8,7 @@ import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
-from nbqueue import TaskQueue
+from nbqueue import PENDING, TaskQueue
 from nbqueue import queue as nbqueue_queue
 from nbqueue.magics import _workers_alive, split_args
 from nbqueue.procs import WorkerProcesses
@@ -117,6 +117,9 @@ def test_line_magics(shell, tmp_path, capsys):
     url = f"fq://{tmp_path / 'lines'}"
     shell.run_cell_magic("queue", f"{url} --map i=range(3) --name trio", "1 / (i - 1)")
     job = shell.user_ns["_job"]
+    capsys.readouterr()
+    shell.run_line_magic("queue", f"results {job.id} --out early")  # never blocks the kernel
+    assert shell.user_ns["early"] == [PENDING] * 3 and "3 not finished yet" in capsys.readouterr().out
     TaskQueue(url).poll(max_attempts=1, burst=True)
     capsys.readouterr()
     shell.run_line_magic("queue", f"status {url}")
