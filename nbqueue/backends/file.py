@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import atexit
 import bisect
+import collections
 import contextlib
 import fcntl
 import functools
@@ -117,6 +118,9 @@ ORPHAN_SECONDS = 30.0
 COMPLETED_GRACE_SECONDS = 5.0
 #: How often one process scans leased/ for expired leases while leasing.
 RECLAIM_INTERVAL = 0.1
+#: Records a reader of done/<job>/ takes per window (``read_commits``): grouped by result segment,
+#: so each segment is parsed once per window; bounds the reader's memory (a few MB).
+DONE_WINDOW = 32768
 #: A worker picks among this many of the oldest ready ranges of a job, so workers rarely collide.
 PICK_WINDOW = 8
 #: A worker lists queue/ again at least this often, so a job inserted meanwhile gets its turn.
@@ -250,7 +254,8 @@ class _DoneScan:
     def __init__(self) -> None:
         self.returned = bytearray()
         self.entries: Any = None  # os.scandir of done/<job>/ while a pass is under way
-        self.segments: dict[int, dict[str, bytes]] = {}  # inode -> frames, within this pass
+        self.exhausted = False  # the pass under way reached its end
+        self.pending: collections.deque[tuple[str, bytes]] = collections.deque()  # read, not returned
 
     def seen(self, task_id: str) -> bool:
         try:
@@ -1358,33 +1363,52 @@ class FileBackend(Backend):
     ) -> tuple[list[tuple[str, bytes]], object]:
         scan = _DoneScan() if cursor is None else cursor
         assert isinstance(scan, _DoneScan), "a cursor of this backend"
-        if scan.entries is None:
-            try:
-                scan.entries = os.scandir(self._path("done", check_id(job_id, "job id")))
-            except FileNotFoundError:
-                return [], scan
-            scan.segments.clear()
         out: list[tuple[str, bytes]] = []
-        for entry in scan.entries:
-            task_id = entry.name
-            if scan.seen(task_id):
+        while len(out) < limit:
+            if scan.pending:
+                out.append(scan.pending.popleft())
                 continue
-            try:
-                ino = entry.inode()
-                if ino not in scan.segments:
-                    if len(scan.segments) > 64:  # a handful of result segments at a time
-                        scan.segments.clear()
-                    scan.segments[ino] = dict(self._read_frames(entry.path))
-                frames = scan.segments[ino]
-                out.append((task_id, frames[task_id] if task_id in frames else frames[ANY_TASK]))
-            except (OSError, KeyError, segments.CorruptSegment):
-                continue  # gone meanwhile (a retry, a purge): read on a later pass if it comes back
-            scan.mark(task_id)
-            if len(out) >= limit:
-                return out, scan
-        scan.entries.close()
-        scan.entries = None  # this pass is over; the next call starts another
+            if scan.exhausted:
+                break
+            done_dir = self._path("done", check_id(job_id, "job id"))
+            if scan.entries is None:
+                try:
+                    scan.entries = os.scandir(done_dir)
+                except FileNotFoundError:
+                    return out, scan
+            self._read_window(scan, done_dir)
+        if scan.exhausted and not scan.pending:
+            scan.exhausted = False  # this pass is over; the next call starts another
         return out, scan
+
+    def _read_window(self, scan: _DoneScan, done_dir: str) -> None:
+        """Read the next ``DONE_WINDOW`` unseen records of a pass into ``scan.pending``, each
+        result segment once: names come in hash order, so grouping them by segment is what
+        keeps a reader from parsing a 64-record segment for every record."""
+        by_segment: dict[int, list[str]] = {}
+        taken = 0
+        for entry in scan.entries:
+            if not scan.seen(entry.name):
+                try:
+                    by_segment.setdefault(entry.inode(), []).append(entry.name)
+                except OSError:
+                    continue
+                taken += 1
+                if taken >= DONE_WINDOW:
+                    break
+        else:
+            scan.entries.close()
+            scan.entries, scan.exhausted = None, True
+        for names in by_segment.values():
+            try:
+                frames = dict(self._read_frames(os.path.join(done_dir, names[0])))
+            except (OSError, segments.CorruptSegment):
+                continue  # gone meanwhile (a retry, a purge): read on a later pass if it comes back
+            for name in names:
+                record = frames.get(name, frames.get(ANY_TASK))
+                if record is not None:
+                    scan.mark(name)
+                    scan.pending.append((name, record))
 
     # -- admin ----------------------------------------------------------------------------------
     @_full_translated
