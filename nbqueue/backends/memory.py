@@ -110,10 +110,8 @@ class _MemoryWatch(CommitWatch):
         self.seen = backend.log_length(job_id)
 
     def wait(self, timeout: float) -> bool:
-        cond = self.backend._cond
-        with cond:
-            moved = cond.wait_for(lambda: self.backend.log_length(self.job_id) > self.seen, max(timeout, 0.0))
-            self.seen = self.backend.log_length(self.job_id)
+        length = self.backend.wait_for_commits(self.job_id, self.seen, timeout)
+        moved, self.seen = length > self.seen, length
         return moved
 
 
@@ -432,6 +430,13 @@ class MemoryBackend(Backend):
     def log_length(self, job_id: str) -> int:
         """How many records the job has committed (its commit log's length)."""
         with self._cond:
+            return len(self._logs.get(job_id, ()))
+
+    def wait_for_commits(self, job_id: str, seen: int, timeout: float) -> int:
+        """Block until the job's commit log is longer than ``seen`` or ``timeout`` passes; its
+        length then."""
+        with self._cond:
+            self._cond.wait_for(lambda: len(self._logs.get(job_id, ())) > seen, max(timeout, 0.0))
             return len(self._logs.get(job_id, ()))
 
     def read_commits(
