@@ -265,6 +265,11 @@ class TaskContext:
         default=None, repr=False, compare=False
     )
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The reporter is the worker's own board, not data: a context a task returns travels
+        # without it.
+        return (TaskContext, (self.task_id, self.job_id, self.attempt, self.lease_token, self.worker))
+
     def progress(self, done: float, total: float | None = None, note: str = "") -> None:
         """Say how far this task got: ``done`` of ``total`` (None: unknown), with a short note.
 

@@ -6,7 +6,6 @@
 local job, nonce, delay, priority, record = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local now = now_ms()
 -- A client retry after a lost reply must not fail as a duplicate of its own first try.
-redis.call('ZREMRANGEBYSCORE', K.inserts, '-inf', now - INSERT_MEMORY_MS)
 if redis.call('ZSCORE', K.inserts, nonce) then
   return nil
 end
@@ -30,6 +29,11 @@ for i = 7, #ARGV, 2 do
   end
   n = n + 1
 end
+-- Only now the old nonces go: Redis refuses a script at maxmemory on its first write that takes
+-- memory, and lets the rest of a script that has written anything run past the limit; so the
+-- first write must be one that takes memory (the HSETs above), or a full server would take the
+-- batch anyway.
+redis.call('ZREMRANGEBYSCORE', K.inserts, '-inf', now - INSERT_MEMORY_MS)
 redis.call('ZADD', K.inserts, now, nonce)
 if record ~= '' then
   redis.call('SET', JK('job', job), record)
