@@ -514,18 +514,21 @@ class Job:
             if counts.finished != last_finished:
                 last_finished, last_change = counts.finished, time.monotonic()
                 sleep = defaults.WAIT_POLL_MIN
-            if (
-                total is not None
-                and time.monotonic() >= exact_due
-                and (
-                    total - counts.finished <= _EXACT_NEAR_END
-                    or time.monotonic() - last_change > _STALL_CHECK_SECONDS
+            # Counters lag the records (fq:// writes them after the commit that woke this wait)
+            # and a killed process may never write them: the records themselves decide, when the
+            # counters say the job ended, and near the end or when they stall. Counting the
+            # records costs what it costs (a listing of a million results on fq://): those last
+            # two look at most a tenth of the wait's time.
+            if total is not None and (
+                counts.finished >= total
+                or (
+                    time.monotonic() >= exact_due
+                    and (
+                        total - counts.finished <= _EXACT_NEAR_END
+                        or time.monotonic() - last_change > _STALL_CHECK_SECONDS
+                    )
                 )
             ):
-                # Counters lag the records (fq:// writes them after the commit that woke this
-                # wait) and a killed process may never write them: near the end, and when they
-                # stall, the records themselves decide. Counting them costs what it costs (a
-                # listing of a million results on fq://): at most a tenth of the wait's time.
                 counted = time.monotonic()
                 if self.queue.backend.exact_job_finished(self.id) >= total:
                     return
