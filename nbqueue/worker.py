@@ -768,7 +768,9 @@ class Worker:
         idle_since = None
         sleep = defaults.IDLE_SLEEP_MIN
         # Block on the storage for work only with one queue: with several, each is asked in turn.
-        block = len(self.sources) == 1 and self.backend.blocking_lease
+        # Not in burst mode either: a burst worker asks "is anything left?" as soon as the queue
+        # looks empty, instead of sleeping on the storage for a second first.
+        block = len(self.sources) == 1 and self.backend.blocking_lease and not self.burst
         try:
             while not self.stop_event.is_set():
                 if self.max_tasks is not None and self._done() >= self.max_tasks:

@@ -316,8 +316,11 @@ class Backend(ABC):
     def read_commits(
         self, job_id: str, cursor: object | None, limit: int
     ) -> tuple[list[tuple[str, bytes]], object]:
-        """Up to ``limit`` records ``(task_id, record)`` committed since ``cursor`` was returned
+        """About ``limit`` records ``(task_id, record)`` committed since ``cursor`` was returned
         (None: since the job began), and the cursor to read on from (opaque, of this backend).
+        Fewer than ``limit`` only when there is nothing more to read now (on fq://: in this pass
+        over the directory; the next call starts another); more only by the rest of one group
+        (redis:// logs the commits of one call together, up to 256).
 
         Each commit is returned once along a chain of cursors; a task run again (``retry``,
         ``redrive``) is returned again when it commits again. Records are in commit order where

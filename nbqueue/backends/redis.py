@@ -158,6 +158,7 @@ _MIN_BLOCK_SECONDS = 0.01  # BLPOP treats 0 as "forever"
 _NOTIFY_MAX = 64  # wake-up tokens kept: more waiters than this rarely block on one queue
 _RECLAIM_LIMIT = 1000  # expired leases a lease call returns at once, so it stays short
 _INSERT_MEMORY_MS = 600_000  # how long an insert's nonce is remembered for retries
+_LOG_ENTRY_IDS = 256  # task ids per entry of a job's commit log (see flush_log in common.lua)
 _SCRIPT_NAMES = (
     "insert",
     "counts",
@@ -205,6 +206,7 @@ def _lua_preamble() -> str:
             f"local NOTIFY_MAX = {_NOTIFY_MAX}",
             f"local RECLAIM_LIMIT = {_RECLAIM_LIMIT}",
             f"local INSERT_MEMORY_MS = {_INSERT_MEMORY_MS}",
+            f"local LOG_ENTRY_IDS = {_LOG_ENTRY_IDS}",
             "",
         ]
     )
@@ -509,16 +511,23 @@ class RedisBackend(Backend):
     def read_commits(
         self, job_id: str, cursor: object | None, limit: int
     ) -> tuple[list[tuple[str, bytes]], object]:
-        start = b"0-0" if cursor is None else cursor
-        found = self._client.xread({self.key("log", job_id): start}, count=max(limit, 1))
-        entries = found[0][1] if found else []
-        if not entries:
-            return [], start
-        ids = [fields[b"t"] for _, fields in entries]
-        records = self._client.hmget(self.key("results", job_id), ids)
-        # A task run again (retry) whose new record has not landed yet has none: skipped.
-        out = [(t.decode(), r) for t, r in zip(ids, records, strict=True) if r is not None]
-        return out, entries[-1][0]
+        entry = b"0-0" if cursor is None else cursor
+        assert isinstance(entry, bytes), "a cursor of this backend"
+        out: list[tuple[str, bytes]] = []
+        # Fewer than ``limit`` only when the log has nothing more now. An entry holds the ids one
+        # script committed (up to _LOG_ENTRY_IDS), so a read takes a few entries at a time.
+        while len(out) < limit:
+            count = max(1, (limit - len(out)) // 16)
+            found = self._client.xread({self.key("log", job_id): entry}, count=count)
+            entries = found[0][1] if found else []
+            if not entries:
+                break
+            entry = entries[-1][0]
+            ids = [task for _, fields in entries for task in fields[b"t"].split()]
+            records = self._client.hmget(self.key("results", job_id), ids)
+            # A task run again (retry) whose new record has not landed yet has none: skipped.
+            out += [(t.decode(), r) for t, r in zip(ids, records, strict=True) if r is not None]
+        return out, entry
 
     # -- running failed tasks again -------------------------------------------------------------
     @_translated

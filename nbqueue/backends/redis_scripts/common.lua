@@ -3,7 +3,7 @@
 --   K        the queue's fixed key names, K.ready, K.leases, ...
 --   JK       JK(kind, job_id), a per-job key name
 --   TTL      seconds a finished job's keys live (ARGV[1] of every script)
---   NOTIFY_MAX, RECLAIM_LIMIT, INSERT_MEMORY_MS, FN_KIND
+--   NOTIFY_MAX, RECLAIM_LIMIT, INSERT_MEMORY_MS, LOG_ENTRY_IDS, FN_KIND
 
 -- Milliseconds from the server's clock: deadlines never depend on a client's clock.
 local function now_ms()
@@ -48,7 +48,36 @@ local function touch_job(job)
   end
 end
 
+-- Commit a task's record into the job's results. Its id goes onto the job's commit log, a
+-- stream that waiters block on (XREAD) and readers follow from a cursor: one entry per job per
+-- script (flush_log), its field t the ids committed, space-separated, so a batch of 64 commits
+-- costs the server one entry, not 64.
+local logged = {}
+
+local function put_record(job, task, record)
+  redis.call('HSET', JK('results', job), task, record)
+  local ids = logged[job]
+  if not ids then
+    ids = {}
+    logged[job] = ids
+  end
+  ids[#ids + 1] = task
+end
+
+local function flush_log()
+  for job, ids in pairs(logged) do
+    -- At most LOG_ENTRY_IDS ids an entry: cancelling a million waiting tasks writes many
+    -- entries, so that a reader never has to take a million ids at once.
+    for first = 1, #ids, LOG_ENTRY_IDS do
+      local last = math.min(first + LOG_ENTRY_IDS - 1, #ids)
+      redis.call('XADD', JK('log', job), '*', 't', table.concat(ids, ' ', first, last))
+    end
+  end
+  logged = {}
+end
+
 local function flush()
+  flush_log()
   local total = {}
   for job, jd in pairs(deltas) do
     for field, d in pairs(jd) do
@@ -78,13 +107,6 @@ local function notify(n)
     redis.call('LPUSH', K.notify, 1)
   end
   redis.call('LTRIM', K.notify, 0, NOTIFY_MAX - 1)
-end
-
--- Commit a task's record: into the job's results, and onto its commit log, a stream of task
--- ids in commit order that waiters block on (XREAD) and readers follow from a cursor.
-local function put_record(job, task, record)
-  redis.call('HSET', JK('results', job), task, record)
-  redis.call('XADD', JK('log', job), '*', 't', task)
 end
 
 -- The current lease of a task: the token matches and the deadline has not passed.
