@@ -122,6 +122,8 @@ class ProgressBoard:
 
     def forget(self, task_id: str) -> None:
         """The task ended: its progress goes with the next heartbeat."""
+        if task_id not in self._latest:  # most tasks never report: no lock for them
+            return
         with self._lock:
             if self._latest.pop(task_id, None) is not None:
                 self._changed = True
