@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 #: Seconds of unchanged counters after which wait() confirms the end by an exact count.
 _STALL_CHECK_SECONDS = 5.0
+#: How long wait() gives counters that lag the records to catch up once the records say done.
+_COUNTERS_SETTLE_SECONDS = 0.5
 #: Unfinished tasks at or below which wait() counts the records (the counters may lag them).
 _EXACT_NEAR_END = 64
 #: The window over which a view's rate is measured.
@@ -531,6 +533,7 @@ class Job:
             ):
                 counted = time.monotonic()
                 if self.queue.backend.exact_job_finished(self.id) >= total:
+                    self._settle_counters(counts, total, bar)
                     return
                 exact_due = time.monotonic() + 10 * (time.monotonic() - counted)
                 last_change = time.monotonic()
@@ -540,6 +543,16 @@ class Job:
                 )
             yield sleep
             sleep = min(sleep * 1.5, defaults.WAIT_POLL_MAX)
+
+    def _settle_counters(self, counts: Counts, total: int, bar: JobBar) -> None:
+        """The records say the job ended: give counters that lag them (fq:// writes a commit's
+        counters just after it) a moment to land, so the last view drawn says so too. A process
+        killed in between never writes them; then the view keeps what they say."""
+        deadline = time.monotonic() + _COUNTERS_SETTLE_SECONDS
+        while counts.finished < total and time.monotonic() < deadline:
+            time.sleep(0.001)
+            counts = self.counts()
+        bar.show(counts, total)
 
     def _wait_with_widget(self, timeout: float | None, check: Callable[[], None] | None) -> Job:
         """Wait while redrawing the widget from this (the cell's) thread; end on the final state."""
