@@ -77,3 +77,25 @@ def check_worker_id(value: str) -> str:
     if not isinstance(value, str) or not WORKER_ID_PATTERN.match(value):
         raise ValueError(f"invalid worker id {value!r}: use letters, digits and '_.:-'")
     return value
+
+
+class IndexSet:
+    """A set of task indices of one job, a bit each: a million tasks take 125 KB. What a reader
+    of a job's commits keeps to return each task once."""
+
+    def __init__(self) -> None:
+        self._bits = bytearray()
+
+    def __contains__(self, index: int) -> bool:
+        byte = index // 8
+        return byte < len(self._bits) and bool(self._bits[byte] & (1 << (index % 8)))
+
+    def add(self, index: int) -> bool:
+        """Add ``index``; True if it was not in the set yet."""
+        if index in self:
+            return False
+        byte = index // 8
+        if byte >= len(self._bits):
+            self._bits.extend(bytes(byte + 1 - len(self._bits)))
+        self._bits[byte] |= 1 << (index % 8)
+        return True

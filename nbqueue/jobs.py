@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from . import defaults
 from .backends.base import CommitWatch, Counts
 from .errors import BackendUnavailable, BadSignature, DecodeError, QueueStateLost, TaskFailed
-from .ids import check_tasks_of, in_job, index_of
+from .ids import IndexSet, check_tasks_of, in_job, index_of
 from .procs import process_gone, worker_id
 from .progress import JobBar, JobView, Snapshot, TaskProgress, describe, progress_mode
 from .records import TaskError, TaskRecord, dead_letter_record, open_record, seal_cancel_record
@@ -75,17 +75,6 @@ PENDING = _Pending()
 _READ_BATCH = 1000
 #: The columns ``to_dataframe`` gives every row, after the task's arguments and value.
 _TABLE_COLUMNS = ("status", "error", "error_message", "attempts", "worker", "started", "finished", "duration")
-
-
-def _take_bit(bits: bytearray, i: int) -> bool:
-    """Set bit ``i``; True if it was not set (the bitmap grows as needed)."""
-    if i // 8 >= len(bits):
-        bits.extend(bytes(i // 8 + 1 - len(bits)))
-    mask = 1 << (i % 8)
-    if bits[i // 8] & mask:
-        return False
-    bits[i // 8] |= mask
-    return True
 
 
 def _table_row(record: TaskRecord | None, params: dict[str, Any]) -> dict[str, Any]:
@@ -206,10 +195,7 @@ class _Tracker:
                 self._dead_seen = counts.dead
         if read_error:
             self._error = job.latest_error()
-        try:  # one read for the worker count and the running tasks' own progress
-            infos: dict[str, bytes] | None = job.queue.backend.workers()
-        except Exception:
-            infos = None
+        infos = job.worker_infos()  # one read for the worker count and the tasks' own progress
         workers = None if infos is None else len(infos)
         meta = job.meta  # one read (it re-reads the storage while the job is inserting)
         created = meta.get("created") or time.time()
@@ -382,12 +368,18 @@ class Job:
         newest = max(records, key=lambda r: r.finished or 0.0, default=None)
         return None if newest is None else newest.error
 
-    def workers_seen(self) -> int | None:
-        """Workers the queue has heard from recently (None when the storage cannot say now)."""
+    def worker_infos(self) -> dict[str, bytes] | None:
+        """The heartbeats of the workers the queue has heard from recently (None when the
+        storage cannot say now)."""
         try:
-            return len(self.queue.backend.workers())
+            return self.queue.backend.workers()
         except Exception:
             return None
+
+    def workers_seen(self) -> int | None:
+        """Workers the queue has heard from recently (None when the storage cannot say now)."""
+        infos = self.worker_infos()
+        return None if infos is None else len(infos)
 
     def running_progress(self, workers: dict[str, bytes] | None = None) -> list[TaskProgress]:
         """What the job's running tasks last reported (``current_task().progress``), the
@@ -591,7 +583,7 @@ class Job:
             QueueStateLost: the queue lost this job's state.
         """
         q, backend = self.queue, self.queue.backend
-        returned = bytearray()
+        returned = IndexSet()
         count = 0
         cursor: object | None = None
         start = time.monotonic()
@@ -604,7 +596,7 @@ class Job:
                     items, cursor = backend.read_commits(self.id, cursor, _READ_BATCH)
                     for task_id, blob in items:
                         i = index_of(task_id)
-                        if not _take_bit(returned, i):
+                        if not returned.add(i):
                             continue
                         count += 1
                         yield open_record(q.signer, q.serializer, task_id, blob, self.id)
@@ -616,7 +608,7 @@ class Job:
                     # Every task finished but the log did not show them all (a job inserted by an
                     # nbqueue without commit logs): the records themselves, once.
                     for record in self.records():
-                        if _take_bit(returned, record.index):
+                        if returned.add(record.index):
                             count += 1
                             yield record
                     if count >= total:

@@ -72,7 +72,16 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from ..errors import FULL_ERRNOS, QueueURLError, StorageFull, UnsafeQueueError
-from ..ids import ID_PATTERN, check_batch, check_id, check_tasks_of, check_worker_id, index_of, job_of
+from ..ids import (
+    ID_PATTERN,
+    IndexSet,
+    check_batch,
+    check_id,
+    check_tasks_of,
+    check_worker_id,
+    index_of,
+    job_of,
+)
 from . import segments
 from .base import (
     COUNT_FIELDS,
@@ -247,28 +256,21 @@ class _DoneWatch(CommitWatch):
 
 
 class _DoneScan:
-    """A cursor along done/<job>/: a bit per task index already returned, and the directory
-    pass under way (a directory has no order to resume from; a pass after the last one catches
-    what landed behind it)."""
+    """A cursor along done/<job>/: the task indices already returned, and the directory pass
+    under way (a directory has no order to resume from; a pass after the last one catches what
+    landed behind it)."""
 
     def __init__(self) -> None:
-        self.returned = bytearray()
+        self.returned = IndexSet()
         self.entries: Any = None  # os.scandir of done/<job>/ while a pass is under way
         self.exhausted = False  # the pass under way reached its end
         self.pending: collections.deque[tuple[str, bytes]] = collections.deque()  # read, not returned
 
     def seen(self, task_id: str) -> bool:
         try:
-            i = index_of(task_id)
+            return index_of(task_id) in self.returned
         except (ValueError, IndexError):
             return True  # not a task's name: never returned
-        return i // 8 < len(self.returned) and bool(self.returned[i // 8] & (1 << (i % 8)))
-
-    def mark(self, task_id: str) -> None:
-        i = index_of(task_id)
-        if i // 8 >= len(self.returned):
-            self.returned.extend(bytes(i // 8 + 1 - len(self.returned)))
-        self.returned[i // 8] |= 1 << (i % 8)
 
 
 class FileBackend(Backend):
@@ -1407,7 +1409,7 @@ class FileBackend(Backend):
             for name in names:
                 record = frames.get(name, frames.get(ANY_TASK))
                 if record is not None:
-                    scan.mark(name)
+                    scan.returned.add(index_of(name))
                     scan.pending.append((name, record))
 
     # -- admin ----------------------------------------------------------------------------------
