@@ -24,7 +24,7 @@ from .ids import check_id, job_of, task_id
 from .jobs import CommitWaiter, Job
 from .queue import TaskQueue
 from .records import TaskRecord, open_record
-from .tasks import callable_name, mark
+from .tasks import callable_name, mark, signature_of
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -146,7 +146,7 @@ def _time_limit_of_call(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[
     if "timeout" not in kwargs:
         return {}
     try:
-        params = inspect.signature(fn).parameters.values()
+        params = signature_of(fn).parameters.values()
     except (TypeError, ValueError):
         return {}
     if any(p.name == "timeout" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):

@@ -349,18 +349,24 @@ def callable_name(fn: Any) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
 
+def signature_of(fn: Callable[..., Any]) -> inspect.Signature:
+    """``inspect.signature(fn)``, computed once per function (it costs more than the rest of an
+    insert). Raises as ``inspect.signature`` does."""
+    signature = _signatures.get(fn)
+    if signature is None:
+        signature = _signatures[fn] = inspect.signature(fn)
+    return signature
+
+
 def _bind(fn: Callable[..., Any], args: tuple, kwargs: dict) -> dict[str, Any] | None:
     """Check that the arguments fit ``fn``; return the plain ones by parameter name."""
     try:
-        signature = _signatures.get(fn)
-        if signature is None:  # computing it costs more than the rest of an insert
-            signature = _signatures[fn] = inspect.signature(fn)
-        bound = signature.bind(*args, **kwargs)
+        bound = signature_of(fn).bind(*args, **kwargs)
     except TypeError as exc:
         raise BindError(f"{callable_name(fn)}(): {exc}") from None
     named: dict[str, Any] = {}
     for name, value in bound.arguments.items():
-        kind = signature.parameters[name].kind
+        kind = bound.signature.parameters[name].kind
         if kind is inspect.Parameter.VAR_KEYWORD:
             named.update(value)
         elif kind is inspect.Parameter.VAR_POSITIONAL:
