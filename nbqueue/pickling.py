@@ -581,6 +581,130 @@ def dumps(obj: Any, shipment: Shipment | None = None) -> bytes:
     return buf.getvalue()
 
 
+# -- when a function's pickle can be reused ---------------------------------------------------------
+#: Plain values a fingerprint holds by value: equal ones pickle alike.
+_PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes)
+#: Bigger tuples, dicts and deeper nesting are not worth fingerprinting: the function is pickled.
+_FINGERPRINT_MAX_ITEMS = 64
+_FINGERPRINT_MAX_DEPTH = 6
+
+
+class _Unsure(Exception):
+    """A value whose pickle could change while the object stays the same (a list, say)."""
+
+
+def fingerprint(fn: types.FunctionType) -> tuple[tuple, list[Any]] | None:
+    """What ``dumps(fn)`` depends on, as ``(key, objects)``: two equal keys pickle alike as long as
+    ``objects`` (held by the caller, so the ids in the key stay theirs) are alive. None when the
+    function reads something that could change in place (a list, a notebook class): such a
+    function is pickled every time, as its pickle captures that state as it is now.
+
+    Held by identity: code, modules and functions or classes that travel by reference. By value:
+    numbers, strings, bytes and tuples of them. Notebook functions it calls: their own
+    fingerprints. An import anywhere changes the key of a function that reads a module, since the
+    pickle names the submodules its code reaches (``_submodules``).
+    """
+    objects: list[Any] = []
+    try:
+        return _function_key(fn, objects, set(), 0), objects
+    except (_Unsure, RecursionError):
+        return None
+
+
+def _function_key(fn: types.FunctionType, objects: list[Any], visiting: set[int], depth: int) -> tuple:
+    if id(fn) in visiting:
+        return ("again", id(fn))  # a recursive helper: its key is being made
+    visiting.add(id(fn))
+    objects.append(fn)
+    code, globs = fn.__code__, fn.__globals__
+    objects.append(code)
+    reads = tuple(
+        (name, _value_key(globs[name], objects, visiting, depth + 1) if name in globs else ("absent",))
+        for name in sorted(global_names(code))
+        if name != "__builtins__"
+    )
+    closure = ()
+    if fn.__closure__ is not None:
+        cells = []
+        for cell in fn.__closure__:
+            try:
+                cells.append(_value_key(cell.cell_contents, objects, visiting, depth + 1))
+            except ValueError:
+                cells.append(("empty",))
+        closure = tuple(cells)
+    parts = (
+        "fn",
+        id(code),
+        fn.__name__,
+        fn.__qualname__,
+        fn.__module__,
+        globs.get("__name__"),
+        fn.__doc__ if isinstance(fn.__doc__, str) or fn.__doc__ is None else _unsure(),
+        reads,
+        closure,
+        _value_key(fn.__defaults__, objects, visiting, depth + 1),
+        _mapping_key(fn.__kwdefaults__, objects, visiting, depth + 1),
+        _mapping_key(fn.__annotations__, objects, visiting, depth + 1),
+        _mapping_key(fn.__dict__, objects, visiting, depth + 1),
+    )
+    return parts
+
+
+def _unsure() -> Any:
+    raise _Unsure
+
+
+def _mapping_key(mapping: dict | None, objects: list[Any], visiting: set[int], depth: int) -> tuple | None:
+    if mapping is None:
+        return None
+    if len(mapping) > _FINGERPRINT_MAX_ITEMS or not all(isinstance(k, str) for k in mapping):
+        raise _Unsure
+    return tuple((k, _value_key(mapping[k], objects, visiting, depth)) for k in sorted(mapping))
+
+
+def _value_key(value: Any, objects: list[Any], visiting: set[int], depth: int) -> Any:
+    if depth > _FINGERPRINT_MAX_DEPTH:
+        raise _Unsure
+    kind = type(value)
+    if kind in _PLAIN_TYPES:
+        # repr tells 0.0 from -0.0 (equal, but pickled apart); nan equals itself this way too
+        return (kind.__name__, repr(value) if kind is float or kind is complex else value)
+    if kind is tuple:
+        if len(value) > _FINGERPRINT_MAX_ITEMS:
+            raise _Unsure
+        return ("tuple", *(_value_key(v, objects, visiting, depth + 1) for v in value))
+    if kind is types.FunctionType:
+        if by_reference(value):
+            objects.append(value)
+            return ("ref", id(value))
+        return _function_key(value, objects, visiting, depth + 1)
+    if kind is functools.partial:  # what @queueable adds: ``fn.submit = partial(submit, fn)``
+        if value.__dict__:
+            raise _Unsure
+        return (
+            "partial",
+            _value_key(value.func, objects, visiting, depth + 1),
+            _value_key(value.args, objects, visiting, depth + 1),
+            _mapping_key(value.keywords, objects, visiting, depth + 1),
+        )
+    if kind is types.ModuleType:
+        if not is_installed(value.__name__):
+            raise _Unsure  # a local module travels with its current contents
+        objects.append(value)
+        return ("module", id(value), len(sys.modules))
+    if kind is types.BuiltinFunctionType:
+        if not isinstance(value.__self__, types.ModuleType | None):
+            raise _Unsure  # a bound method of an object (``items.append``) travels with it
+        objects.append(value)
+        return ("ref", id(value))
+    if isinstance(value, type):
+        if not (by_reference(value) or value.__module__ == "builtins"):
+            raise _Unsure  # a notebook class: its attributes can change in place
+        objects.append(value)
+        return ("ref", id(value))
+    raise _Unsure
+
+
 # -- finding the culprit --------------------------------------------------------------------------
 def _parts(obj: Any) -> Iterator[tuple[str, Any]]:
     """The named parts of ``obj`` a pickle of it would contain, for the culprit search."""

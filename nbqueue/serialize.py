@@ -18,6 +18,8 @@ import hmac
 import json
 import os
 import pickle
+import types
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -212,10 +214,27 @@ def dumps_checked(
         raise SerializationError(f"cannot serialize {what}: {detail}") from cause
 
 
+#: The last pickle of each function, with what it depended on (``pickling.fingerprint``):
+#: ``fn -> (serializer name, key, objects the key names, digest, blob)``. A notebook submits the
+#: same function again and again (one job each); pickling it each time is most of an insert.
+_blob_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def function_blob(fn: Any, serializer: Serializer) -> tuple[str, bytes]:
-    """Serialize a task function once: ``(sha256 digest, bytes)``."""
+    """Serialize a task function: ``(sha256 digest, bytes)``; the last pickle again while nothing
+    it depends on changed (its code, the globals it reads, its defaults and closure)."""
+    depends = pickling.fingerprint(fn) if type(fn) is types.FunctionType else None
+    if depends is not None:
+        known = _blob_cache.get(fn)
+        if known is not None and known[0] == serializer.name and known[1] == depends[0]:
+            return known[3], known[4]
     blob = dumps_checked(fn, serializer, f"function {getattr(fn, '__qualname__', fn)!r}")
-    return hashlib.sha256(blob).hexdigest(), blob
+    digest = hashlib.sha256(blob).hexdigest()
+    if depends is not None:
+        # Not fn itself among the objects kept: the entry must not keep its own key alive.
+        kept = [obj for obj in depends[1] if obj is not fn]
+        _blob_cache[fn] = (serializer.name, depends[0], kept, digest, blob)
+    return digest, blob
 
 
 def check_function_blob(digest: str, blob: bytes) -> None:

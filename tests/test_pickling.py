@@ -466,3 +466,63 @@ def test_notebook_classes_come_back_as_themselves_and_attributes_ship_no_globals
     assert (out["moved_is_point"], out["orig_equal"], out["dedupe"]) == (True, True, 1)
     assert (out["pair"], out["total"], out["length"], out["box"]) == (6, 6, [2], 7)
     assert out["function_bytes"] < 200_000, out  # the million-item list stayed home
+
+
+EDITED_BETWEEN_SUBMITS = """
+from nbqueue import queueable
+SCALE = 2
+OFFSETS = [0]
+
+def helper(x):
+    return x + 1
+
+@queueable
+def scaled(x, k=1):
+    return helper(x) * SCALE * k
+
+@queueable
+def shifted(x):
+    return x + OFFSETS[-1]
+"""
+
+
+def test_a_function_submitted_again_ships_what_changed_since(tmp_path):
+    """The pickle of a function is reused while nothing it reads changed (most of a submit's
+    cost); a changed global, helper or default, or a list changed in place, reaches the worker."""
+    from nbqueue import pickling
+    from nbqueue.serialize import function_blob, get_serializer
+
+    nb = notebook(EDITED_BETWEEN_SUBMITS)
+    dill = get_serializer("dill")
+    assert function_blob(nb.scaled, dill)[1] is function_blob(nb.scaled, dill)[1]  # reused
+    assert pickling.fingerprint(nb.shifted) is None  # reads a list: pickled every time
+    import nbqueue
+
+    pool = nbqueue.use(f"fq://{tmp_path / 'q'}").spawn_workers(1, idle_exit=None)
+    try:
+        assert nb.scaled.submit(1).get(timeout=60) == 4
+        nb.SCALE = 3
+        assert nb.scaled.submit(1).get(timeout=60) == 6
+        exec("def helper(x):\n    return x + 10", nb.__dict__)  # the helper's cell run again
+        assert nb.scaled.submit(1).get(timeout=60) == 33
+        nb.scaled.__defaults__ = (2,)
+        assert nb.scaled.submit(1).get(timeout=60) == 66
+        assert nb.shifted.submit(1).get(timeout=60) == 1
+        nb.OFFSETS.append(5)
+        assert nb.shifted.submit(1).get(timeout=60) == 6
+    finally:
+        pool.stop()
+
+
+def test_an_import_changes_the_fingerprint_of_a_function_that_reads_a_module():
+    # The pickle names the submodules its code reaches (sklearn.metrics after ``import sklearn``):
+    # one imported since the last pickle must be named in the next.
+    from nbqueue import pickling
+
+    nb = notebook("import xml\ndef parse(text):\n    return xml.dom.minidom.parseString(text)\n")
+    before = pickling.fingerprint(nb.parse)
+    assert before is not None and pickling.fingerprint(nb.parse)[0] == before[0]
+    sys.modules.pop("xml.dom.minidom", None)
+    import xml.dom.minidom  # noqa: F401
+
+    assert pickling.fingerprint(nb.parse)[0] != before[0]
