@@ -8,13 +8,14 @@ Both use the process's default queue: the one set by ``nbqueue.use(URL)``, else 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import functools
 import inspect
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from typing import Any, TypeVar, overload
 
 from . import defaults
@@ -136,7 +137,7 @@ def _submit_one(fn: Callable[..., Any], task: functools.partial, options: dict[s
     """Insert one task as a job of its own on the default queue; its handle."""
     tq = default_queue()
     job = tq.insert([task], **{"name": callable_name(fn), "progress": False, **options})
-    return TaskHandle(tq, task_id(job.id, 0))
+    return TaskHandle(tq, task_id(job.id, 0), inserted_here=True)
 
 
 def _time_limit_of_call(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -186,11 +187,13 @@ def map_tasks(fn: Callable[..., Any], iterable: Iterable[Any], **options: Any) -
 class TaskHandle:
     """One queued task, reattachable from any process by queue and task id."""
 
-    def __init__(self, queue: TaskQueue, task: str) -> None:
+    def __init__(self, queue: TaskQueue, task: str, *, inserted_here: bool = False) -> None:
+        """``inserted_here``: this process has just inserted the task (``fn.submit``)."""
         self.queue = queue
         self.task_id = check_id(task, "task id")
         self.job_id = job_of(task)
         self._finished: bytes = b""  # the task's record, once a wait saw it
+        self._inserted_here = inserted_here
 
     @property
     def job(self) -> Job:
@@ -241,31 +244,39 @@ class TaskHandle:
         """
         # The watch starts before the first look, so a commit in between still wakes the wait.
         with CommitWaiter(self.queue.backend.watch_commits(self.job_id)) as waiter:
-            for pause in self._waiting(timeout):
-                waiter.wait(pause)
+            polls = self._waiting(timeout)
+            with contextlib.suppress(StopIteration):
+                pause = next(polls)
+                while True:
+                    pause = polls.send(waiter.wait_then_read(self.task_id, pause))
         return self._value()
 
     async def get_async(self, timeout: float | None = None) -> Any:
         """``get()`` for ``await`` (IPython and Jupyter run top-level ``await``): the event loop
         runs other work while this waits (in a thread) for the commit. Raises as ``get`` does."""
         with CommitWaiter(self.queue.backend.watch_commits(self.job_id)) as waiter:
-            for pause in self._waiting(timeout):
-                await asyncio.to_thread(waiter.wait, pause)
+            polls = self._waiting(timeout)
+            with contextlib.suppress(StopIteration):
+                pause = next(polls)
+                while True:
+                    pause = polls.send(await asyncio.to_thread(waiter.wait_then_read, self.task_id, pause))
         return self._value()
 
-    def _waiting(self, timeout: float | None) -> Iterator[float]:
-        """The polls of a wait for this task: yields how long to pause before the next one, and
-        ends once it finished, its record kept for ``_value``."""
+    def _waiting(self, timeout: float | None) -> Generator[float, bytes | None, None]:
+        """The polls of a wait for this task: yields how long to wait before the next look and is
+        sent the task's record (or None) that look found; ends once it finished, its record kept
+        for ``_value``. A task this handle's process just inserted is not looked at before the
+        first wait: it exists, and a quick one's round trip saves a read."""
         start = time.monotonic()
         sleep = defaults.WAIT_POLL_MIN
-        blob = self._blob()
-        known = blob is not None
+        known = self._inserted_here
+        blob = None if known else self._blob()
+        known = known or blob is not None
         while blob is None:
             if timeout is not None and time.monotonic() - start >= timeout:
                 raise TimeoutError(f"task {self.task_id} not finished after {timeout:g}s")
-            yield sleep
+            blob = yield sleep
             sleep = min(sleep * 1.5, defaults.WAIT_POLL_MAX)
-            blob = self._blob()
             if blob is None and not known:
                 # Asked once, after the first wait, so a quick task's round trip never pays for
                 # this (an admin verb that may scan the job).

@@ -145,13 +145,24 @@ class CommitWaiter:
 
     def wait(self, pause: float) -> bool:
         """Block until a commit or ``pause`` seconds; True if a commit (or maybe one) woke it."""
-        since = time.monotonic() - self._woken
-        if since < defaults.WAIT_POLL_MIN:
-            time.sleep(defaults.WAIT_POLL_MIN - since)
+        self._pace()
         if self.watch.wait(pause):
             self._woken = time.monotonic()
             return True
         return False
+
+    def wait_then_read(self, task_id: str, pause: float) -> bytes | None:
+        """``wait(pause)``, then the task's record if it has one (``CommitWatch.wait_then_read``)."""
+        self._pace()
+        woke, found = self.watch.wait_then_read(task_id, pause)
+        if woke:
+            self._woken = time.monotonic()
+        return found
+
+    def _pace(self) -> None:
+        since = time.monotonic() - self._woken
+        if since < defaults.WAIT_POLL_MIN:
+            time.sleep(defaults.WAIT_POLL_MIN - since)
 
     def close(self) -> None:
         """Release the watch."""

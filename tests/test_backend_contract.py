@@ -547,6 +547,36 @@ def test_a_commit_before_the_wait_still_wakes_it(backend):
         assert watch.wait(5) is True and time.monotonic() - t < 1.0
 
 
+def test_a_commit_before_the_watch_wakes_its_first_wait(backend):
+    # What lets a waiter skip its first look: a task done before anyone watched still ends the wait.
+    backend.insert("j1", tasks_of("j1", 2))
+    _commit(backend, "j1", 1)
+    with backend.watch_commits("j1") as watch:
+        t = time.monotonic()
+        assert watch.wait(5) is True and time.monotonic() - t < 1.0
+
+
+def test_wait_then_read_returns_the_record_a_commit_brought(backend):
+    backend.insert("j1", tasks_of("j1", 2))
+    with backend.watch_commits("j1") as watch:
+        assert watch.wait_then_read("j1-0", 0.05)[1] is None  # nothing yet: the wait times out
+        found: list = []
+
+        def wait_for_it() -> None:  # as a waiter does: a polling watch may wake it early
+            while not found or found[-1][1] is None:
+                found.append((*watch.wait_then_read("j1-0", 10), time.monotonic()))
+
+        waiter = threading.Thread(target=wait_for_it)
+        waiter.start()
+        time.sleep(0.1)
+        committed = time.monotonic()
+        _commit(backend, "j1", 1)
+        waiter.join(10)
+        woke, record, when = found[-1]
+        assert woke is True and record == b"rj1-0" and when - committed < 0.5
+        assert watch.wait_then_read("j1-1", 0.05)[1] is None  # another task of the job: not done
+
+
 def test_read_commits_returns_each_record_once_from_a_cursor(backend):
     backend.insert("j1", tasks_of("j1", 5))
     _commit(backend, "j1", 2)

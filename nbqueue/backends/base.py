@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 
@@ -138,10 +138,20 @@ class CommitWatch(ABC):
 
     @abstractmethod
     def wait(self, timeout: float) -> bool:
-        """Block until a task of the job commits (since the watch began or the last ``wait``
-        returned True), or ``timeout`` seconds pass; True if something did, or may have: a
-        storage that can only poll says True after a short pause, so callers always re-read what
-        they wait for."""
+        """Block until a task of the job commits (since the last ``wait`` returned True), or
+        ``timeout`` seconds pass; True if something did, or may have: a storage that can only
+        poll says True after a short pause, so callers always re-read what they wait for. The
+        first wait returns True at once if the job had commits before the watch began, so a
+        waiter need not look before it (one read saved on every round trip)."""
+
+    #: The storage's ``Backend.record``, which ``wait_then_read`` calls after the wait.
+    read_record: Callable[[str], bytes | None]
+
+    def wait_then_read(self, task_id: str, timeout: float) -> tuple[bool, bytes | None]:
+        """``wait(timeout)``, then the task's record if it has one (``Backend.record``): what one
+        task's waiter does. redis:// sends both in one round trip."""
+        woke = self.wait(timeout)
+        return woke, self.read_record(task_id)
 
     def close(self) -> None:  # noqa: B027 - optional hook: only a file system watch holds anything
         """Release what the watch holds."""

@@ -245,10 +245,17 @@ def _fold_counters_at_exit() -> None:
 class _DoneWatch(CommitWatch):
     """New names in done/<job>/: the job's commits."""
 
-    def __init__(self, watch: DirectoryWatch) -> None:
-        self.watch = watch
+    def __init__(self, watch: DirectoryWatch, read_record: Callable[[str], bytes | None]) -> None:
+        self.watch, self.read_record = watch, read_record
+        # Commits from before the watch began wake the first wait (as on redis://, where the log
+        # is read from its start): looked for after the watch is on, so none falls in between.
+        with os.scandir(watch.path) as names:
+            self.committed_before = next(names, None) is not None
 
     def wait(self, timeout: float) -> bool:
+        if self.committed_before:
+            self.committed_before = False
+            return True
         return self.watch.wait(timeout)
 
     def close(self) -> None:
@@ -1358,7 +1365,7 @@ class FileBackend(Backend):
         done_dir = self._path("done", check_id(job_id, "job id"))
         with contextlib.suppress(FileExistsError):
             os.mkdir(done_dir, 0o700)
-        return _DoneWatch(DirectoryWatch(done_dir, self._notify))
+        return _DoneWatch(DirectoryWatch(done_dir, self._notify), self.record)
 
     def read_commits(
         self, job_id: str, cursor: object | None, limit: int

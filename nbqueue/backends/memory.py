@@ -106,8 +106,8 @@ class _ReadyTasks:
 
 class _MemoryWatch(CommitWatch):
     def __init__(self, backend: MemoryBackend, job_id: str) -> None:
-        self.backend, self.job_id = backend, job_id
-        self.seen = backend.log_length(job_id)
+        self.backend, self.job_id, self.read_record = backend, job_id, backend.record
+        self.seen = 0  # commits from before the watch began wake the first wait
 
     def wait(self, timeout: float) -> bool:
         length = self.backend.wait_for_commits(self.job_id, self.seen, timeout)
@@ -426,11 +426,6 @@ class MemoryBackend(Backend):
     # -- watching -------------------------------------------------------------------------------
     def watch_commits(self, job_id: str) -> CommitWatch:
         return _MemoryWatch(self, job_id)
-
-    def log_length(self, job_id: str) -> int:
-        """How many records the job has committed (its commit log's length)."""
-        with self._cond:
-            return len(self._logs.get(job_id, ()))
 
     def wait_for_commits(self, job_id: str, seen: int, timeout: float) -> int:
         """Block until the job's commit log is longer than ``seen`` or ``timeout`` passes; its

@@ -236,19 +236,27 @@ def _translated(method: F) -> F:
 
 class _RedisWatch(CommitWatch):
     def __init__(self, backend: RedisBackend, job_id: str) -> None:
-        self.backend, self.job_id = backend, job_id
+        self.backend, self.job_id, self.read_record = backend, job_id, backend.record
         # From the log's start, not its end: no read before the first wait (a round trip saved
         # on every get), and that wait returns at once if anything was committed already.
         self.entry, self.woken = b"0-0", False
 
     def wait(self, timeout: float) -> bool:
+        self._move_past_wake()
+        self.woken = self.backend.wait_past(self.job_id, self.entry, timeout)
+        return self.woken
+
+    def wait_then_read(self, task_id: str, timeout: float) -> tuple[bool, bytes | None]:
+        self._move_past_wake()
+        self.woken, found = self.backend.wait_past_then_read(self.job_id, self.entry, timeout, task_id)
+        return self.woken, found
+
+    def _move_past_wake(self) -> None:
         if self.woken:
             # Past everything committed so far, not only the entry that woke the last wait:
             # after a burst of commits this blocks again instead of returning once per entry.
             # (Read here, not on waking: a caller whose wait ended needs no more reads.)
             self.entry, self.woken = self.backend.newest_commit(self.job_id), False
-        self.woken = self.backend.wait_past(self.job_id, self.entry, timeout)
-        return self.woken
 
 
 class RedisBackend(Backend):
@@ -503,9 +511,26 @@ class RedisBackend(Backend):
         """Block until the job's commit log has an entry past ``entry``, or ``timeout`` passes."""
         # XREAD blocks on the server until an entry past ``entry`` is added, and every waiter on
         # the job wakes (a stream is read, not popped). BLOCK 0 would mean forever.
-        block_ms = max(1, int(min(timeout, self._max_block) * 1000))
         with self._translate_errors():
-            return bool(self._client.xread({self.key("log", job_id): entry}, count=1, block=block_ms))
+            found = self._client.xread(
+                {self.key("log", job_id): entry}, count=1, block=self._block_ms(timeout)
+            )
+        return bool(found)
+
+    def _block_ms(self, timeout: float) -> int:
+        return max(1, int(min(timeout, self._max_block) * 1000))
+
+    def wait_past_then_read(
+        self, job_id: str, entry: bytes, timeout: float, task_id: str
+    ) -> tuple[bool, bytes | None]:
+        """``wait_past``, then the task's record, sent together: the server answers the read as
+        soon as the blocking one returns, so a waiter pays one round trip, not two."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.xread({self.key("log", job_id): entry}, count=1, block=self._block_ms(timeout))
+        pipe.hget(self.key("results", job_of(task_id)), task_id)
+        with self._translate_errors():
+            woke, found = pipe.execute()
+        return bool(woke), found
 
     @_translated
     def read_commits(
