@@ -439,8 +439,7 @@ class RedisBackend(Backend):
             self._client.blpop([self.key("notify")], timeout=max(block, _MIN_BLOCK_SECONDS))
 
     def _lease_once(self, n: int, seconds: float) -> tuple[list[Lease], int]:
-        tokens = [os.urandom(8).hex() for _ in range(n)]
-        out = self._run("lease", _ms(seconds), *tokens)
+        out = self._run("lease", _ms(seconds), n, os.urandom(8).hex())
         leases = [
             Lease(task.decode(), token.decode(), int(attempt), payload, bool(suspect))
             for task, token, attempt, payload, suspect in zip(

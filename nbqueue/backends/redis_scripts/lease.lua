@@ -1,4 +1,5 @@
--- lease(lease_ms, token_1, ..., token_n): lease up to n ready tasks.
+-- lease(lease_ms, n, nonce): lease up to n ready tasks; the i-th one leased gets token nonce..':'..i
+-- (one random nonce per call, not one token per task: a worker asks for up to 64 at a time).
 -- Returns {wait_ms, task, token, attempt, payload, suspect (0/1), ...}; when nothing was leased, wait_ms is how
 -- long until the next delayed task is due or lease expires (-1: neither, or tasks were leased),
 -- so a blocking caller knows when to retry.
@@ -6,7 +7,7 @@ local now = now_ms()
 local deadline = now + tonumber(ARGV[2])
 reclaim(now, false, RECLAIM_LIMIT)
 local out = {-1}
-local want = #ARGV - 2
+local want = tonumber(ARGV[3])
 local leased = 0
 while leased < want do
   local tasks = take_ready(want - leased)
@@ -19,7 +20,7 @@ while leased < want do
       end_cancelled(task, record, 'queued')
     else
       leased = leased + 1
-      local token = ARGV[leased + 2]
+      local token = ARGV[4] .. ':' .. leased
       local attempt = redis.call('HINCRBY', K.attempts, task, 1)
       redis.call('HSET', K.tokens, task, token)
       redis.call('ZADD', K.leases, deadline, task)
