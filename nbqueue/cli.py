@@ -70,6 +70,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         renewal=args.renew,
         concurrency=args.concurrency,
         task_timeout=args.task_timeout,
+        echo_output=args.echo_output,
     )
     urls = args.url or _env_urls()
     if args.processes > 1:
@@ -149,7 +150,7 @@ def cmd_job(args: argparse.Namespace) -> int:
     from .progress import TaskProgress, describe
     from .report import job_report
 
-    job = job_report(_queue(args), args.job_id)
+    job = job_report(_queue(args), args.job_id, outputs=args.output)
     counts = Counts(**{k: job[k] for k in SHOWN_COUNTS})
     lines = [
         f"job {_titled(job['id'], job['name'])}  ({job['state']})",
@@ -165,6 +166,8 @@ def cmd_job(args: argparse.Namespace) -> int:
     if job["running"]:
         lines.append(f"  running        {len(job['running'])} task(s) reporting progress")
         lines += [f"    {TaskProgress(**p).text()}  on {p['worker']}" for p in job["running"]]
+    for printed in job.get("outputs", ()):
+        lines += [f"--- output of task {printed['index']} ({printed['task_id']})", printed["output"].rstrip("\n")]
     _print(args, job, "\n".join(lines))
     return EXIT_TASKS_FAILED if job["errors"] or job["cancelled"] else EXIT_OK
 
@@ -389,11 +392,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds a task may run unless its job or function sets a limit (default: none)",
     )
+    w.add_argument(
+        "--echo-output",
+        action="store_true",
+        help="also print what tasks print here (it is kept with each task's record either way)",
+    )
     w.add_argument("-v", "--verbose", action="store_true", help="print a summary on exit")
 
     command("status", cmd_status, "counters, oldest queued task, leases expiring soon, workers seen", "url")
     command("jobs", cmd_jobs, "list the queue's jobs", "url")
-    command("job", cmd_job, "one job: counts, timings, errors (exit 1 if tasks failed)", "url", "job_id")
+    j = command("job", cmd_job, "one job: counts, timings, errors (exit 1 if tasks failed)", "url", "job_id")
+    j.add_argument("--output", action="store_true", help="also what each finished task printed")
     r = command(
         "results", cmd_results, "a job's results as JSON lines (exit 1 if tasks failed)", "url", "job_id"
     )

@@ -41,6 +41,8 @@ CANCEL_GRACE_SECONDS = 10.0
 #: A worker whose tasks report progress (``current_task().progress``) sends it with a heartbeat
 #: at most this often: the storage sees one write per worker per interval, however often tasks call.
 PROGRESS_BEAT_SECONDS = 1.0
+#: Characters of a task's printed output kept with its record: the last ones, as a terminal's scrollback.
+OUTPUT_LIMIT = 64 * 1024
 #: Results and job records on redis:// expire after this many seconds.
 RESULT_TTL_SECONDS = 7 * 24 * 3600
 #: Job.wait() poll interval bounds.

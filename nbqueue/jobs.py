@@ -19,13 +19,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import defaults
+from . import defaults, ids
 from .backends.base import CommitWatch, Counts
 from .errors import BackendUnavailable, BadSignature, DecodeError, QueueStateLost, TaskFailed
 from .ids import IndexSet, check_tasks_of, in_job, index_of
 from .procs import process_gone, worker_id
 from .progress import JobBar, JobView, Snapshot, TaskProgress, describe, progress_mode
-from .records import TaskError, TaskRecord, dead_letter_record, open_record, seal_cancel_record
+from .records import TaskError, TaskRecord, dead_letter_record, open_record, record_header, seal_cancel_record
 from .tasks import TaskCodec, open_task, to_call
 
 if TYPE_CHECKING:
@@ -711,6 +711,16 @@ class Job:
             if isinstance(header.get("p"), dict):
                 out[index_of(task_id)] = header["p"]
         return out
+
+    def output(self, index: int) -> str | None:
+        """What task ``index`` printed (stdout and stderr, interleaved as printed; the last
+        ``OUTPUT_LIMIT`` characters) in the attempt that finished it; None while it has not.
+        A failed task's output is on its error too (``errors()[k].output``)."""
+        if not 0 <= index < (self.total if self.total is not None else index + 1):
+            raise IndexError(f"job {self.id} has no task {index}")
+        task = ids.task_id(self.id, index)
+        blob = self.queue.backend.record(task)
+        return None if blob is None else record_header(self.queue.signer, task, blob, self.id).output
 
     def errors(self) -> list[TaskError]:
         """The tasks that failed for good or were cancelled (type ``Cancelled``), with type,

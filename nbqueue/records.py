@@ -7,6 +7,7 @@ worker. The notebook checks the signature before loading a value.
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -20,7 +21,12 @@ from .serialize import Serializer, Signer, open_envelope, seal
 
 @dataclass(frozen=True)
 class TaskError:
-    """Why a task failed: the exception's type, message and formatted traceback."""
+    """Why a task failed: the exception's type, message and traceback.
+
+    ``traceback`` starts at the task's own code (the worker's frames above it trimmed, as
+    ipyparallel shows remote errors); ``full_traceback`` is all of it. ``output`` is what the
+    failed attempt printed (its last ``OUTPUT_LIMIT`` characters).
+    """
 
     task_id: str
     type: str
@@ -28,6 +34,8 @@ class TaskError:
     traceback: str
     attempts: int
     worker: str | None = None
+    output: str = ""
+    full_traceback: str = ""
 
     def __str__(self) -> str:
         return f"{self.task_id}: {self.type}: {self.message} (after {self.attempts} attempt(s))"
@@ -48,6 +56,8 @@ class TaskRecord:
     cancelled: bool = False  #: ended cancelled (``error.type`` is ``Cancelled``), not failed
     #: The task's plain-data arguments by parameter name (as its signed task carried them).
     params: dict[str, Any] | None = None
+    #: What the task printed (stdout and stderr, interleaved; its last ``OUTPUT_LIMIT`` characters).
+    output: str = ""
 
     @property
     def index(self) -> int:
@@ -77,13 +87,23 @@ def seal_cancel_record(signer: Signer, job_id: str, message: str, worker: str) -
     return seal(signer, header, b"")
 
 
+#: Frames in these files are the worker's, not the task's: a traceback starts below them.
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
 def error_info(exc: BaseException) -> dict[str, str]:
-    """The JSON-able description of an exception."""
-    return {
-        "type": type(exc).__qualname__,
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-    }
+    """The JSON-able description of an exception: its traceback from the first frame outside
+    nbqueue (``traceback``), and whole (``full``) when that differs."""
+    full = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_OWN_DIR):
+        tb = tb.tb_next
+    info = {"type": type(exc).__qualname__, "message": str(exc), "traceback": full}
+    if tb is not None and tb is not exc.__traceback__:
+        # An error raised inside nbqueue itself (no user frame below) keeps its whole traceback.
+        info["traceback"] = "".join(traceback.format_exception(type(exc), exc, tb))
+        info["full"] = full
+    return info
 
 
 def seal_record(
@@ -99,8 +119,10 @@ def seal_record(
     finished: float | None,
     worker: str,
     params: dict[str, Any] | None = None,
+    output: str = "",
 ) -> bytes:
-    """A signed record of a success (``value``) or a failure (``error`` from ``error_info``).
+    """A signed record of a success (``value``) or a failure (``error`` from ``error_info``),
+    with what the task printed (``output``).
 
     Raises:
         SerializationError: ``value`` cannot be serialized (nothing is recorded: a worker fails
@@ -127,6 +149,8 @@ def seal_record(
     }
     if params:
         header["p"] = params
+    if output:
+        header["out"] = output
     return seal(signer, header, payload)
 
 
@@ -143,6 +167,8 @@ def open_record(signer: Signer, serializer: Serializer, task_id: str, blob: byte
         quarantined = TaskError(task_id, "Quarantined", reason, "", 0)
         return TaskRecord(task_id, False, None, quarantined, 0, None, None, None)
     err = header.get("err")
+    out = header.get("out")
+    output = out if isinstance(out, str) else ""
     if header.get("ok"):
         try:
             value = serializer.loads(payload)
@@ -160,6 +186,8 @@ def open_record(signer: Signer, serializer: Serializer, task_id: str, blob: byte
             err.get("traceback", ""),
             header.get("a", 0),
             header.get("w"),
+            output,
+            err.get("full") or err.get("traceback", ""),
         )
     return TaskRecord(
         task_id,
@@ -172,6 +200,7 @@ def open_record(signer: Signer, serializer: Serializer, task_id: str, blob: byte
         header.get("w"),
         cancelled,
         header.get("p") if isinstance(header.get("p"), dict) else None,
+        output,
     )
 
 

@@ -37,7 +37,13 @@ def task_header(signer: Signer, task_id: str, payload: bytes) -> dict | None:
 
 
 def _error_fields(error: TaskError) -> dict[str, Any]:
-    return {"type": error.type, "message": error.message, "traceback": error.traceback}
+    return {
+        "type": error.type,
+        "message": error.message,
+        "traceback": error.traceback,
+        "full_traceback": error.full_traceback or error.traceback,
+        "output": error.output,
+    }
 
 
 def _error_dict(error: TaskError | None) -> dict[str, Any] | None:
@@ -79,9 +85,11 @@ def queue_status(tq: TaskQueue) -> dict[str, Any]:
 
 
 # -- one job ---------------------------------------------------------------------------------------
-def job_report(tq: TaskQueue, job_id: str) -> dict[str, Any]:
+def job_report(tq: TaskQueue, job_id: str, *, outputs: bool = False) -> dict[str, Any]:
     """A job's record, counters, timings (created, first start, last finish) and errors (of the
-    tasks that failed for good: cancelled ones are counted, not listed).
+    tasks that failed for good, each with what it printed: cancelled ones are counted, not
+    listed); with ``outputs``, what every finished task printed (``outputs``: task id, index and
+    text, for the tasks that printed anything).
 
     Raises:
         KeyError: the queue has no such job.
@@ -96,7 +104,7 @@ def job_report(tq: TaskQueue, job_id: str) -> dict[str, Any]:
         for r in records
         if not r.ok and r.error is not None and not r.cancelled
     ]
-    return {
+    report: dict[str, Any] = {
         "id": job.id,
         "name": job.name,
         "state": job.meta.get("state"),
@@ -108,6 +116,11 @@ def job_report(tq: TaskQueue, job_id: str) -> dict[str, Any]:
         "errors": errors,
         "running": [asdict(p) for p in job.running_progress()],
     }
+    if outputs:
+        report["outputs"] = [
+            {"task_id": r.task_id, "index": r.index, "output": r.output} for r in records if r.output
+        ]
+    return report
 
 
 def result_row(record: TaskRecord, job_id: str) -> dict[str, Any]:
@@ -195,8 +208,9 @@ def dead_letter_line(row: dict[str, Any]) -> str:
 
 
 def dead_letters(tq: TaskQueue, job_id: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
-    """Dead letters as rows (task, attempts, payload size, error type, message, traceback, when),
-    newest first; of one job when ``job_id`` is given. Nothing is unpickled."""
+    """Dead letters as rows (task, attempts, payload size, error type, message, traceback, the
+    whole traceback, what the task printed, when), newest first; of one job when ``job_id`` is
+    given. Nothing is unpickled."""
     rows: list[dict[str, Any]] = []
     for letter in tq.dead():
         if job_id is not None and not in_job(letter.task_id, job_id):
@@ -208,9 +222,7 @@ def dead_letters(tq: TaskQueue, job_id: str | None = None, limit: int | None = N
                 "task_id": letter.task_id,
                 "attempts": letter.attempts,
                 "bytes": len(letter.payload),
-                "type": error.type if error else "?",
-                "message": error.message if error else "",
-                "traceback": error.traceback if error else "",
+                **(_error_fields(error) if error else {"type": "?", "message": "", "traceback": ""}),
                 "finished": record.finished,
                 "worker": record.worker,
             }

@@ -47,6 +47,7 @@ from .errors import (
 from .ids import job_of
 from .keeper import LeaseKeeper, LostLeases, renew_round
 from .keeper import available as keeper_available
+from .output import captured, echo_to_terminal
 from .procs import spawn_pool, worker_id
 from .records import error_info, seal_record
 from .serialize import Signer, get_serializer
@@ -293,16 +294,18 @@ def run_loaded(
     and is, once it runs past ``limit`` seconds."""
     interrupts = interrupts or Interrupts()
     slot = None
-    try:
-        with running_as(task.context(who)), interrupts.running(task.lease.task_id, limit) as slot:
-            value = task.call.run()
-            if inspect.iscoroutine(value):
-                value = run_coroutine(value, slot)
-    except BaseException as exc:
-        return _raised(codec, task, exc if slot is None else _why_stopped(slot, exc), max_attempts, who)
-    finally:
-        progress_board.forget(task.lease.task_id)
-    return _succeeded(codec, task, value, max_attempts, who)
+    with captured() as out:
+        try:
+            with running_as(task.context(who)), interrupts.running(task.lease.task_id, limit) as slot:
+                value = task.call.run()
+                if inspect.iscoroutine(value):
+                    value = run_coroutine(value, slot)
+        except BaseException as exc:
+            stopped = exc if slot is None else _why_stopped(slot, exc)
+            return _raised(codec, task, stopped, max_attempts, who, out.text())
+        finally:
+            progress_board.forget(task.lease.task_id)
+    return _succeeded(codec, task, value, max_attempts, who, out.text())
 
 
 async def run_loaded_async(
@@ -310,34 +313,42 @@ async def run_loaded_async(
 ) -> Outcome:
     """Await a loaded coroutine task on the running event loop; never raises for its errors."""
     slot = None
-    try:
-        # In this asyncio task's own context; told to stop through asyncio.
-        with running_as(task.context(who)), interrupts.running(task.lease.task_id, limit) as slot:
-            slot.loop, slot.future = asyncio.get_running_loop(), asyncio.current_task()
-            value = await task.call.run()
-    except BaseException as exc:
-        return _raised(codec, task, exc if slot is None else _why_stopped(slot, exc), max_attempts, who)
-    finally:
-        progress_board.forget(task.lease.task_id)
-    return _succeeded(codec, task, value, max_attempts, who)
+    # In this asyncio task's own context (its output too); told to stop through asyncio.
+    with captured() as out:
+        try:
+            with running_as(task.context(who)), interrupts.running(task.lease.task_id, limit) as slot:
+                slot.loop, slot.future = asyncio.get_running_loop(), asyncio.current_task()
+                value = await task.call.run()
+        except BaseException as exc:
+            stopped = exc if slot is None else _why_stopped(slot, exc)
+            return _raised(codec, task, stopped, max_attempts, who, out.text())
+        finally:
+            progress_board.forget(task.lease.task_id)
+    return _succeeded(codec, task, value, max_attempts, who, out.text())
 
 
-def _succeeded(codec: TaskCodec, task: Loaded, value: Any, max_attempts: int, who: str) -> Outcome:
-    """The outcome of a task that returned ``value``: a failed attempt when the value cannot be
-    serialized (a task never counts as completed without a value to read back)."""
+def _succeeded(
+    codec: TaskCodec, task: Loaded, value: Any, max_attempts: int, who: str, output: str = ""
+) -> Outcome:
+    """The outcome of a task that returned ``value`` (having printed ``output``): a failed
+    attempt when the value cannot be serialized (a task never counts as completed without a
+    value to read back)."""
+    params = task.call.params
     try:
-        record = _sealed(codec, task.lease, who, task.started, value=value, params=task.call.params)
+        record = _sealed(codec, task.lease, who, task.started, value=value, params=params, output=output)
         return Outcome(task.lease, record, True)
     except SerializationError as exc:
-        return _failed(codec, task.lease, exc, max_attempts, who, task.started, task.call.params)
+        return _failed(codec, task.lease, exc, max_attempts, who, task.started, params, output)
 
 
-def _raised(codec: TaskCodec, task: Loaded, exc: BaseException, max_attempts: int, who: str) -> Outcome:
+def _raised(
+    codec: TaskCodec, task: Loaded, exc: BaseException, max_attempts: int, who: str, output: str = ""
+) -> Outcome:
     """The outcome of a task that raised: sys.exit(), KeyboardInterrupt or any error inside a task
     fails the task, not the worker (but for the worker's own second Ctrl-C)."""
     if isinstance(exc, KeyboardInterrupt) and _interrupting.is_set():
         raise exc
-    return _failed(codec, task.lease, exc, max_attempts, who, task.started, task.call.params)
+    return _failed(codec, task.lease, exc, max_attempts, who, task.started, task.call.params, output)
 
 
 def execute(codec: TaskCodec, lease: Lease, fetch_function, max_attempts: int, who: str) -> Outcome:
@@ -369,10 +380,11 @@ def _failed(
     who: str,
     started: float,
     params: dict[str, Any] | None = None,
+    output: str = "",
 ) -> Outcome:
     """A task that raised: retried after a backoff, or dead when terminal or out of attempts."""
     terminal = isinstance(exc, TERMINAL_ERRORS) or lease.charged >= max_attempts
-    record = _sealed(codec, lease, who, started, error=error_info(exc), params=params)
+    record = _sealed(codec, lease, who, started, error=error_info(exc), params=params, output=output)
     return Outcome(lease, record, False, None if terminal else defaults.retry_delay(lease.charged))
 
 
@@ -548,7 +560,10 @@ class Worker:
         concurrency: int = 1,
         also: Sequence[QueueConnection] = (),
         task_timeout: float | None = None,
+        echo_output: bool = False,
     ) -> None:
+        """``echo_output``: what tasks print also goes to this process's terminal (it is kept with
+        each task's record either way)."""
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         self.only_by_reference = only_by_reference
@@ -571,6 +586,7 @@ class Worker:
         self.batch_max = max(1, batch_max, concurrency)
         #: Seconds a task without a limit of its own (job's or function's) may run; None: no limit.
         self.task_timeout = check_timeout(task_timeout)
+        echo_to_terminal(echo_output)
         self._loop: asyncio.AbstractEventLoop | None = None  # made at the first coroutine task
         self.stats = WorkerStats()
         #: Asked after every task run and every lease that found nothing: True stops the worker
@@ -1204,6 +1220,7 @@ def worker_command(
     renewal: str | None = None,
     concurrency: int = 1,
     task_timeout: float | None = None,
+    echo_output: bool = False,
 ) -> list[str]:
     """The command line of one worker process (the queue URL travels in its environment)."""
     # No URL here: it may hold a password, and argv is visible to every user (ps). Children get
@@ -1229,6 +1246,8 @@ def worker_command(
         cmd += ["--concurrency", str(concurrency)]
     if task_timeout is not None:
         cmd += ["--task-timeout", str(task_timeout)]
+    if echo_output:
+        cmd.append("--echo-output")
     return cmd
 
 

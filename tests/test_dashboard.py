@@ -22,6 +22,7 @@ from nbqueue import queueable, Terminal
 @queueable
 def cube(i):
     if i == 7:
+        print("cubing", i, "of the reserved kind")
         raise Terminal("seven is reserved")
     return i ** 3
 """
@@ -69,6 +70,8 @@ def test_dashboard_shows_counts_jobs_errors_and_redrives(server):
             assert "cubes" in page.locator("tr.job").first.inner_text()
             error = page.locator("details.error summary").first.inner_text()
             assert "Terminal: seven is reserved" in error
+            page.locator("details.error summary").first.click()  # the row opens: what it printed
+            assert "cubing 7 of the reserved kind" in page.locator("details.error pre").first.inner_text()
             assert f"pid {pids[0]}" in page.locator("#workers").inner_text()
             page.get_by_role("button", name="Redrive 1 dead letter(s)").click()
             # The redriven task runs again on the server's worker, fails again, and is counted.

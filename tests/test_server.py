@@ -28,6 +28,7 @@ def steps(n):
 @queueable
 def square(i):
     if i == 4:
+        print("checking", i)
         raise Terminal("four is right out")
     return i * i
 """
@@ -80,7 +81,8 @@ async def test_queues_jobs_and_job_detail(jp_fetch, queue_url):
     assert detail["counts"]["completed"] == 5 and detail["source"] == "square(i) for i in range(6)"
     (error,) = detail["errors"]
     assert (error["type"], error["message"]) == ("Terminal", "four is right out")
-    assert "Traceback" in error["traceback"]
+    assert "Traceback" in error["traceback"] and "nbqueue/worker.py" not in error["traceback"]
+    assert "nbqueue/worker.py" in error["full_traceback"] and error["output"] == "checking 4\n"
 
 
 async def test_dead_letters_and_redrive(jp_fetch, queue_url):
