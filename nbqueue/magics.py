@@ -237,13 +237,21 @@ class QueueMagics(Magics):
         return self._cell(line, cell)
 
     # -- cell ------------------------------------------------------------------------------------
+    def _prompt_number(self) -> int:
+        """The number of the cell running now, as its prompt shows it (``[4]``). IPython 8.x
+        and later count ``execution_count`` up before the cell runs, earlier ones after; the
+        history has stored this cell's input either way."""
+        history = getattr(self._ip, "history_manager", None)
+        inputs = getattr(history, "input_hist_raw", None)
+        return len(inputs) - 1 if inputs else self._ip.execution_count
+
     def _cell(self, line: str, cell: str) -> None:
         args = self.queue.parser.parse_args(split_args(line))
         ns = self._ip.user_ns
         names, grid = parameter_grid(args.map, ns, args.zip)
         fn = cell_function(cell, names, ns)
         tq = self._queue_for(args.url)
-        count = self._ip.execution_count
+        count = self._prompt_number()
         job = tq.insert(
             (partial(fn, **kwargs) for kwargs in grid),
             total=len(grid),

@@ -76,14 +76,18 @@ def _ipython() -> Any:
 
 # -- text ----------------------------------------------------------------------------------------
 def describe(counts: Counts, total: int | None) -> str:
-    """One line: ``done/total, dead, running, queued`` (and ``cancelled`` and ``scheduled`` when
-    some are). Done counts every finished task: completed, dead or cancelled."""
+    """One line: ``done/total, dead, running, queued`` (and ``cancelled``, ``scheduled`` and
+    failed attempts when there are some). Done counts every finished task: completed, dead or
+    cancelled."""
     of = "?" if total is None else f"{total:,}"
     line = f"{counts.finished:,}/{of} done · {counts.dead:,} dead · "
     if counts.cancelled:
         line += f"{counts.cancelled:,} cancelled · "
     line += f"{counts.leased:,} running · {counts.queued:,} queued"
-    return line + (f" · {counts.scheduled:,} scheduled" if counts.scheduled else "")
+    line += f" · {counts.scheduled:,} scheduled" if counts.scheduled else ""
+    # Failed attempts as they happen, retried or not: a task waiting out its retry backoff is
+    # scheduled, and this says why.
+    return line + (f" · {counts.failed:,} failed attempt(s)" if counts.failed else "")
 
 
 def summary(counts: Counts, elapsed: float) -> str:
@@ -375,7 +379,10 @@ class JobView:
         if not p:
             return
         c, total = snap.counts, snap.total
-        p["title"].value = f"<b>job {html.escape(self.job.name)}</b> <code>{self.job.id}</code>"
+        title = f"<b>job {html.escape(self.job.name)}</b>"
+        if self.job.name != self.job.id:  # an unnamed job's name is its id: once is enough
+            title += f" <code>{self.job.id}</code>"
+        p["title"].value = title
         segments = [
             ("completed", c.completed),
             ("dead", c.dead),
@@ -412,7 +419,10 @@ class JobView:
         if snap.error is not None:
             e = snap.error
             p["error"].set_title(0, f"latest error: {e.task_id}: {e.type}: {e.message}"[:200])
-            p["trace"].value = f"<pre style='font-size:11px'>{html.escape(e.traceback or e.message)}</pre>"
+            shown = html.escape(e.traceback or e.message)
+            if e.output:
+                shown += f"\n<b>its output</b> (task {e.task_id}):\n{html.escape(e.output)}"
+            p["trace"].value = f"<pre style='font-size:11px'>{shown}</pre>"
             p["error"].layout.display = ""
         if snap.finished:
             p["summary"].value = html.escape(summary(c, snap.elapsed))

@@ -226,3 +226,13 @@ def test_a_failing_cell_traceback_shows_the_cell_line_from_the_worker(shell, tmp
     (error,) = shell.user_ns["_job"].errors()
     assert error.type == "ZeroDivisionError"
     assert "ratio / (C - C)  # divides by zero on purpose" in error.traceback, error.traceback
+    # It starts at the cell: the worker's own frames are only in the full traceback.
+    assert "nbqueue" not in error.traceback and "nbqueue/worker.py" in error.full_traceback
+
+
+def test_a_cell_job_is_named_by_the_prompt_number_of_its_cell(shell, tmp_path):
+    url = f"fq://{tmp_path / 'named'}"
+    prompt = shell.execution_count  # the number the next cell's prompt shows: [n]
+    shell.run_cell(f"%%queue {url} --map a=[1, 2]\nprint('a is', a)\na", store_history=True)
+    job = shell.user_ns["_job"]
+    assert job.name == f"cell {prompt}"

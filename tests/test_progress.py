@@ -158,3 +158,36 @@ def test_the_widgets_cancel_button_cancels_the_job_and_the_view_shows_it():
     assert "5/5 done · 0 dead · 5 cancelled" in text and "0 completed, 0 dead, 5 cancelled" in text
     view.stop()
     widget.close()
+
+
+RETRIED = """
+from nbqueue import queueable, current_task, Terminal
+
+@queueable
+def flaky(i):
+    print(f"task {i} attempt {current_task().attempt}")
+    if i == 1 and current_task().attempt == 1:
+        raise ConnectionError("the service hiccupped")
+    if i == 2:
+        raise Terminal("two is refused")
+    return i
+"""
+
+
+def test_the_view_shows_a_retry_as_it_waits_and_a_failure_with_its_output():
+    nb = notebook(RETRIED)
+    tq = TaskQueue("mem://retried-view")
+    job = tq.insert((functools.partial(nb.flaky, i) for i in range(3)), progress=False)
+    view = JobView(job)
+    widget = view.widget
+    tq.poll(burst=True, max_tasks=3)  # each ran once: task 1 now waits out its retry backoff
+    text = view.refresh_text()
+    assert "2/3 done · 1 dead · 0 running · 0 queued · 1 scheduled · 2 failed attempt(s)" in text, text
+    view.refresh(force=True)
+    # An unnamed job is named by its id: the title shows it once.
+    assert view._parts["title"].value.count(job.id) == 1
+    trace = view._parts["trace"].value
+    assert "Terminal: two is refused" in trace and "task 2 attempt 1" in trace  # what it printed
+    tq.poll(burst=True)  # the retry: it succeeds
+    assert "3/3 done" in view.refresh_text() and job.output(1) == "task 1 attempt 2\n"
+    widget.close()
