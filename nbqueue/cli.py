@@ -167,7 +167,8 @@ def cmd_job(args: argparse.Namespace) -> int:
         lines.append(f"  running        {len(job['running'])} task(s) reporting progress")
         lines += [f"    {TaskProgress(**p).text()}  on {p['worker']}" for p in job["running"]]
     for printed in job.get("outputs", ()):
-        lines += [f"--- output of task {printed['index']} ({printed['task_id']})", printed["output"].rstrip("\n")]
+        lines.append(f"--- output of task {printed['index']} ({printed['task_id']})")
+        lines.append(printed["output"].rstrip("\n"))
     _print(args, job, "\n".join(lines))
     return EXIT_TASKS_FAILED if job["errors"] or job["cancelled"] else EXIT_OK
 
