@@ -202,6 +202,7 @@ class TaskQueue(QueueConnection):
         stop_event: threading.Event | None = None,
         only_by_reference: bool = False,
         concurrency: int = 1,
+        echo_output: bool = True,
     ) -> WorkerStats:
         """Run tasks in this process, as a worker does, until told to stop; returns what it did.
 
@@ -220,6 +221,8 @@ class TaskQueue(QueueConnection):
             only_by_reference: refuse every task that ships pickled code, unread (it goes to
                 the dead letters); only tasks by reference run.
             concurrency: ``async def`` tasks run at once on this worker's event loop.
+            echo_output: what tasks print also shows here, as in python-task-queue (this is
+                the caller's own process); it is kept with each task's record either way.
         """
         del tally  # every completion is counted: there is nothing to switch on
         worker = Worker(
@@ -230,6 +233,7 @@ class TaskQueue(QueueConnection):
             max_tasks=max_tasks,
             only_by_reference=only_by_reference,
             concurrency=concurrency,
+            echo_output=echo_output,
         )
         if stop_fn is not None:
             worker.stop_when = _stop_asker(stop_fn, worker)

@@ -1260,6 +1260,7 @@ def _child_init(insecure: bool, serializer: str, queue_id: str, functions: dict[
     global _child_codec, _child_functions
     _child_codec = TaskCodec(Signer.default(insecure), get_serializer(serializer), queue_id)
     _child_functions = functions
+    echo_to_terminal(True)  # a local pool runs in the caller's own terminal, as python-task-queue's
 
 
 def _child_execute(lease: Lease, max_attempts: int) -> Outcome:

@@ -134,3 +134,16 @@ def test_the_worker_terminal_shows_task_output_only_with_echo_output(tmp_path):
     )
     assert echoed.returncode == 0 and "line 0000000\nline 0000001\n" in echoed.stdout
     assert job.output(0) == "line 0000000\nline 0000001\n"  # kept all the same
+
+
+def test_poll_in_the_callers_own_process_shows_task_output_there_and_keeps_it(capsys):
+    # As python-task-queue's poll(): the caller's terminal (or cell) is where the tasks run.
+    nb = notebook(CHATTY)
+    tq = TaskQueue("mem://poll-output")
+    job = tq.insert([functools.partial(nb.flood, 2)], progress=False)
+    tq.poll(burst=True)
+    assert "line 0000000\nline 0000001\n" in capsys.readouterr().out
+    assert job.output(0) == "line 0000000\nline 0000001\n"
+    quiet = tq.insert([functools.partial(nb.flood, 1)], progress=False)
+    tq.poll(burst=True, echo_output=False)
+    assert "line 0000000" not in capsys.readouterr().out and quiet.output(0) == "line 0000000\n"
