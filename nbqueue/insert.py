@@ -331,6 +331,8 @@ def insert_tasks(
         meta["priority"] = priority
     if placement.timeout is not None:
         meta["timeout"] = placement.timeout
+    if placement.ready_at is not None:
+        meta["ready_at"] = placement.ready_at  # until then its scheduled tasks are not retries
     # Read once: the tasks are signed for it and the job checks it, so the two always agree.
     queue_id = queue.queue_id
     job = Job(queue, job_id, meta, queue_id=queue_id)

@@ -8,6 +8,7 @@ A job outlives the process that made it: ``TaskQueue.job(id)`` reattaches from a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import json
@@ -175,6 +176,19 @@ class CommitWaiter:
         self.close()
 
 
+def _running_by_worker(workers: dict[str, bytes]) -> dict[str, list[str]]:
+    """``worker -> the task ids it runs now``, from heartbeats (an older worker's says nothing)."""
+    out = {}
+    for worker, info in workers.items():
+        try:
+            running = json.loads(info).get("running")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(running, list):
+            out[worker] = [task for task in running if isinstance(task, str)]
+    return out
+
+
 class _Tracker:
     """What a job's view shows, computed from its counters: the rate over the last
     ``_RATE_WINDOW_SECONDS``, the newest error (read at most every ``ERROR_REFRESH_SECONDS``, and
@@ -206,8 +220,12 @@ class _Tracker:
                 self._dead_seen = counts.dead
         if read_error:
             self._error = job.latest_error()
-        infos = job.worker_infos()  # one read for the worker count and the tasks' own progress
-        workers = None if infos is None else len(infos)
+        infos = job.worker_infos()  # one read for the workers, what runs now and its progress
+        workers = running = None
+        if infos is not None:
+            with contextlib.suppress(Exception):  # informative only: the next snapshot asks again
+                workers = len(job.workers_ran(infos))
+            running = min(job.running_now(infos), counts.leased)
         meta = job.meta  # one read (it re-reads the storage while the job is inserting)
         created = meta.get("created") or time.time()
         elapsed = (self._finished_at or time.time()) - created
@@ -216,6 +234,9 @@ class _Tracker:
         snap = Snapshot(
             counts, total, state is JobState.INSERTING, elapsed, rate, workers, self._error, insert_error
         )
+        snap.running_now = running
+        # Tasks waiting to become ready are retries once no delay of the insert holds them back.
+        snap.retrying = not meta.get("ready_at") or time.time() >= meta["ready_at"]
         if infos and counts.leased:
             snap.running = job.running_progress(infos)
         if snap.finished:
@@ -391,6 +412,37 @@ class Job:
         """Workers the queue has heard from recently (None when the storage cannot say now)."""
         infos = self.worker_infos()
         return None if infos is None else len(infos)
+
+    def workers_ran(self, workers: dict[str, bytes] | None = None) -> set[str]:
+        """The workers that ran this job's tasks: those that committed one (kept with the job,
+        after they exit) and those whose heartbeat says they run one now.
+
+        Args:
+            workers: ``Backend.workers()`` if already read.
+        """
+        ran = self.queue.backend.job_workers(self.id)
+        if workers is None:
+            workers = self.queue.backend.workers()
+        return ran | {
+            worker for worker, running in _running_by_worker(workers).items() if self._any_ours(running)
+        }
+
+    def running_now(self, workers: dict[str, bytes] | None = None) -> int:
+        """This job's tasks executing now, as the workers' heartbeats last said (about once a
+        second while it changes): never more than their slots, unlike ``counts().leased``, which
+        also holds the tasks a worker leased ahead.
+
+        Args:
+            workers: ``Backend.workers()`` if already read.
+        """
+        if workers is None:
+            workers = self.queue.backend.workers()
+        return sum(
+            sum(in_job(task, self.id) for task in running) for running in _running_by_worker(workers).values()
+        )
+
+    def _any_ours(self, task_ids: list[str]) -> bool:
+        return any(in_job(task, self.id) for task in task_ids)
 
     def running_progress(self, workers: dict[str, bytes] | None = None) -> list[TaskProgress]:
         """What the job's running tasks last reported (``current_task().progress``), the

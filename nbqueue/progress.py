@@ -35,8 +35,10 @@ COLORS = {
     "dead": "#c62828",
     "cancelled": "#8d6e63",
     "running": "#1565c0",
+    "prefetched": "#90caf9",
     "queued": "#bdbdbd",
     "scheduled": "#e0e0e0",
+    "waiting to retry": "#ffb74d",
 }
 
 _detected: str | None = None
@@ -75,16 +77,29 @@ def _ipython() -> Any:
 
 
 # -- text ----------------------------------------------------------------------------------------
-def describe(counts: Counts, total: int | None) -> str:
+def describe(counts: Counts, total: int | None, running: int | None = None, retrying: bool = False) -> str:
     """One line: ``done/total, dead, running, queued`` (and ``cancelled``, ``scheduled`` and
     failed attempts when there are some). Done counts every finished task: completed, dead or
-    cancelled."""
+    cancelled.
+
+    Args:
+        running: the tasks executing now (``Job.running_now``), when known: the rest of the
+            leased ones are shown as prefetched (held by a worker, not started).
+        retrying: the scheduled tasks are retries waiting out their backoff (no insert delay
+            holds any back), and are called so.
+    """
     of = "?" if total is None else f"{total:,}"
     line = f"{counts.finished:,}/{of} done · {counts.dead:,} dead · "
     if counts.cancelled:
         line += f"{counts.cancelled:,} cancelled · "
-    line += f"{counts.leased:,} running · {counts.queued:,} queued"
-    line += f" · {counts.scheduled:,} scheduled" if counts.scheduled else ""
+    now = counts.leased if running is None else min(running, counts.leased)
+    line += f"{now:,} running · "
+    line += f"{counts.leased - now:,} prefetched · " if counts.leased > now else ""
+    line += f"{counts.queued:,} queued"
+    if counts.scheduled:
+        line += f" · {counts.scheduled:,} " + (
+            "waiting to retry" if retrying and counts.failed else "scheduled"
+        )
     # Failed attempts as they happen, retried or not: a task waiting out its retry backoff is
     # scheduled, and this says why.
     return line + (f" · {counts.failed:,} failed attempt(s)" if counts.failed else "")
@@ -247,6 +262,10 @@ class Snapshot:
     insert_error: str | None = None  #: why the insert stopped part-way, when it did
     #: Running tasks' own progress, furthest behind first (``TaskContext.progress``).
     running: list[TaskProgress] = field(default_factory=list)
+    #: The job's tasks executing now, from the workers' heartbeats (None: not known).
+    running_now: int | None = None
+    #: Its scheduled tasks are retries waiting out their backoff (no insert delay holds any).
+    retrying: bool = False
 
     @property
     def finished(self) -> bool:
@@ -267,7 +286,7 @@ class Snapshot:
             bar = "|" + cells.ljust(width) + "|"
         else:
             bar = "|" + " " * width + "|"
-        head = f"job {name} {bar} {describe(c, total)}"
+        head = f"job {name} {bar} {describe(c, total, self.running_now, self.retrying)}"
         if self.inserting:
             head += f" · inserting ({c.inserted:,} queued so far)"
         if self.insert_error:
@@ -283,7 +302,7 @@ class Snapshot:
                 extras.append(f"ETA {_duration(eta)}")
             line = head + " · " + " · ".join(extras)
         if self.workers is not None:
-            line += f" · {self.workers} worker(s) seen"
+            line += f" · ran by {self.workers} worker(s)"
         if self.running and not self.finished:
             line += "".join(f"\n  {p.text()}" for p in self.running[:PROGRESS_SHOWN])
         if self.error is not None:
@@ -383,13 +402,15 @@ class JobView:
         if self.job.name != self.job.id:  # an unnamed job's name is its id: once is enough
             title += f" <code>{self.job.id}</code>"
         p["title"].value = title
+        now = c.leased if snap.running_now is None else min(snap.running_now, c.leased)
         segments = [
             ("completed", c.completed),
             ("dead", c.dead),
             ("cancelled", c.cancelled),
-            ("running", c.leased),
+            ("running", now),
+            ("prefetched", c.leased - now),
             ("queued", c.queued),
-            ("scheduled", c.scheduled),
+            ("waiting to retry" if snap.retrying and c.failed else "scheduled", c.scheduled),
         ]
         denom = total or max(sum(n for _, n in segments), 1)
         blocks = "".join(
@@ -402,14 +423,14 @@ class JobView:
             '<div style="display:flex;height:14px;width:100%;max-width:640px;background:#eee;'
             f'border-radius:3px;overflow:hidden">{blocks}</div>'
         )
-        stats = [describe(c, total), f"elapsed {_duration(snap.elapsed)}"]
+        stats = [describe(c, total, snap.running_now, snap.retrying), f"elapsed {_duration(snap.elapsed)}"]
         if snap.rate:
             stats.append(f"{snap.rate:,.0f} tasks/s")
         eta = snap.eta()
         if eta is not None and snap.rate and not snap.finished:
             stats.append(f"ETA {_duration(eta)}")
         if snap.workers is not None:
-            stats.append(f"{snap.workers} worker(s) seen")
+            stats.append(f"ran by {snap.workers} worker(s)")
         if snap.inserting:
             stats.append(f"inserting: {c.inserted:,} queued so far")
         if snap.insert_error:

@@ -62,6 +62,8 @@ TERMINAL_ERRORS = (BadSignature, DecodeError, TaskRefused, Terminal)
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 log = logging.getLogger("nbqueue.worker")
+#: Jobs a worker remembers having noted as served (``Worker._served_jobs``): one more is noted again.
+_SERVED_REMEMBERED = 1000
 
 
 class _GaveUp(Exception):
@@ -605,6 +607,8 @@ class Worker:
         self._batch: _Batch | None = None  # the batch running now (see _watch)
         self.interrupts = Interrupts()  #: the tasks running now, which _watch may tell to stop
         self._one_at_a_time = False  # after a batch with a suspect: lease singly (_isolate_suspects)
+        #: (queue, job) pairs this worker has told the storage it served (``add_job_worker``), newest last.
+        self._served: collections.OrderedDict[tuple[int, str], None] = collections.OrderedDict()
 
     # -- control --------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -714,6 +718,9 @@ class Worker:
             "completed": self.stats.completed,
             "failed": self.stats.failed,
             "progress": progress_board.current(),
+            # What runs now (not leases held ahead): a view's "running" never exceeds the slots.
+            "running": self.interrupts.running_ids(),
+            "slots": self.concurrency,
         }
         return json.dumps(info)
 
@@ -884,9 +891,10 @@ class Worker:
         """Thread: while a task runs longer than its batch was sized for, the batch's unstarted
         tasks go back to the queue (uncharged) for idle workers, instead of waiting behind it;
         every ``CANCEL_CHECK_SECONDS``, tasks held that were cancelled are told (see ``_obey_cancels``);
-        progress reported by running tasks goes out with a heartbeat at most every
-        ``PROGRESS_BEAT_SECONDS``."""
+        progress reported by running tasks, and which tasks run, go out with a heartbeat at most
+        every ``PROGRESS_BEAT_SECONDS`` when they changed."""
         checked = beat = time.monotonic()
+        running: list[str] = []
         while not done.wait(_GIVE_BACK_CHECK_SECONDS):
             batch = self._batch
             overdue = batch.overdue() if batch is not None else []
@@ -902,8 +910,10 @@ class Worker:
                     self._obey_cancels(batch)
                 except Exception as exc:  # a storage hiccup: the next check asks again
                     log.debug("cancel check failed: %s", exc)
-            if progress_board.changed and time.monotonic() - beat >= defaults.PROGRESS_BEAT_SECONDS:
-                beat = time.monotonic()
+            now_running = self.interrupts.running_ids()
+            changed = progress_board.changed or now_running != running
+            if changed and time.monotonic() - beat >= defaults.PROGRESS_BEAT_SECONDS:
+                beat, running = time.monotonic(), now_running
                 self._beat_progress(batch)
 
     def _beat_progress(self, batch: _Batch | None) -> None:
@@ -1125,6 +1135,24 @@ class Worker:
                 self.stats.completed += 1
             else:
                 self.stats.refused += 1
+        self._served_jobs(leases)
+
+    def _served_jobs(self, leases: list[Lease]) -> None:
+        """Tell the storage, once per job, that this worker ran tasks of it (``Job.workers_ran``).
+        After the commit, so a task's round trip never waits for it; while the first task runs,
+        this worker's heartbeat lists it as running."""
+        for job in {job_of(lease.task_id) for lease in leases}:
+            key = (id(self.backend), job)
+            if key in self._served:
+                continue
+            try:
+                self.backend.add_job_worker(job, self.who)
+            except Exception as exc:  # informative only: the next commit of the job tells it again
+                log.debug("could not note the job served: %s", exc)
+                continue
+            self._served[key] = None
+            if len(self._served) > _SERVED_REMEMBERED:
+                self._served.popitem(last=False)
 
     def _report_failure(self, outcome: Outcome, renewer: LeaseRenewal) -> None:
         lease = outcome.lease
@@ -1142,6 +1170,7 @@ class Worker:
         except _GaveUp:  # never reported: the lease expires and the attempt is made again
             self.stats.abandoned += 1
             return
+        self._served_jobs([lease])
         if state is None:
             self.stats.refused += 1
             return

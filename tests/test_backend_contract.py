@@ -577,6 +577,18 @@ def test_wait_then_read_returns_the_record_a_commit_brought(backend):
         assert watch.wait_then_read("j1-1", 0.05)[1] is None  # another task of the job: not done
 
 
+def test_the_workers_that_ran_a_job_are_kept_with_it_until_a_purge(backend):
+    backend.insert("j1", tasks_of("j1", 1))
+    assert backend.job_workers("j1") == set()
+    for worker in ("host-a:1", "host-a:1", "host-b:2"):
+        backend.add_job_worker("j1", worker)
+    assert backend.job_workers("j1") == {"host-a:1", "host-b:2"} and backend.job_workers("j2") == set()
+    with pytest.raises(ValueError):
+        backend.add_job_worker("j1", "../escape")
+    backend.purge()
+    assert backend.job_workers("j1") == set()
+
+
 def test_read_commits_returns_each_record_once_from_a_cursor(backend):
     backend.insert("j1", tasks_of("j1", 5))
     _commit(backend, "j1", 2)

@@ -182,7 +182,7 @@ def test_the_view_shows_a_retry_as_it_waits_and_a_failure_with_its_output():
     widget = view.widget
     tq.poll(burst=True, max_tasks=3)  # each ran once: task 1 now waits out its retry backoff
     text = view.refresh_text()
-    assert "2/3 done · 1 dead · 0 running · 0 queued · 1 scheduled · 2 failed attempt(s)" in text, text
+    assert "2/3 done · 1 dead · 0 running · 0 queued · 1 waiting to retry · 2 failed attempt(s)" in text, text
     view.refresh(force=True)
     # An unnamed job is named by its id: the title shows it once.
     assert view._parts["title"].value.count(job.id) == 1

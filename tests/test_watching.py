@@ -16,7 +16,7 @@ import nbqueue
 from nbqueue import PENDING, TaskQueue
 from nbqueue.backends.dirwatch import file_system_type, notifications_work
 
-from .helpers import notebook
+from .helpers import notebook, wait_for
 
 NB = """
 import time
@@ -153,6 +153,31 @@ def test_to_dataframe_without_waiting_lists_unfinished_tasks_as_pending(served):
     assert list(df["status"]) == ["pending"] * 3 and list(df.index) == [0, 1, 2]
     job.cancel()
     assert list(job.to_dataframe(timeout=30)["i"]) == [0, 1, 2]  # cancelled: from the kept tasks
+
+
+def test_the_view_counts_the_workers_that_ran_the_job_and_shows_what_runs_now(served):
+    """Two workers (one slot each) with tasks leased ahead: "running" is what executes now, never
+    more than the slots, the rest prefetched; the workers that ran the job are counted while it
+    runs and after it ended. Beside it, a second job the workers never touch counts none."""
+    tq, nb = served
+    job = tq.insert((functools.partial(nb.slow, i, 0.05) for i in range(160)), progress=False)
+    idle = tq.insert([], progress=False)
+    seen = []
+
+    def prefetched_while_running() -> bool:
+        snap = job.snapshot()
+        seen.append(snap)
+        return snap.counts.leased > 2 and bool(snap.running_now) and snap.workers == 2
+
+    wait_for(prefetched_while_running, timeout=60, what="leases held ahead while tasks run")
+    assert all(s.running_now is None or s.running_now <= 2 for s in seen)
+    text = seen[-1].text(job.name)
+    assert " prefetched · " in text and "ran by 2 worker(s)" in text, text
+    job.wait(timeout=120, progress=False)
+    after = job.snapshot()
+    assert after.workers == 2 and after.running_now == 0 and " 0 running · 0 queued" in after.text(job.name)
+    assert job.workers_ran() == set(tq.backend.workers())  # the same two processes
+    assert idle.snapshot().workers == 0
 
 
 def test_fq_falls_back_to_polling_where_notifications_are_not_trusted(tmp_path, monkeypatch):

@@ -411,6 +411,15 @@ class Backend(ABC):
     def workers(self) -> dict[str, bytes]:
         """``worker_id -> info`` of every worker whose last heartbeat has not expired."""
 
+    @abstractmethod
+    def add_job_worker(self, job_id: str, worker_id: str) -> None:
+        """Note that worker ``worker_id`` ran a task of the job (a worker says so once per job it
+        serves, not per task); kept, and expired or purged, with the job's results."""
+
+    @abstractmethod
+    def job_workers(self, job_id: str) -> set[str]:
+        """The workers that ran tasks of the job (``add_job_worker``), alive or not."""
+
     # -- copying between queues -----------------------------------------------------------------
     @abstractmethod
     def iter_queued(self) -> Iterator[tuple[str, bytes]]:

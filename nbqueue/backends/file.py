@@ -21,6 +21,7 @@ Layout (every name is a hard link to a segment; a segment's bytes live while any
     quarantine/<name>, quarantine/<name>.why  files that are not ours or do not parse
     fn/<digest>, jobs/<job_id>, joborder/<ns>.<job_id>, counters/<process>, tmp/
     workers/<worker_id>                       a worker's heartbeat: "<expires_ms>\n" + its info
+    ran/<job>/<worker_id>                     an empty file: that worker ran tasks of the job
 
 A lease is won by the one ``rename`` out of ``queue/`` that succeeds; renew, fail, release and
 expiry each rename the lease name, so exactly one of them wins (the token fence). A commit links
@@ -115,6 +116,7 @@ AREAS = (
     "priority",
     "cancel",
     "cancelled",
+    "ran",
 )
 #: The name of a whole job's mark in cancel/<job>/ (never a task id: those end in -N).
 JOB_MARK = "job"
@@ -1639,6 +1641,20 @@ class FileBackend(Backend):
             return
         expires = _now_ms() + int(ttl * 1000)
         self._write_atomic(path, b"%d\n" % expires + bytes(info), sync=False)
+
+    @_full_translated
+    def add_job_worker(self, job_id: str, worker_id: str) -> None:
+        job_dir = self._path("ran", check_id(job_id, "job id"))
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(job_dir, 0o700)
+        path = os.path.join(job_dir, check_worker_id(worker_id))
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+
+    def job_workers(self, job_id: str) -> set[str]:
+        try:
+            return set(os.listdir(self._path("ran", check_id(job_id, "job id"))))
+        except FileNotFoundError:
+            return set()
 
     def workers(self) -> dict[str, bytes]:
         now = _now_ms()

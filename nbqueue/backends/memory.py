@@ -141,6 +141,7 @@ class MemoryBackend(Backend):
         self._counts = Counts()
         self._job_counts: dict[str, Counts] = {}
         self._workers: dict[str, tuple[bytes, float]] = {}  # worker id -> (info, expires)
+        self._job_workers: dict[str, set[str]] = {}  # job id -> ids of the workers that ran its tasks
         # Cancel marks: job id -> record (the whole job), task id -> record (that task).
         self._cancelled_jobs: dict[str, bytes] = {}
         self._cancelled_tasks: dict[str, bytes] = {}
@@ -554,6 +555,15 @@ class MemoryBackend(Backend):
             for worker_id in [w for w, (_, expires) in self._workers.items() if expires <= now]:
                 del self._workers[worker_id]
             return {worker_id: info for worker_id, (info, _) in self._workers.items()}
+
+    def add_job_worker(self, job_id: str, worker_id: str) -> None:
+        check_worker_id(worker_id)
+        with self._cond:
+            self._job_workers.setdefault(check_id(job_id, "job id"), set()).add(worker_id)
+
+    def job_workers(self, job_id: str) -> set[str]:
+        with self._cond:
+            return set(self._job_workers.get(job_id, ()))
 
     # -- copying between queues -----------------------------------------------------------------
     def iter_queued(self) -> Iterator[tuple[str, bytes]]:

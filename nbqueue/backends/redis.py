@@ -117,7 +117,7 @@ QUEUE_KEYS = (
     "id",
 )
 #: Kinds of per-job keys, ``nbq:{NAME}:<kind>:<job_id>``.
-JOB_KINDS = ("jc", "results", "log", "job", "cancel", "cancelled")
+JOB_KINDS = ("jc", "results", "log", "job", "cancel", "cancelled", "ran")
 #: Kind of function keys, ``nbq:{NAME}:fn:<digest>``.
 FUNCTION_KIND = "fn"
 
@@ -164,6 +164,7 @@ _SCRIPT_NAMES = (
     "counts",
     "ready_ids",
     "lease",
+    "add_job_worker",
     "renew",
     "complete",
     "fail",
@@ -684,6 +685,17 @@ class RedisBackend(Backend):
     def heartbeat(self, worker_id: str, info: bytes, ttl: float) -> None:
         check_worker_id(worker_id)
         self._run("heartbeat", worker_id, bytes(info), _ms(ttl) if ttl > 0 else 0)
+
+    @_translated
+    def add_job_worker(self, job_id: str, worker_id: str) -> None:
+        check_id(job_id, "job id")
+        self._run("add_job_worker", job_id, check_worker_id(worker_id))
+
+    @_translated
+    def job_workers(self, job_id: str) -> set[str]:
+        return {
+            worker.decode() for worker in self._client.smembers(self.key("ran", check_id(job_id, "job id")))
+        }
 
     @_translated
     def workers(self) -> dict[str, bytes]:

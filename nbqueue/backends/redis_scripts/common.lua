@@ -39,7 +39,7 @@ end
 local function touch_job(job)
   local live = redis.call('HMGET', JK('jc', job), 'queued', 'leased')
   local alive = (tonumber(live[1]) or 0) + (tonumber(live[2]) or 0) > 0
-  for _, kind in ipairs({'jc', 'results', 'log', 'job', 'cancel', 'cancelled'}) do
+  for _, kind in ipairs({'jc', 'results', 'log', 'job', 'cancel', 'cancelled', 'ran'}) do
     if alive then
       redis.call('PERSIST', JK(kind, job))
     else

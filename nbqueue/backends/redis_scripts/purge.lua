@@ -2,7 +2,7 @@
 -- function blobs through their digest set, so no SCAN is needed.
 for _, job in ipairs(redis.call('ZRANGE', K.jobs, 0, -1)) do
   redis.call('DEL', JK('jc', job), JK('results', job), JK('job', job), JK('ready', job), JK('delayed', job),
-    JK('cancel', job), JK('cancelled', job), JK('log', job))
+    JK('cancel', job), JK('cancelled', job), JK('log', job), JK('ran', job))
 end
 for _, digest in ipairs(redis.call('SMEMBERS', K.functions)) do
   redis.call('DEL', JK(FN_KIND, digest))
