@@ -12,9 +12,10 @@ import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from .backends.base import TaskStatus
+from .backends.base import Counts, TaskStatus
 from .errors import BadSignature, DecodeError
 from .ids import in_job, index_of, job_of
+from .jobs import JobState
 from .records import TaskError, TaskRecord, dead_letter_record, record_header
 from .reference import export_value
 from .serialize import Signer
@@ -48,6 +49,21 @@ def _error_fields(error: TaskError) -> dict[str, Any]:
 
 def _error_dict(error: TaskError | None) -> dict[str, Any] | None:
     return None if error is None else _error_fields(error)
+
+
+def job_status(state: str | None, counts: Counts, total: int | None) -> str:
+    """A job's state as a user reads it: ``inserting``, ``insert failed``, ``queued`` (nothing
+    started), ``running``, ``finished`` or ``cancelled`` (finished, some of it by a cancel). The
+    job record's own state only says how its insert went."""
+    if state == JobState.INSERTING.value:
+        return "inserting"
+    if state == JobState.INSERT_FAILED.value:
+        return "insert failed"
+    if total is not None and counts.finished >= total:
+        return "cancelled" if counts.cancelled else "finished"
+    if counts.finished or counts.leased or counts.failed:
+        return "running"
+    return "queued"
 
 
 # -- the queue -------------------------------------------------------------------------------------

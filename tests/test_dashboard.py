@@ -17,7 +17,13 @@ from .helpers import CHROMIUM_ARGS, JupyterProcess, chromium_path, notebook
 pytestmark = pytest.mark.slow
 
 NB = """
+import time
 from nbqueue import queueable, Terminal
+
+@queueable
+def pause(i, seconds):
+    time.sleep(seconds)
+    return i
 
 @queueable
 def cube(i):
@@ -77,6 +83,52 @@ def test_dashboard_shows_counts_jobs_errors_and_redrives(server):
             # The redriven task runs again on the server's worker, fails again, and is counted.
             page.locator(".queue-counts", has_text="failed attempts 2").wait_for(timeout=30_000)
             page.screenshot(path=str(tmp_path / "dashboard.png"))
+        finally:
+            browser.close()
+    assert stop_server_workers(info, pids) == 1
+
+
+def test_the_page_updates_in_place_and_keeps_what_the_user_opened(server):
+    """An open traceback stays open across refreshes while a job beside it runs; that job's state,
+    rate and chart move; a job's detail lists its errors with what they printed, and retries."""
+    from playwright.sync_api import sync_playwright
+
+    proc, url, tmp_path = server
+    nb = notebook(NB)
+    tq = TaskQueue(url)
+    cubes = tq.insert((functools.partial(nb.cube, i) for i in range(10)), name="cubes", progress=False)
+    info = running_server(pid=proc.proc.pid)
+    pids = start_server_workers(info, url, 1)
+    deadline = time.monotonic() + 60
+    while not cubes.done() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    slow = tq.insert((functools.partial(nb.pause, i, 0.15) for i in range(40)), name="slow", progress=False)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(f"{proc.base}/nbqueue?token={proc.token}")
+            row = page.locator(f"tr.job[data-job='{slow.id}']")
+            row.locator(".job-state", has_text="running").wait_for(timeout=30_000)
+            page.locator("details.error summary").first.click()
+            chart = row.locator(".chart polyline")
+            chart.wait_for(timeout=10_000)
+            before = chart.get_attribute("points")
+            page.wait_for_timeout(3000)  # three refreshes, while the slow job's row changes
+            assert page.locator("details.error[open]").count() == 1  # still open
+            assert "cubing 7 of the reserved kind" in page.locator("details.error[open] pre").inner_text()
+            assert chart.get_attribute("points") != before  # the chart moved
+            assert "tasks/s" in row.locator(".rate").inner_text() and "ETA" in row.inner_text()
+            row.locator(".job-state", has_text="finished").wait_for(timeout=60_000)
+            # The finished job with a failure: its detail, and a retry of what failed.
+            cubes_row = page.locator(f"tr.job[data-job='{cubes.id}']")
+            assert cubes_row.locator(".job-state").inner_text() == "finished"
+            cubes_row.locator(".job-name").click()
+            detail = page.locator(f"tr.job-detail[data-detail='{cubes.id}']")
+            detail.locator("details.error summary", has_text="Terminal: seven is reserved").click()
+            assert "cubing 7 of the reserved kind" in detail.locator("details.error pre").inner_text()
+            cubes_row.get_by_role("button", name="Retry failed").click()
+            page.locator(".queue-counts", has_text="failed attempts 2").wait_for(timeout=30_000)
         finally:
             browser.close()
     assert stop_server_workers(info, pids) == 1

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
+import signal
+import time
 
 import pytest
 from tornado.httpclient import HTTPClientError
@@ -13,6 +16,7 @@ from nbqueue import TaskQueue
 from nbqueue.server.registry import queue_id
 
 from .helpers import notebook
+from .redis_server import RedisServer
 
 NB = """
 import time
@@ -83,6 +87,47 @@ async def test_queues_jobs_and_job_detail(jp_fetch, queue_url):
     assert (error["type"], error["message"]) == ("Terminal", "four is right out")
     assert "Traceback" in error["traceback"] and "nbqueue/worker.py" not in error["traceback"]
     assert "nbqueue/worker.py" in error["full_traceback"] and error["output"] == "checking 4\n"
+
+
+async def test_a_job_reads_queued_running_finished_and_its_failures_retry_over_rest(jp_fetch, queue_url):
+    job = insert_job(queue_url)
+    qid = queue_id(queue_url)
+    (row,) = await get(jp_fetch, "queues", qid, "jobs")
+    assert row["status"] == "queued" and row["running_now"] == 0 and row["workers"] == 0
+    TaskQueue(queue_url).poll(burst=True, echo_output=False)
+    (row,) = await get(jp_fetch, "queues", qid, "jobs")
+    assert row["status"] == "finished" and row["state"] == "inserted" and row["workers"] == 1
+    code, reply = await send(jp_fetch, "POST", "queues", qid, "jobs", job.id, "retry")
+    assert code == 200 and reply == {"job_id": job.id, "retried": 1}  # the dead one runs again
+    (row,) = await get(jp_fetch, "queues", qid, "jobs")
+    assert row["status"] == "running" and row["counts"]["queued"] == 1
+    job.cancel()
+    (row,) = await get(jp_fetch, "queues", qid, "jobs")
+    assert row["status"] == "cancelled"
+
+
+async def test_a_hung_redis_never_stalls_the_server(jp_fetch, tmp_path):
+    """Handlers do their storage I/O off the server's event loop: with the queue's Redis paused
+    (SIGSTOP), the dashboard's request waits, and the server's own /api/status still answers."""
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    try:
+        code, added = await send(jp_fetch, "POST", "queues", body={"url": redis.url("paused")})
+        assert code == 201 and added["error"] is None
+        os.kill(redis.process.pid, signal.SIGSTOP)
+        try:
+            stuck = asyncio.ensure_future(jp_fetch("nbqueue", "api", "queues", request_timeout=60))
+            await asyncio.sleep(0.5)  # in its handler, waiting for Redis
+            started = time.monotonic()
+            status = await jp_fetch("api", "status", request_timeout=5)
+            assert status.code == 200 and time.monotonic() - started < 1.0
+            assert not stuck.done()
+        finally:
+            os.kill(redis.process.pid, signal.SIGCONT)
+        rows = json.loads((await stuck).body)  # answered once Redis is back
+        assert {row["url"] for row in rows} >= {redis.url("paused")}
+    finally:
+        redis.stop()
 
 
 async def test_dead_letters_and_redrive(jp_fetch, queue_url):

@@ -8,17 +8,25 @@ Routes (JSON unless said otherwise)::
     GET    /nbqueue/api/queues/<qid>/jobs             the queue's jobs with counts
     GET    /nbqueue/api/queues/<qid>/jobs/<job>       one job: counts, timing, recent errors, source
     POST   /nbqueue/api/queues/<qid>/jobs/<job>/cancel  {"task_ids"?}  cancel it (or those tasks)
+    POST   /nbqueue/api/queues/<qid>/jobs/<job>/retry   run its failed and cancelled tasks again
     GET    /nbqueue/api/queues/<qid>/dead             dead letters (no payloads)
     POST   /nbqueue/api/queues/<qid>/dead/redrive     queue them again
     GET    /nbqueue/api/workers                       worker processes the server started
     POST   /nbqueue/api/workers       {"queue"|"url", "n", "origin"?}   start n workers on a queue
     DELETE /nbqueue/api/workers[/<pid>]               stop all of them, or one
+
+Every handler does its storage I/O on a thread of its own pool, never on the server's event loop:
+a hung Redis or a slow shared file system stalls the dashboard's requests, not every notebook the
+server runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from importlib import resources
 from typing import Any
@@ -28,12 +36,21 @@ from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from tornado import web
 
 from ..errors import NbQueueError
-from ..report import dead_letters
+from ..report import dead_letters, job_status
 from .registry import QueueRegistry
 
 AUTH_RESOURCE = "nbqueue"
 #: Errors a job page lists, newest first.
 RECENT_ERRORS = 20
+#: Threads for the handlers' storage calls: their own pool, so requests stuck on a storage that
+#: does not answer never take the threads the server's other work runs on.
+STORAGE_THREADS = 8
+_storage = ThreadPoolExecutor(max_workers=STORAGE_THREADS, thread_name_prefix="nbqueue-storage")
+
+
+async def off_loop(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on a storage thread, awaited: the event loop serves other requests meanwhile."""
+    return await asyncio.get_running_loop().run_in_executor(_storage, functools.partial(fn, *args))
 
 
 class _Base(APIHandler):
@@ -71,54 +88,87 @@ def queue_summary(qid: str, tq) -> dict[str, Any]:
         return {"id": qid, "url": tq.url, "counts": None, "error": str(exc)}
 
 
-def job_summary(job) -> dict[str, Any]:
-    meta = job.meta
+def job_summary(job, workers: dict[str, bytes] | None = None) -> dict[str, Any]:
+    """A job as the API lists it: its state as a user reads it (``job_status``), counts, the
+    tasks running now and the workers that ran it (``workers``: ``Backend.workers()``, read once
+    for a whole list)."""
+    meta, counts = job.meta, job.counts()
     return {
         "id": job.id, "name": job.name, "state": meta.get("state"), "total": job.total,
-        "created": meta.get("created"), "counts": job.counts().as_dict(),
+        "status": job_status(meta.get("state"), counts, job.total),
+        "created": meta.get("created"), "counts": counts.as_dict(),
+        "running_now": None if workers is None else min(job.running_now(workers), counts.leased),
+        "workers": None if workers is None else len(job.workers_ran(workers)),
     }  # fmt: skip
+
+
+def _jobs_of(tq) -> list[dict[str, Any]]:
+    try:
+        workers = tq.backend.workers()
+    except NbQueueError:
+        workers = None
+    return [job_summary(job, workers) for job in tq.jobs()]
 
 
 class QueuesHandler(_Base):
     @web.authenticated
     @authorized
-    def get(self) -> None:
-        self.reply([queue_summary(qid, tq) for qid, tq in self.registry.items()])
+    async def get(self) -> None:
+        items = self.registry.items()
+        self.reply(await off_loop(lambda: [queue_summary(qid, tq) for qid, tq in items]))
 
     @web.authenticated
     @authorized
-    def post(self) -> None:
+    async def post(self) -> None:
         url = self.body().get("url")
         if not isinstance(url, str) or not url:
             raise web.HTTPError(400, 'give the queue as {"url": "fq://..."}')
         try:
-            qid = self.registry.add(url)
+            qid = await off_loop(self.registry.add, url)  # opening a queue touches its storage
         except NbQueueError as exc:
             raise web.HTTPError(400, str(exc)) from None
-        self.reply(queue_summary(qid, self.registry.get(qid)), status=201)
+        self.reply(await off_loop(queue_summary, qid, self.registry.get(qid)), status=201)
 
 
 class JobsHandler(_Base):
     @web.authenticated
     @authorized
-    def get(self, qid: str) -> None:
-        self.reply([job_summary(job) for job in self.queue(qid).jobs()])
+    async def get(self, qid: str) -> None:
+        self.reply(await off_loop(_jobs_of, self.queue(qid)))
+
+
+def _job_detail(tq, job_id: str) -> dict[str, Any]:
+    job = tq.job(job_id)
+    workers = tq.backend.workers()
+    data = job_summary(job, workers)
+    data["source"] = job.meta.get("source")
+    data["errors"] = dead_letters(tq, job.id, RECENT_ERRORS)
+    data["running"] = [asdict(p) for p in job.running_progress(workers)]
+    return data
 
 
 class JobHandler(_Base):
     @web.authenticated
     @authorized
-    def get(self, qid: str, job_id: str) -> None:
+    async def get(self, qid: str, job_id: str) -> None:
         tq = self.queue(qid)
         try:
-            job = tq.job(job_id)
+            data = await off_loop(_job_detail, tq, job_id)
         except (KeyError, ValueError):
             raise web.HTTPError(404, f"no job {job_id!r} in this queue") from None
-        data = job_summary(job)
-        data["source"] = job.meta.get("source")
-        data["errors"] = dead_letters(tq, job.id, RECENT_ERRORS)
-        data["running"] = [asdict(p) for p in job.running_progress()]
         self.reply(data)
+
+
+class RetryHandler(_Base):
+    @web.authenticated
+    @authorized
+    async def post(self, qid: str, job_id: str) -> None:
+        tq = self.queue(qid)
+        try:
+            again = await off_loop(lambda: tq.job(job_id).retry())
+        except (KeyError, ValueError):
+            raise web.HTTPError(404, f"no job {job_id!r} in this queue") from None
+        self.reply({"job_id": job_id, "retried": again})
 
 
 class CancelHandler(_Base):
@@ -131,7 +181,7 @@ class CancelHandler(_Base):
         tq = self.queue(qid)
         try:
             # Storage I/O off the server's event loop: a slow storage must not stall every request.
-            ended = await asyncio.to_thread(tq.cancel, job_id, ids)
+            ended = await off_loop(tq.cancel, job_id, ids)
         except KeyError:
             raise web.HTTPError(404, f"no job {job_id!r} in this queue") from None
         except ValueError as exc:
@@ -142,18 +192,18 @@ class CancelHandler(_Base):
 class DeadHandler(_Base):
     @web.authenticated
     @authorized
-    def get(self, qid: str) -> None:
-        self.reply(dead_letters(self.queue(qid)))
+    async def get(self, qid: str) -> None:
+        self.reply(await off_loop(dead_letters, self.queue(qid)))
 
 
 class RedriveHandler(_Base):
     @web.authenticated
     @authorized
-    def post(self, qid: str) -> None:
+    async def post(self, qid: str) -> None:
         ids = self.body().get("task_ids")
         if ids is not None and (not isinstance(ids, list) or not all(isinstance(t, str) for t in ids)):
             raise web.HTTPError(400, "task_ids must be a list of task ids")
-        self.reply({"redriven": self.queue(qid).redrive(ids)})
+        self.reply({"redriven": await off_loop(self.queue(qid).redrive, ids)})
 
 
 class WorkersHandler(_Base):
@@ -164,7 +214,7 @@ class WorkersHandler(_Base):
 
     @web.authenticated
     @authorized
-    def post(self) -> None:
+    async def post(self) -> None:
         data = self.body()
         n = data.get("n", 1)
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -172,7 +222,7 @@ class WorkersHandler(_Base):
         qid = data.get("queue")
         if qid is None and isinstance(data.get("url"), str):
             try:
-                qid = self.registry.add(data["url"])
+                qid = await off_loop(self.registry.add, data["url"])
             except NbQueueError as exc:
                 raise web.HTTPError(400, str(exc)) from None
         if not isinstance(qid, str):
@@ -182,7 +232,7 @@ class WorkersHandler(_Base):
             raise web.HTTPError(400, 'origin is "api" or "kernel"')
         self.queue(qid)
         try:
-            group = self.registry.start_workers(qid, n, origin)
+            group = await off_loop(self.registry.start_workers, qid, n, origin)
         except ValueError as exc:
             raise web.HTTPError(409, str(exc)) from None
         self.reply({"queue": qid, "pids": group.pool.pids}, status=201)
@@ -213,6 +263,7 @@ HANDLERS = [
     (rf"/nbqueue/api/queues/{_Q}/jobs/?", JobsHandler),
     (rf"/nbqueue/api/queues/{_Q}/jobs/(?P<job_id>[A-Za-z0-9_]+)/?", JobHandler),
     (rf"/nbqueue/api/queues/{_Q}/jobs/(?P<job_id>[A-Za-z0-9_]+)/cancel/?", CancelHandler),
+    (rf"/nbqueue/api/queues/{_Q}/jobs/(?P<job_id>[A-Za-z0-9_]+)/retry/?", RetryHandler),
     (rf"/nbqueue/api/queues/{_Q}/dead/?", DeadHandler),
     (rf"/nbqueue/api/queues/{_Q}/dead/redrive/?", RedriveHandler),
     (r"/nbqueue/api/workers/?", WorkersHandler),
