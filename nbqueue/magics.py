@@ -28,6 +28,7 @@ from .jobs import PENDING, save_job_record
 from .procs import WorkerProcesses
 from .queue import TaskQueue, last_used_url, note_used
 from .records import TaskError
+from .server.client import announce_queue
 
 _BUILTINS = frozenset(dir(builtins))
 
@@ -187,6 +188,8 @@ class QueueMagics(Magics):
             print(f"nbqueue: using {url} (pass a URL or set {defaults.ENV_URL} to choose another)")
         if url not in self._queues:
             self._queues[url] = TaskQueue(url)
+            # The server's dashboard lists the queues its kernels use (as another process opens it).
+            announce_queue(self._queues[url].worker_url)
         note_used(url)
         return self._queues[url]
 

@@ -9,12 +9,19 @@ jupyter-server code until asked, and uses only the standard library for HTTP.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
 import urllib.error
 import urllib.request
 from typing import Any
 
 from ..errors import NbQueueError
+
+log = logging.getLogger("nbqueue.server.client")
+#: Queue URLs this kernel has told its server about (``announce_queue``).
+_announced: set[str] = set()
+_announced_lock = threading.Lock()
 
 
 def running_server(pid: int | None = None) -> dict[str, Any] | None:
@@ -67,3 +74,23 @@ def kernel_started_workers(info: dict[str, Any]) -> list[dict[str, Any]]:
 def stop_server_workers(info: dict[str, Any], pids: list[int]) -> int:
     """Ask the server to stop these workers; how many it stopped."""
     return sum(_call(info, "DELETE", f"workers/{pid}")["stopped"] for pid in pids)
+
+
+def announce_queue(url: str) -> None:
+    """Tell the Jupyter server this kernel runs under that it uses the queue at ``url``, so the
+    server's dashboard lists it: once per URL, in the background (an insert never waits for it),
+    and silently when there is no such server."""
+    with _announced_lock:
+        if url in _announced:
+            return
+        _announced.add(url)
+    threading.Thread(target=_announce, args=(url,), name="nbqueue-announce", daemon=True).start()
+
+
+def _announce(url: str) -> None:
+    try:
+        info = running_server()
+        if info is not None:
+            _call(info, "POST", "queues", {"url": url})
+    except Exception as exc:  # informative only: the dashboard lacks this queue
+        log.debug("could not tell the Jupyter server about %s: %s", url, exc)
