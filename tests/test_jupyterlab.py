@@ -80,11 +80,19 @@ def test_job_widget_renders_and_updates_live_in_jupyterlab(jupyterlab):
                 time.sleep(0.1)
             assert seen and "200/200 done · 1 dead · 0 running · 0 queued" in seen[-1], seen
             assert any("200/200" not in s for s in seen), f"no intermediate state was drawn: {seen}"
+            # Task 13 fails, waits out its backoff, runs again: the view says so meanwhile.
+            assert any("waiting to retry" in s and "failed attempt(s)" in s for s in seen), seen
+            assert "3 failed attempt(s)" in seen[-1] and "ran by 2 worker(s)" in seen[-1], seen[-1]
             error_title = page.locator(
                 ".jupyter-widget-Collapse-header, .p-Collapse-header, .lm-Collapse-header",
                 has_text="latest error",
             ).first
             assert "13 is unlucky" in error_title.inner_text()
+            error_title.click()  # open it: the traceback starts at score, then what it printed
+            trace = page.locator(".widget-html-content", has_text="its output").first
+            trace.wait_for(timeout=10_000)
+            shown = trace.inner_text()
+            assert "in score" in shown and "worker.py" not in shown and "scoring 13" in shown, shown
             button = page.get_by_role("button", name="Load results")
             button.wait_for(timeout=30_000)
             assert button.is_enabled()

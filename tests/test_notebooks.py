@@ -45,6 +45,8 @@ def test_quickstart_notebook(tmp_path):
     assert "latest error" in insert_output and "ValueError: 13 is unlucky" in insert_output
     assert any("200 results, 1 dead" in t for t in texts)
     assert any("ValueError: 13 is unlucky (after 3 attempt(s))" in t for t in texts)
+    assert any("it printed: scoring 13" in t for t in texts)  # the task's output, kept with it
+    assert "ran by 2 worker(s)" in insert_output  # the two burst workers, after they exited
     assert not any(t.startswith("ERROR") for t in texts)
 
 
