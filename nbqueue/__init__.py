@@ -33,12 +33,17 @@ from .errors import (
 from .handles import TaskHandle, queueable, use
 from .jobs import PENDING, Job
 from .pickling import Shipment, explain
-from .queue import LocalTaskQueue, TaskQueue
+from .queue import LocalTaskQueue, TaskQueue, on_first_use
 from .records import TaskError
 from .reference import TaskSpec
+from .server.client import announce_queue
 from .tasks import FunctionTask, RegisteredTask, TaskContext, current_task
 
 __version__ = "0.1.0"
+
+# In a kernel a Jupyter server started, the server's dashboard lists the queues the kernel uses
+# (the server.client module is the standard library only: no Jupyter code is imported here).
+on_first_use(announce_queue)
 
 __all__ = [
     "BackendUnavailable",

@@ -28,7 +28,6 @@ from .jobs import PENDING, save_job_record
 from .procs import WorkerProcesses
 from .queue import TaskQueue, last_used_url, note_used
 from .records import TaskError
-from .server.client import announce_queue
 
 _BUILTINS = frozenset(dir(builtins))
 
@@ -188,9 +187,7 @@ class QueueMagics(Magics):
             print(f"nbqueue: using {url} (pass a URL or set {defaults.ENV_URL} to choose another)")
         if url not in self._queues:
             self._queues[url] = TaskQueue(url)
-            # The server's dashboard lists the queues its kernels use (as another process opens it).
-            announce_queue(self._queues[url].worker_url)
-        note_used(url)
+        note_used(self._queues[url].worker_url)  # as another process opens it: fq:// made absolute
         return self._queues[url]
 
     @magic_arguments()

@@ -48,10 +48,30 @@ def last_used_url() -> str | None:
     return _last_used
 
 
+#: Told each queue URL this process uses, once (``on_first_use``).
+_first_use_listeners: list[Callable[[str], None]] = []
+_used_urls: set[str] = set()
+
+
+def on_first_use(listener: Callable[[str], None]) -> None:
+    """Call ``listener(url)`` the first time this process uses a queue (inserts into it, starts
+    workers on it, names it in a magic): how a kernel tells its Jupyter server which queues to
+    show. ``url`` is the one another process opens the queue by (``worker_url``)."""
+    _first_use_listeners.append(listener)
+
+
 def note_used(url: str) -> None:
     """Record ``url`` as the queue this process used last (see ``last_used_url``)."""
     global _last_used
     _last_used = url
+    if url in _used_urls:
+        return
+    _used_urls.add(url)
+    for listener in list(_first_use_listeners):
+        try:
+            listener(url)
+        except Exception as exc:  # a listener only informs: the use goes on
+            logging.getLogger("nbqueue").debug("first-use listener failed for %s: %s", url, exc)
 
 
 #: What ``poll(stop_fn=...)`` may ask for by parameter name (python-task-queue's names).
@@ -265,6 +285,7 @@ class TaskQueue(QueueConnection):
         """
         if self.url.startswith("mem://"):
             raise QueueURLError("mem:// lives in this process only: use poll(), LocalTaskQueue, or fq://")
+        note_used(self.worker_url)
         cmd = worker_command(
             lease_seconds=lease_seconds,
             burst=burst,

@@ -207,8 +207,8 @@ def test_a_new_kernel_finds_and_stops_the_server_workers_an_old_one_started(tmp_
 
 
 def test_the_dashboard_lists_the_queues_its_kernels_use(server, monkeypatch):
-    """A %%queue cell's queue, which the server was never configured with, shows on its dashboard:
-    the kernel tells the server it runs under."""
+    """A %%queue cell's queue, and one a kernel inserts into itself, which the server was never
+    configured with, show on its dashboard: the kernel tells the server it runs under."""
     from IPython.core.interactiveshell import InteractiveShell
     from playwright.sync_api import sync_playwright
 
@@ -220,13 +220,15 @@ def test_the_dashboard_lists_the_queues_its_kernels_use(server, monkeypatch):
     try:
         shell.run_line_magic("load_ext", "nbqueue")
         shell.run_cell("%%queue fq://./sweep --map alpha=[1, 2]\nalpha * 2")
-        sweep = f"fq://{tmp_path / 'sweep'}"
+        shell.run_cell("from nbqueue import TaskQueue\nTaskQueue('fq://./plain').insert([], progress=False)")
+        sweep, plain = f"fq://{tmp_path / 'sweep'}", f"fq://{tmp_path / 'plain'}"
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
             try:
                 page = browser.new_page(viewport={"width": 1200, "height": 900})
                 page.goto(f"{proc.base}/nbqueue?token={proc.token}")
                 page.locator("h2", has_text=sweep).wait_for(timeout=30_000)
+                page.locator("h2", has_text=plain).wait_for(timeout=30_000)  # an insert of its own
                 assert page.locator("h2", has_text=url).count() == 1  # beside the configured one
                 section = page.locator(f"h2:has-text('{sweep}') + .queue-counts")
                 assert "inserted 2" in section.inner_text()

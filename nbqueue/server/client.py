@@ -79,7 +79,10 @@ def stop_server_workers(info: dict[str, Any], pids: list[int]) -> int:
 def announce_queue(url: str) -> None:
     """Tell the Jupyter server this kernel runs under that it uses the queue at ``url``, so the
     server's dashboard lists it: once per URL, in the background (an insert never waits for it),
-    and silently when there is no such server."""
+    and silently when there is no such server. Only in a kernel a Jupyter server started
+    (``$JPY_PARENT_PID`` set): a script or a worker asks nothing."""
+    if not os.environ.get("JPY_PARENT_PID"):
+        return
     with _announced_lock:
         if url in _announced:
             return
