@@ -588,7 +588,7 @@ class Job:
             ):
                 counted = time.monotonic()
                 if self.queue.backend.exact_job_finished(self.id) >= total:
-                    self._settle_counters(counts, total, bar)
+                    bar.show(self._settled_counts(counts, total), total)
                     return
                 exact_due = time.monotonic() + 10 * (time.monotonic() - counted)
                 last_change = time.monotonic()
@@ -599,15 +599,16 @@ class Job:
             yield sleep
             sleep = min(sleep * 1.5, defaults.WAIT_POLL_MAX)
 
-    def _settle_counters(self, counts: Counts, total: int, bar: JobBar) -> None:
+    def _settled_counts(self, counts: Counts, total: int) -> Counts:
         """The records say the job ended: give counters that lag them (fq:// writes a commit's
-        counters just after it) a moment to land, so the last view drawn says so too. A process
-        killed in between never writes them; then the view keeps what they say."""
+        counters just after it) a moment to land, so what a caller reads next (the last view
+        drawn, ``done()``) says so too. A process killed in between never writes them; then
+        the counters stay what they say."""
         deadline = time.monotonic() + _COUNTERS_SETTLE_SECONDS
         while counts.finished < total and time.monotonic() < deadline:
             time.sleep(0.001)
             counts = self.counts()
-        bar.show(counts, total)
+        return counts
 
     def _wait_with_widget(self, timeout: float | None, check: Callable[[], None] | None) -> Job:
         """Wait while redrawing the widget from this (the cell's) thread; end on the final state."""
@@ -666,6 +667,7 @@ class Job:
                     if len(items) < _READ_BATCH:
                         break
                 if total is not None and count >= total:
+                    self._settled_counts(self.counts(), total)  # done() agrees once this ends
                     return
                 if total is not None and self.counts().finished >= total:
                     # Every task finished but the log did not show them all (a job inserted by an

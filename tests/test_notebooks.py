@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -46,7 +47,8 @@ def test_quickstart_notebook(tmp_path):
     assert any("200 results, 1 dead" in t for t in texts)
     assert any("ValueError: 13 is unlucky (after 3 attempt(s))" in t for t in texts)
     assert any("it printed: scoring 13" in t for t in texts)  # the task's output, kept with it
-    assert "ran by 2 worker(s)" in insert_output  # the two burst workers, after they exited
+    # The burst workers that ran it, counted after they exited (one may have run every task).
+    assert re.search(r"ran by [12] worker\(s\)", insert_output), insert_output
     assert not any(t.startswith("ERROR") for t in texts)
 
 
