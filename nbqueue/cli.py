@@ -154,7 +154,8 @@ def cmd_job(args: argparse.Namespace) -> int:
     counts = Counts(**{k: job[k] for k in SHOWN_COUNTS})
     lines = [
         f"job {_titled(job['id'], job['name'])}  ({job['state']})",
-        f"  {describe(counts, job['total'])}",
+        f"  {describe(counts, job['total'], job['running_now'], retrying=True)}",
+        f"  ran by         {len(job['workers'])} worker(s)",
         f"  created        {_when(job['created'])}",
         f"  first started  {_when(job['first_started'])}",
         f"  last finished  {_when(job['last_finished'])}",

@@ -176,7 +176,7 @@ class CommitWaiter:
         self.close()
 
 
-def _running_by_worker(workers: dict[str, bytes]) -> dict[str, list[str]]:
+def running_by_worker(workers: dict[str, bytes]) -> dict[str, list[str]]:
     """``worker -> the task ids it runs now``, from heartbeats (an older worker's says nothing)."""
     out = {}
     for worker, info in workers.items():
@@ -424,7 +424,7 @@ class Job:
         if workers is None:
             workers = self.queue.backend.workers()
         return ran | {
-            worker for worker, running in _running_by_worker(workers).items() if self._any_ours(running)
+            worker for worker, running in running_by_worker(workers).items() if self._any_ours(running)
         }
 
     def running_now(self, workers: dict[str, bytes] | None = None) -> int:
@@ -438,7 +438,7 @@ class Job:
         if workers is None:
             workers = self.queue.backend.workers()
         return sum(
-            sum(in_job(task, self.id) for task in running) for running in _running_by_worker(workers).values()
+            sum(in_job(task, self.id) for task in running) for running in running_by_worker(workers).values()
         )
 
     def _any_ours(self, task_ids: list[str]) -> bool:

@@ -111,6 +111,7 @@ def job_report(tq: TaskQueue, job_id: str, *, outputs: bool = False) -> dict[str
         KeyError: the queue has no such job.
     """
     job = tq.job(job_id)
+    counts, workers = job.counts(), tq.backend.workers()
     raw = tq.backend.results(job_id)
     records = [record_header(tq.signer, t, raw[t], job_id) for t in sorted(raw, key=index_of)]
     started = [r.started for r in records if r.started is not None]
@@ -125,12 +126,14 @@ def job_report(tq: TaskQueue, job_id: str, *, outputs: bool = False) -> dict[str
         "name": job.name,
         "state": job.meta.get("state"),
         "total": job.total,
-        **job.counts().as_dict(),
+        **counts.as_dict(),
         "created": job.meta.get("created"),
         "first_started": min(started, default=None),
         "last_finished": max(finished, default=None),
         "errors": errors,
-        "running": [asdict(p) for p in job.running_progress()],
+        "running": [asdict(p) for p in job.running_progress(workers)],
+        "running_now": min(job.running_now(workers), counts.leased),
+        "workers": sorted(job.workers_ran(workers)),
     }
     if outputs:
         report["outputs"] = [

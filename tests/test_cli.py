@@ -116,7 +116,9 @@ def test_read_and_admin_verbs_with_a_real_worker(worker_url, steps, tmp_path):
     assert job["created"] <= job["first_started"] <= job["last_finished"]
     (error,) = job["errors"]
     assert (error["task_id"], error["type"], error["message"]) == (f"{job_id}-2", "Terminal", "planted")
-    assert "1 attempt(s)" in cli("job", worker_url, job_id).stdout
+    shown = cli("job", worker_url, job_id).stdout
+    assert "1 attempt(s)" in shown and "ran by         1 worker(s)" in shown and "0 running" in shown
+    assert len(job["workers"]) == 1 and job["running_now"] == 0  # the burst worker, gone by now
 
     out = cli("results", worker_url, job_id)
     assert out.returncode == 1, out.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 
 import pytest
@@ -119,6 +120,10 @@ def test_the_page_updates_in_place_and_keeps_what_the_user_opened(server):
             assert "cubing 7 of the reserved kind" in page.locator("details.error[open] pre").inner_text()
             assert chart.get_attribute("points") != before  # the chart moved
             assert "tasks/s" in row.locator(".rate").inner_text() and "ETA" in row.inner_text()
+            # One single-slot worker: never more than one task running, the rest prefetched.
+            queue_line = page.locator(".queue-counts").first.inner_text()
+            assert int(re.search(r"running (\d+)", queue_line).group(1)) <= 1, queue_line
+            assert int(re.search(r"(\d+) running", row.locator(".job-line").inner_text()).group(1)) <= 1
             row.locator(".job-state", has_text="finished").wait_for(timeout=60_000)
             # The finished job with a failure: its detail, and a retry of what failed.
             cubes_row = page.locator(f"tr.job[data-job='{cubes.id}']")

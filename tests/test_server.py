@@ -79,6 +79,7 @@ async def test_queues_jobs_and_job_detail(jp_fetch, queue_url):
     (queue,) = await get(jp_fetch, "queues")
     qid = queue_id(queue_url)
     assert queue["id"] == qid and queue["counts"]["completed"] == 5 and queue["counts"]["dead"] == 1
+    assert queue["running_now"] == 0  # from the workers' heartbeats: what executes now
     (row,) = await get(jp_fetch, "queues", qid, "jobs")
     assert (row["id"], row["name"], row["total"], row["state"]) == (job.id, "squares", 6, "inserted")
     detail = await get(jp_fetch, "queues", qid, "jobs", job.id)

@@ -36,6 +36,7 @@ from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from tornado import web
 
 from ..errors import NbQueueError
+from ..jobs import running_by_worker
 from ..report import dead_letters, job_status
 from .registry import QueueRegistry
 
@@ -81,11 +82,16 @@ class _Base(APIHandler):
 
 
 def queue_summary(qid: str, tq) -> dict[str, Any]:
-    """A queue as the API shows it (the URL comes from the backend: password redacted)."""
+    """A queue as the API shows it (the URL comes from the backend: password redacted), with
+    ``running_now``: its tasks executing now by the workers' heartbeats, never more than their
+    slots (``counts.leased`` also holds the tasks workers leased ahead)."""
     try:
-        return {"id": qid, "url": tq.url, "counts": tq.status().as_dict(), "error": None}
+        counts = tq.status()
+        running = sum(len(tasks) for tasks in running_by_worker(tq.backend.workers()).values())
+        summary = {"counts": counts.as_dict(), "running_now": min(running, counts.leased)}
+        return {"id": qid, "url": tq.url, **summary, "error": None}
     except NbQueueError as exc:
-        return {"id": qid, "url": tq.url, "counts": None, "error": str(exc)}
+        return {"id": qid, "url": tq.url, "counts": None, "running_now": None, "error": str(exc)}
 
 
 def job_summary(job, workers: dict[str, bytes] | None = None) -> dict[str, Any]:
