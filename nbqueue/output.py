@@ -18,6 +18,7 @@ import contextlib
 import contextvars
 import io
 import sys
+import threading
 from collections import deque
 from collections.abc import Iterator
 from typing import Any, TextIO
@@ -44,11 +45,17 @@ class TaskOutput:
         self._parts: deque[str] = deque()
         self._size = 0
         self.dropped = 0  #: characters dropped from the start to stay within the limit
+        # A task's context is copied into the threads asyncio.to_thread runs it in: those write here too.
+        self._lock = threading.Lock()
 
     def write(self, text: str) -> None:
         """Keep ``text``; drop the oldest characters past the limit."""
         if not text:
             return
+        with self._lock:
+            self._keep(text)
+
+    def _keep(self, text: str) -> None:
         self._parts.append(text)
         self._size += len(text)
         while self._size > self.limit:
@@ -65,7 +72,8 @@ class TaskOutput:
 
     def text(self) -> str:
         """What was kept, prefixed by a note of how much was dropped before it, if any."""
-        kept = "".join(self._parts)
+        with self._lock:
+            kept = "".join(self._parts)
         if self.dropped:
             return f"[… {self.dropped:,} earlier characters dropped …]\n{kept}"
         return kept

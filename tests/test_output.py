@@ -36,6 +36,15 @@ def flood(n):
     return n
 
 @queueable
+async def threaded(n):
+    # asyncio.to_thread copies the task's context into each thread: their prints are the task's.
+    def shout(k):
+        for j in range(200):
+            sys.stdout.write(f"thread {k} line {j}\n")  # one write a line: print() makes two
+    await asyncio.gather(*(asyncio.to_thread(shout, k) for k in range(n)))
+    return n
+
+@queueable
 async def interleaved(name, pause):
     for step in range(3):
         print(f"{name} step {step}")
@@ -111,6 +120,15 @@ def test_async_tasks_run_side_by_side_keep_their_own_output(tmp_path):
     assert wait_all(start_workers(url, 1, "--burst", "--concurrency", "3")) == [0]
     for i, name in enumerate("abc"):
         assert job.output(i) == "".join(f"{name} step {step}\n" for step in range(3))
+
+
+def test_threads_a_task_hands_its_context_to_print_into_its_own_output(tmp_path):
+    url = f"fq://{tmp_path / 'q'}"
+    nb = notebook(CHATTY)
+    job = TaskQueue(url).insert([functools.partial(nb.threaded, 4)], progress=False)
+    assert wait_all(start_workers(url, 1, "--burst")) == [0]
+    lines = job.output(0).splitlines()
+    assert sorted(lines) == sorted(f"thread {k} line {j}" for k in range(4) for j in range(200))
 
 
 def test_the_worker_terminal_shows_task_output_only_with_echo_output(tmp_path):
