@@ -40,7 +40,7 @@ async def threaded(n):
     # asyncio.to_thread copies the task's context into each thread: their prints are the task's.
     def shout(k):
         for j in range(200):
-            sys.stdout.write(f"thread {k} line {j}\n")  # one write a line: print() makes two
+            sys.stdout.write(f"thread {k} line {j}\\n")  # one write a line: print() makes two
     await asyncio.gather(*(asyncio.to_thread(shout, k) for k in range(n)))
     return n
 
