@@ -8,8 +8,10 @@ by side keep their output apart. A buffer keeps the last ``OUTPUT_LIMIT`` charac
 stderr interleaved, as a terminal shows them); the worker stores them in the task's record.
 
 What this cannot see: output written to the file descriptors directly (C code, a subprocess the
-task starts) and output of threads the task starts (a new thread starts outside the task's
-context); both reach the worker's own terminal, as before.
+task starts), output of a ``threading.Thread`` the task starts (a new thread starts outside the
+task's context; ``asyncio.to_thread`` copies it, so those threads' output is the task's), and
+logging handlers made before the worker started, which hold the stream they were given; all of
+it reaches the worker's own terminal, as before.
 """
 
 from __future__ import annotations
