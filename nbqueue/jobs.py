@@ -25,7 +25,7 @@ from .backends.base import CommitWatch, Counts
 from .errors import BackendUnavailable, BadSignature, DecodeError, QueueStateLost, TaskFailed
 from .ids import IndexSet, check_tasks_of, in_job, index_of
 from .procs import process_gone, worker_id
-from .progress import JobBar, JobView, Snapshot, TaskProgress, describe, progress_mode
+from .progress import JobBar, JobView, Snapshot, TaskProgress, describe, progress_mode, running_shown
 from .records import TaskError, TaskRecord, dead_letter_record, open_record, record_header, seal_cancel_record
 from .tasks import TaskCodec, open_task, to_call
 
@@ -225,7 +225,7 @@ class _Tracker:
         if infos is not None:
             with contextlib.suppress(Exception):  # informative only: the next snapshot asks again
                 workers = len(job.workers_ran(infos))
-            running = min(job.running_now(infos), counts.leased)
+            running = running_shown(counts, job.running_now(infos))
         meta = job.meta  # one read (it re-reads the storage while the job is inserting)
         created = meta.get("created") or time.time()
         elapsed = (self._finished_at or time.time()) - created
@@ -421,11 +421,7 @@ class Job:
             workers: ``Backend.workers()`` if already read.
         """
         ran = self.queue.backend.job_workers(self.id)
-        if workers is None:
-            workers = self.queue.backend.workers()
-        return ran | {
-            worker for worker, running in running_by_worker(workers).items() if self._any_ours(running)
-        }
+        return ran | {worker for worker, n in self._running_tasks(workers).items() if n}
 
     def running_now(self, workers: dict[str, bytes] | None = None) -> int:
         """This job's tasks executing now, as the workers' heartbeats last said (about once a
@@ -435,14 +431,16 @@ class Job:
         Args:
             workers: ``Backend.workers()`` if already read.
         """
+        return sum(self._running_tasks(workers).values())
+
+    def _running_tasks(self, workers: dict[str, bytes] | None) -> dict[str, int]:
+        """``worker -> how many of this job's tasks it runs now``, from heartbeats."""
         if workers is None:
             workers = self.queue.backend.workers()
-        return sum(
-            sum(in_job(task, self.id) for task in running) for running in running_by_worker(workers).values()
-        )
-
-    def _any_ours(self, task_ids: list[str]) -> bool:
-        return any(in_job(task, self.id) for task in task_ids)
+        return {
+            worker: sum(in_job(task, self.id) for task in tasks)
+            for worker, tasks in running_by_worker(workers).items()
+        }
 
     def running_progress(self, workers: dict[str, bytes] | None = None) -> list[TaskProgress]:
         """What the job's running tasks last reported (``current_task().progress``), the

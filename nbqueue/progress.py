@@ -77,6 +77,12 @@ def _ipython() -> Any:
 
 
 # -- text ----------------------------------------------------------------------------------------
+def running_shown(counts: Counts, running: int | None) -> int:
+    """What a view calls running: the tasks executing now by the workers' heartbeats (which lag
+    the counters, so never more than the leased ones), or every leased task when not known."""
+    return counts.leased if running is None else min(running, counts.leased)
+
+
 def describe(counts: Counts, total: int | None, running: int | None = None, retrying: bool = False) -> str:
     """One line: ``done/total, dead, running, queued`` (and ``cancelled``, ``scheduled`` and
     failed attempts when there are some). Done counts every finished task: completed, dead or
@@ -92,7 +98,7 @@ def describe(counts: Counts, total: int | None, running: int | None = None, retr
     line = f"{counts.finished:,}/{of} done · {counts.dead:,} dead · "
     if counts.cancelled:
         line += f"{counts.cancelled:,} cancelled · "
-    now = counts.leased if running is None else min(running, counts.leased)
+    now = running_shown(counts, running)
     line += f"{now:,} running · "
     line += f"{counts.leased - now:,} prefetched · " if counts.leased > now else ""
     line += f"{counts.queued:,} queued"
@@ -402,7 +408,7 @@ class JobView:
         if self.job.name != self.job.id:  # an unnamed job's name is its id: once is enough
             title += f" <code>{self.job.id}</code>"
         p["title"].value = title
-        now = c.leased if snap.running_now is None else min(snap.running_now, c.leased)
+        now = running_shown(c, snap.running_now)
         segments = [
             ("completed", c.completed),
             ("dead", c.dead),

@@ -16,6 +16,7 @@ from .backends.base import Counts, TaskStatus
 from .errors import BadSignature, DecodeError
 from .ids import in_job, index_of, job_of
 from .jobs import JobState
+from .progress import running_shown
 from .records import TaskError, TaskRecord, dead_letter_record, record_header
 from .reference import export_value
 from .serialize import Signer
@@ -132,7 +133,7 @@ def job_report(tq: TaskQueue, job_id: str, *, outputs: bool = False) -> dict[str
         "last_finished": max(finished, default=None),
         "errors": errors,
         "running": [asdict(p) for p in job.running_progress(workers)],
-        "running_now": min(job.running_now(workers), counts.leased),
+        "running_now": running_shown(counts, job.running_now(workers)),
         "workers": sorted(job.workers_ran(workers)),
     }
     if outputs:
