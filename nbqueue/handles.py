@@ -137,7 +137,7 @@ def _submit_one(fn: Callable[..., Any], task: functools.partial, options: dict[s
     """Insert one task as a job of its own on the default queue; its handle."""
     tq = default_queue()
     job = tq.insert([task], **{"name": callable_name(fn), "progress": False, **options})
-    return TaskHandle(tq, task_id(job.id, 0), inserted_here=True)
+    return TaskHandle(tq, task_id(job.id, 0))
 
 
 def _time_limit_of_call(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -187,13 +187,11 @@ def map_tasks(fn: Callable[..., Any], iterable: Iterable[Any], **options: Any) -
 class TaskHandle:
     """One queued task, reattachable from any process by queue and task id."""
 
-    def __init__(self, queue: TaskQueue, task: str, *, inserted_here: bool = False) -> None:
-        """``inserted_here``: this process has just inserted the task (``fn.submit``)."""
+    def __init__(self, queue: TaskQueue, task: str) -> None:
         self.queue = queue
         self.task_id = check_id(task, "task id")
         self.job_id = job_of(task)
         self._finished: bytes = b""  # the task's record, once a wait saw it
-        self._inserted_here = inserted_here
 
     @property
     def job(self) -> Job:
@@ -265,13 +263,12 @@ class TaskHandle:
     def _waiting(self, timeout: float | None) -> Generator[float, bytes | None, None]:
         """The polls of a wait for this task: yields how long to wait before the next look and is
         sent the task's record (or None) that look found; ends once it finished, its record kept
-        for ``_value``. A task this handle's process just inserted is not looked at before the
-        first wait: it exists, and a quick one's round trip saves a read."""
+        for ``_value``. No look before the first wait: a watch's first wait returns at once when
+        the job has commits already, so a finished task costs one round trip, as a quick one does."""
         start = time.monotonic()
         sleep = defaults.WAIT_POLL_MIN
-        known = self._inserted_here
-        blob = None if known else self._blob()
-        known = known or blob is not None
+        known = False
+        blob = None
         while blob is None:
             if timeout is not None and time.monotonic() - start >= timeout:
                 raise TimeoutError(f"task {self.task_id} not finished after {timeout:g}s")
