@@ -639,7 +639,7 @@ def _function_key(fn: types.FunctionType, objects: list[Any], visiting: set[int]
         fn.__qualname__,
         fn.__module__,
         globs.get("__name__"),
-        fn.__doc__ if isinstance(fn.__doc__, str) or fn.__doc__ is None else _unsure(),
+        _value_key(fn.__doc__, objects, visiting, depth + 1),
         reads,
         closure,
         _value_key(fn.__defaults__, objects, visiting, depth + 1),
@@ -648,10 +648,6 @@ def _function_key(fn: types.FunctionType, objects: list[Any], visiting: set[int]
         _mapping_key(fn.__dict__, objects, visiting, depth + 1),
     )
     return parts
-
-
-def _unsure() -> Any:
-    raise _Unsure
 
 
 def _mapping_key(mapping: dict | None, objects: list[Any], visiting: set[int], depth: int) -> tuple | None:
