@@ -36,7 +36,9 @@ from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from tornado import web
 
 from ..errors import NbQueueError
-from ..jobs import running_by_worker
+from ..jobs import Job, running_by_worker
+from ..progress import running_shown
+from ..queue import TaskQueue
 from ..report import dead_letters, job_status
 from .registry import QueueRegistry
 
@@ -88,7 +90,7 @@ def queue_summary(qid: str, tq) -> dict[str, Any]:
     try:
         counts = tq.status()
         running = sum(len(tasks) for tasks in running_by_worker(tq.backend.workers()).values())
-        summary = {"counts": counts.as_dict(), "running_now": min(running, counts.leased)}
+        summary = {"counts": counts.as_dict(), "running_now": running_shown(counts, running)}
         return {"id": qid, "url": tq.url, **summary, "error": None}
     except NbQueueError as exc:
         return {"id": qid, "url": tq.url, "counts": None, "running_now": None, "error": str(exc)}
@@ -103,7 +105,7 @@ def job_summary(job, workers: dict[str, bytes] | None = None) -> dict[str, Any]:
         "id": job.id, "name": job.name, "state": meta.get("state"), "total": job.total,
         "status": job_status(meta.get("state"), counts, job.total),
         "created": meta.get("created"), "counts": counts.as_dict(),
-        "running_now": None if workers is None else min(job.running_now(workers), counts.leased),
+        "running_now": None if workers is None else running_shown(counts, job.running_now(workers)),
         "workers": None if workers is None else len(job.workers_ran(workers)),
     }  # fmt: skip
 
@@ -143,8 +145,7 @@ class JobsHandler(_Base):
         self.reply(await off_loop(_jobs_of, self.queue(qid)))
 
 
-def _job_detail(tq, job_id: str) -> dict[str, Any]:
-    job = tq.job(job_id)
+def _job_detail(tq: TaskQueue, job: Job) -> dict[str, Any]:
     workers = tq.backend.workers()
     data = job_summary(job, workers)
     data["source"] = job.meta.get("source")
@@ -153,28 +154,28 @@ def _job_detail(tq, job_id: str) -> dict[str, Any]:
     return data
 
 
-class JobHandler(_Base):
+class _JobBase(_Base):
+    async def on_job(self, qid: str, job_id: str, fn: Callable[[TaskQueue, Job], Any]) -> Any:
+        """``fn(queue, job)`` off the event loop; 404 when the queue has no such job."""
+        tq = self.queue(qid)
+        try:
+            return await off_loop(lambda: fn(tq, tq.job(job_id)))
+        except (KeyError, ValueError):
+            raise web.HTTPError(404, f"no job {job_id!r} in this queue") from None
+
+
+class JobHandler(_JobBase):
     @web.authenticated
     @authorized
     async def get(self, qid: str, job_id: str) -> None:
-        tq = self.queue(qid)
-        try:
-            data = await off_loop(_job_detail, tq, job_id)
-        except (KeyError, ValueError):
-            raise web.HTTPError(404, f"no job {job_id!r} in this queue") from None
-        self.reply(data)
+        self.reply(await self.on_job(qid, job_id, _job_detail))
 
 
-class RetryHandler(_Base):
+class RetryHandler(_JobBase):
     @web.authenticated
     @authorized
     async def post(self, qid: str, job_id: str) -> None:
-        tq = self.queue(qid)
-        try:
-            again = await off_loop(lambda: tq.job(job_id).retry())
-        except (KeyError, ValueError):
-            raise web.HTTPError(404, f"no job {job_id!r} in this queue") from None
-        self.reply({"job_id": job_id, "retried": again})
+        self.reply({"job_id": job_id, "retried": await self.on_job(qid, job_id, lambda tq, job: job.retry())})
 
 
 class CancelHandler(_Base):
