@@ -894,7 +894,8 @@ class Worker:
         progress reported by running tasks, and which tasks run, go out with a heartbeat at most
         every ``PROGRESS_BEAT_SECONDS`` when they changed."""
         checked = beat = time.monotonic()
-        running: list[str] = []
+        running: list[str] = []  # what the last beat said runs
+        ticked: list[str] = []  # what ran at the last tick
         while not done.wait(_GIVE_BACK_CHECK_SECONDS):
             batch = self._batch
             overdue = batch.overdue() if batch is not None else []
@@ -910,8 +911,12 @@ class Worker:
                     self._obey_cancels(batch)
                 except Exception as exc:  # a storage hiccup: the next check asks again
                     log.debug("cancel check failed: %s", exc)
+            # "Nothing runs" is beaten once it held for a tick: a task that just ended is being
+            # committed now, and a beat in the middle of that commit (the GIL, the storage) would
+            # widen fq://'s moment between a lease leaving and its counters landing.
             now_running = self.interrupts.running_ids()
-            changed = progress_board.changed or now_running != running
+            held, ticked = now_running == ticked, now_running
+            changed = progress_board.changed or (now_running != running and (bool(now_running) or held))
             if changed and time.monotonic() - beat >= defaults.PROGRESS_BEAT_SECONDS:
                 beat, running = time.monotonic(), now_running
                 self._beat_progress(batch)
