@@ -45,6 +45,7 @@ class QueueConnection:
         # until the queue is purged (which gives it a new identity), so an insert of a function
         # already stored skips writing it again.
         self._stored_functions: dict[str, set[str]] = {}
+        self._recent_queue_id: str | None = None
 
     def stored_functions(self, queue_id: str) -> set[str]:
         """The digests this process stored in the queue while it had identity ``queue_id``
@@ -64,7 +65,16 @@ class QueueConnection:
 
         Not cached: another process may purge the queue, which gives it a new identity.
         """
-        return self.backend.queue_id()
+        self._recent_queue_id = self.backend.queue_id()
+        return self._recent_queue_id
+
+    def recent_queue_id(self) -> str:
+        """The queue's identity as this process read it last (read now the first time).
+
+        For a write fenced with it (``Backend.insert(queue_id=)``), which the storage refuses if
+        the identity changed since: that saves an insert the round trip of reading it.
+        """
+        return self._recent_queue_id or self.queue_id
 
     def reopen_args(self) -> tuple[str, bool, str]:
         """What a spawned child needs to open this queue again (``QueueConnection(*args)``)."""

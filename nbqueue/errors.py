@@ -89,6 +89,18 @@ class QueueStateLost(NbQueueError):
     without persistence, a flushed database) or the queue was purged. The job's tasks are gone."""
 
 
+class QueueIdentityChanged(QueueStateLost):
+    """An insert was fenced with the queue identity its tasks are signed for, and the queue has
+    another now (it was purged, or its storage lost its data): nothing was written.
+
+    ``current`` is the identity the storage holds, or None when it has none yet.
+    """
+
+    def __init__(self, message: str, current: str | None = None) -> None:
+        super().__init__(message)
+        self.current = current
+
+
 class TaskRefused(NbQueueError):
     """A worker refused to run a task (it goes to the dead letters, never retried)."""
 

@@ -31,13 +31,13 @@ from typing import Any
 
 from . import defaults, pickling
 from .connection import QueueConnection
-from .errors import SliceContractError
+from .errors import QueueIdentityChanged, SliceContractError
 from .ids import new_job_id, task_id
 from .jobs import Job, JobState, new_job_record, save_job_record
 from .procs import spawn_pool
 from .progress import insert_progress
 from .serialize import dumps_checked
-from .tasks import TaskCodec, check_timeout, to_call
+from .tasks import TaskCodec, check_timeout, reseal_task, to_call
 
 GREEN_FIX = "from gevent import monkey; monkey.patch_all()"
 
@@ -64,12 +64,17 @@ class Placement:
 
 
 class _Writer:
-    """Writes encoded batches (and a job's new function blobs before its first task)."""
+    """Writes encoded batches (and a job's new function blobs before its first task), each fenced
+    with the queue identity its tasks are signed for (``queue_id``)."""
 
-    def __init__(self, backend, job_id: str, placement: Placement) -> None:
+    #: Does ``submit`` write before it returns (so its errors are the batch's own)?
+    synchronous = True
+
+    def __init__(self, backend, job_id: str, placement: Placement, queue_id: str) -> None:
         self.backend = backend
         self.job_id = job_id
         self.placement = placement
+        self.queue_id = queue_id
         self.written = 0
         self._lock = threading.Lock()
         #: Digests known to be stored in the queue (``QueueConnection.stored_functions``).
@@ -80,7 +85,14 @@ class _Writer:
     ) -> None:
         self._put_functions(functions)
         where = self.placement
-        self.backend.insert(self.job_id, batch, delay=where.delay(), priority=where.priority, record=record)
+        self.backend.insert(
+            self.job_id,
+            batch,
+            delay=where.delay(),
+            priority=where.priority,
+            record=record,
+            queue_id=self.queue_id,
+        )
         with self._lock:
             self.written += len(batch)
 
@@ -103,8 +115,12 @@ class _Writer:
 class _PipelinedWriter(_Writer):
     """Writes from background threads (or greenlets) through a bounded queue of batches."""
 
-    def __init__(self, backend, job_id: str, placement: Placement, writers: int, green: bool = False) -> None:
-        super().__init__(backend, job_id, placement)
+    synchronous = False
+
+    def __init__(
+        self, backend, job_id: str, placement: Placement, queue_id: str, writers: int, green: bool = False
+    ) -> None:
+        super().__init__(backend, job_id, placement, queue_id)
         self._queue: queue_module.Queue = queue_module.Queue(maxsize=writers)
         self._error: BaseException | None = None
         if green:
@@ -161,18 +177,22 @@ def upload(
     offset: int,
     batch_size: int,
     writer: _Writer,
-    queue_id: str,
     on_batch: Callable[[int | None], bytes | None] | None = None,
     explain: bool = False,
-) -> None:
-    """Encode ``tasks`` (ids from ``offset``), signed for ``queue_id``, into batches and hand
-    them to ``writer``; with ``explain``, print what each new function ships.
+) -> str:
+    """Encode ``tasks`` (ids from ``offset``), signed for ``writer.queue_id``, into batches and
+    hand them to ``writer``; with ``explain``, print what each new function ships. Returns the
+    queue identity the tasks were signed for.
 
     ``on_batch`` is called before each batch is written, with the number of tasks when that
     batch is the whole job (else None); it returns a job record to store with the batch, or None.
+
+    A first batch refused because the queue's identity changed (``QueueIdentityChanged``: the
+    identity ``writer`` was given was read before a purge) is signed again for the identity now
+    and written once more; a later batch refused so raises (the job's first tasks are gone).
     """
-    codec = TaskCodec(queue.signer, queue.serializer, queue_id)
-    writer.stored = queue.stored_functions(queue_id)
+    codec = TaskCodec(queue.signer, queue.serializer, writer.queue_id)
+    writer.stored = queue.stored_functions(writer.queue_id)
     batch: list[tuple[str, bytes]] = []
     batch_bytes = 0
     first = True
@@ -193,14 +213,39 @@ def upload(
         if len(batch) >= batch_size or batch_bytes >= defaults.INSERT_BATCH_BYTES:
             if on_batch is not None:
                 on_batch(None)
-            writer.submit(functions, batch)
+            _submit(queue, writer, codec, functions, batch, None, first)
             functions, batch, batch_bytes, first = [], [], 0, False
     if batch or functions:
         record = None
         if on_batch is not None:
             # The first batch is also the last: the whole job, whose record may go with it.
             record = on_batch(len(batch) if first else None)
+        _submit(queue, writer, codec, functions, batch, record, first)
+    return writer.queue_id
+
+
+def _submit(
+    queue: QueueConnection,
+    writer: _Writer,
+    codec: TaskCodec,
+    functions: list[tuple[str, bytes]],
+    batch: list[tuple[str, bytes]],
+    record: bytes | None,
+    first: bool,
+) -> None:
+    """``writer.submit``; a first batch refused for a changed queue identity (nothing of the job
+    was written yet) is sealed for the identity now and submitted again, with every function the
+    job uses (the queue's new identity holds none of them)."""
+    try:
         writer.submit(functions, batch, record)
+    except QueueIdentityChanged:
+        if not (first and writer.synchronous):
+            raise
+        queue_id = queue.queue_id
+        batch = [(tid, reseal_task(queue.signer, tid, envelope, queue_id)) for tid, envelope in batch]
+        codec.queue_id = writer.queue_id = queue_id
+        writer.stored = queue.stored_functions(queue_id)
+        writer.submit(codec.functions(), batch, record)
 
 
 # -- parallel slices ------------------------------------------------------------------------------
@@ -238,10 +283,10 @@ def _insert_slice(
     """Child process: load one slice (``size`` tasks from ``offset``) and upload it. Returns how
     many tasks it queued."""
     queue = QueueConnection.reopen(reopen)
-    writer = _Writer(queue.backend, job_id, placement)
+    writer = _Writer(queue.backend, job_id, placement, queue_id)
     try:
         tasks = _exactly(queue.serializer.loads(blob), offset, offset + size)
-        upload(queue, job_id, tasks, offset, batch_size, writer, queue_id)
+        upload(queue, job_id, tasks, offset, batch_size, writer)
     finally:
         queue.close()
     return writer.written
@@ -333,20 +378,26 @@ def insert_tasks(
         meta["timeout"] = placement.timeout
     if placement.ready_at is not None:
         meta["ready_at"] = placement.ready_at  # until then its scheduled tasks are not retries
-    # Read once: the tasks are signed for it and the job checks it, so the two always agree.
-    queue_id = queue.queue_id
-    job = Job(queue, job_id, meta, queue_id=queue_id)
-    bar = insert_progress(job.view, total, enabled=progress)
     # Children cannot see this process's memory: a mem:// queue is written from threads instead.
     # Slices go to processes with green=True too (the children write plainly), as
     # python-task-queue's do.
     sliced = parallel > 1 and sliceable(tasks) and not queue.url.startswith("mem://")
+    # The tasks are signed for the queue's identity and every write is fenced with it. One writer
+    # in this thread can sign its first batch again if the identity changed since this process
+    # read it (a purge), so it saves the read; writers in the background or in other processes
+    # get it read now.
+    plain = not (green or parallel > 1)
+    queue_id = queue.recent_queue_id() if plain else queue.queue_id
+    job = Job(queue, job_id, meta, queue_id=queue_id)
+    bar = insert_progress(job.view, total, enabled=progress)
     if green and not sliced:
-        writer: _Writer = _PipelinedWriter(queue.backend, job_id, placement, max(parallel, 8), green=True)
+        writer: _Writer = _PipelinedWriter(
+            queue.backend, job_id, placement, queue_id, max(parallel, 8), green=True
+        )
     elif parallel > 1 and not sliced:
-        writer = _PipelinedWriter(queue.backend, job_id, placement, parallel)
+        writer = _PipelinedWriter(queue.backend, job_id, placement, queue_id, parallel)
     else:
-        writer = _Writer(queue.backend, job_id, placement)
+        writer = _Writer(queue.backend, job_id, placement, queue_id)
     started = False
     recorded = False  # the final record went with the job's only batch
 
@@ -381,16 +432,9 @@ def insert_tasks(
                 placement,
             )
         else:
-            upload(
-                queue,
-                job_id,
-                tasks,
-                0,
-                batch_size,
-                writer,
-                queue_id,
-                on_batch=before_batch,
-                explain=explain,
+            # The job checks the identity its tasks were signed for, re-signed or not.
+            job.queue_id = upload(
+                queue, job_id, tasks, 0, batch_size, writer, on_batch=before_batch, explain=explain
             )
             writer.close()
             queued = writer.written

@@ -261,8 +261,9 @@ class Job:
         self._meta = meta
         self._view: JobView | None = None
         self._tracker = _Tracker(self)
-        # What the queue held when this job was made or found; a new identity means it is gone.
-        self._queue_id = queue.queue_id if queue_id is None else queue_id
+        #: The queue's identity when this job was made or found (its tasks are signed for it);
+        #: a new one means the queue no longer holds the job.
+        self.queue_id = queue.queue_id if queue_id is None else queue_id
 
     @classmethod
     def attach(cls, queue: QueueConnection, job_id: str, *, queue_id: str | None = None) -> Job:
@@ -316,7 +317,7 @@ class Job:
 
     def check_queue(self) -> None:
         """Raise QueueStateLost if the queue's storage no longer holds this job's state."""
-        if self.queue.backend.queue_id() != self._queue_id:
+        if self.queue.backend.queue_id() != self.queue_id:
             raise QueueStateLost(
                 f"the queue's state vanished: {self.queue.url} no longer holds job {self.name} "
                 "(its storage lost its data, e.g. a Redis server restarted without persistence, "

@@ -608,6 +608,10 @@ class TaskCodec:
         self._blobs[id(fn)] = (fn, digest, blob)  # keeping fn alive keeps id(fn) unique
         return digest, blob, True
 
+    def functions(self) -> list[tuple[str, bytes]]:
+        """``(digest, blob)`` of every function this codec has encoded."""
+        return [(digest, blob) for _, digest, blob in self._blobs.values()]
+
     def encode(
         self, task_id: str, job_id: str, call: TaskCall, digest: str | None, timeout: float | None = None
     ) -> bytes:

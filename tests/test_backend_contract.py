@@ -262,6 +262,26 @@ def test_queue_id_is_shared_by_every_handle_and_renewed_by_purge(backend, backen
     assert renewed != first and backend_factory().queue_id() == renewed
 
 
+def test_an_insert_fenced_with_a_stale_queue_id_writes_nothing(backend, backend_factory):
+    from nbqueue import QueueIdentityChanged, QueueStateLost
+
+    first = backend.queue_id()
+    backend.insert("j1", tasks_of("j1", 2), queue_id=first, record=b"rec1")
+    assert backend.counts().queued == 2 and backend.get_job("j1") == b"rec1"
+    backend_factory().purge()  # another process purges: the queue's identity changes
+    for tasks, record in ((tasks_of("j2", 3), b"rec2"), ([], b"rec2")):
+        with pytest.raises(QueueIdentityChanged, match="identity changed.*nothing was written") as caught:
+            backend.insert("j2", tasks, queue_id=first, record=record)
+        assert isinstance(caught.value, QueueStateLost) and caught.value.current != first
+    assert backend.counts().queued == 0 and backend.list_jobs() == [] and backend.get_job("j2") is None
+    renewed = backend.queue_id()
+    backend.insert("j2", tasks_of("j2", 3), queue_id=renewed, record=b"rec2")
+    assert backend.counts().queued == 3 and backend.get_job("j2") == b"rec2"
+    with pytest.raises(QueueIdentityChanged) as caught:
+        backend.insert("j3", tasks_of("j3", 1), queue_id="f" * 32)
+    assert caught.value.current == renewed and backend.counts().queued == 3
+
+
 def test_iter_queued_lists_waiting_tasks(backend):
     backend.insert("j1", tasks_of("j1", 3))
     backend.lease(1, 30)

@@ -145,6 +145,66 @@ def test_redis_restarted_without_persistence_fails_the_wait_clearly(nb, tmp_path
         server.stop()
 
 
+PURGED = """
+from scipy import stats
+from nbqueue import queueable
+
+@queueable
+def p_value(shift):
+    return round(float(stats.ttest_1samp([shift - 1, shift, shift + 1], 0).pvalue), 6)
+"""
+
+
+def test_a_queue_purged_by_another_process_takes_the_next_insert(worker_url, nb, tmp_path):
+    """This process read the queue's identity for its first job; another process purges the
+    queue (a new identity). The next inserts are refused by the storage's fence, signed again and
+    written whole (no round trip is spent checking the identity before each insert); an insert
+    that the purge cuts in two raises QueueStateLost instead of leaving orphans."""
+    from nbqueue import QueueStateLost
+
+    tq = TaskQueue(worker_url)
+    more = notebook(PURGED)
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    workers = start_workers(worker_url, 1)
+    try:
+        first = tq.insert([functools.partial(nb.logged, 0, str(log_dir))], progress=False)
+        assert first.wait(timeout=60, progress=False).results() == [0]
+        subprocess.run(
+            [sys.executable, "-m", "nbqueue", "purge", worker_url, "--yes"], check=True, capture_output=True
+        )
+        assert tq.queue_id != first.queue_id
+        # One batch from a generator (read once), with two functions the new identity lacks.
+        tasks = (
+            functools.partial(nb.logged, 1, str(log_dir)) if i == 0 else functools.partial(more.p_value, 2.0)
+            for i in range(2)
+        )
+        job = tq.insert(tasks, progress=False)
+        assert job.queue_id == tq.queue_id
+        assert job.wait(timeout=60, progress=False).results() == [1, more.p_value(2.0)]
+
+        other = TaskQueue(worker_url)
+
+        def purged_midway():
+            for i in range(5):
+                if i == 3:
+                    other.purge()  # the job's first batch (3 tasks) is written, its second is not
+                yield functools.partial(more.p_value, float(i))
+
+        with pytest.raises(QueueStateLost, match="identity changed") as caught:
+            tq.insert(purged_midway(), batch_size=3, progress=False)
+        assert "3 task(s) of job" in "".join(getattr(caught.value, "__notes__", []))
+        assert tq.status().queued == 0  # nothing signed for the old identity landed in the new one
+        other.close()
+        again = tq.insert([functools.partial(more.p_value, 1.0)], progress=False)
+        assert again.wait(timeout=60, progress=False).results() == [more.p_value(1.0)]
+    finally:
+        for proc in workers:
+            proc.terminate()
+        wait_all(workers, timeout=60)
+        tq.close()
+
+
 GIL = """
 import os
 from nbqueue import queueable

@@ -27,6 +27,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
+from ..errors import QueueIdentityChanged
+
 
 class TaskStatus(str, enum.Enum):
     """Where a task is in its life: queued → leased → completed, or leased → dead; any state not
@@ -131,6 +133,16 @@ class Counts:
         return asdict(self)
 
 
+def identity_changed(fenced: str, current: str | None) -> QueueIdentityChanged:
+    """The error of an insert fenced with ``fenced`` into a queue whose identity is ``current``."""
+    now = "has none yet" if current is None else f"is {current!r}"
+    return QueueIdentityChanged(
+        f"the queue's identity changed: the tasks are signed for {fenced!r} and the queue's {now} "
+        "(it was purged, or its storage lost its data); nothing was written",
+        current,
+    )
+
+
 class CommitWatch(ABC):
     """Waits for a job's commits (``Backend.watch_commits``): on redis:// a blocking read of the
     job's commit log, on fq:// a file system notification (or a short poll where there is none),
@@ -203,6 +215,7 @@ class Backend(ABC):
         delay: float = 0.0,
         priority: int = 0,
         record: bytes | None = None,
+        queue_id: str | None = None,
     ) -> None:
         """Queue many tasks of one job in one call: all of them become visible, or none.
 
@@ -215,6 +228,12 @@ class Backend(ABC):
         out its backoff (the storage's clock decides when: the server's, on a network backend).
         A job's ``priority`` is the one its first insert gives (every insert of a job passes the
         same): see ``lease``.
+
+        With ``queue_id`` (the identity the tasks are signed for, see ``queue_id()``), nothing is
+        written unless that is the queue's identity now, and ``QueueIdentityChanged`` says which
+        it is: tasks signed for one identity never land in a queue that has another. Checked in
+        the same atomic step on redis:// and mem://, just before writing on fq://. A producer
+        that keeps the identity it read last needs no read of it before each insert.
         """
 
     @abstractmethod

@@ -93,6 +93,7 @@ from .base import (
     Lease,
     TaskInfo,
     TaskStatus,
+    identity_changed,
 )
 from .dirwatch import DirectoryWatch, notifications_work
 
@@ -620,8 +621,13 @@ class FileBackend(Backend):
         delay: float = 0.0,
         priority: int = 0,
         record: bytes | None = None,
+        queue_id: str | None = None,
     ) -> None:
         check_batch(job_id, tasks)
+        if queue_id is not None:
+            current = self._read_queue_id()
+            if current != queue_id:
+                raise identity_changed(queue_id, current)
         if not tasks:
             if record is not None:
                 self.put_job(job_id, record)
@@ -1429,19 +1435,37 @@ class FileBackend(Backend):
     def purge(self) -> None:
         # A new identity first: a worker that reads a task still being deleted refuses it.
         self._write_atomic(os.path.join(self.root, QUEUE_ID), os.urandom(16).hex().encode())
-        for area in AREAS:
-            shutil.rmtree(self._dirs[area], ignore_errors=True)
-            os.mkdir(self._dirs[area], 0o700)
+        # The areas themselves stay: workers and waiters of other processes list and watch them
+        # meanwhile. Their entries move out of sight at once (one rename each) and are deleted
+        # from there. tmp/ is left alone: it holds other processes' writes under way (a write
+        # that lands after this is signed for the old identity, or is a record nobody reads).
+        trash = os.path.join(self.root, f".purge.{os.getpid()}.{os.urandom(6).hex()}")
+        os.mkdir(trash, 0o700)
+        try:
+            for area in AREAS:
+                if area == "tmp":
+                    continue
+                for name in os.listdir(self._dirs[area]):
+                    with contextlib.suppress(FileNotFoundError):  # taken by a worker meanwhile
+                        os.rename(self._path(area, name), os.path.join(trash, f"{area}.{name}"))
+        finally:
+            shutil.rmtree(trash, ignore_errors=True)
         self._deltas, self._flushed, self._ranges, self._lease_names = {}, {}, {}, {}
         self._priorities, self._last_job = {}, ""
 
-    def queue_id(self) -> str:
-        path = os.path.join(self.root, QUEUE_ID)
+    def _read_queue_id(self) -> str | None:
+        """The queue's identity, or None while it has none (never made here)."""
         try:
-            with open(path, "rb") as f:
+            with open(os.path.join(self.root, QUEUE_ID), "rb") as f:
                 return f.read().decode()
         except FileNotFoundError:
-            pass
+            return None
+
+    def queue_id(self) -> str:
+        path = os.path.join(self.root, QUEUE_ID)
+        current = self._read_queue_id()
+        if current is not None:
+            return current
         # Made once, race-free: a link never replaces, so every process reads the first one made.
         tmp = self._write_tmp(os.urandom(16).hex().encode())
         try:

@@ -23,6 +23,7 @@ from .base import (
     Lease,
     TaskInfo,
     TaskStatus,
+    identity_changed,
 )
 
 _stores: dict[str, MemoryBackend] = {}
@@ -241,9 +242,12 @@ class MemoryBackend(Backend):
         delay: float = 0.0,
         priority: int = 0,
         record: bytes | None = None,
+        queue_id: str | None = None,
     ) -> None:
         check_batch(job_id, tasks)
         with self._cond:
+            if queue_id is not None and queue_id != self._queue_id:
+                raise identity_changed(queue_id, self._queue_id)
             if priority:
                 self._ready.priority.setdefault(job_id, int(priority))
             for task_id, _ in tasks:

@@ -79,6 +79,7 @@ from .base import (
     Lease,
     TaskInfo,
     TaskStatus,
+    identity_changed,
 )
 
 try:
@@ -406,21 +407,26 @@ class RedisBackend(Backend):
         delay: float = 0.0,
         priority: int = 0,
         record: bytes | None = None,
+        queue_id: str | None = None,
     ) -> None:
         check_batch(job_id, tasks)
         args: list[Any] = []
         for task_id, payload in tasks:
             args += (task_id, bytes(payload))
         if not args:
+            if queue_id is not None and (current := self._client.get(self.key("id"))) != queue_id.encode():
+                raise identity_changed(queue_id, None if current is None else current.decode())
             if record is not None:
                 self.put_job(job_id, record)
             return
         delay_ms = _ms(max(delay, 0.0)) if delay > 0 else ""
         nonce = os.urandom(16).hex()
         job_record = b"" if record is None else bytes(record)
-        _refuse(
-            self._run("insert", job_id, nonce, delay_ms, int(priority), job_record, *args), "already exists"
-        )
+        fence = "" if queue_id is None else queue_id
+        refused = self._run("insert", job_id, nonce, delay_ms, int(priority), job_record, fence, *args)
+        if isinstance(refused, list):
+            raise identity_changed(fence, refused[1].decode() or None)
+        _refuse(refused, "already exists")
 
     @_translated
     def lease(self, n: int, seconds: float, wait: float = 0.0) -> list[Lease]:

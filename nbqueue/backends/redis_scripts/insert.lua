@@ -1,15 +1,24 @@
--- insert(job, nonce, delay_ms, priority, record, task_1, payload_1, ...): queue every task of the
--- batch, or none; with a delay (ms, "" for none) they wait in K.delayed, as retries do, until the
--- server's clock says they are due. A priority other than 0 is the job's (its first insert's).
--- A record ("" for none) is stored as the job's, with the tasks.
--- Returns nil, or the id of a task that already exists (nothing changed then).
+-- insert(job, nonce, delay_ms, priority, record, fence, task_1, payload_1, ...): queue every task
+-- of the batch, or none; with a delay (ms, "" for none) they wait in K.delayed, as retries do, until
+-- the server's clock says they are due. A priority other than 0 is the job's (its first insert's).
+-- A record ("" for none) is stored as the job's, with the tasks. A fence ("" for none) is the queue
+-- identity the tasks are signed for: with another one (or none) stored, nothing is written.
+-- Returns nil; or the id of a task that already exists; or {'identity', the stored id or ''} for a
+-- fence that does not match (nothing changed then, either).
 local job, nonce, delay, priority, record = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local fence = ARGV[7]
 local now = now_ms()
 -- A client retry after a lost reply must not fail as a duplicate of its own first try.
 if redis.call('ZSCORE', K.inserts, nonce) then
   return nil
 end
-for i = 7, #ARGV, 2 do
+if fence ~= '' then
+  local id = redis.call('GET', K.id)
+  if id ~= fence then
+    return {'identity', id or ''}
+  end
+end
+for i = 8, #ARGV, 2 do
   if redis.call('HEXISTS', K.payload, ARGV[i]) == 1 then
     return ARGV[i]
   end
@@ -18,7 +27,7 @@ if priority ~= 0 then
   redis.call('HSETNX', K.priority, job, priority)
 end
 local n = 0
-for i = 7, #ARGV, 2 do
+for i = 8, #ARGV, 2 do
   local task = ARGV[i]
   redis.call('HSET', K.payload, task, ARGV[i + 1])
   redis.call('HSET', K.attempts, task, 0)
