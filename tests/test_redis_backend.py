@@ -187,7 +187,7 @@ def test_duplicate_task_ids_insert_nothing(rb):
 
 def test_a_retried_insert_call_is_applied_once(rb):
     # What redis-py's retry does when a reply is lost: the same call, same nonce, again.
-    args = ("j1", "nonce-1", "", 0, b"", "j1-0", b"p")  # no delay, priority 0, no job record
+    args = ("j1", "nonce-1", "", 0, b"", "", "j1-0", b"p")  # no delay, priority 0, record, fence
     rb._run("insert", *args)
     rb._run("insert", *args)
     assert rb.counts().inserted == 1 and len(rb.lease(5, 30)) == 1
@@ -230,6 +230,22 @@ def test_scripts_reload_after_script_flush(rb, raw):
 
 
 # -- blocking lease -----------------------------------------------------------------------------
+def test_a_blocked_lease_gets_its_task_after_the_server_forgot_its_scripts(rb, raw, redis_url):
+    # The blocked lease sends BLPOP and the lease script together; the script's EVALSHA then
+    # meets a server without it (NOSCRIPT) and the lease must still come back with the task.
+    other = open_backend(redis_url)
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.extend(rb.lease(1, 30, wait=5)))
+    waiter.start()
+    time.sleep(0.3)
+    raw.script_flush()
+    start = time.monotonic()
+    other.insert("j1", tasks_of("j1", 1))
+    waiter.join()
+    assert [lease.task_id for lease in got] == ["j1-0"] and time.monotonic() - start < 1.5
+    other.close()
+
+
 def test_blocked_lease_wakes_when_a_retry_becomes_due(rb):
     rb.insert("j1", tasks_of("j1", 1))
     (lease,) = rb.lease(1, 30)

@@ -85,7 +85,13 @@ from .base import (
 try:
     import redis
     from redis.backoff import ExponentialBackoff
-    from redis.exceptions import AuthenticationError, NoPermissionError, OutOfMemoryError, ResponseError
+    from redis.exceptions import (
+        AuthenticationError,
+        NoPermissionError,
+        NoScriptError,
+        OutOfMemoryError,
+        ResponseError,
+    )
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
     from redis.retry import Retry
@@ -433,20 +439,41 @@ class RedisBackend(Backend):
         if n <= 0:
             return []
         end = time.monotonic() + wait
-        while True:
-            leases, next_event_ms = self._lease_once(n, seconds)
+        leases, next_event_ms = self._lease_once(n, seconds)
+        while not leases:
             remaining = end - time.monotonic()
-            if leases or remaining <= 0:
-                return leases
+            if remaining <= 0:
+                break
             # Sleep on the server until an insert or requeue pushes a wake-up token, or until a
             # delayed task is due or a lease expires (the script said when, by the server clock).
             block = min(remaining, self._max_block)
             if next_event_ms >= 0:
                 block = min(block, next_event_ms / 1000)
-            self._client.blpop([self.key("notify")], timeout=max(block, _MIN_BLOCK_SECONDS))
+            leases, next_event_ms = self._block_then_lease(max(block, _MIN_BLOCK_SECONDS), n, seconds)
+        return leases
+
+    def _block_then_lease(self, block: float, n: int, seconds: float) -> tuple[list[Lease], int]:
+        """BLPOP for a wake-up token, then ``lease``, sent together: the server runs the lease as
+        soon as the BLPOP returns, so a woken worker has its task without another round trip."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.blpop([self.key("notify")], timeout=block)
+        pipe.evalsha(self._scripts["lease"].sha, 1, self._prefix, self._ttl, *self._lease_args(n, seconds))
+        try:
+            _, out = pipe.execute()
+        except NoScriptError:  # the server forgot its scripts (restarted, SCRIPT FLUSH)
+            return self._lease_once(n, seconds)
+        return self._leases_of(out)
 
     def _lease_once(self, n: int, seconds: float) -> tuple[list[Lease], int]:
-        out = self._run("lease", _ms(seconds), n, os.urandom(8).hex())
+        return self._leases_of(self._run("lease", *self._lease_args(n, seconds)))
+
+    @staticmethod
+    def _lease_args(n: int, seconds: float) -> tuple[int, int, str]:
+        return _ms(seconds), n, os.urandom(8).hex()
+
+    @staticmethod
+    def _leases_of(out: list[Any]) -> tuple[list[Lease], int]:
+        """The leases in a reply of lease.lua, and its wait_ms."""
         leases = [
             Lease(task.decode(), token.decode(), int(attempt), payload, bool(suspect))
             for task, token, attempt, payload, suspect in zip(
