@@ -17,7 +17,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import defaults, ids
@@ -160,6 +160,18 @@ class CommitWaiter:
             self._woken = time.monotonic()
         return found
 
+    def wait_then_counts(self, pause: float) -> Counts | None:
+        """``wait(pause)``, then the job's counters (``CommitWatch.wait_then_counts``); None when
+        the storage could not be asked (the caller's own look then rides out the outage)."""
+        self._pace()
+        try:
+            woke, counts = self.watch.wait_then_counts(pause)
+        except BackendUnavailable:
+            return None
+        if woke:
+            self._woken = time.monotonic()
+        return counts
+
     def _pace(self) -> None:
         since = time.monotonic() - self._woken
         if since < defaults.WAIT_POLL_MIN:
@@ -261,6 +273,9 @@ class Job:
         self._meta = meta
         self._view: JobView | None = None
         self._tracker = _Tracker(self)
+        # A wait saw every task finished: ``results()`` then reads the records first, and waits
+        # only if they fall short (tasks run again since).
+        self._seen_finished = False
         #: The queue's identity when this job was made or found (its tasks are signed for it);
         #: a new one means the queue no longer holds the job.
         self.queue_id = queue.queue_id if queue_id is None else queue_id
@@ -523,8 +538,11 @@ class Job:
         # The watch starts before the first look, so a commit in between still wakes the wait.
         with CommitWaiter(self.queue.backend.watch_commits(self.id)) as waiter:
             try:
-                for pause in self._waiting(timeout, bar, check):
-                    waiter.wait(pause)
+                polls = self._waiting(timeout, bar, check)
+                with contextlib.suppress(StopIteration):
+                    pause = next(polls)
+                    while True:
+                        pause = polls.send(waiter.wait_then_counts(pause))
             finally:
                 bar.close()
         return self
@@ -535,23 +553,29 @@ class Job:
         the job's widget still updates."""
         bar = JobBar(self.total, f"job {self.name}", enabled=False)
         with CommitWaiter(self.queue.backend.watch_commits(self.id)) as waiter:
-            for pause in self._waiting(timeout, bar, check):
-                await asyncio.to_thread(waiter.wait, pause)
+            polls = self._waiting(timeout, bar, check)
+            with contextlib.suppress(StopIteration):
+                pause = next(polls)
+                while True:
+                    pause = polls.send(await asyncio.to_thread(waiter.wait_then_counts, pause))
         return self
 
     def _waiting(
         self, timeout: float | None, bar: JobBar, check: Callable[[], None] | None
-    ) -> Iterator[float]:
-        """The polls of a wait: yields how long to pause before the next one, and ends when the
+    ) -> Generator[float, Counts | None, None]:
+        """The polls of a wait: yields how long to pause before the next one and is sent the
+        job's counters read right after that pause (or None: it reads them itself); ends when the
         job finished (see ``wait`` for what it raises)."""
         start = time.monotonic()
         sleep = defaults.WAIT_POLL_MIN
         last_finished, last_change, exact_due = -1, start, start
         last_identity_check, outage_since = start, None
+        exact = self.queue.backend.counts_exact
+        sent: Counts | None = None
         while True:
             try:
                 total = self.total
-                counts = self.counts()
+                counts = sent if sent is not None else self.counts()
                 if time.monotonic() - last_identity_check > defaults.WAIT_IDENTITY_CHECK_SECONDS:
                     self.check_queue()
                     last_identity_check = time.monotonic()
@@ -562,7 +586,7 @@ class Job:
                     raise
                 if timeout is not None and time.monotonic() - start > timeout:
                     raise
-                yield defaults.WAIT_POLL_MAX
+                sent = yield defaults.WAIT_POLL_MAX
                 continue
             bar.show(counts, total)
             if check is not None:
@@ -570,24 +594,32 @@ class Job:
             if counts.finished != last_finished:
                 last_finished, last_change = counts.finished, time.monotonic()
                 sleep = defaults.WAIT_POLL_MIN
+            if exact and total is not None and counts.finished >= total:
+                self._seen_finished = True
+                return
             # Counters lag the records (fq:// writes them after the commit that woke this wait)
             # and a killed process may never write them: the records themselves decide, when the
             # counters say the job ended, and near the end or when they stall. Counting the
             # records costs what it costs (a listing of a million results on fq://): those last
             # two look at most a tenth of the wait's time.
-            if total is not None and (
-                counts.finished >= total
-                or (
-                    time.monotonic() >= exact_due
-                    and (
-                        total - counts.finished <= _EXACT_NEAR_END
-                        or time.monotonic() - last_change > _STALL_CHECK_SECONDS
+            if (
+                not exact
+                and total is not None
+                and (
+                    counts.finished >= total
+                    or (
+                        time.monotonic() >= exact_due
+                        and (
+                            total - counts.finished <= _EXACT_NEAR_END
+                            or time.monotonic() - last_change > _STALL_CHECK_SECONDS
+                        )
                     )
                 )
             ):
                 counted = time.monotonic()
                 if self.queue.backend.exact_job_finished(self.id) >= total:
                     bar.show(self._settled_counts(counts, total), total)
+                    self._seen_finished = True
                     return
                 exact_due = time.monotonic() + 10 * (time.monotonic() - counted)
                 last_change = time.monotonic()
@@ -595,7 +627,7 @@ class Job:
                 raise TimeoutError(
                     f"job {self.name} not finished after {timeout:g}s: {describe(counts, total)}"
                 )
-            yield sleep
+            sent = yield sleep
             sleep = min(sleep * 1.5, defaults.WAIT_POLL_MAX)
 
     def _settled_counts(self, counts: Counts, total: int) -> Counts:
@@ -709,11 +741,13 @@ class Job:
             TaskFailed: tasks failed and ``on_error="raise"``.
             TimeoutError: ``timeout`` passed first.
         """
-        if wait and not self.done():
-            self.wait(timeout=timeout, progress=False)
-        records = self.records()
-        errors = [r.error for r in records if not r.ok]
+        records = self.records() if self._seen_finished or not wait else []
         total = self.total
+        if wait and not (self._seen_finished and total is not None and len(records) >= total):
+            if not self.done():
+                self.wait(timeout=timeout, progress=False)
+            records, total = self.records(), self.total
+        errors = [r.error for r in records if not r.ok]
         if errors and on_error == "raise":
             raise TaskFailed(f"{len(errors)} of {total} tasks failed; first: {errors[0]}", errors)
         size = max([total or 0] + [r.index + 1 for r in records])

@@ -597,6 +597,41 @@ def test_wait_then_read_returns_the_record_a_commit_brought(backend):
         assert watch.wait_then_read("j1-1", 0.05)[1] is None  # another task of the job: not done
 
 
+def test_wait_then_counts_returns_the_counters_a_commit_brought(backend):
+    backend.insert("j1", tasks_of("j1", 2))
+    with backend.watch_commits("j1") as watch:
+        assert watch.wait_then_counts(0.05)[1].completed == 0  # nothing yet: the wait times out
+        found: list = []
+
+        def wait_for_it() -> None:  # as a waiter does: a polling watch may wake it early
+            while not found or found[-1][1].completed == 0:
+                found.append((*watch.wait_then_counts(10), time.monotonic()))
+
+        waiter = threading.Thread(target=wait_for_it)
+        waiter.start()
+        time.sleep(0.1)
+        committed = time.monotonic()
+        _commit(backend, "j1", 1)
+        waiter.join(10)
+        woke, counts, when = found[-1]
+        assert woke is True and when - committed < 0.5
+        assert (counts.completed, counts.leased, counts.queued) == (1, 0, 1)
+
+
+def test_exact_counters_say_a_job_ended_the_moment_its_last_record_lands(backend):
+    # A waiter trusts ``finished`` alone where the storage says its counters are exact.
+    backend.insert("j1", tasks_of("j1", 3))
+    (first, second, third) = backend.lease(3, 30)
+    backend.complete([(first.task_id, first.token, b"r0")])
+    backend.fail(second.task_id, second.token, b"e1", None)  # dead: it has a record too
+    backend.cancel("j1", b"c", [third.task_id])  # a running task: told, it ends when it reports
+    backend.fail(third.task_id, third.token, b"e2", None)
+    counts = backend.job_counts("j1")
+    assert backend.exact_job_finished("j1") == 3
+    if backend.counts_exact:
+        assert counts.finished == 3
+
+
 def test_the_workers_that_ran_a_job_are_kept_with_it_until_a_purge(backend):
     backend.insert("j1", tasks_of("j1", 1))
     assert backend.job_workers("j1") == set()

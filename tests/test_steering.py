@@ -440,8 +440,8 @@ def test_fix_the_bug_and_retry_only_what_failed_with_the_new_code(worker_url):
         assert job.counts().dead == 5 and job.counts().queued == 0
         exec(FIXED_HELPER, nb.__dict__)  # the user fixes the helper in the notebook
         assert job.retry(fn=nb.fit_eval_fixed) == 5
-        job.wait(timeout=120, progress=False)
-        results = job.results()
+        # This job object saw the job finish once: its results() must still wait for the reruns.
+        results = job.results(timeout=120)
         assert len(results) == 25 and all(0.0 < r <= 1.0 for r in results)
         records = job.records()
         retried = [r for r in records if r.task_id in failed_ids]

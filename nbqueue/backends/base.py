@@ -165,6 +165,15 @@ class CommitWatch(ABC):
         woke = self.wait(timeout)
         return woke, self.read_record(task_id)
 
+    #: The storage's ``Backend.job_counts`` of the watched job, which ``wait_then_counts`` calls.
+    read_counts: Callable[[], Counts]
+
+    def wait_then_counts(self, timeout: float) -> tuple[bool, Counts]:
+        """``wait(timeout)``, then the job's counters: what a job's waiter does. redis:// sends
+        both in one round trip."""
+        woke = self.wait(timeout)
+        return woke, self.read_counts()
+
     def close(self) -> None:  # noqa: B027 - optional hook: only a file system watch holds anything
         """Release what the watch holds."""
 
@@ -183,6 +192,10 @@ class Backend(ABC):
     #: True when ``lease(wait=...)`` waits on a notification; False when it would only poll, so
     #: a worker does its own idle backoff instead.
     blocking_lease: bool = False
+    #: True when a job's counters change in the same atomic step as its records, so its
+    #: ``finished`` count says exactly when it ended. fq:// writes them just after a commit (and a
+    #: process killed in between never does): a waiter there counts the records to be sure.
+    counts_exact: bool = False
 
     # -- function blobs: stored once per job, keyed by the SHA-256 of their bytes ---------------
     @abstractmethod

@@ -248,8 +248,13 @@ def _fold_counters_at_exit() -> None:
 class _DoneWatch(CommitWatch):
     """New names in done/<job>/: the job's commits."""
 
-    def __init__(self, watch: DirectoryWatch, read_record: Callable[[str], bytes | None]) -> None:
-        self.watch, self.read_record = watch, read_record
+    def __init__(
+        self,
+        watch: DirectoryWatch,
+        read_record: Callable[[str], bytes | None],
+        read_counts: Callable[[], Counts],
+    ) -> None:
+        self.watch, self.read_record, self.read_counts = watch, read_record, read_counts
         # Commits from before the watch began wake the first wait (as on redis://, where the log
         # is read from its start): looked for after the watch is on, so none falls in between.
         with os.scandir(watch.path) as names:
@@ -1373,7 +1378,9 @@ class FileBackend(Backend):
         done_dir = self._path("done", check_id(job_id, "job id"))
         with contextlib.suppress(FileExistsError):
             os.mkdir(done_dir, 0o700)
-        return _DoneWatch(DirectoryWatch(done_dir, self._notify), self.record)
+        return _DoneWatch(
+            DirectoryWatch(done_dir, self._notify), self.record, functools.partial(self.job_counts, job_id)
+        )
 
     def read_commits(
         self, job_id: str, cursor: object | None, limit: int

@@ -6,6 +6,7 @@ share it. Nothing survives the process.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import os
 import threading
@@ -108,6 +109,7 @@ class _ReadyTasks:
 class _MemoryWatch(CommitWatch):
     def __init__(self, backend: MemoryBackend, job_id: str) -> None:
         self.backend, self.job_id, self.read_record = backend, job_id, backend.record
+        self.read_counts = functools.partial(backend.job_counts, job_id)
         self.seen = 0  # commits from before the watch began wake the first wait
 
     def wait(self, timeout: float) -> bool:
@@ -120,6 +122,7 @@ class MemoryBackend(Backend):
     """A thread-safe in-memory queue. Use ``open_memory`` to share one by name."""
 
     blocking_lease = True
+    counts_exact = True
 
     def __init__(self, name: str = "default") -> None:
         self.url = f"mem://{name}"

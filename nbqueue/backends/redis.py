@@ -245,6 +245,7 @@ def _translated(method: F) -> F:
 class _RedisWatch(CommitWatch):
     def __init__(self, backend: RedisBackend, job_id: str) -> None:
         self.backend, self.job_id, self.read_record = backend, job_id, backend.record
+        self.read_counts = functools.partial(backend.job_counts, job_id)
         # From the log's start, not its end: no read before the first wait (a round trip saved
         # on every get), and that wait returns at once if anything was committed already.
         self.entry, self.woken = b"0-0", False
@@ -258,6 +259,11 @@ class _RedisWatch(CommitWatch):
         self._move_past_wake()
         self.woken, found = self.backend.wait_past_then_read(self.job_id, self.entry, timeout, task_id)
         return self.woken, found
+
+    def wait_then_counts(self, timeout: float) -> tuple[bool, Counts]:
+        self._move_past_wake()
+        self.woken, counts = self.backend.wait_past_then_counts(self.job_id, self.entry, timeout)
+        return self.woken, counts
 
     def _move_past_wake(self) -> None:
         if self.woken:
@@ -275,6 +281,7 @@ class RedisBackend(Backend):
     """
 
     blocking_lease = True
+    counts_exact = True  # every script changes the records and the counters together
 
     def __init__(
         self,
@@ -564,6 +571,20 @@ class RedisBackend(Backend):
         with self._translate_errors():
             woke, found = pipe.execute()
         return bool(woke), found
+
+    def wait_past_then_counts(self, job_id: str, entry: bytes, timeout: float) -> tuple[bool, Counts]:
+        """``wait_past``, then the job's counters, sent together (see ``wait_past_then_read``)."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.xread({self.key("log", job_id): entry}, count=1, block=self._block_ms(timeout))
+        pipe.evalsha(self._scripts["counts"].sha, 1, self._prefix, self._ttl, job_id)
+        with self._translate_errors():
+            woke, counts = pipe.execute(raise_on_error=False)
+            if isinstance(counts, NoScriptError):  # the server forgot its scripts: this loads it
+                counts = self._run("counts", job_id)
+            for reply in (woke, counts):
+                if isinstance(reply, Exception):
+                    raise reply
+        return bool(woke), _counts(*counts)
 
     @_translated
     def read_commits(
