@@ -572,6 +572,10 @@ class Job:
         last_identity_check, outage_since = start, None
         exact = self.queue.backend.counts_exact
         sent: Counts | None = None
+        if self._meta is None or self._meta.get("total") != 0:
+            # No look before the first pause: a watch's first wait ends at once if the job had
+            # commits already, and the counters come with it (one round trip saved).
+            sent = yield sleep
         while True:
             try:
                 total = self.total
