@@ -227,6 +227,10 @@ def test_scripts_reload_after_script_flush(rb, raw):
     raw.script_flush()
     assert rb.complete([(lease.task_id, lease.token, b"r")]) == [True]
     assert rb.counts().completed == 1
+    raw.script_flush()  # a job's waiter reads the counters with its wait, in one pipeline
+    with rb.watch_commits("j1") as watch:
+        woke, counts = watch.wait_then_counts(5)
+    assert woke and (counts.completed, counts.queued) == (1, 1)
 
 
 # -- blocking lease -----------------------------------------------------------------------------
