@@ -20,6 +20,7 @@ the job) is restored and purged again, so the job still counts it as dead.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -136,9 +137,12 @@ def copy_queue(
         if meta is not None:
             to.put_job(job_id, meta)
             report.jobs += 1
-    report.queued = _by_job(resealed(src.backend.iter_queued()), batch_size, to.insert)
+    # Fenced with the identity they were signed for: a purge of ``dst`` meanwhile stops the copy
+    # (QueueIdentityChanged) instead of leaving tasks its workers refuse.
+    insert = functools.partial(to.insert, queue_id=dst_id)
+    report.queued = _by_job(resealed(src.backend.iter_queued()), batch_size, insert)
     if force:
-        report.leased = _by_job(resealed(src.backend.iter_leased()), batch_size, to.insert)
+        report.leased = _by_job(resealed(src.backend.iter_leased()), batch_size, insert)
     # Quarantined fq:// files are listed as letters too, under ids that are not task ids.
     letters = [
         replace(d, payload=reseal_task(signer, d.task_id, d.payload, dst_id) if d.payload else b"")
