@@ -460,16 +460,29 @@ class RedisBackend(Backend):
         return leases
 
     def _block_then_lease(self, block: float, n: int, seconds: float) -> tuple[list[Lease], int]:
-        """BLPOP for a wake-up token, then ``lease``, sent together: the server runs the lease as
-        soon as the BLPOP returns, so a woken worker has its task without another round trip."""
-        pipe = self._client.pipeline(transaction=False)
-        pipe.blpop([self.key("notify")], timeout=block)
-        pipe.evalsha(self._scripts["lease"].sha, 1, self._prefix, self._ttl, *self._lease_args(n, seconds))
-        try:
-            _, out = pipe.execute()
-        except NoScriptError:  # the server forgot its scripts (restarted, SCRIPT FLUSH)
-            return self._lease_once(n, seconds)
+        """BLPOP for a wake-up token, then ``lease`` in the same round trip: a woken worker has
+        its task without another one."""
+        wake = self.key("notify")
+        _, out = self._then_script(
+            lambda pipe: pipe.blpop([wake], timeout=block), "lease", *self._lease_args(n, seconds)
+        )
         return self._leases_of(out)
+
+    def _then_script(self, first: Callable[[Any], Any], script: str, *args: Any) -> tuple[Any, Any]:
+        """The replies of ``first(pipe)`` (a blocking read) and of ``script``, sent in one
+        pipeline: the server runs the script the moment the read returns. A server that forgot
+        its scripts (restarted, SCRIPT FLUSH) is given it, and it runs after."""
+        pipe = self._client.pipeline(transaction=False)
+        first(pipe)
+        pipe.evalsha(self._scripts[script].sha, 1, self._prefix, self._ttl, *args)
+        with self._translate_errors():
+            head, out = pipe.execute(raise_on_error=False)
+            if isinstance(out, NoScriptError):
+                out = self._run(script, *args)
+            for reply in (head, out):
+                if isinstance(reply, Exception):
+                    raise reply
+        return head, out
 
     def _lease_once(self, n: int, seconds: float) -> tuple[list[Lease], int]:
         return self._leases_of(self._run("lease", *self._lease_args(n, seconds)))
@@ -552,13 +565,14 @@ class RedisBackend(Backend):
         # XREAD blocks on the server until an entry past ``entry`` is added, and every waiter on
         # the job wakes (a stream is read, not popped). BLOCK 0 would mean forever.
         with self._translate_errors():
-            found = self._client.xread(
-                {self.key("log", job_id): entry}, count=1, block=self._block_ms(timeout)
-            )
+            found = self._read_past(self._client, job_id, entry, timeout)
         return bool(found)
 
-    def _block_ms(self, timeout: float) -> int:
-        return max(1, int(min(timeout, self._max_block) * 1000))
+    def _read_past(self, client: Any, job_id: str, entry: bytes, timeout: float) -> Any:
+        """XREAD of the job's commit log past ``entry``, blocking up to ``timeout`` (on a client
+        or a pipeline)."""
+        block_ms = max(1, int(min(timeout, self._max_block) * 1000))
+        return client.xread({self.key("log", job_id): entry}, count=1, block=block_ms)
 
     def wait_past_then_read(
         self, job_id: str, entry: bytes, timeout: float, task_id: str
@@ -566,24 +580,17 @@ class RedisBackend(Backend):
         """``wait_past``, then the task's record, sent together: the server answers the read as
         soon as the blocking one returns, so a waiter pays one round trip, not two."""
         pipe = self._client.pipeline(transaction=False)
-        pipe.xread({self.key("log", job_id): entry}, count=1, block=self._block_ms(timeout))
+        self._read_past(pipe, job_id, entry, timeout)
         pipe.hget(self.key("results", job_of(task_id)), task_id)
         with self._translate_errors():
             woke, found = pipe.execute()
         return bool(woke), found
 
     def wait_past_then_counts(self, job_id: str, entry: bytes, timeout: float) -> tuple[bool, Counts]:
-        """``wait_past``, then the job's counters, sent together (see ``wait_past_then_read``)."""
-        pipe = self._client.pipeline(transaction=False)
-        pipe.xread({self.key("log", job_id): entry}, count=1, block=self._block_ms(timeout))
-        pipe.evalsha(self._scripts["counts"].sha, 1, self._prefix, self._ttl, job_id)
-        with self._translate_errors():
-            woke, counts = pipe.execute(raise_on_error=False)
-            if isinstance(counts, NoScriptError):  # the server forgot its scripts: this loads it
-                counts = self._run("counts", job_id)
-            for reply in (woke, counts):
-                if isinstance(reply, Exception):
-                    raise reply
+        """``wait_past``, then the job's counters, in the same round trip."""
+        woke, counts = self._then_script(
+            lambda pipe: self._read_past(pipe, job_id, entry, timeout), "counts", job_id
+        )
         return bool(woke), _counts(*counts)
 
     @_translated
