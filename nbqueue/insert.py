@@ -179,10 +179,9 @@ def upload(
     writer: _Writer,
     on_batch: Callable[[int | None], bytes | None] | None = None,
     explain: bool = False,
-) -> str:
+) -> None:
     """Encode ``tasks`` (ids from ``offset``), signed for ``writer.queue_id``, into batches and
-    hand them to ``writer``; with ``explain``, print what each new function ships. Returns the
-    queue identity the tasks were signed for.
+    hand them to ``writer``; with ``explain``, print what each new function ships.
 
     ``on_batch`` is called before each batch is written, with the number of tasks when that
     batch is the whole job (else None); it returns a job record to store with the batch, or None.
@@ -221,7 +220,6 @@ def upload(
             # The first batch is also the last: the whole job, whose record may go with it.
             record = on_batch(len(batch) if first else None)
         _submit(queue, writer, codec, functions, batch, record, first)
-    return writer.queue_id
 
 
 def _submit(
@@ -432,10 +430,8 @@ def insert_tasks(
                 placement,
             )
         else:
-            # The job checks the identity its tasks were signed for, re-signed or not.
-            job.queue_id = upload(
-                queue, job_id, tasks, 0, batch_size, writer, on_batch=before_batch, explain=explain
-            )
+            upload(queue, job_id, tasks, 0, batch_size, writer, on_batch=before_batch, explain=explain)
+            job.queue_id = writer.queue_id  # the identity its tasks were signed for, re-signed or not
             writer.close()
             queued = writer.written
         if recorded:

@@ -598,7 +598,8 @@ class Job:
             if counts.finished != last_finished:
                 last_finished, last_change = counts.finished, time.monotonic()
                 sleep = defaults.WAIT_POLL_MIN
-            if exact and total is not None and counts.finished >= total:
+            ended = total is not None and counts.finished >= total
+            if ended and exact:
                 self._seen_finished = True
                 return
             # Counters lag the records (fq:// writes them after the commit that woke this wait)
@@ -606,20 +607,15 @@ class Job:
             # counters say the job ended, and near the end or when they stall. Counting the
             # records costs what it costs (a listing of a million results on fq://): those last
             # two look at most a tenth of the wait's time.
-            if (
-                not exact
-                and total is not None
+            near_or_stalled = (
+                total is not None
+                and time.monotonic() >= exact_due
                 and (
-                    counts.finished >= total
-                    or (
-                        time.monotonic() >= exact_due
-                        and (
-                            total - counts.finished <= _EXACT_NEAR_END
-                            or time.monotonic() - last_change > _STALL_CHECK_SECONDS
-                        )
-                    )
+                    total - counts.finished <= _EXACT_NEAR_END
+                    or time.monotonic() - last_change > _STALL_CHECK_SECONDS
                 )
-            ):
+            )
+            if total is not None and not exact and (ended or near_or_stalled):
                 counted = time.monotonic()
                 if self.queue.backend.exact_job_finished(self.id) >= total:
                     bar.show(self._settled_counts(counts, total), total)
@@ -745,9 +741,12 @@ class Job:
             TaskFailed: tasks failed and ``on_error="raise"``.
             TimeoutError: ``timeout`` passed first.
         """
-        records = self.records() if self._seen_finished or not wait else []
+        # After a wait that saw the job end, its records are read once: a wait again only if
+        # they fall short (tasks run again since, by retry()).
         total = self.total
-        if wait and not (self._seen_finished and total is not None and len(records) >= total):
+        records = self.records() if self._seen_finished or not wait else []
+        complete = self._seen_finished and total is not None and len(records) >= total
+        if wait and not complete:
             if not self.done():
                 self.wait(timeout=timeout, progress=False)
             records, total = self.records(), self.total
