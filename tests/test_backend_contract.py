@@ -576,24 +576,34 @@ def test_a_commit_before_the_watch_wakes_its_first_wait(backend):
         assert watch.wait(5) is True and time.monotonic() - t < 1.0
 
 
+def _wait_through_a_commit(backend, wait_then, arrived):
+    """``wait_then(10)`` called in a thread as a waiter does (a polling watch may wake it early)
+    until ``arrived(what it read)``, while the job's first task commits; the last ``(woke,
+    read)`` and the seconds from the commit to its return."""
+    found: list = []
+
+    def wait_for_it() -> None:
+        while not found or not arrived(found[-1][1]):
+            found.append((*wait_then(10), time.monotonic()))
+
+    waiter = threading.Thread(target=wait_for_it)
+    waiter.start()
+    time.sleep(0.1)
+    committed = time.monotonic()
+    _commit(backend, "j1", 1)
+    waiter.join(10)
+    woke, read, when = found[-1]
+    return woke, read, when - committed
+
+
 def test_wait_then_read_returns_the_record_a_commit_brought(backend):
     backend.insert("j1", tasks_of("j1", 2))
     with backend.watch_commits("j1") as watch:
         assert watch.wait_then_read("j1-0", 0.05)[1] is None  # nothing yet: the wait times out
-        found: list = []
-
-        def wait_for_it() -> None:  # as a waiter does: a polling watch may wake it early
-            while not found or found[-1][1] is None:
-                found.append((*watch.wait_then_read("j1-0", 10), time.monotonic()))
-
-        waiter = threading.Thread(target=wait_for_it)
-        waiter.start()
-        time.sleep(0.1)
-        committed = time.monotonic()
-        _commit(backend, "j1", 1)
-        waiter.join(10)
-        woke, record, when = found[-1]
-        assert woke is True and record == b"rj1-0" and when - committed < 0.5
+        woke, record, late = _wait_through_a_commit(
+            backend, lambda t: watch.wait_then_read("j1-0", t), lambda record: record is not None
+        )
+        assert woke is True and record == b"rj1-0" and late < 0.5
         assert watch.wait_then_read("j1-1", 0.05)[1] is None  # another task of the job: not done
 
 
@@ -601,20 +611,10 @@ def test_wait_then_counts_returns_the_counters_a_commit_brought(backend):
     backend.insert("j1", tasks_of("j1", 2))
     with backend.watch_commits("j1") as watch:
         assert watch.wait_then_counts(0.05)[1].completed == 0  # nothing yet: the wait times out
-        found: list = []
-
-        def wait_for_it() -> None:  # as a waiter does: a polling watch may wake it early
-            while not found or found[-1][1].completed == 0:
-                found.append((*watch.wait_then_counts(10), time.monotonic()))
-
-        waiter = threading.Thread(target=wait_for_it)
-        waiter.start()
-        time.sleep(0.1)
-        committed = time.monotonic()
-        _commit(backend, "j1", 1)
-        waiter.join(10)
-        woke, counts, when = found[-1]
-        assert woke is True and when - committed < 0.5
+        woke, counts, late = _wait_through_a_commit(
+            backend, watch.wait_then_counts, lambda counts: counts.completed > 0
+        )
+        assert woke is True and late < 0.5
         assert (counts.completed, counts.leased, counts.queued) == (1, 0, 1)
 
 
