@@ -158,6 +158,43 @@ def test_finished_jobs_expire_and_queue_structures_never_do(redis_server, raw):
         assert raw.ttl(b.key("fn", "cd" * 32)) == -1
 
 
+def test_a_finished_job_given_more_tasks_keeps_its_keys_until_it_ends_again(redis_server, raw):
+    # The scripts skip the per-key PERSIST while a job stays live (or is new): this is the case
+    # that still needs it, a job that had expiring keys and is live again.
+    with open_backend(redis_server.url(uuid.uuid4().hex) + "&result_ttl=120") as b:
+        job_keys = [b.key(kind, "j1") for kind in ("jc", "results", "log", "job")]
+
+        def ttls() -> list[int]:
+            return [raw.ttl(k) for k in job_keys]
+
+        def run_all() -> None:
+            leases = b.lease(10, 30)
+            assert set(ttls()) <= {-1, -2}  # leased, so live: no TTL (-2: not made yet)
+            b.complete([(lease.task_id, lease.token, b"r") for lease in leases])
+
+        b.insert("j1", tasks_of("j1", 2), record=b"meta")
+        assert raw.ttl(b.key("jc", "j1")) == -1 and raw.ttl(b.key("job", "j1")) == -1
+        run_all()
+        assert all(0 < ttl <= 120 for ttl in ttls())
+        b.insert("j1", tasks_of("j1", 1, start=2))  # a second batch after the first ended
+        assert ttls() == [-1, -1, -1, -1]
+        run_all()
+        assert all(0 < ttl <= 120 for ttl in ttls())
+        assert b.job_counts("j1").completed == 3
+
+
+def test_list_jobs_keeps_a_job_indexed_while_any_key_of_it_lives(rb, raw):
+    # A job new to the index is taken to have no keys (the scripts skip PERSIST for it), so the
+    # index must not drop a job while a key of it is left to expire.
+    rb.insert("ja", tasks_of("ja", 1), record=b"a")
+    (lease,) = rb.lease(1, 30)
+    rb.complete([(lease.task_id, lease.token, b"r")])
+    raw.delete(rb.key("job", "ja"), rb.key("jc", "ja"), rb.key("results", "ja"))
+    assert rb.list_jobs() == [] and raw.zrange(rb.key("jobs"), 0, -1) == [b"ja"]  # its log is left
+    raw.delete(rb.key("log", "ja"))
+    assert rb.list_jobs() == [] and raw.zrange(rb.key("jobs"), 0, -1) == []
+
+
 def test_list_jobs_forgets_jobs_whose_keys_expired(rb, raw):
     rb.put_job("ja", b"a")
     rb.put_job("jb", b"b")

@@ -5,15 +5,26 @@
 --   TTL      seconds a finished job's keys live (ARGV[1] of every script)
 --   NOTIFY_MAX, RECLAIM_LIMIT, INSERT_MEMORY_MS, LOG_ENTRY_IDS, FN_KIND
 
--- Milliseconds from the server's clock: deadlines never depend on a client's clock.
+-- The server's clock, read once per script: deadlines never depend on a client's clock, and
+-- every time a script writes is the same instant.
+local clock
+
+local function server_time()
+  if not clock then
+    clock = redis.call('TIME')
+  end
+  return clock
+end
+
+-- Milliseconds.
 local function now_ms()
-  local t = redis.call('TIME')
+  local t = server_time()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
 -- Microseconds as a string: a number this large would lose digits on its way to ZADD.
 local function now_us()
-  local t = redis.call('TIME')
+  local t = server_time()
   return t[1] .. string.format('%06d', tonumber(t[2]))
 end
 
@@ -34,16 +45,61 @@ local function bump(job, field, d)
   jd[field] = (jd[field] or 0) + d
 end
 
+-- Per-job keys: all of them (purge, list_jobs), and those that expire with a finished job (its
+-- ready list and delayed set are empty by then).
+local JOB_KINDS = {'jc', 'results', 'log', 'job', 'cancel', 'cancelled', 'ran', 'ready', 'delayed'}
+local EXPIRING_KINDS = {'jc', 'results', 'log', 'job', 'cancel', 'cancelled', 'ran'}
+
+local function job_keys(job, kinds)
+  local keys = {}
+  for i, kind in ipairs(kinds) do
+    keys[i] = JK(kind, job)
+  end
+  return keys
+end
+
+-- Jobs this script added to the jobs index. Such a job had no keys: list_jobs drops a job from
+-- the index only once every key of it is gone, and the scripts that may write to a job not in
+-- the index (insert, put_job, cancel, redrive, retry, put_results, put_dead) index it.
+local new_jobs = {}
+
+-- List a job in the jobs index (by first insert), so purge() and list_jobs find its keys.
+local function index_job(job)
+  if redis.call('ZADD', K.jobs, 'NX', now_us(), job) == 1 then
+    new_jobs[job] = true
+  end
+end
+
 -- A job's keys live while it has tasks queued or leased; once none are left they expire
 -- TTL seconds after the last change, so a long-running job never loses its record.
-local function touch_job(job)
-  local live = redis.call('HMGET', JK('jc', job), 'queued', 'leased')
-  local alive = (tonumber(live[1]) or 0) + (tonumber(live[2]) or 0) > 0
-  for _, kind in ipairs({'jc', 'results', 'log', 'job', 'cancel', 'cancelled', 'ran'}) do
-    if alive then
-      redis.call('PERSIST', JK(kind, job))
+-- `changed` holds this script's changes to the job's counters, `counts` their values after
+-- them, as far as the caller knows them. Keys are created without a TTL and only this
+-- function gives them one, when the job has nothing left to run: so a job live before the
+-- script and after it (or new and live) has no TTL to take away, and nothing is written.
+local function touch_job(job, changed, counts)
+  local jc = JK('jc', job)
+  if counts.queued == nil and counts.leased == nil then
+    local live = redis.call('HMGET', jc, 'queued', 'leased')
+    counts.queued, counts.leased = tonumber(live[1]) or 0, tonumber(live[2]) or 0
+  end
+  local function count(field)
+    if counts[field] == nil then
+      counts[field] = tonumber(redis.call('HGET', jc, field)) or 0
+    end
+    return counts[field]
+  end
+  local function before(field)
+    return count(field) - (changed[field] or 0)
+  end
+  local live = count('queued') > 0 or count('leased') > 0
+  if live and (new_jobs[job] or before('queued') > 0 or before('leased') > 0) then
+    return
+  end
+  for _, key in ipairs(job_keys(job, EXPIRING_KINDS)) do
+    if live then
+      redis.call('PERSIST', key)
     else
-      redis.call('EXPIRE', JK(kind, job), TTL)
+      redis.call('EXPIRE', key, TTL)
     end
   end
 end
@@ -79,14 +135,15 @@ end
 local function flush()
   flush_log()
   local total = {}
-  for job, jd in pairs(deltas) do
-    for field, d in pairs(jd) do
+  for job, changed in pairs(deltas) do
+    local counts = {}
+    for field, d in pairs(changed) do
       if d ~= 0 then
-        redis.call('HINCRBY', JK('jc', job), field, d)
+        counts[field] = redis.call('HINCRBY', JK('jc', job), field, d)
         total[field] = (total[field] or 0) + d
       end
     end
-    touch_job(job)
+    touch_job(job, changed, counts)
   end
   for field, d in pairs(total) do
     if d ~= 0 then
@@ -103,10 +160,13 @@ local function notify(n)
   if n <= 0 then
     return
   end
-  for _ = 1, n do
-    redis.call('LPUSH', K.notify, 1)
+  local tokens = {}
+  for i = 1, n do
+    tokens[i] = 1
   end
-  redis.call('LTRIM', K.notify, 0, NOTIFY_MAX - 1)
+  if redis.call('LPUSH', K.notify, unpack(tokens)) > NOTIFY_MAX then
+    redis.call('LTRIM', K.notify, 0, NOTIFY_MAX - 1)
+  end
 end
 
 -- The current lease of a task: the token matches and the deadline has not passed.
@@ -128,20 +188,22 @@ end
 -- recently. A job joins at the back of its priority and goes to the back once served.
 local TURN_SPAN = 1099511627776  -- 2^40 turns per priority level
 
-local function turn_score(job)
-  local priority = tonumber(redis.call('HGET', K.priority, job) or '0') or 0
+-- `priority`, when the caller knows the job's, saves looking it up.
+local function turn_score(job, priority)
+  priority = priority or tonumber(redis.call('HGET', K.priority, job) or '0') or 0
   return -priority * TURN_SPAN + redis.call('INCR', K.turn)
 end
 
-local function push_ready(task)
+local function push_ready(task, priority)
   local job = job_of(task)
   if redis.call('RPUSH', JK('ready', job), task) == 1 then
-    redis.call('ZADD', K.turns, turn_score(job), job)
+    redis.call('ZADD', K.turns, turn_score(job, priority), job)
   end
 end
 
 -- Up to n ready tasks: those an older nbqueue queued in the single list first, then from the
--- job whose turn it is, then the next.
+-- job whose turn it is, then the next. Second, true when it took every ready task, so that
+-- the caller need not look again.
 local function take_ready(n)
   local out = {}
   while #out < n do
@@ -151,24 +213,35 @@ local function take_ready(n)
     end
     out[#out + 1] = task
   end
-  while #out < n do
-    local job = redis.call('ZRANGE', K.turns, 0, 0)[1]
-    if not job then
-      break
-    end
+  if #out == n then
+    return out, false
+  end
+  -- Two jobs at a time: whether another waits behind the one served comes with it.
+  local jobs = redis.call('ZRANGE', K.turns, 0, 1)
+  while jobs[1] do
+    local job, want = jobs[1], n - #out
     local key = JK('ready', job)
-    local got = redis.call('LRANGE', key, 0, n - #out - 1)
-    redis.call('LTRIM', key, #got, -1)
+    local got = redis.call('LRANGE', key, 0, want - 1)
     for _, task in ipairs(got) do
       out[#out + 1] = task
     end
-    if redis.call('EXISTS', key) == 0 then
-      redis.call('ZREM', K.turns, job)
-    else
-      redis.call('ZADD', K.turns, turn_score(job), job)  -- its turn is over
+    if #got == want then
+      redis.call('LTRIM', key, want, -1)
+      if redis.call('EXISTS', key) == 0 then
+        redis.call('ZREM', K.turns, job)
+      else
+        redis.call('ZADD', K.turns, turn_score(job), job)  -- its turn is over
+      end
+      return out, false
     end
+    redis.call('DEL', key)  -- all of it taken
+    redis.call('ZREM', K.turns, job)
+    if not jobs[2] then
+      return out, true
+    end
+    jobs = redis.call('ZRANGE', K.turns, 0, 1)
   end
-  return out
+  return out, true
 end
 
 -- A task not ready until `at` (ms): a retry waiting out its backoff, or a delayed insert. The
@@ -198,8 +271,8 @@ end
 -- The record a task marked cancelled ends with (its own mark, else its job's), or false. Marks
 -- live in the job's hash JK('cancel', job): field '*' for the whole job, a task id for one task.
 local function cancel_record(task)
-  local key = JK('cancel', job_of(task))
-  return redis.call('HGET', key, task) or redis.call('HGET', key, '*')
+  local marks = redis.call('HMGET', JK('cancel', job_of(task)), task, '*')
+  return marks[1] or marks[2]
 end
 
 -- End a task that was `was` (queued or leased) as cancelled, with `record` as its record. Its
@@ -281,11 +354,6 @@ local function drop_expired_workers(now)
     redis.call('HDEL', K.workers, worker)
   end
   redis.call('ZREMRANGEBYSCORE', K.worker_expiry, '-inf', now)
-end
-
--- List a job in the jobs index (by first insert), so purge() and list_jobs find its keys.
-local function index_job(job)
-  redis.call('ZADD', K.jobs, 'NX', now_us(), job)
 end
 
 -- A dead letter: its error, payload and attempts, and the error as the job's record.

@@ -23,31 +23,36 @@ for i = 8, #ARGV, 2 do
     return ARGV[i]
   end
 end
+-- Redis refuses a script at maxmemory on its first write that takes memory, and lets the rest
+-- of a script that has written anything run past the limit; so the first write must be one that
+-- takes memory (the index's ZADD, the HSETs), or a full server would take the batch anyway.
+index_job(job)
 if priority ~= 0 then
   redis.call('HSETNX', K.priority, job, priority)
 end
+-- A new job's priority is this insert's (set just above), so its turn needs no lookup.
+local known_priority = new_jobs[job] and priority or nil
 local n = 0
 for i = 8, #ARGV, 2 do
   local task = ARGV[i]
+  -- No attempts field yet: a missing one reads as 0, and lease's HINCRBY makes it.
   redis.call('HSET', K.payload, task, ARGV[i + 1])
-  redis.call('HSET', K.attempts, task, 0)
   if delay then
     delay_task(task, now + delay)
   else
-    push_ready(task)
+    push_ready(task, known_priority)
   end
   n = n + 1
 end
--- Only now the old nonces go: Redis refuses a script at maxmemory on its first write that takes
--- memory, and lets the rest of a script that has written anything run past the limit; so the
--- first write must be one that takes memory (the HSETs above), or a full server would take the
--- batch anyway.
-redis.call('ZREMRANGEBYSCORE', K.inserts, '-inf', now - INSERT_MEMORY_MS)
+-- The old nonces go on one insert in 16 (the nonce is random hex), not on each: nonces are
+-- remembered at least INSERT_MEMORY_MS, a little longer between prunings.
+if string.sub(nonce, 1, 1) == '0' then
+  redis.call('ZREMRANGEBYSCORE', K.inserts, '-inf', now - INSERT_MEMORY_MS)
+end
 redis.call('ZADD', K.inserts, now, nonce)
 if record ~= '' then
   redis.call('SET', JK('job', job), record)
 end
-index_job(job)
 bump(job, 'inserted', n)
 bump(job, 'queued', n)
 flush()

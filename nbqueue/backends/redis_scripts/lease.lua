@@ -9,11 +9,10 @@ reclaim(now, false, RECLAIM_LIMIT)
 local out = {-1}
 local want = tonumber(ARGV[3])
 local leased = 0
-while leased < want do
-  local tasks = take_ready(want - leased)
-  if #tasks == 0 then
-    break
-  end
+local none_left = false
+while leased < want and not none_left do
+  local tasks
+  tasks, none_left = take_ready(want - leased)
   for _, task in ipairs(tasks) do
     local record = cancel_record(task)
     if record then  -- marked cancelled: never handed out, it ends here
@@ -37,7 +36,7 @@ end
 flush()
 -- Wake-up tokens only say "there is ready work"; with none left they would wake waiters
 -- for nothing.
-if not has_ready() then
+if none_left or not has_ready() then
   redis.call('DEL', K.notify)
 end
 -- Only a caller that got nothing waits, so only then is the time to the next event needed.

@@ -1,8 +1,7 @@
 -- purge(): delete every key of the queue. Per-job keys are found through the jobs index and
 -- function blobs through their digest set, so no SCAN is needed.
 for _, job in ipairs(redis.call('ZRANGE', K.jobs, 0, -1)) do
-  redis.call('DEL', JK('jc', job), JK('results', job), JK('job', job), JK('ready', job), JK('delayed', job),
-    JK('cancel', job), JK('cancelled', job), JK('log', job), JK('ran', job))
+  redis.call('DEL', unpack(job_keys(job, JOB_KINDS)))
 end
 for _, digest in ipairs(redis.call('SMEMBERS', K.functions)) do
   redis.call('DEL', JK(FN_KIND, digest))

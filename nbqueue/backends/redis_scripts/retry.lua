@@ -10,6 +10,8 @@ for i = 3, #ARGV, 2 do
   end
 end
 local mark = JK('cancel', job)
+-- The job's keys may have expired and been dropped from the index: purge must find them.
+index_job(job)
 redis.call('HDEL', mark, '*')
 for i = 3, #ARGV, 2 do
   local task, payload = ARGV[i], ARGV[i + 1]
