@@ -19,7 +19,7 @@ from collections.abc import Callable, Generator, Iterable
 from typing import Any, TypeVar, overload
 
 from . import defaults
-from .backends.base import TaskStatus
+from .backends.base import CommitWatch, TaskStatus
 from .errors import QueueURLError, TaskFailed
 from .ids import check_id, job_of, task_id
 from .jobs import CommitWaiter, Job
@@ -137,7 +137,7 @@ def _submit_one(fn: Callable[..., Any], task: functools.partial, options: dict[s
     """Insert one task as a job of its own on the default queue; its handle."""
     tq = default_queue()
     job = tq.insert([task], **{"name": callable_name(fn), "progress": False, **options})
-    return TaskHandle(tq, task_id(job.id, 0))
+    return TaskHandle(tq, task_id(job.id, 0), watch=job.take_first_task_watch())
 
 
 def _time_limit_of_call(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -187,11 +187,14 @@ def map_tasks(fn: Callable[..., Any], iterable: Iterable[Any], **options: Any) -
 class TaskHandle:
     """One queued task, reattachable from any process by queue and task id."""
 
-    def __init__(self, queue: TaskQueue, task: str) -> None:
+    def __init__(self, queue: TaskQueue, task: str, *, watch: CommitWatch | None = None) -> None:
+        """``watch``: a watch on the task's job to wait with first, one whose first wait went
+        out with the insert (``Backend.primed_watch``); the handle closes it."""
         self.queue = queue
         self.task_id = check_id(task, "task id")
         self.job_id = job_of(task)
         self._finished: bytes = b""  # the task's record, once a wait saw it
+        self._watch = watch
 
     @property
     def job(self) -> Job:
@@ -241,7 +244,7 @@ class TaskHandle:
             KeyError: the queue does not know the task.
         """
         # The watch starts before the first look, so a commit in between still wakes the wait.
-        with CommitWaiter(self.queue.backend.watch_commits(self.job_id)) as waiter:
+        with CommitWaiter(self._take_watch()) as waiter:
             polls = self._waiting(timeout)
             with contextlib.suppress(StopIteration):
                 pause = next(polls)
@@ -249,10 +252,15 @@ class TaskHandle:
                     pause = polls.send(waiter.wait_then_read(self.task_id, pause))
         return self._value()
 
+    def _take_watch(self) -> CommitWatch:
+        """The watch given at submit (once), else a new one."""
+        watch, self._watch = self._watch, None
+        return watch if watch is not None else self.queue.backend.watch_commits(self.job_id)
+
     async def get_async(self, timeout: float | None = None) -> Any:
         """``get()`` for ``await`` (IPython and Jupyter run top-level ``await``): the event loop
         runs other work while this waits (in a thread) for the commit. Raises as ``get`` does."""
-        with CommitWaiter(self.queue.backend.watch_commits(self.job_id)) as waiter:
+        with CommitWaiter(self._take_watch()) as waiter:
             polls = self._waiting(timeout)
             with contextlib.suppress(StopIteration):
                 pause = next(polls)

@@ -387,6 +387,11 @@ def insert_tasks(
     plain = not (green or parallel > 1)
     queue_id = queue.recent_queue_id() if plain else queue.queue_id
     job = Job(queue, job_id, meta, queue_id=queue_id)
+    if total == 1 and plain:
+        # One task (a submit): its waiter's first read goes out now, before the insert, and is
+        # answered the moment the task commits, even while this process still waits for the
+        # insert's reply (on two cores, it often gets the CPU only after the worker is done).
+        job.first_task_watch = queue.backend.primed_watch(job_id, task_id(job_id, 0))
     bar = insert_progress(job.view, total, enabled=progress)
     if green and not sliced:
         writer: _Writer = _PipelinedWriter(
@@ -467,6 +472,9 @@ def insert_tasks(
             # (never shown) has nothing to wait for.
             meta.update(total=0, state=JobState.INSERT_FAILED.value, error=f"{type(exc).__name__}: {exc}")
         bar.fail()
+        primed = job.take_first_task_watch()
+        if primed is not None:
+            primed.close()
         raise
     finally:
         if started:

@@ -279,6 +279,14 @@ class Job:
         #: The queue's identity when this job was made or found (its tasks are signed for it);
         #: a new one means the queue no longer holds the job.
         self.queue_id = queue.queue_id if queue_id is None else queue_id
+        #: A watch whose first wait for the job's first task went out with its insert (see
+        #: ``Backend.primed_watch``), for the ``TaskHandle`` of a submitted task to take.
+        self.first_task_watch: CommitWatch | None = None
+
+    def take_first_task_watch(self) -> CommitWatch | None:
+        """``first_task_watch``, handed over (the caller closes it)."""
+        watch, self.first_task_watch = self.first_task_watch, None
+        return watch
 
     @classmethod
     def attach(cls, queue: QueueConnection, job_id: str, *, queue_id: str | None = None) -> Job:

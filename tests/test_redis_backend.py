@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
 import subprocess
 import sys
@@ -193,6 +194,81 @@ def test_list_jobs_keeps_a_job_indexed_while_any_key_of_it_lives(rb, raw):
     assert rb.list_jobs() == [] and raw.zrange(rb.key("jobs"), 0, -1) == [b"ja"]  # its log is left
     raw.delete(rb.key("log", "ja"))
     assert rb.list_jobs() == [] and raw.zrange(rb.key("jobs"), 0, -1) == []
+
+
+def run_one(b: RedisBackend, job: str) -> None:
+    """Insert, lease and complete the one task of ``job``, its record ``b"r"``."""
+    b.insert(job, tasks_of(job, 1))
+    (lease,) = b.lease(1, 30)
+    b.complete([(lease.task_id, lease.token, b"r")])
+
+
+def primed_connections(raw) -> list[dict]:
+    """The server's clients blocked in a primed read (an XREAD from a log's start)."""
+    return [c for c in raw.client_list() if c.get("cmd") == "xread" and c.get("flags") == "b"]
+
+
+def test_a_primed_watch_is_answered_by_the_commit_of_its_task(rb, raw):
+    watch = rb.primed_watch("j1", "j1-0")  # before the insert, as a submit asks
+    assert watch is not None and primed_connections(raw) == []
+    rb.insert("j1", tasks_of("j1", 1))  # the read goes out with it
+    assert len(primed_connections(raw)) == 1
+    (lease,) = rb.lease(1, 30)
+    start = time.monotonic()
+    assert watch.wait_then_read("j1-0", 0.1) == (False, None)  # not committed: waits the timeout
+    assert time.monotonic() - start < 1.0
+    rb.complete([(lease.task_id, lease.token, b"r")])
+    assert watch.wait_then_read("j1-0", 5) == (True, b"r")
+    assert primed_connections(raw) == []
+    watch.close()
+
+
+def test_primed_reads_are_few_and_give_their_connections_back(rb, raw):
+    # A loop of submits whose handles wait later must not hold a connection per task.
+    watches = [rb.primed_watch(f"j{i}", f"j{i}-0") for i in range(8)]
+    primed = [i for i, w in enumerate(watches) if w is not None]
+    assert 0 < len(primed) < 8
+    for i in range(8):
+        rb.insert(f"j{i}", tasks_of(f"j{i}", 1))
+    assert len(primed_connections(raw)) == len(primed)
+    for lease in rb.lease(8, 30):
+        rb.complete([(lease.task_id, lease.token, b"r")])
+    later = rb.primed_watch("jx", "jx-0")  # the answered reads were taken in and freed
+    assert later is not None
+    for i in primed:  # each keeps the answer taken in for it
+        assert watches[i].wait_then_read(f"j{i}-0", 0.1) == (True, b"r")
+    rb.insert("jx", tasks_of("jx", 1))
+    assert len(primed_connections(raw)) == 1
+    del watches, later
+    gc.collect()  # a watch dropped unanswered closes its connection
+    deadline = time.monotonic() + 5
+    while primed_connections(raw) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert primed_connections(raw) == []
+
+
+def test_a_watch_whose_primed_connection_was_killed_still_sees_its_task(rb, raw):
+    watch = rb.primed_watch("j1", "j1-0")
+    assert watch is not None
+    rb.insert("j1", tasks_of("j1", 1))
+    (blocked,) = primed_connections(raw)
+    raw.client_kill_filter(_id=blocked["id"])
+    (lease,) = rb.lease(1, 30)
+    rb.complete([(lease.task_id, lease.token, b"r")])
+    assert watch.wait_then_read("j1-0", 5) == (True, b"r")  # read the usual way instead
+    watch.close()
+
+
+def test_an_insert_refused_with_a_primed_read_keeps_nothing_and_the_read_is_freed(rb, raw):
+    rb.insert("j1", tasks_of("j1", 1))
+    watch = rb.primed_watch("j1", "j1-1")
+    assert watch is not None
+    with pytest.raises(ValueError, match="already exists"):
+        rb.insert("j1", tasks_of("j1", 2))  # refused whole: j1-0 is queued already
+    assert len(primed_connections(raw)) == 1
+    watch.close()  # as the insert's caller does on an error
+    assert primed_connections(raw) == []
+    assert rb.job_counts("j1").inserted == 1
 
 
 def test_list_jobs_forgets_jobs_whose_keys_expired(rb, raw):

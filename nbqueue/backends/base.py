@@ -354,6 +354,13 @@ class Backend(ABC):
     def watch_commits(self, job_id: str) -> CommitWatch:
         """A watch on the job's commits from now on (see ``CommitWatch``); close it when done."""
 
+    def primed_watch(self, job_id: str, task_id: str) -> CommitWatch | None:
+        """A watch on the job whose first ``wait_then_read(task_id, ...)`` is already on its way,
+        asked before the task is even inserted: the answer comes back the moment the task commits,
+        while the caller still waits for its insert to be acknowledged. None where a wait cannot
+        start early (the storage's own ``watch_commits`` is as quick there) or none is free now."""
+        return None
+
     @abstractmethod
     def read_commits(
         self, job_id: str, cursor: object | None, limit: int

@@ -61,6 +61,7 @@ import re
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from typing import Any, TypeVar
@@ -194,6 +195,7 @@ _SCRIPT_NAMES = (
     "queue_id",
 )
 _IDS_PER_READ = 500  # task ids per HMGET in iter_queued (and digests per MGET)
+_PRIMED_MAX = 4  # primed first reads (see primed_watch) holding a connection at once
 
 _policy_lock = threading.Lock()
 _policy_checked: set[tuple[str, int]] = set()
@@ -249,6 +251,7 @@ class _RedisWatch(CommitWatch):
         # From the log's start, not its end: no read before the first wait (a round trip saved
         # on every get), and that wait returns at once if anything was committed already.
         self.entry, self.woken = b"0-0", False
+        self.primed: _PrimedRead | None = None
 
     def wait(self, timeout: float) -> bool:
         self._move_past_wake()
@@ -256,9 +259,24 @@ class _RedisWatch(CommitWatch):
         return self.woken
 
     def wait_then_read(self, task_id: str, timeout: float) -> tuple[bool, bytes | None]:
+        primed = self.primed
+        if primed is not None and primed.task_id == task_id:
+            answer = primed.answer(timeout)
+            if answer is not None:
+                self.primed = None
+                self.woken, found = answer
+                return self.woken, found
+            if primed.pending():
+                return False, None  # not answered within the timeout: asked again next wait
+            self.primed = None  # lost (a broken connection, a fork): wait the usual way
         self._move_past_wake()
         self.woken, found = self.backend.wait_past_then_read(self.job_id, self.entry, timeout, task_id)
         return self.woken, found
+
+    def close(self) -> None:
+        if self.primed is not None:
+            self.primed.discard()
+            self.primed = None
 
     def wait_then_counts(self, timeout: float) -> tuple[bool, Counts]:
         self._move_past_wake()
@@ -271,6 +289,98 @@ class _RedisWatch(CommitWatch):
             # after a burst of commits this blocks again instead of returning once per entry.
             # (Read here, not on waking: a caller whose wait ended needs no more reads.)
             self.entry, self.woken = self.backend.newest_commit(self.job_id), False
+
+
+class _PrimedRead:
+    """The first wait of a watch, sent with its task's insert: after the ``EVALSHA`` of insert,
+    in the same write, an ``XREAD`` of the job's commit log from its start (blocking) and an
+    ``HGET`` of the task's record. The connection then stays with this read until it is
+    answered: the watch reads the answer when it waits, or the backend takes it in earlier
+    (``settle``) to free the connection. A read dropped unanswered has its connection closed,
+    since the answer still owed on it would confuse the next user."""
+
+    def __init__(
+        self,
+        job_id: str,
+        task_id: str,
+        commands: list[tuple[Any, ...]],
+        done: Callable[[_PrimedRead, Any, bool], None],
+    ) -> None:
+        """``commands``: the read, to send after the insert. ``done(read, connection, close)``:
+        the read is over; its connection (None if it had none) goes back, closed if ``close``."""
+        self.job_id, self.task_id, self.commands = job_id, task_id, commands
+        self._done = done
+        self._pid = os.getpid()  # a forked child must not read its parent's socket
+        self._lock = threading.Lock()
+        self._answer: tuple[bool, bytes | None] | None = None
+        self._connection: Any = None  # set by ``sent``, once the read went out
+
+    def sent(self, connection: Any) -> None:
+        """The read went out on ``connection``, which is this read's until answered."""
+        with self._lock:
+            self._connection = connection
+
+    def answer(self, timeout: float) -> tuple[bool, bytes | None] | None:
+        """(woken, the task's record or None), once the server answered; None if it has not
+        within ``timeout`` seconds, or there is no read to wait for (then ``pending()`` is
+        False: never sent, or lost with its connection)."""
+        with self._lock:
+            if self._answer is None and self.pending():
+                self._read(timeout)
+            return self._answer
+
+    def pending(self) -> bool:
+        """True while an answer may still come."""
+        return self._connection is not None and os.getpid() == self._pid
+
+    def settle(self) -> bool:
+        """Take the answer in if it is here, freeing the connection; True when this read holds
+        no connection (any more). Never blocks: a watch reading now keeps its read."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if self.pending():
+                self._read(0)
+            return self._connection is None
+        finally:
+            self._lock.release()
+
+    def _read(self, timeout: float) -> None:
+        connection = self._connection
+        try:
+            if not connection.can_read(timeout=max(timeout, 0)):
+                return
+            woke = connection.read_response()
+            found = connection.read_response()
+        except Exception:
+            # Whatever went wrong, the watch's usual wait meets it again, with the client's
+            # retries and error messages.
+            self._drop(close=True)
+            return
+        except BaseException:
+            self._drop(close=True)
+            raise
+        self._answer = (bool(woke), found)
+        self._drop(close=False)
+
+    def discard(self) -> None:
+        """Forget the read; its connection goes back to the pool, closed if still owed an answer."""
+        with self._lock:
+            self._drop(close=True)
+
+    def _drop(self, close: bool) -> None:
+        connection, self._connection = self._connection, None
+        if os.getpid() != self._pid:
+            connection = None  # the parent's socket: left alone
+        self._done(self, connection, close)
+
+
+def _pooled_connection(pool: Any) -> Any:
+    """A connection of the pool's for this object alone, until it is released."""
+    try:
+        return pool.get_connection()
+    except TypeError:  # redis-py before 5.3 asks for a command name
+        return pool.get_connection("XREAD")
 
 
 class RedisBackend(Backend):
@@ -312,6 +422,11 @@ class RedisBackend(Backend):
         self._max_block = max_block
         self._prefix = f"{KEY_PREFIX}:{{{queue}}}:"
         self._scripts = {name: client.register_script(src) for name, src in _script_sources().items()}
+        # Primed first reads (primed_watch) not answered yet, and those of them waiting for
+        # their job's insert to go out with.
+        self._primed: set[_PrimedRead] = set()
+        self._unsent_reads: dict[str, _PrimedRead] = {}
+        self._primed_lock = threading.RLock()  # a settle inside primed_watch drops its read
 
     def __repr__(self) -> str:
         return f"RedisBackend({self.url!r})"
@@ -436,10 +551,42 @@ class RedisBackend(Backend):
         nonce = os.urandom(16).hex()
         job_record = b"" if record is None else bytes(record)
         fence = "" if queue_id is None else queue_id
-        refused = self._run("insert", job_id, nonce, delay_ms, int(priority), job_record, fence, *args)
+        script_args = (job_id, nonce, delay_ms, int(priority), job_record, fence, *args)
+        with self._primed_lock:
+            read = self._unsent_reads.pop(job_id, None)
+        if read is None:
+            refused = self._run("insert", *script_args)
+        else:
+            refused = self._insert_with_read(read, script_args)
         if isinstance(refused, list):
             raise identity_changed(fence, refused[1].decode() or None)
         _refuse(refused, "already exists")
+
+    def _insert_with_read(self, read: _PrimedRead, script_args: tuple[Any, ...]) -> Any:
+        """The insert script, and a primed read after it in the same write; the reply of the
+        insert. The read keeps the connection: its answer comes when the task commits."""
+        connection = _pooled_connection(self._client.connection_pool)
+        script = self._scripts["insert"]
+        commands = [("EVALSHA", script.sha, 1, self._prefix, self._ttl, *script_args), *read.commands]
+        try:
+            connection.send_packed_command(connection.pack_commands(commands))
+            try:
+                reply = connection.read_response()
+            except NoScriptError:
+                reply = None  # the server forgot its scripts: loaded and run below
+            else:
+                read.sent(connection)
+                return reply
+        except (RedisConnectionError, RedisTimeoutError):
+            # Sent or not, the client's retries decide (insert is idempotent by its nonce).
+            connection.disconnect()
+            self._client.connection_pool.release(connection)
+            return self._run("insert", *script_args)
+        except BaseException:
+            read.sent(connection)  # the read is still owed on it, so the read keeps it
+            raise
+        read.sent(connection)
+        return self._run("insert", *script_args) if reply is None else reply
 
     @_translated
     def lease(self, n: int, seconds: float, wait: float = 0.0) -> list[Lease]:
@@ -553,6 +700,39 @@ class RedisBackend(Backend):
     # -- watching -------------------------------------------------------------------------------
     def watch_commits(self, job_id: str) -> CommitWatch:
         return _RedisWatch(self, job_id)
+
+    def primed_watch(self, job_id: str, task_id: str) -> CommitWatch | None:
+        # The read goes out with the job's next insert through this object (see insert). At
+        # most _PRIMED_MAX reads are outstanding: a loop of submits whose handles wait later
+        # primes a few, not a connection per task. Reads answered already give theirs back.
+        check_id(job_id, "job id")
+        check_id(task_id, "task id")
+        with self._primed_lock:
+            for primed in list(self._primed):
+                primed.settle()
+            if len(self._primed) >= _PRIMED_MAX or job_id in self._unsent_reads:
+                return None
+            log = self.key("log", job_id)
+            commands = [
+                ("XREAD", "COUNT", 1, "BLOCK", _ms(self._max_block), "STREAMS", log, "0-0"),
+                ("HGET", self.key("results", job_id), task_id),
+            ]
+            watch = _RedisWatch(self, job_id)
+            watch.primed = read = _PrimedRead(job_id, task_id, commands, self._primed_read_done)
+            self._primed.add(read)
+            self._unsent_reads[job_id] = read
+        weakref.finalize(watch, read.discard)
+        return watch
+
+    def _primed_read_done(self, read: _PrimedRead, connection: Any, close: bool) -> None:
+        with self._primed_lock:
+            self._primed.discard(read)
+            if self._unsent_reads.get(read.job_id) is read:
+                del self._unsent_reads[read.job_id]
+        if connection is not None:
+            if close:
+                connection.disconnect()
+            self._client.connection_pool.release(connection)
 
     def newest_commit(self, job_id: str) -> bytes:
         """The id of the job's newest commit-log entry (``0-0`` before the first)."""
