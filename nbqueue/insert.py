@@ -35,7 +35,7 @@ from .errors import QueueIdentityChanged, SliceContractError
 from .ids import new_job_id, task_id
 from .jobs import Job, JobState, new_job_record, save_job_record
 from .procs import spawn_pool
-from .progress import insert_progress
+from .progress import InsertProgress, insert_progress
 from .serialize import dumps_checked
 from .tasks import TaskCodec, check_timeout, reseal_task, to_call
 
@@ -392,7 +392,8 @@ def insert_tasks(
         # answered the moment the task commits, even while this process still waits for the
         # insert's reply (on two cores, it often gets the CPU only after the worker is done).
         job.first_task_watch = queue.backend.primed_watch(job_id, task_id(job_id, 0))
-    bar = insert_progress(job.view, total, enabled=progress)
+    # No view is made for an insert that shows nothing (a submit): it is most of a Job's weight.
+    bar = insert_progress(job.view, total) if progress else InsertProgress()
     if green and not sliced:
         writer: _Writer = _PipelinedWriter(
             queue.backend, job_id, placement, queue_id, max(parallel, 8), green=True

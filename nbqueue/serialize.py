@@ -134,6 +134,9 @@ def _checked(key: bytes, where: str) -> bytes:
     return key
 
 
+_keyed_hmacs: dict[bytes, hmac.HMAC] = {}
+
+
 @dataclass(frozen=True)
 class Signer:
     """Signs and verifies envelopes with one key; ``key=None`` is the explicit insecure mode."""
@@ -152,12 +155,23 @@ class Signer:
     def mac(self, body: bytes) -> bytes:
         if self.key is None:
             return b"\0" * _MAC_SIZE
-        return hmac.digest(self.key, body, "sha256")
+        # Keyed once per key; each mac copies it: cheaper than keying an HMAC per envelope. (Not
+        # on the instance: a Signer must stay picklable.)
+        keyed = _keyed_hmacs.get(self.key)
+        if keyed is None:
+            keyed = _keyed_hmacs[self.key] = hmac.new(self.key, digestmod=hashlib.sha256)
+        h = keyed.copy()
+        h.update(body)
+        return h.digest()
+
+
+#: ``json.dumps(..., separators=(",", ":"))`` without building an encoder per call.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
 def seal(signer: Signer, header: dict, payload: bytes) -> bytes:
     """Build a signed envelope."""
-    head = json.dumps({**header, "k": signer.key_id}, separators=(",", ":")).encode()
+    head = _COMPACT_JSON.encode({**header, "k": signer.key_id}).encode()
     body = b"".join((MAGIC, len(head).to_bytes(4, "big"), head, payload))
     return body + signer.mac(body)
 

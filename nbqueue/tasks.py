@@ -341,6 +341,7 @@ class TaskCall:
 
 
 _signatures: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_simple_signatures: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _references: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -358,8 +359,46 @@ def signature_of(fn: Callable[..., Any]) -> inspect.Signature:
     return signature
 
 
+def _simple_signature(fn: Callable[..., Any]) -> tuple[tuple[str, ...], int] | None:
+    """``(names, required)`` when every parameter of ``fn`` is a plain positional-or-keyword
+    one (no ``*args``, ``**kwargs``, keyword- or positional-only): the first ``required`` names
+    have no default. None otherwise. Computed once per function."""
+    known = _simple_signatures.get(fn, False)
+    if known is not False:
+        return known
+    simple: tuple[tuple[str, ...], int] | None = None
+    try:
+        params = list(signature_of(fn).parameters.values())
+    except (TypeError, ValueError):
+        params = None
+    if params is not None and all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params):
+        simple = (tuple(p.name for p in params), sum(p.default is inspect.Parameter.empty for p in params))
+    _simple_signatures[fn] = simple
+    return simple
+
+
 def _bind(fn: Callable[..., Any], args: tuple, kwargs: dict) -> dict[str, Any] | None:
     """Check that the arguments fit ``fn``; return the plain ones by parameter name."""
+    simple = _simple_signature(fn)
+    if simple is not None:
+        # The usual notebook function: the arguments fit when every name given is a parameter
+        # not given by position and every parameter without a default is given; named in the
+        # signature's order, as ``Signature.bind`` names them. Anything else goes to ``bind``,
+        # which says what is wrong.
+        names, required = simple
+        n = len(args)
+        if (
+            n <= len(names)
+            and all(k in names[n:] for k in kwargs)
+            and all(p in kwargs for p in names[n:required])
+        ):
+            return plain_params(
+                {
+                    name: args[i] if i < n else kwargs[name]
+                    for i, name in enumerate(names)
+                    if i < n or name in kwargs
+                }
+            )
     try:
         bound = signature_of(fn).bind(*args, **kwargs)
     except TypeError as exc:

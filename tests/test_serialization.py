@@ -4,6 +4,7 @@ process, read back in a third."""
 from __future__ import annotations
 
 import functools
+import re
 import socket
 import threading
 
@@ -152,6 +153,41 @@ def test_wrong_arguments_fail_at_insert_with_the_function_name(tmp_path):
     with pytest.raises(BindError, match=r"scale\(\)"):
         tq.insert([scale], progress=False)  # x missing
     assert tq.status().inserted == 0 and tq.jobs() == []
+
+
+def test_arguments_are_named_as_signature_bind_names_them():
+    # A plain signature binds without inspect (the cost of a submit); the names, their order and
+    # the refusals must be bind's, for every way of calling it.
+    import inspect
+    import itertools
+
+    from nbqueue.tasks import plain_params, to_call
+
+    @queueable
+    def fit(alpha, depth, seed=0, note="x"):
+        return alpha
+
+    @queueable
+    def flexible(alpha, *rest, seed=0, **extra):
+        return alpha
+
+    values = (0.1, 3, 7, "y")
+    for fn in (fit, flexible):
+        for n in range(len(values) + 1):
+            for names in itertools.chain.from_iterable(
+                itertools.combinations(("alpha", "depth", "seed", "note", "other"), k) for k in range(3)
+            ):
+                args, kwargs = values[:n], {name: 5 for name in reversed(names)}  # not in order
+                try:
+                    expected = plain_params(dict(inspect.signature(fn).bind(*args, **kwargs).arguments))
+                except TypeError as exc:
+                    with pytest.raises(BindError, match=re.escape(str(exc))):
+                        to_call(functools.partial(fn, *args, **kwargs))
+                    continue
+                if fn is flexible:
+                    continue  # *rest and **extra are named otherwise (rest[0], the extra keys)
+                params = to_call(functools.partial(fn, *args, **kwargs)).params
+                assert params == expected and list(params or {}) == list(expected or {})
 
 
 def test_non_queueable_callables_are_refused(tmp_path):

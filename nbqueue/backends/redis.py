@@ -61,7 +61,6 @@ import re
 import threading
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from typing import Any, TypeVar
@@ -277,6 +276,12 @@ class _RedisWatch(CommitWatch):
         if self.primed is not None:
             self.primed.discard()
             self.primed = None
+
+    def __del__(self) -> None:
+        # A watch dropped with its primed read unanswered (a handle never waited on) gives
+        # the read's connection back, closed.
+        with contextlib.suppress(Exception):
+            self.close()
 
     def wait_then_counts(self, timeout: float) -> tuple[bool, Counts]:
         self._move_past_wake()
@@ -721,7 +726,6 @@ class RedisBackend(Backend):
             watch.primed = read = _PrimedRead(job_id, task_id, commands, self._primed_read_done)
             self._primed.add(read)
             self._unsent_reads[job_id] = read
-        weakref.finalize(watch, read.discard)
         return watch
 
     def _primed_read_done(self, read: _PrimedRead, connection: Any, close: bool) -> None:
