@@ -23,6 +23,7 @@ from .backends.base import CommitWatch, TaskStatus
 from .errors import QueueURLError, TaskFailed
 from .ids import check_id, job_of, task_id
 from .jobs import CommitWaiter, Job
+from .pickling import fixed
 from .queue import TaskQueue
 from .records import TaskRecord, open_record
 from .tasks import callable_name, mark, signature_of
@@ -100,10 +101,10 @@ def queueable(fn: Any = None, *, by_reference: bool = False, timeout: float | No
     if inspect.isfunction(fn):
         # Module-level functions in partials: a function shipped by value carries these as
         # references to nbqueue.handles, never as code.
-        fn.submit = functools.partial(submit, fn)  # type: ignore[attr-defined]
-        fn.submit_later = functools.partial(submit_later, fn)  # type: ignore[attr-defined]
-        fn.map = functools.partial(map_tasks, fn)  # type: ignore[attr-defined]
-        fn.options = functools.partial(Options, fn)  # type: ignore[attr-defined]
+        fn.submit = fixed(functools.partial(submit, fn))  # type: ignore[attr-defined]
+        fn.submit_later = fixed(functools.partial(submit_later, fn))  # type: ignore[attr-defined]
+        fn.map = fixed(functools.partial(map_tasks, fn))  # type: ignore[attr-defined]
+        fn.options = fixed(functools.partial(Options, fn))  # type: ignore[attr-defined]
     return fn
 
 

@@ -195,6 +195,7 @@ _SCRIPT_NAMES = (
 )
 _IDS_PER_READ = 500  # task ids per HMGET in iter_queued (and digests per MGET)
 _PRIMED_MAX = 4  # primed first reads (see primed_watch) holding a connection at once
+_SPARE_MAX = 4  # connections kept for the quick calls (see _lean)
 
 _policy_lock = threading.Lock()
 _policy_checked: set[tuple[str, int]] = set()
@@ -431,6 +432,10 @@ class RedisBackend(Backend):
         # their job's insert to go out with.
         self._primed: set[_PrimedRead] = set()
         self._unsent_reads: dict[str, _PrimedRead] = {}
+        # Connections kept for the quick calls (_lean) and primed reads: taking one from the
+        # pool costs a health check (a poll) that a submit or a woken worker would wait for.
+        self._spare: list[Any] = []
+        self._spare_pid = os.getpid()
         self._primed_lock = threading.RLock()  # a settle inside primed_watch drops its read
 
     def __repr__(self) -> str:
@@ -570,7 +575,7 @@ class RedisBackend(Backend):
     def _insert_with_read(self, read: _PrimedRead, script_args: tuple[Any, ...]) -> Any:
         """The insert script, and a primed read after it in the same write; the reply of the
         insert. The read keeps the connection: its answer comes when the task commits."""
-        connection = _pooled_connection(self._client.connection_pool)
+        connection = self._spare_connection()
         script = self._scripts["insert"]
         commands = [("EVALSHA", script.sha, 1, self._prefix, self._ttl, *script_args), *read.commands]
         try:
@@ -615,26 +620,75 @@ class RedisBackend(Backend):
         """BLPOP for a wake-up token, then ``lease`` in the same round trip: a woken worker has
         its task without another one."""
         wake = self.key("notify")
-        _, out = self._then_script(
-            lambda pipe: pipe.blpop([wake], timeout=block), "lease", *self._lease_args(n, seconds)
-        )
+        _, out = self._then_script(("BLPOP", wake, block), "lease", *self._lease_args(n, seconds))
         return self._leases_of(out)
 
-    def _then_script(self, first: Callable[[Any], Any], script: str, *args: Any) -> tuple[Any, Any]:
-        """The replies of ``first(pipe)`` (a blocking read) and of ``script``, sent in one
-        pipeline: the server runs the script the moment the read returns. A server that forgot
-        its scripts (restarted, SCRIPT FLUSH) is given it, and it runs after."""
-        pipe = self._client.pipeline(transaction=False)
-        first(pipe)
-        pipe.evalsha(self._scripts[script].sha, 1, self._prefix, self._ttl, *args)
+    def _then_script(self, first: tuple[Any, ...], script: str, *args: Any) -> tuple[Any, Any]:
+        """The replies of the command ``first`` (a blocking read) and of ``script``, sent in one
+        write: the server runs the script the moment the read returns. A server that forgot its
+        scripts (restarted, SCRIPT FLUSH) is given it, and it runs after."""
         with self._translate_errors():
-            head, out = pipe.execute(raise_on_error=False)
+            head, out = self._lean_or_client([first, self._evalsha(script, *args)])
             if isinstance(out, NoScriptError):
                 out = self._run(script, *args)
             for reply in (head, out):
                 if isinstance(reply, Exception):
                     raise reply
         return head, out
+
+    def _evalsha(self, script: str, *args: Any) -> tuple[Any, ...]:
+        """The command that runs ``script`` on this queue (see ``_run``)."""
+        return ("EVALSHA", self._scripts[script].sha, 1, self._prefix, self._ttl, *args)
+
+    def _run_lean(self, script: str, *args: Any) -> Any:
+        """``_run`` on a connection of this object's own (``_lean``), for the calls on a task's
+        way through a worker; through the client when the server forgot its scripts or the
+        connection failed (its retries: these scripts are safe to repeat)."""
+        try:
+            (out,) = self._lean([self._evalsha(script, *args)])
+        except (RedisConnectionError, RedisTimeoutError):
+            return self._run(script, *args)
+        if isinstance(out, NoScriptError):
+            return self._run(script, *args)
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def _lean_or_client(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """``_lean``; when its connection fails, the same through the client, with its retries
+        (so only for commands safe to send twice: reads, and the scripts that use this)."""
+        try:
+            return self._lean(commands)
+        except (RedisConnectionError, RedisTimeoutError):
+            pipe = self._client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            return list(pipe.execute(raise_on_error=False))
+
+    def _lean(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` in one write and read their replies (an error reply as its
+        exception, in its place), on a spare connection rather than through the client: its
+        command path costs a cold call (a worker woken by a task, a user's next cell) some
+        100 us before anything is sent, measured, and ``get_connection`` a health check.
+
+        Raises:
+            redis.ConnectionError, redis.TimeoutError: the connection failed (it is closed).
+        """
+        connection = self._spare_connection()
+        try:
+            connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(connection.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:
+            connection.disconnect()
+            self._client.connection_pool.release(connection)
+            raise
+        self._give_back(connection)
+        return replies
 
     def _lease_once(self, n: int, seconds: float) -> tuple[list[Lease], int]:
         return self._leases_of(self._run("lease", *self._lease_args(n, seconds)))
@@ -665,7 +719,7 @@ class RedisBackend(Backend):
             args += (task_id, token, bytes(result))
         if not args:
             return []
-        return [bool(ok) for ok in self._run("complete", *args)]
+        return [bool(ok) for ok in self._run_lean("complete", *args)]
 
     @_translated
     def fail(self, task_id: str, token: str, error: bytes, retry_in: float | None) -> TaskStatus | None:
@@ -733,10 +787,30 @@ class RedisBackend(Backend):
             self._primed.discard(read)
             if self._unsent_reads.get(read.job_id) is read:
                 del self._unsent_reads[read.job_id]
-        if connection is not None:
-            if close:
-                connection.disconnect()
+        if connection is None:
+            return
+        if close:
+            connection.disconnect()
             self._client.connection_pool.release(connection)
+        else:
+            self._give_back(connection)
+
+    def _give_back(self, connection: Any) -> None:
+        """A connection done with, kept as a spare (``_spare_connection``) or given to the pool."""
+        with self._primed_lock:
+            if self._spare_pid == os.getpid() and len(self._spare) < _SPARE_MAX:
+                self._spare.append(connection)
+                return
+        self._client.connection_pool.release(connection)
+
+    def _spare_connection(self) -> Any:
+        """A connection for a quick call or a primed read: a spare one, else the pool's."""
+        with self._primed_lock:
+            if self._spare_pid != os.getpid():  # a forked child: those are the parent's
+                self._spare, self._spare_pid = [], os.getpid()
+            if self._spare:
+                return self._spare.pop()
+        return _pooled_connection(self._client.connection_pool)
 
     def newest_commit(self, job_id: str) -> bytes:
         """The id of the job's newest commit-log entry (``0-0`` before the first)."""
@@ -749,32 +823,30 @@ class RedisBackend(Backend):
         # XREAD blocks on the server until an entry past ``entry`` is added, and every waiter on
         # the job wakes (a stream is read, not popped). BLOCK 0 would mean forever.
         with self._translate_errors():
-            found = self._read_past(self._client, job_id, entry, timeout)
+            found = self._client.execute_command(*self._read_past(job_id, entry, timeout))
         return bool(found)
 
-    def _read_past(self, client: Any, job_id: str, entry: bytes, timeout: float) -> Any:
-        """XREAD of the job's commit log past ``entry``, blocking up to ``timeout`` (on a client
-        or a pipeline)."""
+    def _read_past(self, job_id: str, entry: bytes, timeout: float) -> tuple[Any, ...]:
+        """The XREAD of the job's commit log past ``entry``, blocking up to ``timeout``."""
         block_ms = max(1, int(min(timeout, self._max_block) * 1000))
-        return client.xread({self.key("log", job_id): entry}, count=1, block=block_ms)
+        return ("XREAD", "COUNT", 1, "BLOCK", block_ms, "STREAMS", self.key("log", job_id), entry)
 
     def wait_past_then_read(
         self, job_id: str, entry: bytes, timeout: float, task_id: str
     ) -> tuple[bool, bytes | None]:
         """``wait_past``, then the task's record, sent together: the server answers the read as
         soon as the blocking one returns, so a waiter pays one round trip, not two."""
-        pipe = self._client.pipeline(transaction=False)
-        self._read_past(pipe, job_id, entry, timeout)
-        pipe.hget(self.key("results", job_of(task_id)), task_id)
+        read = ("HGET", self.key("results", job_of(task_id)), task_id)
         with self._translate_errors():
-            woke, found = pipe.execute()
+            woke, found = self._lean_or_client([self._read_past(job_id, entry, timeout), read])
+            for reply in (woke, found):
+                if isinstance(reply, Exception):
+                    raise reply
         return bool(woke), found
 
     def wait_past_then_counts(self, job_id: str, entry: bytes, timeout: float) -> tuple[bool, Counts]:
         """``wait_past``, then the job's counters, in the same round trip."""
-        woke, counts = self._then_script(
-            lambda pipe: self._read_past(pipe, job_id, entry, timeout), "counts", job_id
-        )
+        woke, counts = self._then_script(self._read_past(job_id, entry, timeout), "counts", job_id)
         return bool(woke), _counts(*counts)
 
     @_translated
@@ -1006,6 +1078,10 @@ class RedisBackend(Backend):
 
     def close(self) -> None:
         """Disconnect every pooled connection; the object reconnects if used again."""
+        with self._primed_lock:
+            spare, self._spare = self._spare, []
+        for connection in spare:
+            self._client.connection_pool.release(connection)
         self._client.close()
 
 
