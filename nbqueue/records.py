@@ -16,7 +16,7 @@ from typing import Any
 from .backends.base import DeadLetter
 from .errors import BadSignature, DecodeError, SerializationError
 from .ids import index_of, job_of
-from .serialize import Serializer, Signer, open_envelope, seal
+from .serialize import PLAIN_PICKLE, Serializer, Signer, loads_marked, open_envelope, plain_pickle, seal
 
 
 @dataclass(frozen=True)
@@ -129,9 +129,12 @@ def seal_record(
             the attempt, so the task is never "completed" without a value).
     """
     payload = b""
+    plain = False
     if error is None:
         try:
-            payload = serializer.dumps(value)
+            marked = plain_pickle(value, serializer)
+            plain = marked is not None
+            payload = marked if marked is not None else serializer.dumps(value)
         except Exception as exc:
             raise SerializationError(
                 f"the task's return value cannot be serialized: {type(exc).__name__}: {exc}"
@@ -151,6 +154,8 @@ def seal_record(
         header["p"] = params
     if output:
         header["out"] = output
+    if plain:
+        header[PLAIN_PICKLE] = 1
     return seal(signer, header, payload)
 
 
@@ -171,7 +176,7 @@ def open_record(signer: Signer, serializer: Serializer, task_id: str, blob: byte
     output = out if isinstance(out, str) else ""
     if header.get("ok"):
         try:
-            value = serializer.loads(payload)
+            value = loads_marked(payload, serializer, header)
         except Exception as exc:
             raise DecodeError(f"cannot load the result of {task_id}: {type(exc).__name__}: {exc}") from exc
         error = None

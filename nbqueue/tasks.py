@@ -44,11 +44,14 @@ from .errors import (
 from .ids import job_of
 from .reference import TaskSpec
 from .serialize import (
+    PLAIN_PICKLE,
     Serializer,
     Signer,
     check_function_blob,
     dumps_checked,
+    dumps_marked,
     function_blob,
+    loads_marked,
     open_envelope,
     seal,
 )
@@ -684,12 +687,14 @@ class TaskCodec:
         elif call.fn is None:
             payload = dumps_checked(call.obj, self.serializer, f"task object {call.obj!r:.60}")
         else:
-            payload = dumps_checked(
+            payload, plain = dumps_marked(
                 (call.args, call.kwargs),
                 self.serializer,
                 f"arguments of {callable_name(call.fn)}()",
                 parts=functools.partial(_arguments, call),
             )
+            if plain:
+                header[PLAIN_PICKLE] = 1
         header["f"] = digest
         return seal(self.signer, header, payload)
 
@@ -736,7 +741,7 @@ class TaskCodec:
             if not is_queueable(fn):
                 raise BadSignature(f"refused: {callable_name(fn)}() is not marked @queueable")
             self._functions[digest] = fn
-        args, kwargs = self._load(payload, "arguments")
+        args, kwargs = self._load(payload, "arguments", header)
         return TaskCall(fn, args, kwargs)
 
     def _check_queue(self, signed_for: Any) -> None:
@@ -770,9 +775,9 @@ class TaskCodec:
             self._functions[spec.fn] = fn
         return TaskCall(fn, spec.args, spec.kwargs, ref=spec.fn)
 
-    def _load(self, data: bytes, what: str) -> Any:
+    def _load(self, data: bytes, what: str, header: dict | None = None) -> Any:
         try:
-            return self.serializer.loads(data)
+            return loads_marked(data, self.serializer, header or {})
         except (ImportError, AttributeError) as exc:  # a module or name the worker lacks
             raise DecodeError(f"cannot load the {what} on this worker: {type(exc).__name__}: {exc}") from exc
         except Exception as exc:

@@ -297,6 +297,34 @@ print(job.id)
     assert job.wait(timeout=30, progress=False).results() == ["X:Tag"]
 
 
+def test_only_plain_data_is_marked_for_the_plain_loader():
+    # Arguments and values that plain pickle ships are marked so (the worker and the waiter
+    # load them without dill); anything a notebook defines is not, and dill loads it.
+    from nbqueue.records import open_record, seal_record
+    from nbqueue.serialize import PLAIN_PICKLE, get_serializer
+    from nbqueue.tasks import TaskCodec, open_task, to_call
+
+    nb = notebook(
+        "from nbqueue import queueable\nclass Tag(str):\n    pass\n@queueable\ndef f(x):\n    return x\n"
+    )
+    signer, dill_serializer = Signer(b"k" * 32), get_serializer("dill")
+    codec = TaskCodec(signer, dill_serializer, "q1")
+    for arg, marked in ((3, True), ({"a": [1.5, "b"]}, True), (nb.Tag("x"), False)):
+        call = to_call(functools.partial(nb.f, arg))
+        digest, _, _ = codec.function_digest(nb.f)
+        header, _ = open_task(signer, "j-0", codec.encode("j-0", "j", call, digest))
+        assert (header.get(PLAIN_PICKLE) == 1) is marked
+        kwargs = {"attempt": 1, "started": 0.0, "finished": 1.0, "worker": "w"}
+        record = open_record(
+            signer,
+            dill_serializer,
+            "j-0",
+            seal_record(signer, dill_serializer, "j-0", "j", value=arg, **kwargs),
+            "j",
+        )
+        assert record.value == arg and type(record.value) is type(arg)
+
+
 def test_an_enum_defined_in_the_notebook_is_refused_at_insert(tmp_path):
     nb = notebook("""
 import enum
