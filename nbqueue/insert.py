@@ -388,9 +388,10 @@ def insert_tasks(
     queue_id = queue.recent_queue_id() if plain else queue.queue_id
     job = Job(queue, job_id, meta, queue_id=queue_id)
     if total == 1 and plain:
-        # One task (a submit): its waiter's first read goes out now, before the insert, and is
-        # answered the moment the task commits, even while this process still waits for the
-        # insert's reply (on two cores, it often gets the CPU only after the worker is done).
+        # One task (a submit): its waiter's first read goes out with the insert, in the same
+        # write, and is answered the moment the task commits, even while this process still
+        # waits for the insert's reply (on two cores, it often gets the CPU only after the
+        # worker is done).
         job.first_task_watch = queue.backend.primed_watch(job_id, task_id(job_id, 0))
     # No view is made for an insert that shows nothing (a submit): it is most of a Job's weight.
     bar = insert_progress(job.view, total) if progress else InsertProgress()

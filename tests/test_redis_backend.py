@@ -19,7 +19,7 @@ from nbqueue.backends.base import TaskStatus
 from nbqueue.backends.redis import QUEUE_KEYS, RedisBackend, parse_redis_url
 from nbqueue.errors import BackendUnavailable, QueueURLError
 
-from .helpers import tasks_of
+from .helpers import start_workers, tasks_of, wait_all
 from .redis_server import RedisServer, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,6 +221,25 @@ def test_a_primed_watch_is_answered_by_the_commit_of_its_task(rb, raw):
     assert watch.wait_then_read("j1-0", 5) == (True, b"r")
     assert primed_connections(raw) == []
     watch.close()
+
+
+def test_a_submit_sends_its_handles_first_wait_with_its_insert(redis_url, raw, monkeypatch):
+    # Through the public API: the read is out before any get, and get takes its answer (the
+    # fallback would wait as well, so this is what shows the submit primed at all).
+    import nbqueue
+    from nbqueue import handles
+
+    from .helpers import notebook
+
+    monkeypatch.setattr(handles, "_default", None)
+    nb = notebook("from nbqueue import queueable\n@queueable\ndef double(x):\n    return 2 * x\n")
+    tq = nbqueue.use(redis_url)
+    handle = nb.double.submit(21)
+    assert len(primed_connections(raw)) == 1
+    procs = start_workers(redis_url, 1, "--burst")
+    assert handle.get(timeout=60) == 42 and primed_connections(raw) == []
+    assert wait_all(procs, timeout=60) == [0]
+    tq.backend.close()
 
 
 def test_primed_reads_are_few_and_give_their_connections_back(rb, raw):

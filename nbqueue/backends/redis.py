@@ -381,6 +381,15 @@ class _PrimedRead:
         self._done(self, connection, close)
 
 
+def _reply(connection: Any) -> Any:
+    """The next reply on ``connection``; an error reply is returned as its exception, read whole
+    (so the replies after it stay in step)."""
+    try:
+        return connection.read_response()
+    except ResponseError as exc:
+        return exc
+
+
 def _pooled_connection(pool: Any) -> Any:
     """A connection of the pool's for this object alone, until it is released."""
     try:
@@ -436,7 +445,8 @@ class RedisBackend(Backend):
         # pool costs a health check (a poll) that a submit or a woken worker would wait for.
         self._spare: list[Any] = []
         self._spare_pid = os.getpid()
-        self._primed_lock = threading.RLock()  # a settle inside primed_watch drops its read
+        # Guards the three above; reentrant: a settle inside primed_watch drops its read.
+        self._connections_lock = threading.RLock()
 
     def __repr__(self) -> str:
         return f"RedisBackend({self.url!r})"
@@ -562,7 +572,7 @@ class RedisBackend(Backend):
         job_record = b"" if record is None else bytes(record)
         fence = "" if queue_id is None else queue_id
         script_args = (job_id, nonce, delay_ms, int(priority), job_record, fence, *args)
-        with self._primed_lock:
+        with self._connections_lock:
             read = self._unsent_reads.pop(job_id, None)
         if read is None:
             refused = self._run("insert", *script_args)
@@ -574,29 +584,27 @@ class RedisBackend(Backend):
 
     def _insert_with_read(self, read: _PrimedRead, script_args: tuple[Any, ...]) -> Any:
         """The insert script, and a primed read after it in the same write; the reply of the
-        insert. The read keeps the connection: its answer comes when the task commits."""
-        connection = self._spare_connection()
-        script = self._scripts["insert"]
-        commands = [("EVALSHA", script.sha, 1, self._prefix, self._ttl, *script_args), *read.commands]
+        insert. The read keeps the connection: its answer comes when the task commits. A failed
+        connection leaves the insert to the client's retries (it is idempotent by its nonce) and
+        the watch to wait the usual way."""
         try:
-            connection.send_packed_command(connection.pack_commands(commands))
-            try:
-                reply = connection.read_response()
-            except NoScriptError:
-                reply = None  # the server forgot its scripts: loaded and run below
-            else:
-                read.sent(connection)
-                return reply
+            connection = self._send([self._evalsha("insert", *script_args), *read.commands])
         except (RedisConnectionError, RedisTimeoutError):
-            # Sent or not, the client's retries decide (insert is idempotent by its nonce).
-            connection.disconnect()
-            self._client.connection_pool.release(connection)
+            return self._run("insert", *script_args)
+        try:
+            reply = _reply(connection)
+        except (RedisConnectionError, RedisTimeoutError):
+            self._drop_connection(connection)
             return self._run("insert", *script_args)
         except BaseException:
-            read.sent(connection)  # the read is still owed on it, so the read keeps it
+            self._drop_connection(connection)  # read halfway: nothing on it can be trusted
             raise
         read.sent(connection)
-        return self._run("insert", *script_args) if reply is None else reply
+        if isinstance(reply, NoScriptError):  # the server forgot its scripts: this loads it
+            return self._run("insert", *script_args)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     @_translated
     def lease(self, n: int, seconds: float, wait: float = 0.0) -> list[Lease]:
@@ -619,51 +627,35 @@ class RedisBackend(Backend):
     def _block_then_lease(self, block: float, n: int, seconds: float) -> tuple[list[Lease], int]:
         """BLPOP for a wake-up token, then ``lease`` in the same round trip: a woken worker has
         its task without another one."""
-        wake = self.key("notify")
-        _, out = self._then_script(("BLPOP", wake, block), "lease", *self._lease_args(n, seconds))
+        _, out = self._quick([("BLPOP", self.key("notify"), block)], "lease", *self._lease_args(n, seconds))
         return self._leases_of(out)
 
-    def _then_script(self, first: tuple[Any, ...], script: str, *args: Any) -> tuple[Any, Any]:
-        """The replies of the command ``first`` (a blocking read) and of ``script``, sent in one
-        write: the server runs the script the moment the read returns. A server that forgot its
-        scripts (restarted, SCRIPT FLUSH) is given it, and it runs after."""
+    def _quick(self, commands: list[tuple[Any, ...]], script: str | None = None, *args: Any) -> list[Any]:
+        """The replies of ``commands`` and then of ``script`` (with ``args``), sent in one write
+        on a spare connection (``_lean``): the server runs the script the moment a blocking read
+        before it returns. A server that forgot its scripts (restarted, SCRIPT FLUSH) is given
+        it, and it runs after; an error reply raises. For the calls on a task's way (a woken
+        lease, a commit, a waiter's read): only reads, and scripts safe to send twice, since a
+        failed connection sends them again through the client, with its retries."""
+        sent = [*commands, self._evalsha(script, *args)] if script is not None else commands
         with self._translate_errors():
-            head, out = self._lean_or_client([first, self._evalsha(script, *args)])
-            if isinstance(out, NoScriptError):
-                out = self._run(script, *args)
-            for reply in (head, out):
+            try:
+                replies = self._lean(sent)
+            except (RedisConnectionError, RedisTimeoutError):
+                pipe = self._client.pipeline(transaction=False)
+                for command in sent:
+                    pipe.execute_command(*command)
+                replies = list(pipe.execute(raise_on_error=False))
+            if script is not None and isinstance(replies[-1], NoScriptError):
+                replies[-1] = self._run(script, *args)
+            for reply in replies:
                 if isinstance(reply, Exception):
                     raise reply
-        return head, out
+        return replies
 
     def _evalsha(self, script: str, *args: Any) -> tuple[Any, ...]:
         """The command that runs ``script`` on this queue (see ``_run``)."""
         return ("EVALSHA", self._scripts[script].sha, 1, self._prefix, self._ttl, *args)
-
-    def _run_lean(self, script: str, *args: Any) -> Any:
-        """``_run`` on a connection of this object's own (``_lean``), for the calls on a task's
-        way through a worker; through the client when the server forgot its scripts or the
-        connection failed (its retries: these scripts are safe to repeat)."""
-        try:
-            (out,) = self._lean([self._evalsha(script, *args)])
-        except (RedisConnectionError, RedisTimeoutError):
-            return self._run(script, *args)
-        if isinstance(out, NoScriptError):
-            return self._run(script, *args)
-        if isinstance(out, Exception):
-            raise out
-        return out
-
-    def _lean_or_client(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """``_lean``; when its connection fails, the same through the client, with its retries
-        (so only for commands safe to send twice: reads, and the scripts that use this)."""
-        try:
-            return self._lean(commands)
-        except (RedisConnectionError, RedisTimeoutError):
-            pipe = self._client.pipeline(transaction=False)
-            for command in commands:
-                pipe.execute_command(*command)
-            return list(pipe.execute(raise_on_error=False))
 
     def _lean(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send ``commands`` in one write and read their replies (an error reply as its
@@ -674,21 +666,30 @@ class RedisBackend(Backend):
         Raises:
             redis.ConnectionError, redis.TimeoutError: the connection failed (it is closed).
         """
-        connection = self._spare_connection()
+        connection = self._send(commands)
         try:
-            connection.send_packed_command(connection.pack_commands(commands), check_health=False)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(connection.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
+            replies = [_reply(connection) for _ in commands]
         except BaseException:
-            connection.disconnect()
-            self._client.connection_pool.release(connection)
+            self._drop_connection(connection)
             raise
         self._give_back(connection)
         return replies
+
+    def _send(self, commands: list[tuple[Any, ...]]) -> Any:
+        """A spare connection (``_spare_connection``), ``commands`` written on it in one write;
+        closed on failure."""
+        connection = self._spare_connection()
+        try:
+            connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+        except BaseException:
+            self._drop_connection(connection)
+            raise
+        return connection
+
+    def _drop_connection(self, connection: Any) -> None:
+        """A connection in an unknown state: closed, and given back to the pool."""
+        connection.disconnect()
+        self._client.connection_pool.release(connection)
 
     def _lease_once(self, n: int, seconds: float) -> tuple[list[Lease], int]:
         return self._leases_of(self._run("lease", *self._lease_args(n, seconds)))
@@ -719,7 +720,8 @@ class RedisBackend(Backend):
             args += (task_id, token, bytes(result))
         if not args:
             return []
-        return [bool(ok) for ok in self._run_lean("complete", *args)]
+        (out,) = self._quick([], "complete", *args)
+        return [bool(ok) for ok in out]
 
     @_translated
     def fail(self, task_id: str, token: str, error: bytes, retry_in: float | None) -> TaskStatus | None:
@@ -766,7 +768,7 @@ class RedisBackend(Backend):
         # primes a few, not a connection per task. Reads answered already give theirs back.
         check_id(job_id, "job id")
         check_id(task_id, "task id")
-        with self._primed_lock:
+        with self._connections_lock:
             for primed in list(self._primed):
                 primed.settle()
             if len(self._primed) >= _PRIMED_MAX or job_id in self._unsent_reads:
@@ -783,21 +785,20 @@ class RedisBackend(Backend):
         return watch
 
     def _primed_read_done(self, read: _PrimedRead, connection: Any, close: bool) -> None:
-        with self._primed_lock:
+        with self._connections_lock:
             self._primed.discard(read)
             if self._unsent_reads.get(read.job_id) is read:
                 del self._unsent_reads[read.job_id]
         if connection is None:
             return
         if close:
-            connection.disconnect()
-            self._client.connection_pool.release(connection)
+            self._drop_connection(connection)
         else:
             self._give_back(connection)
 
     def _give_back(self, connection: Any) -> None:
         """A connection done with, kept as a spare (``_spare_connection``) or given to the pool."""
-        with self._primed_lock:
+        with self._connections_lock:
             if self._spare_pid == os.getpid() and len(self._spare) < _SPARE_MAX:
                 self._spare.append(connection)
                 return
@@ -805,7 +806,7 @@ class RedisBackend(Backend):
 
     def _spare_connection(self) -> Any:
         """A connection for a quick call or a primed read: a spare one, else the pool's."""
-        with self._primed_lock:
+        with self._connections_lock:
             if self._spare_pid != os.getpid():  # a forked child: those are the parent's
                 self._spare, self._spare_pid = [], os.getpid()
             if self._spare:
@@ -837,16 +838,12 @@ class RedisBackend(Backend):
         """``wait_past``, then the task's record, sent together: the server answers the read as
         soon as the blocking one returns, so a waiter pays one round trip, not two."""
         read = ("HGET", self.key("results", job_of(task_id)), task_id)
-        with self._translate_errors():
-            woke, found = self._lean_or_client([self._read_past(job_id, entry, timeout), read])
-            for reply in (woke, found):
-                if isinstance(reply, Exception):
-                    raise reply
+        woke, found = self._quick([self._read_past(job_id, entry, timeout), read])
         return bool(woke), found
 
     def wait_past_then_counts(self, job_id: str, entry: bytes, timeout: float) -> tuple[bool, Counts]:
         """``wait_past``, then the job's counters, in the same round trip."""
-        woke, counts = self._then_script(self._read_past(job_id, entry, timeout), "counts", job_id)
+        woke, counts = self._quick([self._read_past(job_id, entry, timeout)], "counts", job_id)
         return bool(woke), _counts(*counts)
 
     @_translated
@@ -1078,7 +1075,7 @@ class RedisBackend(Backend):
 
     def close(self) -> None:
         """Disconnect every pooled connection; the object reconnects if used again."""
-        with self._primed_lock:
+        with self._connections_lock:
             spare, self._spare = self._spare, []
         for connection in spare:
             self._client.connection_pool.release(connection)
