@@ -43,11 +43,13 @@ puts a queue's keys in one Redis Cluster slot:
                                 a cancelled task ends with
 ``cancelled:<job>``     hash    task id -> payload of a cancelled task (for ``retry``)
 ``job:<job>``           string  the job's record
+``log:<job>``           stream  the job's commit log: the task ids each commit recorded
+``ran:<job>``           set     the workers that ran tasks of the job
 ``fn:<digest>``         string  a function blob (no TTL: see ``put_function.lua``)
 ======================  ======  =============================================================
 
-The queue structures never expire. The three per-job keys stay while the job has tasks queued
-or leased, and expire ``result_ttl`` seconds after the last change once it has none.
+The queue structures never expire. The per-job keys of ``JOB_KINDS`` stay while the job has
+tasks queued or leased, and expire ``result_ttl`` seconds after the last change once it has none.
 """
 
 from __future__ import annotations
@@ -123,8 +125,10 @@ QUEUE_KEYS = (
     "worker_expiry",
     "id",
 )
-#: Kinds of per-job keys, ``nbq:{NAME}:<kind>:<job_id>``.
+#: Kinds of per-job keys, ``nbq:{NAME}:<kind>:<job_id>``, that expire with a finished job.
 JOB_KINDS = ("jc", "results", "log", "job", "cancel", "cancelled", "ran")
+#: Kinds of per-job keys that empty as the job's tasks are taken (gone when empty, never expired).
+JOB_WORK_KINDS = ("ready", "delayed")
 #: Kind of function keys, ``nbq:{NAME}:fn:<digest>``.
 FUNCTION_KIND = "fn"
 
@@ -212,6 +216,8 @@ def _lua_preamble() -> str:
             "local TTL = tonumber(ARGV[1])",
             f"local K = {{{names}}}",
             "local function JK(kind, id) return P .. kind .. ':' .. id end",
+            f"local EXPIRING_KINDS = {_lua_list(JOB_KINDS)}",
+            f"local JOB_KINDS = {_lua_list(JOB_KINDS + JOB_WORK_KINDS)}",
             f"local FN_KIND = '{FUNCTION_KIND}'",
             f"local NOTIFY_MAX = {_NOTIFY_MAX}",
             f"local RECLAIM_LIMIT = {_RECLAIM_LIMIT}",
@@ -220,6 +226,10 @@ def _lua_preamble() -> str:
             "",
         ]
     )
+
+
+def _lua_list(names: Sequence[str]) -> str:
+    return "{" + ", ".join(f"'{name}'" for name in names) + "}"
 
 
 @functools.cache

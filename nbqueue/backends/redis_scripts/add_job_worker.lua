@@ -2,5 +2,5 @@
 -- other keys (touch_job: no expiry while it has tasks to run).
 local job, worker = ARGV[2], ARGV[3]
 redis.call('SADD', JK('ran', job), worker)
-touch_job(job, {}, {})
+touch_job(job)
 return 1

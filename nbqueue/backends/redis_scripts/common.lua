@@ -3,6 +3,7 @@
 --   K        the queue's fixed key names, K.ready, K.leases, ...
 --   JK       JK(kind, job_id), a per-job key name
 --   TTL      seconds a finished job's keys live (ARGV[1] of every script)
+--   JOB_KINDS, EXPIRING_KINDS  the kinds of per-job keys (see job_keys)
 --   NOTIFY_MAX, RECLAIM_LIMIT, INSERT_MEMORY_MS, LOG_ENTRY_IDS, FN_KIND
 
 -- The server's clock, read once per script: deadlines never depend on a client's clock, and
@@ -45,11 +46,9 @@ local function bump(job, field, d)
   jd[field] = (jd[field] or 0) + d
 end
 
--- Per-job keys: all of them (purge, list_jobs), and those that expire with a finished job (its
--- ready list and delayed set are empty by then).
-local JOB_KINDS = {'jc', 'results', 'log', 'job', 'cancel', 'cancelled', 'ran', 'ready', 'delayed'}
-local EXPIRING_KINDS = {'jc', 'results', 'log', 'job', 'cancel', 'cancelled', 'ran'}
-
+-- The keys of a job of the given kinds (JOB_KINDS: all of them, for purge and list_jobs;
+-- EXPIRING_KINDS: those that expire with a finished job, whose ready list and delayed set are
+-- empty by then).
 local function job_keys(job, kinds)
   local keys = {}
   for i, kind in ipairs(kinds) do
@@ -73,10 +72,12 @@ end
 -- A job's keys live while it has tasks queued or leased; once none are left they expire
 -- TTL seconds after the last change, so a long-running job never loses its record.
 -- `changed` holds this script's changes to the job's counters, `counts` their values after
--- them, as far as the caller knows them. Keys are created without a TTL and only this
--- function gives them one, when the job has nothing left to run: so a job live before the
--- script and after it (or new and live) has no TTL to take away, and nothing is written.
+-- them, as far as the caller knows them (neither: a script that changed none). Keys are
+-- created without a TTL and only this function gives them one, when the job has nothing left
+-- to run: so a job live before the script and after it (or new and live) has no TTL to take
+-- away, and nothing is written.
 local function touch_job(job, changed, counts)
+  changed, counts = changed or {}, counts or {}
   local jc = JK('jc', job)
   if counts.queued == nil and counts.leased == nil then
     local live = redis.call('HMGET', jc, 'queued', 'leased')

@@ -2,5 +2,5 @@
 local job = ARGV[2]
 redis.call('SET', JK('job', job), ARGV[3])
 index_job(job)
-touch_job(job, {}, {})
+touch_job(job)
 return 1
