@@ -16,7 +16,7 @@ from typing import Any
 from .backends.base import DeadLetter
 from .errors import BadSignature, DecodeError, SerializationError
 from .ids import index_of, job_of
-from .serialize import PLAIN_PICKLE, Serializer, Signer, loads_marked, open_envelope, plain_pickle, seal
+from .serialize import Serializer, Signer, loads_marked, open_envelope, plain_pickle, seal
 
 
 @dataclass(frozen=True)
@@ -129,17 +129,15 @@ def seal_record(
             the attempt, so the task is never "completed" without a value).
     """
     payload = b""
-    plain = False
+    header: dict[str, Any] = {}
     if error is None:
         try:
-            marked = plain_pickle(value, serializer)
-            plain = marked is not None
-            payload = marked if marked is not None else serializer.dumps(value)
+            payload = plain_pickle(value, serializer, header) or serializer.dumps(value)
         except Exception as exc:
             raise SerializationError(
                 f"the task's return value cannot be serialized: {type(exc).__name__}: {exc}"
             ) from exc
-    header = {
+    header |= {
         "kind": "result",
         "t": task_id,
         "j": job_id,
@@ -154,8 +152,6 @@ def seal_record(
         header["p"] = params
     if output:
         header["out"] = output
-    if plain:
-        header[PLAIN_PICKLE] = 1
     return seal(signer, header, payload)
 
 

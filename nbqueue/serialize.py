@@ -233,32 +233,26 @@ def dumps_checked(
         raise SerializationError(f"cannot serialize {what}: {detail}") from cause
 
 
-#: Header key of an envelope whose payload is a plain pickle (``dumps_marked``).
+#: Header key of an envelope whose payload is a plain pickle (``plain_pickle``).
 PLAIN_PICKLE = "pp"
 
 
-def dumps_marked(
-    obj: Any, serializer: Serializer, what: str, parts: Callable[[], list[tuple[str, Any]]] | None = None
-) -> tuple[bytes, bool]:
-    """``dumps_checked``, and whether the bytes are a plain pickle: one that ``pickle.loads``
-    reads as the serializer would, several times cheaper than dill's loader (cold, as a woken
-    worker or a user's next cell runs it: 27 against 94 us for a task's arguments)."""
-    data = plain_pickle(obj, serializer)
-    if data is not None:
-        return data, True
-    return dumps_checked(obj, serializer, what, parts), False
-
-
-def plain_pickle(obj: Any, serializer: Serializer) -> bytes | None:
-    """The serializer's plain pickle of ``obj`` (see ``dumps_marked``), or None when ``obj`` is
-    not plain data or the serializer has no such path."""
+def plain_pickle(obj: Any, serializer: Serializer, header: dict) -> bytes | None:
+    """The serializer's plain pickle of ``obj``, ``header`` marked (``PLAIN_PICKLE``) so that
+    ``loads_marked`` reads it with ``pickle.loads``: it reads it as the serializer would,
+    several times cheaper than dill's loader (cold, as a woken worker or a user's next cell
+    runs it: 27 against 94 us for a task's arguments). None, and no mark, when ``obj`` is not
+    plain data or the serializer has no such path."""
     dumps_plain = getattr(serializer, "dumps_plain", None)
-    return dumps_plain(obj) if dumps_plain is not None else None
+    data = dumps_plain(obj) if dumps_plain is not None else None
+    if data is not None:
+        header[PLAIN_PICKLE] = 1
+    return data
 
 
 def loads_marked(data: bytes, serializer: Serializer, header: dict) -> Any:
-    """Load a payload ``dumps_marked`` made, as its envelope's ``header`` says it was made (an
-    envelope without the mark is loaded by the serializer, as before there was one)."""
+    """Load a payload ``plain_pickle`` (or the serializer) made, as its envelope's ``header``
+    says it was made (one without the mark is loaded by the serializer, as before there was one)."""
     if header.get(PLAIN_PICKLE) == 1:
         return pickle.loads(data)
     return serializer.loads(data)

@@ -44,15 +44,14 @@ from .errors import (
 from .ids import job_of
 from .reference import TaskSpec
 from .serialize import (
-    PLAIN_PICKLE,
     Serializer,
     Signer,
     check_function_blob,
     dumps_checked,
-    dumps_marked,
     function_blob,
     loads_marked,
     open_envelope,
+    plain_pickle,
     seal,
 )
 
@@ -687,14 +686,13 @@ class TaskCodec:
         elif call.fn is None:
             payload = dumps_checked(call.obj, self.serializer, f"task object {call.obj!r:.60}")
         else:
-            payload, plain = dumps_marked(
-                (call.args, call.kwargs),
+            arguments = (call.args, call.kwargs)
+            payload = plain_pickle(arguments, self.serializer, header) or dumps_checked(
+                arguments,
                 self.serializer,
                 f"arguments of {callable_name(call.fn)}()",
                 parts=functools.partial(_arguments, call),
             )
-            if plain:
-                header[PLAIN_PICKLE] = 1
         header["f"] = digest
         return seal(self.signer, header, payload)
 

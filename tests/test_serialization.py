@@ -315,13 +315,10 @@ def test_only_plain_data_is_marked_for_the_plain_loader():
         header, _ = open_task(signer, "j-0", codec.encode("j-0", "j", call, digest))
         assert (header.get(PLAIN_PICKLE) == 1) is marked
         kwargs = {"attempt": 1, "started": 0.0, "finished": 1.0, "worker": "w"}
-        record = open_record(
-            signer,
-            dill_serializer,
-            "j-0",
-            seal_record(signer, dill_serializer, "j-0", "j", value=arg, **kwargs),
-            "j",
-        )
+        sealed = seal_record(signer, dill_serializer, "j-0", "j", value=arg, **kwargs)
+        header, _ = open_envelope(signer, sealed, "result", j="j")
+        assert (header.get(PLAIN_PICKLE) == 1) is marked
+        record = open_record(signer, dill_serializer, "j-0", sealed, "j")
         assert record.value == arg and type(record.value) is type(arg)
 
 
