@@ -280,13 +280,20 @@ class Job:
         #: a new one means the queue no longer holds the job.
         self.queue_id = queue.queue_id if queue_id is None else queue_id
         #: A watch whose first wait for the job's first task went out with its insert (see
-        #: ``Backend.primed_watch``), for the ``TaskHandle`` of a submitted task to take.
+        #: ``Backend.primed_watch``): the ``TaskHandle`` of a submitted task takes it, or this
+        #: job's own first wait.
         self.first_task_watch: CommitWatch | None = None
 
     def take_first_task_watch(self) -> CommitWatch | None:
         """``first_task_watch``, handed over (the caller closes it)."""
         watch, self.first_task_watch = self.first_task_watch, None
         return watch
+
+    def _take_watch(self) -> CommitWatch:
+        """The watch primed at insert (once: a one-task job's first wait is on its way), else a
+        new one."""
+        watch = self.take_first_task_watch()
+        return watch if watch is not None else self.queue.backend.watch_commits(self.id)
 
     @classmethod
     def attach(cls, queue: QueueConnection, job_id: str, *, queue_id: str | None = None) -> Job:
@@ -544,7 +551,7 @@ class Job:
             return self._wait_with_widget(timeout, check)
         bar = JobBar(self.total, f"job {self.name}", enabled=progress)
         # The watch starts before the first look, so a commit in between still wakes the wait.
-        with CommitWaiter(self.queue.backend.watch_commits(self.id)) as waiter:
+        with CommitWaiter(self._take_watch()) as waiter:
             try:
                 polls = self._waiting(timeout, bar, check)
                 with contextlib.suppress(StopIteration):
@@ -560,7 +567,7 @@ class Job:
         runs other work while this waits (in a thread) for the next commit. Draws no progress;
         the job's widget still updates."""
         bar = JobBar(self.total, f"job {self.name}", enabled=False)
-        with CommitWaiter(self.queue.backend.watch_commits(self.id)) as waiter:
+        with CommitWaiter(self._take_watch()) as waiter:
             polls = self._waiting(timeout, bar, check)
             with contextlib.suppress(StopIteration):
                 pause = next(polls)

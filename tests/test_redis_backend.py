@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import shutil
 import subprocess
@@ -240,6 +241,36 @@ def test_a_submit_sends_its_handles_first_wait_with_its_insert(redis_url, raw, m
     assert handle.get(timeout=60) == 42 and primed_connections(raw) == []
     assert wait_all(procs, timeout=60) == [0]
     tq.backend.close()
+
+
+def test_a_one_task_jobs_wait_takes_the_read_primed_with_its_insert(redis_url, raw):
+    # insert([task]) primes as a submit does; the job's own wait() takes the read (it used to
+    # hold a connection until another prime freed it), and its counters come after the answer.
+    import nbqueue
+
+    from .helpers import notebook
+
+    nb = notebook("from nbqueue import queueable\n@queueable\ndef double(x):\n    return 2 * x\n")
+    tq = nbqueue.TaskQueue(redis_url)
+    job = tq.insert([functools.partial(nb.double, 4)], progress=False)
+    assert len(primed_connections(raw)) == 1 and job.first_task_watch is not None
+    procs = start_workers(redis_url, 1, "--burst")
+    assert job.wait(timeout=60, progress=False).results() == [8]
+    assert job.first_task_watch is None and primed_connections(raw) == []
+    assert wait_all(procs, timeout=60) == [0]
+    tq.backend.close()
+
+
+def test_a_primed_watchs_counts_wait_for_the_commit(rb):
+    watch = rb.primed_watch("j1", "j1-0")
+    rb.insert("j1", tasks_of("j1", 1))
+    (lease,) = rb.lease(1, 30)
+    woke, counts = watch.wait_then_counts(0.1)
+    assert not woke and counts.leased == 1
+    rb.complete([(lease.task_id, lease.token, b"r")])
+    woke, counts = watch.wait_then_counts(5)
+    assert woke and counts.completed == 1
+    watch.close()
 
 
 def test_primed_reads_are_few_and_give_their_connections_back(rb, raw):

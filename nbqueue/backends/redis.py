@@ -269,19 +269,27 @@ class _RedisWatch(CommitWatch):
         return self.woken
 
     def wait_then_read(self, task_id: str, timeout: float) -> tuple[bool, bytes | None]:
-        primed = self.primed
-        if primed is not None and primed.task_id == task_id:
-            answer = primed.answer(timeout)
-            if answer is not None:
-                self.primed = None
-                self.woken, found = answer
-                return self.woken, found
-            if primed.pending():
-                return False, None  # not answered within the timeout: asked again next wait
-            self.primed = None  # lost (a broken connection, a fork): wait the usual way
+        answer = self._primed_answer(timeout, task_id)
+        if answer is not None:
+            self.woken, found = answer
+            return self.woken, found
         self._move_past_wake()
         self.woken, found = self.backend.wait_past_then_read(self.job_id, self.entry, timeout, task_id)
         return self.woken, found
+
+    def _primed_answer(self, timeout: float, task_id: str | None = None) -> tuple[bool, bytes | None] | None:
+        """The primed first read's (woken, record of its task), once answered; (False, None)
+        while it is not answered within ``timeout`` (asked again next wait); None when there is
+        no primed read (for ``task_id``, if given) to wait on, or it was lost (a broken
+        connection, a fork): then the usual wait."""
+        primed = self.primed
+        if primed is None or (task_id is not None and primed.task_id != task_id):
+            return None
+        answer = primed.answer(timeout)
+        if answer is None and primed.pending():
+            return False, None
+        self.primed = None
+        return answer
 
     def close(self) -> None:
         if self.primed is not None:
@@ -295,6 +303,10 @@ class _RedisWatch(CommitWatch):
             self.close()
 
     def wait_then_counts(self, timeout: float) -> tuple[bool, Counts]:
+        answer = self._primed_answer(timeout)
+        if answer is not None:  # a one-task job's waiter: the primed read is its wait
+            self.woken = answer[0]
+            return self.woken, self.read_counts()
         self._move_past_wake()
         self.woken, counts = self.backend.wait_past_then_counts(self.job_id, self.entry, timeout)
         return self.woken, counts
